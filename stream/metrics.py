@@ -1,0 +1,59 @@
+"""Every Prometheus metric chorus exports (names fixed by DESIGN.md), and the HTTP endpoint.
+
+All components register here so a single process (``chorus run``) serves one consistent set.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# --- ingest -------------------------------------------------------------------------------
+INGEST_FRAMES = Counter("chorus_ingest_frames", "Firehose frames received, by frame type.", ["type"])
+INGEST_FRAMES_INVALID = Counter(
+    "chorus_ingest_frames_invalid", "Frames or ops skipped as invalid, by reason.", ["reason"]
+)
+INGEST_LAG = Gauge("chorus_ingest_lag_seconds", "Now minus the time of the last acknowledged event.")
+INGEST_CURSOR = Gauge("chorus_ingest_cursor", "Last firehose seq acknowledged by Kafka.")
+EVENTS_PUBLISHED = Counter("chorus_events_published", "Events acknowledged by Kafka, by kind.", ["kind"])
+
+# --- windows ------------------------------------------------------------------------------
+WINDOW_AGENTS = Gauge("chorus_window_agents", "Agents with activity in the current window.", ["topic"])
+
+# --- attribution (per topic, indicator) ---------------------------------------------------
+_TI = ["topic", "indicator"]
+MACRO_VALUE = Gauge("chorus_attribution_macro_value", "Macro indicator F(x) on the window.", _TI)
+COMPLETENESS_RESIDUAL = Gauge(
+    "chorus_attribution_completeness_residual",
+    "sum(phi) - (F(x) - F(baseline)), in indicator units.",
+    _TI,
+)
+BAND_SHARE = Gauge("chorus_attribution_band_share", "Full-scale attribution share per band.", _TI + ["band"])
+PANEL_BAND_SHARE = Gauge(
+    "chorus_attribution_panel_band_share", "Visibility-panel attribution share per band.", _TI + ["band"]
+)
+PANEL_TVD = Gauge("chorus_attribution_panel_tvd", "Total-variation distance full vs panel band shares.", _TI)
+PANEL_SPEARMAN = Gauge(
+    "chorus_attribution_panel_spearman", "Spearman rank correlation full vs panel on panel members.", _TI
+)
+PANEL_RESCALE_RESIDUAL = Gauge(
+    "chorus_attribution_panel_rescale_residual",
+    "Relative residual of the best single rescale c* of panel to full attribution.",
+    _TI,
+)
+TOP_SHARE = Gauge(
+    "chorus_attribution_top_share", "Attribution share of the top-10 agents.", _TI + ["rank", "did"]
+)
+RECOMPUTE_SECONDS = Histogram(
+    "chorus_operator_recompute_seconds",
+    "Wall time of one attribution recompute (one topic, one indicator).",
+    _TI,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+# --- alerts -------------------------------------------------------------------------------
+ALERTS_PUBLISHED = Counter("chorus_alerts_published", "Alerts published, by rule.", ["rule"])
+
+
+def serve(host: str = "127.0.0.1", port: int = 9464, registry: CollectorRegistry = REGISTRY):
+    """Start the /metrics HTTP endpoint in a daemon thread; returns (server, thread)."""
+    return start_http_server(port, addr=host, registry=registry)
