@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from pydantic import ValidationError
+
 from .config import ConfigError, Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
@@ -27,9 +29,14 @@ def settings(**overrides) -> Settings:
     """Settings with flag overrides (None means: not given on the command line)."""
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except (ConfigError, ValueError) as exc:
-        fail(str(exc).splitlines()[0] if not isinstance(exc, ConfigError) else str(exc))
-        raise  # unreachable
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        fail(f"invalid setting {field} (flag --{field.replace('_', '-')} or CHORUS_{field.upper()}): {msg}")
+    except ConfigError as exc:
+        fail(str(exc))
+    raise AssertionError("unreachable")
 
 
 # --- commands: each owner fills in the body of its own command only --------------------------
@@ -38,9 +45,37 @@ def settings(**overrides) -> Settings:
 def run(
     profile: str = typer.Option(None, help="default (6 h window / 60 s hop) or demo (10 min / 10 s)."),
     kafka: Optional[str] = typer.Option(None, help="kafka://host:port; unset starts the embedded broker."),
+    synthetic: int = typer.Option(20_000, min=50, help="Accounts in the synthetic population the local relay serves."),
+    seed: int = typer.Option(0, help="Seed of the synthetic population."),
+    rate: float = typer.Option(200.0, min=0.1, help="Mean synthetic activity, events per second."),
+    duration: Optional[float] = typer.Option(None, min=0.0, help="Stop by itself after this many seconds."),
+    metrics_port: Optional[int] = typer.Option(None, help="Metrics port (default 9464; 0 = any free port)."),
+    no_console: bool = typer.Option(False, "--no-console", help="No live view: print only the start and stop lines."),
 ) -> None:
     """Everything in one process tree on the embedded default, with a live console view."""
-    fail("`chorus run` is not implemented yet")
+    import asyncio
+    import logging
+
+    from .runner import RunError, RunOptions
+    from .runner import run as run_all
+
+    s = settings(profile=profile, kafka=kafka, metrics_port=metrics_port)
+    try:
+        s.window
+    except ConfigError as exc:
+        fail(str(exc))
+    log_dir = Path(s.state_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(filename=log_dir / "run.log", level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opts = RunOptions(synthetic=synthetic, seed=seed, rate=rate, console=not no_console, log_dir=log_dir)
+    try:
+        code = asyncio.run(run_all(s, opts, duration))
+    except RunError as exc:
+        fail(str(exc), code=1)
+    except ImportError as exc:
+        fail(f"a part of the pipeline is missing: {exc}", code=1)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -50,43 +85,225 @@ def ingest(
     kafka: Optional[str] = typer.Option(None, help="kafka://host:port (default: CHORUS_KAFKA)."),
 ) -> None:
     """Consume the firehose and publish normalized events to chorus.events."""
-    fail("`chorus ingest` is not implemented yet")
+    from .config import bootstrap_servers
+    from .ingest import IngestError, main
+
+    if cursor is not None and cursor < 0:
+        fail(f"--cursor must be >= 0 (got {cursor})")
+    try:
+        if kafka:
+            bootstrap_servers(kafka)
+    except ConfigError as exc:
+        fail(str(exc))
+    try:
+        main(settings(relay=relay, kafka=kafka), relay=relay, cursor=cursor)
+    except IngestError as exc:
+        fail(str(exc), 1)
 
 
 @app.command()
-def worker(kafka: Optional[str] = typer.Option(None, help="kafka://host:port")) -> None:
+def worker(
+    kafka: Optional[str] = typer.Option(None, help="kafka://host:port (default: CHORUS_KAFKA)."),
+    profile: Optional[str] = typer.Option(None, help="default (6 h window / 60 s hop) or demo (10 min / 10 s)."),
+    topics_file: Optional[Path] = typer.Option(None, help="Topic lexicon JSON (default: the shipped one)."),
+    idle_flush: Optional[float] = typer.Option(None, help="Close the hop after this many idle seconds (default: the hop)."),
+) -> None:
     """Faust worker: rolling per-user features and the follower graph."""
-    fail("`chorus worker` is not implemented yet")
+    s = settings(kafka=kafka, profile=profile, topics_file=topics_file)
+    if not s.kafka:
+        fail("the worker needs Kafka: set CHORUS_KAFKA or pass --kafka kafka://host:port")
+    try:
+        s.window
+        from .topics import Lexicon
+
+        Lexicon.load(s.topics_file)
+    except ConfigError as exc:
+        fail(str(exc))
+    from .app import run_worker
+
+    run_worker(s, idle_flush_s=idle_flush)
 
 
 @app.command()
-def operator(kafka: Optional[str] = typer.Option(None, help="kafka://host:port")) -> None:
+def operator(
+    kafka: Optional[str] = typer.Option(None, help="kafka://host:port"),
+    indicator: Optional[list[str]] = typer.Option(None, help="Indicator to compute (repeatable; default "
+                                                  "cascade_reach and polarization)."),
+    alerts_file: Optional[Path] = typer.Option(None, help="Alert rules YAML (default: packaged rules)."),
+    steps: int = typer.Option(32, min=1, help="Quadrature nodes of the path integral."),
+    panel_k: int = typer.Option(100, min=1, help="Visibility panel size (accounts with most followers)."),
+    profile: Optional[str] = typer.Option(None, help="default (60 s hop) or demo (10 s hop)."),
+    metrics_port: Optional[int] = typer.Option(None, help="Metrics port (default 9464)."),
+) -> None:
     """Operator service: device-resident state, Aumann-Shapley every hop, metrics, alerts."""
-    fail("`chorus operator` is not implemented yet")
+    import asyncio
+    import logging
+    import signal
+
+    from operators.alerts import AlertConfigError
+    from operators.service import OperatorService
+
+    from .metrics import serve
+
+    s = settings(kafka=kafka, indicators=indicator or None, alerts_file=alerts_file, profile=profile,
+                 metrics_port=metrics_port)
+    if not s.kafka:
+        fail("the operator needs Kafka: pass --kafka kafka://host:port or set CHORUS_KAFKA")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        s.window
+        svc = OperatorService(s, steps=steps, panel_k=panel_k)
+    except (ConfigError, AlertConfigError, ValueError) as exc:
+        fail(str(exc).splitlines()[0])
+    try:
+        serve(s.metrics_host, s.metrics_port)
+    except OSError as exc:
+        fail(f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: {exc.strerror or exc}", code=1)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(svc.stop()))
+        await svc.run()
+
+    asyncio.run(main())
 
 
 @app.command()
-def relay() -> None:
+def relay(
+    recording: Optional[Path] = typer.Option(None, help="Serve this recording (from `chorus record`)."),
+    synthetic: Optional[int] = typer.Option(None, help="Serve a synthetic population of N accounts (default 20000)."),
+    seed: int = typer.Option(0, help="Seed of the synthetic population."),
+    host: str = typer.Option("127.0.0.1", help="Listen address."),
+    port: int = typer.Option(0, help="Listen port (0 = any free port)."),
+    rate: Optional[float] = typer.Option(None, help="Pace to this many frames (events) per second."),
+    speed: Optional[float] = typer.Option(None, help="Pace by frame time at this multiple of real time."),
+    start_us: Optional[int] = typer.Option(None, help="Synthetic: time of the first frame, us since epoch (default: now)."),
+) -> None:
     """Serve a recording or a synthetic population as a subscribeRepos relay on loopback."""
-    fail("`chorus relay` is not implemented yet")
+    import asyncio
+    import time
+
+    from .recording import RecordingError
+    from .relay import FrameSource, run_relay
+
+    if recording is not None and synthetic is not None:
+        fail("give either --recording or --synthetic, not both")
+    if rate is not None and rate <= 0 or speed is not None and speed <= 0:
+        fail("--rate and --speed must be positive")
+    try:
+        if recording is not None:
+            source = FrameSource.from_recording(recording)
+            what = f"recording {recording}"
+        else:
+            from .synth import Population
+
+            population = Population(n=synthetic or 20_000, seed=seed)
+            source = FrameSource.from_population(population, 1, start_us or time.time_ns() // 1000)
+            what = f"synthetic population n={population.n} seed={seed}"
+    except (OSError, RecordingError, ValueError) as exc:
+        fail(str(exc))
+
+    def ready(r) -> None:
+        typer.echo(f"chorus relay: serving {what} at {r.url} (last seq {r.source.last_seq})", err=True)
+
+    try:
+        asyncio.run(run_relay(source, host=host, port=port, rate=rate, speed=speed, on_ready=ready))
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc}")
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()
-def record() -> None:
+def record(
+    url: str = typer.Argument(..., help="Relay base URI (ws://host:port/xrpc) or full subscribeRepos URL."),
+    file: Path = typer.Argument(..., help="Recording file to write."),
+    cursor: Optional[int] = typer.Option(None, help="Start after this seq."),
+    limit: Optional[int] = typer.Option(None, help="Stop after N frames."),
+    duration: Optional[float] = typer.Option(None, help="Stop after S seconds."),
+) -> None:
     """Save live frames with their seq to a file."""
-    fail("`chorus record` is not implemented yet")
+    import asyncio
+
+    from .recording import record as record_frames, subscribe_url
+
+    try:
+        subscribe_url(url)
+        n = asyncio.run(record_frames(url, file, cursor=cursor, limit=limit, duration=duration))
+    except ValueError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot record from {url} to {file}: {exc}")
+    except KeyboardInterrupt:
+        return
+    typer.echo(f"chorus record: wrote {n} frames to {file}", err=True)
 
 
 @app.command()
-def alerts() -> None:
+def alerts(
+    from_beginning: bool = typer.Option(False, "--from-beginning", help="Replay every alert kept, then follow."),
+    json_lines: bool = typer.Option(False, "--json", help="Print JSON lines instead of readable lines."),
+    rule: Optional[str] = typer.Option(None, help="Only this rule (e.g. new_top_culprit)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Exit after printing this many alerts."),
+    kafka: Optional[str] = typer.Option(None, help="kafka://host:port (default: CHORUS_KAFKA, else the "
+                                        "running `chorus run`)."),
+) -> None:
     """Subscribe to chorus.alerts and print readable lines or JSON lines."""
-    fail("`chorus alerts` is not implemented yet")
+    import asyncio
+
+    from .alerts_cli import follow
+    from .config import bootstrap_servers
+
+    s = settings(kafka=kafka)
+    url = s.kafka
+    if url is None:
+        from .runner import running_instance
+
+        url = (running_instance(s.state_dir) or {}).get("kafka")
+    if url is None:
+        fail("no Kafka to read from: pass --kafka kafka://host:port or set CHORUS_KAFKA "
+             "(or start `chorus run`)")
+    try:
+        asyncio.run(follow(bootstrap_servers(url), from_beginning=from_beginning, as_json=json_lines,
+                           rule=rule, limit=limit))
+    except KeyboardInterrupt:
+        pass
+    except (OSError, ConnectionError) as exc:
+        fail(f"cannot read chorus.alerts from {url}: {exc}", code=1)
+    except Exception as exc:  # aiokafka's KafkaConnectionError and friends
+        if type(exc).__module__.startswith("aiokafka"):
+            fail(f"cannot read chorus.alerts from {url}: {exc!r}", code=1)
+        raise
 
 
 @app.command()
-def bench() -> None:
+def bench(
+    sections: Optional[list[str]] = typer.Argument(None, help="all (default), operator, ingest, worker, service, ..."),
+    output: Path = typer.Option(Path("BENCHMARKS.md"), help="Markdown file; each section is merged in place."),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes only (for iteration)."),
+    sizes: Optional[str] = typer.Option(None, help="Comma-separated agent counts for the operator recompute table."),
+) -> None:
     """Run benchmarks and write BENCHMARKS.md."""
-    fail("`chorus bench` is not implemented yet")
+    try:  # the benchmarks package lives at the repository root, next to stream/
+        from benchmarks import run_sections
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        try:
+            from benchmarks import run_sections
+        except ImportError as exc:
+            fail(f"benchmarks package not importable ({exc}); run from a source checkout")
+    try:
+        size_list = [int(float(s)) for s in sizes.split(",") if s.strip()] if sizes else None
+    except ValueError:
+        fail(f"--sizes must be comma-separated integers, got {sizes!r}")
+    try:
+        failed = run_sections(sections or ["all"], output, quick=quick, echo=typer.echo, sizes=size_list)
+    except ValueError as exc:
+        fail(str(exc))
+    if failed:
+        fail(f"benchmark section(s) failed: {', '.join(failed)}", code=1)
+    typer.echo(f"wrote {output}")
 
 
 @app.command()

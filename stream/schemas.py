@@ -27,7 +27,9 @@ TOPIC_PARTITIONS = {
 # Feature columns per topic in chorus.features, in this order.
 FEATURE_COLUMNS = ("posts", "engagement", "stance_sum", "reposts")
 
-EventKind = Literal["post", "like", "repost", "follow", "delete"]
+# "account": an #account frame; active=False (status e.g. deleted/takendown) retracts the
+# account's activity downstream. uri = "at://DID", rkey = "" (state, not a record).
+EventKind = Literal["post", "like", "repost", "follow", "delete", "account"]
 
 
 class _Value(BaseModel):
@@ -59,6 +61,8 @@ class Event(_Value):
     quote_uri: str | None = None
     subject_uri: str | None = None
     subject_did: str | None = None
+    active: bool | None = None  # kind="account" only
+    status: str | None = None  # kind="account" only: why inactive (deleted, takendown, ...)
 
 
 class Features(_Value):

@@ -1,0 +1,167 @@
+"""Worker benchmark: events/s through the rolling-window store, and through the Faust worker.
+
+``run(quick) -> str`` returns a Markdown section for BENCHMARKS.md. Standalone:
+``python -m benchmarks.worker_bench [--quick]``.
+
+* Store: a synthetic firehose mix (likes 55%, posts 15% of which half are topical, reposts 10%,
+  follows 12%, deletes 5%, re-deliveries 3%) as JSON bytes through ``json.loads`` +
+  ``WindowStore.process`` (both stages, one process), CPU time of this process, for the default
+  (6 h / 60 s) and demo (10 min / 10 s) windows: the cost per event must not depend on them.
+* Faust: the same events pre-produced to chorus.events on a fresh embedded broker, then one
+  ``stream.app.Worker`` in this process; the clock runs from the first processed event until the
+  store has ingested every event and applied every op. events/s = events / wall seconds; "per
+  CPU-second" divides by this process's CPU time (Faust's consumer thread included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import random
+import sys
+import time
+
+TARGET = 5_000  # events/s on one core
+
+
+def synthetic_events(n: int, seed: int = 0, users: int = 5000, rate: float = 2000.0) -> list[bytes]:
+    """``n`` chorus.events values at ``rate`` events/s of event time."""
+    from stream.topics import Lexicon
+
+    rng = random.Random(seed)
+    terms = [t for ts in Lexicon.load().topics.values() for t in ts]
+    filler = "the a this that today really just some people think about what".split()
+    dids = [f"did:plc:{i:020d}" for i in range(users)]
+    posts: list[str] = []
+    made: list[dict] = []
+    out = []
+    t0 = 1_700_000_000_000_000
+    for i in range(n):
+        t = t0 + int(i * 1e6 / rate)
+        did = rng.choice(dids)
+        r = rng.random()
+        base = {"v": 1, "did": did, "rkey": f"r{i}", "seq": i, "time_us": t}
+        if r < 0.15 or not posts:
+            words = rng.sample(filler, 6) + ([rng.choice(terms)] if rng.random() < 0.5 else [])
+            e = {**base, "kind": "post", "uri": f"at://{did}/app.bsky.feed.post/r{i}",
+                 "text": " ".join(words) + " great news", "langs": ["en"]}
+            if rng.random() < 0.2:
+                e["reply_parent"] = e["reply_root"] = rng.choice(posts[-500:])
+            posts.append(e["uri"])
+        elif r < 0.70 or r < 0.80:
+            kind = "like" if r < 0.70 else "repost"
+            s = rng.choice(posts[-500:])
+            e = {**base, "kind": kind, "uri": f"at://{did}/app.bsky.feed.{kind}/r{i}",
+                 "subject_uri": s, "subject_did": s.split("/")[2]}
+        elif r < 0.92:
+            e = {**base, "kind": "follow", "uri": f"at://{did}/app.bsky.graph.follow/r{i}",
+                 "subject_did": rng.choice(dids)}
+        elif r < 0.97 and made:
+            victim = made.pop(rng.randrange(len(made)))
+            e = {**victim, "kind": "delete", "time_us": t, "seq": i,
+                 "collection": victim["uri"].split("/")[3]}
+        elif made:
+            e = rng.choice(made)  # at-least-once re-delivery
+        else:
+            continue
+        if e["kind"] != "delete" and e is not (made[-1] if made else None):
+            made.append(e)
+        out.append(json.dumps(e).encode())
+    return out
+
+
+def bench_store(values: list[bytes], window_s: int, hop_s: int) -> dict:
+    from stream.topics import Classifier
+    from stream.windows import WindowStore
+
+    store = WindowStore(window_s, hop_s, Classifier())
+    loads, process = json.loads, store.process
+    c0 = time.process_time()
+    records = 0
+    for v in values:
+        records += len(process(loads(v))[0])
+    cpu = time.process_time() - c0
+    return {"events": len(values), "cpu_s": cpu, "per_s": len(values) / cpu, "records": records,
+            "users": len(store.users)}
+
+
+async def _faust(values: list[bytes], url: str) -> dict:
+    from stream.app import Worker
+    from stream.config import Settings
+    from stream.kafka import make_producer
+    from stream.schemas import TOPIC_EVENTS
+
+    s = Settings(kafka=url, kafka_idempotence=False, profile="demo")
+    from stream.app import ensure_worker_topics
+
+    await ensure_worker_topics(s)
+    p = make_producer(url.split("://")[1], idempotence=False)
+    await p.start()
+    for v in values:
+        await p.send(TOPIC_EVENTS, key=json.loads(v)["did"].encode(), value=v)
+    await p.flush()
+    await p.stop()
+    w = Worker(s, idle_flush_s=5.0, rebalance_timeout_s=2.0)
+    task = asyncio.create_task(w.run())
+    n = len(values)
+    while w.pipeline is None or w.pipeline.store.stats["events"] == 0:
+        await asyncio.sleep(0.005)
+        if task.done():
+            task.result()
+    t0, c0 = time.perf_counter(), time.process_time()
+    pipe = w.pipeline
+    stats = pipe.store.stats
+    # Done: every event ingested and every op sent through the repartition topic applied.
+    while stats["events"] + pipe.invalid < n or pipe.buffered or stats["ops"] < pipe.sent_ops:
+        await asyncio.sleep(0.01)
+        if task.done():
+            task.result()
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    await w.stop()
+    await asyncio.wait_for(task, 30)
+    return {"events": n, "wall_s": wall, "cpu_s": cpu, "per_s": n / wall, "per_cpu_s": n / cpu,
+            "ops": stats["ops"]}
+
+
+def bench_faust(values: list[bytes]) -> dict:
+    from stream.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as b:
+        return asyncio.run(_faust(values, b.url))
+
+
+def run(quick: bool = False) -> str:
+    n = 20_000 if quick else 100_000
+    values = synthetic_events(n)
+    default = bench_store(values, 6 * 3600, 60)
+    demo = bench_store(values, 600, 10)
+    fa = bench_faust(values[: n // 2 if quick else 50_000])
+    ok = lambda x: "yes" if x >= TARGET else "**no**"  # noqa: E731
+    return "\n".join([
+        "## Worker: rolling per-user features",
+        "",
+        f"Target: one worker keeps up with >= {TARGET:,} events/s on one core. "
+        f"{platform.processor() or platform.machine()}, Python {sys.version.split()[0]}"
+        f"{' (quick run)' if quick else ''}.",
+        "",
+        "| path | events | events/s | meets target |",
+        "|---|---:|---:|---|",
+        f"| store only, 6 h / 60 s window (CPU-s) | {default['events']:,} | {default['per_s']:,.0f} | "
+        f"{ok(default['per_s'])} |",
+        f"| store only, 10 min / 10 s window (CPU-s) | {demo['events']:,} | {demo['per_s']:,.0f} | "
+        f"{ok(demo['per_s'])} |",
+        f"| Faust worker, embedded broker (wall) | {fa['events']:,} | {fa['per_s']:,.0f} | {ok(fa['per_s'])} |",
+        f"| Faust worker, embedded broker (per CPU-s) | {fa['events']:,} | {fa['per_cpu_s']:,.0f} | "
+        f"{ok(fa['per_cpu_s'])} |",
+        "",
+        "Store: `json.loads` + `WindowStore.process` (dedupe, deletes, topic + VADER classification, "
+        "both stages). Faust: events pre-produced; two agents (authors -> ops repartition topic -> "
+        f"owners), {fa['ops']:,} ops applied. Wall numbers share the machine with the broker process.",
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    print(run(quick="--quick" in sys.argv))

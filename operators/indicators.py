@@ -1,0 +1,215 @@
+"""Macro indicators F: R^{N x d} -> R over agents' features (pure JAX).
+
+Each indicator is a small frozen dataclass registered as a JAX pytree: array fields (the follow
+graph) are pytree leaves and travel through ``jax.jit`` as arguments; configuration (columns,
+p) is static. Call it on x of shape (N, d) (or (N,) when it reads one column). ``.name`` names it;
+``.scale_invariant`` says whether F(c x) = F(x), in which case the zero baseline is useless (F is
+constant along the ray from 0) and :func:`default_baseline` puts every agent at the population
+mean instead.
+
+Axioms of the attribution (operators.attribute) that hold *exactly* for every indicator:
+linearity in F, symmetry (agents with equal features and baselines get equal phi when F is
+permutation symmetric in them), null player (an agent with x_i = b_i, or one F does not depend
+on, gets exactly 0). Efficiency, sum(phi) = F(x) - F(b), holds up to quadrature error unless the
+docstring says exact.
+
+Live feature columns (stream.schemas.FEATURE_COLUMNS): 0 posts, 1 engagement, 2 stance_sum,
+3 reposts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from operators.graph import FollowGraph, reach
+
+__all__ = [
+    "FollowGraph",
+    "Volume",
+    "Polarization",
+    "Concentration",
+    "CascadeReach",
+    "volume",
+    "polarization",
+    "concentration",
+    "cascade_reach",
+    "default_baseline",
+    "name_of",
+]
+
+
+def _column(x: jax.Array, column: int, who: str) -> jax.Array:
+    """Column ``column`` of x (N, d); a 1-D x is its own column 0."""
+    if x.ndim == 1:
+        if column not in (0, -1):
+            raise ValueError(f"{who}: column {column} does not exist in 1-D x (only column 0)")
+        return x
+    if x.ndim != 2 or not -x.shape[1] <= column < x.shape[1]:
+        raise ValueError(f"{who}: column {column} does not exist in x of shape {x.shape}")
+    return x[:, column]
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    """num / den, and 0 where den == 0 (with finite gradients there)."""
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
+
+
+def _indicator(*meta: str):
+    """Register a frozen dataclass as a pytree: ``meta`` fields static, the rest leaves."""
+
+    def wrap(cls):
+        cls = dataclass(frozen=True, eq=False)(cls)
+        data = [f.name for f in fields(cls) if f.name not in meta]
+        return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=list(meta))
+
+    return wrap
+
+
+@_indicator("column")
+class Volume:
+    """V(x) = sum_i x_i[column] (topic volume: total posts by default).
+
+    Default baseline: zeros (V(0) = 0). Linear, so Aumann-Shapley = exact Shapley =
+    x_i[column] - b_i[column], and efficiency is exact for any steps; all axioms hold exactly.
+    """
+
+    column: int = 0
+    name: ClassVar[str] = "volume"
+    scale_invariant: ClassVar[bool] = False
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.sum(_column(x, self.column, self.name))
+
+
+@_indicator("weight_col", "stance_col")
+class Polarization:
+    """Weighted stance variance P(x) = sum_i w_i (m_i - mu)^2 / W.
+
+    w_i = x_i[weight_col] >= 0 (posts), s_i = x_i[stance_col] (stance sum), m_i = s_i / w_i the
+    agent's mean stance, W = sum_i w_i, mu = sum_i s_i / W the post-weighted mean stance.
+    Agents with w_i == 0 carry no stance mass and contribute 0 (no division by zero, finite
+    gradients); P = 0 when W == 0. Smooth wherever every w_i > 0.
+
+    Scale-invariant (P(c x) = P(x), c > 0): default baseline = every agent at the population
+    mean (w_bar, s_bar), where P(b) = 0; then sum(phi) = P(x). Efficiency up to quadrature
+    error; symmetry, linearity, null player exact. A zero-feature agent is *not* a null player
+    under this baseline (it moves away from the mean); an agent at the mean is.
+    """
+
+    weight_col: int = 0
+    stance_col: int = 1
+    name: ClassVar[str] = "polarization"
+    scale_invariant: ClassVar[bool] = True
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = _column(x, self.weight_col, self.name)
+        s = _column(x, self.stance_col, self.name)
+        total = jnp.sum(w)
+        mu = _safe_div(jnp.sum(s), total)
+        pos = w > 0
+        m = jnp.where(pos, s / jnp.where(pos, w, 1), mu)
+        return _safe_div(jnp.sum(jnp.where(pos, w * (m - mu) ** 2, 0)), total)
+
+
+@_indicator("column")
+class Concentration:
+    """Herfindahl-Hirschman index of shares H(x) = sum_i (y_i / Y)^2, y = x[:, column] >= 0.
+
+    Y = sum_i y_i; H = 0 when Y == 0. Default column 1 = engagement (attention concentration).
+    Scale-invariant (H(c x) = H(x)): default baseline = every agent at the population mean,
+    where H(b) = 1/N (perfect equality); then sum(phi) = H(x) - 1/N. Efficiency up to quadrature
+    error; symmetry, linearity, null player exact.
+    """
+
+    column: int = 1
+    name: ClassVar[str] = "concentration"
+    scale_invariant: ClassVar[bool] = True
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = _column(x, self.column, self.name)
+        total = jnp.sum(y)
+        return _safe_div(jnp.sum(y * y), total * total)
+
+
+@_indicator("p", "column")
+class CascadeReach:
+    """Expected independent-cascade reach over the follow graph g (edge i -> j: j follows i):
+
+        R(x) = sum_j 1 - prod_{i->j} (1 - q_i),   q_i = p (1 - exp(-x_i[column]))
+
+    (operators.graph.reach, custom sorted VJP). x needs g.n rows. Default baseline: zeros
+    (R(0) = 0). Efficiency up to quadrature error; symmetry, linearity exact; null player exact:
+    an agent nobody follows (no out-edge) or with x_i = b_i gets exactly 0. Agents sharing
+    followers interact, so R is not additive and AS differs from exact Shapley.
+    """
+
+    g: FollowGraph
+    p: float = 0.05
+    column: int = 0
+    name: ClassVar[str] = "cascade_reach"
+    scale_invariant: ClassVar[bool] = False
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = _column(x, self.column, self.name)
+        return reach(self.g, -self.p * jnp.expm1(-y))
+
+
+def volume(column: int = 0) -> Volume:
+    """Topic volume: sum of feature ``column`` (see :class:`Volume`)."""
+    return Volume(int(column))
+
+
+def polarization(weight_col: int = 0, stance_col: int = 1) -> Polarization:
+    """Weighted stance variance (see :class:`Polarization`); live service: stance_col=2."""
+    return Polarization(int(weight_col), int(stance_col))
+
+
+def concentration(column: int = 1) -> Concentration:
+    """HHI of the shares of feature ``column`` (see :class:`Concentration`)."""
+    return Concentration(int(column))
+
+
+def cascade_reach(g: FollowGraph, p: float = 0.05, column: int = 0) -> CascadeReach:
+    """Expected cascade reach on follow graph g (see :class:`CascadeReach`)."""
+    if not isinstance(g, FollowGraph):
+        raise ValueError(f"cascade_reach: g must be a FollowGraph, got {type(g).__name__}")
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"cascade_reach: p must lie in [0, 1), got {p}")
+    return CascadeReach(g, p, int(column))
+
+
+def default_baseline(F: Callable, x, mask=None) -> jax.Array:
+    """The baseline ``attribute`` uses when none is given.
+
+    Zeros, unless F is scale-invariant (``F.scale_invariant``): then every agent at the
+    population mean (column means over rows). ``mask`` (bool, (N,)) marks real agents in a
+    padded x: means are taken over them only, and padding rows get baseline = x (so they are
+    exact null players).
+    """
+    x = jnp.asarray(x)
+    if not getattr(F, "scale_invariant", False):
+        return jnp.zeros_like(x)
+    if mask is None:
+        return jnp.broadcast_to(jnp.mean(x, axis=0), x.shape)
+    m = jnp.asarray(mask, dtype=bool)
+    if m.shape != x.shape[:1]:
+        raise ValueError(f"mask shape {m.shape} does not match the number of agents {x.shape[0]}")
+    mb = m.reshape(m.shape + (1,) * (x.ndim - 1))
+    mean = jnp.sum(jnp.where(mb, x, 0), axis=0) / jnp.maximum(jnp.sum(m), 1)
+    return jnp.where(mb, mean, x)
+
+
+def name_of(F: Callable) -> str:
+    """An indicator's name: ``F.name``, else the function's ``__name__``."""
+    name = getattr(F, "name", None)
+    if isinstance(name, str):
+        return name
+    func = getattr(F, "func", F)  # jax.tree_util.Partial / functools.partial
+    return getattr(func, "__name__", type(F).__name__)

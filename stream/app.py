@@ -1,0 +1,261 @@
+"""The Faust worker: chorus.events -> rolling features (chorus.features) and follow edges (chorus.graph).
+
+Two agents (concurrency 1 each, faust-streaming #606) share one :class:`stream.windows.WindowStore`:
+
+  ``authors``  consumes chorus.events (key = author DID): dedupe, deletes, classification
+               (``WindowStore.ingest``); publishes follow edges to chorus.graph (key = follower);
+               re-keys the resulting ops by their owner DID onto the repartition topic
+               ``<app id>-ops``: one Kafka message per (input batch, partition) holding a JSON list
+               of ops, partition = CRC-32 of the owner DID modulo the partition count.
+  ``owners``   consumes ``<app id>-ops``: ``WindowStore.apply``; follow-ups go back to the ops topic.
+
+So every DID's author state and feature state live on whichever worker holds that DID's partition,
+and two workers sharing the partitions compute what one would. Time is event time: each worker's
+clock is the newest ``time_us`` it has seen; when it enters a new hop the worker sends a ``tick``
+op to every ops partition so that all workers close hops and expire buckets together. A hop's
+records go to chorus.features when the clock leaves it, or after ``idle_flush_s`` seconds without
+input (then later changes go out with the next hop).
+
+State lives in memory, not in Faust tables (a changelog write per event would cost more than the
+whole pipeline). The ops are idempotent (keyed by record URI); restart semantics are documented
+in :class:`Worker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import Any
+from zlib import crc32
+
+import faust
+
+from . import metrics
+from .config import Settings, bootstrap_servers
+from .schemas import TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH, TOPIC_PARTITIONS, dumps
+from .topics import Classifier, Lexicon
+from .windows import BadEvent, WindowStore
+
+log = logging.getLogger("chorus.worker")
+
+RUN_MODE = "process"  # `chorus run` should start the worker as `python -m stream.cli worker`
+APP_ID = "chorus-worker"
+BATCH = 1000  # buffered ops or records that trigger a send
+FLUSH_S = 0.1  # the flusher's period: buffered outputs wait at most this long
+
+
+class Pipeline:
+    """The per-worker state and the glue between the store and Kafka (no Faust inside).
+
+    Ops are routed by CRC-32 of the owner DID modulo the partition count (fast, stable).
+    """
+
+    def __init__(self, settings: Settings, partitions: int):
+        window_s, hop_s = settings.window
+        lexicon = Lexicon.load(settings.topics_file)
+        self.topics = lexicon.names
+        self.store = WindowStore(window_s, hop_s, Classifier(lexicon))
+        self.partitions = partitions
+        self.last_input = time.monotonic()
+        self.ticked: int | None = None
+        self.invalid = 0
+        self.assigned: set[tuple[str, int]] = set()  # (topic, partition) held by this worker
+        self.out_records: list[dict] = []
+        self.out_edges: list[tuple] = []
+        self.out_ops: dict[int, list] = {}
+        self.buffered = 0  # ops in out_ops
+        self.sent_ops = 0  # ops handed to Kafka so far
+
+    def _route(self, ops: list) -> None:
+        out, n = self.out_ops, self.partitions
+        for op in ops:
+            p = crc32(op[1].encode()) % n
+            batch = out.get(p)
+            if batch is None:
+                out[p] = [op]
+            else:
+                batch.append(op)
+        self.buffered += len(ops)
+
+    def _tick(self) -> None:
+        cur = self.store.cur
+        if cur is not None and cur != self.ticked:
+            self.ticked = cur
+            t = cur * self.store.hop_us
+            for p in range(self.partitions):
+                self.out_ops.setdefault(p, []).append(("tick", "", t))
+            self.buffered += self.partitions
+
+    def on_event(self, raw: bytes) -> None:
+        """One chorus.events value: state updated, outputs buffered until :meth:`drain`."""
+        self.last_input = time.monotonic()
+        store = self.store
+        try:
+            ev = json.loads(raw)
+            self.out_records += store.advance(int(ev["time_us"]))
+            ops, edges = store.ingest(ev)
+        except (BadEvent, ValueError, KeyError, TypeError) as exc:
+            self.invalid += 1
+            if self.invalid <= 10 or self.invalid % 10_000 == 0:
+                log.warning("skipping invalid event (%d so far): %s", self.invalid, exc)
+            return
+        if edges:
+            self.out_edges += edges
+        self._route(ops)
+        self._tick()
+
+    def on_ops(self, raw: bytes) -> None:
+        """One ops message (a JSON list of ops) from the repartition topic."""
+        self.last_input = time.monotonic()
+        store = self.store
+        for op in json.loads(raw):
+            self.out_records += store.advance(op[2])
+            self._route(store.apply(op))
+        self._tick()
+
+    def drain(self) -> tuple[list[dict], list[tuple], dict[int, list]]:
+        """Buffered (feature records, graph edges, ops by partition); empties the buffers."""
+        out = self.out_records, self.out_edges, self.out_ops
+        self.out_records, self.out_edges, self.out_ops = [], [], {}
+        self.sent_ops += self.buffered
+        self.buffered = 0
+        return out
+
+    def on_idle(self, idle_s: float) -> None:
+        if time.monotonic() - self.last_input >= idle_s:
+            self.out_records += self.store.flush()
+
+    def update_metrics(self) -> None:
+        agents = self.store.agents
+        for t in self.topics:
+            metrics.WINDOW_AGENTS.labels(topic=t).set(agents.get(t, 0))
+
+
+def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float | None = None,
+              rebalance_timeout_s: float = 5.0) -> tuple[faust.App, Pipeline]:
+    """The Faust app (not started) and its pipeline, configured from ``settings``.
+
+    ``idle_flush_s``: close the current hop after this many seconds without input (default: the
+    hop). ``rebalance_timeout_s``: how long the group coordinator waits for members to rejoin;
+    the embedded broker holds a first join for about this long, so keep it short.
+    """
+    if not settings.kafka:
+        raise ValueError("the worker needs Kafka: set CHORUS_KAFKA or --kafka (kafka://host:port)")
+    partitions = TOPIC_PARTITIONS[TOPIC_EVENTS]
+    pipe = Pipeline(settings, partitions)
+    idle_s = idle_flush_s if idle_flush_s is not None else float(settings.window[1])
+    app = faust.App(
+        app_id,
+        broker=f"kafka://{bootstrap_servers(settings.kafka)}",
+        store="memory://",
+        autodiscover=False,
+        web_enabled=False,
+        topic_partitions=partitions,
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        broker_rebalance_timeout=rebalance_timeout_s,
+        broker_session_timeout=max(10.0, 2 * rebalance_timeout_s),
+        broker_heartbeat_interval=1.0,
+        producer_acks=-1,  # acks=all; faust's producer is not idempotent outside transactions
+        cython_optimizations=os.environ.get("CHORUS_FAUST_CYTHON_OPT") == "1",
+    )
+    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    events = app.topic(TOPIC_EVENTS, partitions=partitions, **raw)
+    ops_topic = app.topic(f"{app_id}-ops", partitions=partitions, internal=True, **raw)
+    ops_name = ops_topic.get_topic_name()
+
+    async def publish() -> None:
+        records, edges, ops = pipe.drain()
+        send = app.producer.send
+        for p, batch in ops.items():
+            await send(ops_name, b"%d" % p, json.dumps(batch).encode(), p, None, None)
+        for op, src, dst, t in edges:
+            value = dumps({"op": op, "src": src, "dst": dst, "time_us": t})
+            await send(TOPIC_GRAPH, dst.encode(), value, None, None, None)
+        for rec in records:
+            await send(TOPIC_FEATURES, rec["did"].encode(), dumps(rec), None, None, None)
+        if records:
+            pipe.update_metrics()
+
+    def due() -> bool:
+        return pipe.buffered >= BATCH or len(pipe.out_records) >= BATCH
+
+    # Per-event iteration (cheaper in Faust than stream.take); outputs go out in batches, when a
+    # batch is full or from the flusher below.
+    @app.agent(events, concurrency=1, name="authors")
+    async def authors(stream):
+        async for value in stream:
+            pipe.on_event(value)
+            if due():
+                await publish()
+
+    @app.agent(ops_topic, concurrency=1, name="owners")
+    async def owners(stream):
+        async for value in stream:
+            pipe.on_ops(value)
+            if due():
+                await publish()
+
+    @app.timer(interval=FLUSH_S)
+    async def flusher():
+        pipe.on_idle(idle_s)
+        if pipe.buffered or pipe.out_records or pipe.out_edges:
+            await publish()
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender, assigned, **kwargs) -> None:  # noqa: ARG001
+        pipe.assigned = {(tp.topic, tp.partition) for tp in assigned}
+        log.info("assigned %d partitions", len(pipe.assigned))
+
+    return app, pipe
+
+
+async def ensure_worker_topics(settings: Settings, app_id: str = APP_ID) -> None:
+    """Create chorus.events/features/graph and the ops topic if missing."""
+    from .kafka import ensure_topics
+
+    n = TOPIC_PARTITIONS[TOPIC_EVENTS]
+    wanted = {t: TOPIC_PARTITIONS[t] for t in (TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH)}
+    await ensure_topics(bootstrap_servers(settings.kafka), {**wanted, f"{app_id}-ops": n})
+
+
+class Worker:
+    """One Faust worker inside an asyncio program: ``await w.run()`` until ``await w.stop()``.
+
+    Restarts: the store is rebuilt from Kafka only as far as the retained input allows; a
+    restarted worker resumes from the committed offsets with an empty store (see the report /
+    README: the features of the current window are complete again one window after a restart).
+    """
+
+    def __init__(self, settings: Settings, **app_kw: Any):
+        self.settings = settings
+        self.app_kw = app_kw
+        self.app: faust.App | None = None
+        self.pipeline: Pipeline | None = None
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        await ensure_worker_topics(self.settings, self.app_kw.get("app_id", APP_ID))
+        self.app, self.pipeline = build_app(self.settings, **self.app_kw)
+        await self.app.start()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.app.stop()
+
+    async def stop(self) -> None:
+        self._stop.set()
+
+
+def run_worker(settings: Settings, serve_metrics: bool = True, **app_kw: Any) -> None:
+    """Blocking entry point for ``chorus worker``: metrics endpoint + a Faust worker (signals)."""
+    from mode import Worker as ModeWorker
+
+    if serve_metrics:
+        metrics.serve(settings.metrics_host, settings.metrics_port)
+    asyncio.run(ensure_worker_topics(settings, app_kw.get("app_id", APP_ID)))
+    app, _ = build_app(settings, **app_kw)
+    ModeWorker(app, loglevel="WARNING", quiet=True).execute_from_commandline()

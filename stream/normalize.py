@@ -1,0 +1,149 @@
+"""Repo record op -> normalized ``chorus.events`` value (a plain dict; schema: stream.schemas.Event).
+
+Pure functions, no I/O. Only these collections become events; every other one is ignored:
+
+==========================  ==========  ===============================================
+collection                  kind        fields taken from the record
+==========================  ==========  ===============================================
+app.bsky.feed.post          post        text, langs, reply.parent.uri, reply.root.uri,
+                                        embed record uri (app.bsky.embed.record or
+                                        app.bsky.embed.recordWithMedia) -> quote_uri
+app.bsky.feed.like          like        subject.uri -> subject_uri, its DID -> subject_did
+app.bsky.feed.repost        repost      subject.uri -> subject_uri, its DID -> subject_did
+app.bsky.graph.follow       follow      subject (a DID) -> subject_did
+(any of the above, delete)  delete      collection (no record: deletes carry none)
+==========================  ==========  ===============================================
+
+``update`` ops are ignored (records of these kinds are immutable in practice; downstream dedupes
+by URI anyway). A record that does not fit raises :class:`InvalidOp` with a short reason, which
+the caller counts in ``chorus_ingest_frames_invalid_total{reason}``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+POST = "app.bsky.feed.post"
+LIKE = "app.bsky.feed.like"
+REPOST = "app.bsky.feed.repost"
+FOLLOW = "app.bsky.graph.follow"
+KINDS = {POST: "post", LIKE: "like", REPOST: "repost", FOLLOW: "follow"}
+
+EMBED_RECORD = "app.bsky.embed.record"
+EMBED_RECORD_WITH_MEDIA = "app.bsky.embed.recordWithMedia"
+
+# atproto syntax (https://atproto.com/specs/did, /specs/record-key).
+_DID = re.compile(r"did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]")
+_RKEY = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
+_MAX_DID = 2048
+_MAX_TEXT = 100_000  # generous: the lexicon allows 3,000 bytes; beyond this a record is garbage
+
+
+class InvalidOp(ValueError):
+    """An op or record that cannot be normalized; ``reason`` is the metric label."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def is_did(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= _MAX_DID and _DID.fullmatch(value) is not None
+
+
+def split_path(path: Any) -> tuple[str, str]:
+    """``collection/rkey`` -> (collection, rkey); raises InvalidOp("op_shape")."""
+    if not isinstance(path, str):
+        raise InvalidOp("op_shape")
+    collection, sep, rkey = path.partition("/")
+    if not sep or not collection or rkey in (".", "..") or _RKEY.fullmatch(rkey) is None:
+        raise InvalidOp("op_shape")
+    return collection, rkey
+
+
+def uri_did(uri: Any) -> str:
+    """The authority DID of ``at://DID/collection/rkey``; raises InvalidOp for anything else."""
+    if not isinstance(uri, str) or not uri.startswith("at://"):
+        raise InvalidOp("record_shape")
+    did = uri[5:].split("/", 1)[0]
+    if not is_did(did):
+        raise InvalidOp("invalid_did")
+    return did
+
+
+def _strong_ref_uri(ref: Any) -> str:
+    """``{uri, cid}`` -> uri (validated as an AT-URI with a DID authority)."""
+    if not isinstance(ref, dict):
+        raise InvalidOp("record_shape")
+    uri = ref.get("uri")
+    uri_did(uri)
+    return uri
+
+
+def record_fields(collection: str, record: Any) -> dict[str, Any]:
+    """Event fields specific to ``collection`` from a decoded record (see the module table)."""
+    if not isinstance(record, dict):
+        raise InvalidOp("record_shape")
+    if record.get("$type") != collection:
+        raise InvalidOp("record_type")
+    if collection == POST:
+        return _post_fields(record)
+    if collection == FOLLOW:
+        subject = record.get("subject")
+        if not is_did(subject):
+            raise InvalidOp("invalid_did")
+        return {"subject_did": subject}
+    # like, repost
+    uri = _strong_ref_uri(record.get("subject"))
+    return {"subject_uri": uri, "subject_did": uri_did(uri)}
+
+
+def _post_fields(record: dict) -> dict[str, Any]:
+    text = record.get("text")
+    if not isinstance(text, str) or len(text) > _MAX_TEXT:
+        raise InvalidOp("record_shape")
+    out: dict[str, Any] = {"text": text}
+    langs = record.get("langs")
+    if langs is not None:
+        if not isinstance(langs, list) or not all(isinstance(x, str) for x in langs):
+            raise InvalidOp("record_shape")
+        out["langs"] = langs
+    reply = record.get("reply")
+    if reply is not None:
+        if not isinstance(reply, dict):
+            raise InvalidOp("record_shape")
+        out["reply_parent"] = _strong_ref_uri(reply.get("parent"))
+        out["reply_root"] = _strong_ref_uri(reply.get("root"))
+    embed = record.get("embed")
+    if isinstance(embed, dict):
+        etype = embed.get("$type")
+        if etype == EMBED_RECORD:
+            out["quote_uri"] = _strong_ref_uri(embed.get("record"))
+        elif etype == EMBED_RECORD_WITH_MEDIA:
+            inner = embed.get("record")
+            out["quote_uri"] = _strong_ref_uri(inner.get("record") if isinstance(inner, dict) else None)
+    elif embed is not None:
+        raise InvalidOp("record_shape")
+    return out
+
+
+def event(kind: str, did: str, collection: str, rkey: str, seq: int, time_us: int, /, **fields: Any) -> dict:
+    """A ``chorus.events`` value (no None fields, ``v`` first)."""
+    ev = {"v": 1, "kind": kind, "did": did, "rkey": rkey, "uri": f"at://{did}/{collection}/{rkey}",
+          "seq": seq, "time_us": time_us}
+    ev.update(fields)
+    return ev
+
+
+def account_event(did: str, seq: int, time_us: int, active: bool, status: str | None) -> dict:
+    """A ``kind="account"`` value: ``active=False`` retracts the account's activity downstream.
+
+    ``uri`` is the repo URI ``at://DID`` and ``rkey`` is empty: account events are state (latest
+    seq wins), not records, so consumers must not dedupe them by URI.
+    """
+    ev = {"v": 1, "kind": "account", "did": did, "rkey": "", "uri": f"at://{did}", "seq": seq,
+          "time_us": time_us, "active": active}
+    if status is not None:
+        ev["status"] = status
+    return ev
