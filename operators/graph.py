@@ -19,9 +19,10 @@ Two layouts (same maths, same results up to float rounding):
 * ``"sorted"`` (default): edges sorted by destination (forward) and by source (backward),
   reduced with sorted segment sums. Array shapes depend only on (n, number of edges), so a new
   graph of the same size -- or a padded graph of the same capacities -- never retraces.
-* ``"bucketed"``: nodes grouped by degree into buckets of padded width (1..8, then x1.25), each
-  bucket a dense (rows, width) index table reduced by a fused gather + row sum, no scatter at
-  all. Fastest on CPU, but shapes follow the degree histogram, so a new graph may retrace: use it
+* ``"bucketed"``: nodes grouped by degree into buckets of padded width (1..8, then x1.25 up to
+  256), each bucket a dense (rows, width) index table reduced by a fused gather + row sum; rows
+  above 256 are split into chunks of 256 whose sums are combined by a tiny sorted segment sum.
+  Fastest on CPU, but shapes follow the degree histogram, so a new graph may retrace: use it
   for a graph that stays fixed (offline analysis, benchmarks).
 """
 
@@ -71,39 +72,64 @@ def _sort_edges(primary: np.ndarray, secondary: np.ndarray, n: int) -> np.ndarra
     return np.argsort(primary * (n + 1) + secondary)
 
 
+CHUNK = 256  # bucketed layout: rows wider than this are split into chunks of CHUNK
+
+
 def bucket_widths(max_degree: int) -> np.ndarray:
-    """Row widths of the bucketed layout: 1..8, then x1.25 (rounded up) to cover max_degree."""
+    """Row widths of the bucketed layout: 1..8, then x1.25 (rounded up), capped at CHUNK."""
     w = list(range(1, 9))
-    while w[-1] < max_degree:
-        w.append(math.ceil(w[-1] * 1.25))
+    while w[-1] < min(max_degree, CHUNK):
+        w.append(min(math.ceil(w[-1] * 1.25), CHUNK))
     return np.array(w, np.int64)
 
 
 def _buckets(row_pos: np.ndarray, col_val: np.ndarray, n_rows: int, fill: int) -> tuple:
-    """Dense (rows, width) tables, one per width class, rows in row_pos order.
+    """Bucketed index tables for the reduction out[r] = sum_{k: row_pos[k] = r} v[col_val[k]].
 
-    Edge k belongs to row ``row_pos[k]`` (rows are ordered by degree descending) and holds
-    ``col_val[k]``; unused cells hold ``fill``. Returns a tuple of int32 arrays.
+    Rows (ordered by degree descending) with degree <= CHUNK go to dense (rows, width) tables,
+    one per width class; the first ``n_big`` rows (degree > CHUNK) are split into chunks of
+    CHUNK, reduced per chunk and then per row by a sorted segment sum over chunk owners.
+    Unused cells hold ``fill``. Returns ``(chunks, owner, big_rows, tables)`` (int32 arrays;
+    ``big_rows = arange(n_big)`` carries n_big in its shape).
     """
     deg = np.bincount(row_pos, minlength=n_rows)
-    if not row_pos.size:
-        return ()
-    order = _sort_edges(row_pos, col_val, max(n_rows, int(col_val.max()) + 1))
+    order = _sort_edges(row_pos, col_val, n_rows)
     rows, vals = row_pos[order], col_val[order]
     start = np.concatenate([[0], np.cumsum(deg)])
     col = np.arange(rows.size) - start[rows]
+    n_big = int(np.count_nonzero(deg > CHUNK))
     n_used = int(np.count_nonzero(deg))  # rows with degree > 0 come first (descending order)
-    widths = bucket_widths(int(deg.max()))
-    cls = np.searchsorted(widths, deg[:n_used])  # non-increasing
-    cuts = np.flatnonzero(np.diff(cls)) + 1
-    out = []
-    for r0, r1 in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [n_used]])):
-        w = int(widths[cls[r0]])
+    # rows > CHUNK: chunk c of row r holds its edges [c * CHUNK, (c + 1) * CHUNK)
+    n_chunks = -(-deg[:n_big] // CHUNK)
+    first = np.concatenate([[0], np.cumsum(n_chunks)])
+    e_big = start[n_big]
+    chunks = np.full((int(first[-1]), CHUNK), fill, np.int32)
+    chunks.reshape(-1)[first[rows[:e_big]] * CHUNK + col[:e_big]] = vals[:e_big]
+    owner = np.repeat(np.arange(n_big, dtype=np.int32), n_chunks)
+    widths = bucket_widths(CHUNK)
+    cls = np.searchsorted(widths, deg[n_big:n_used])  # non-increasing
+    cuts = n_big + np.flatnonzero(np.diff(cls)) + 1
+    tables = []
+    for r0, r1 in zip(np.concatenate([[n_big], cuts]), np.concatenate([cuts, [n_used]])):
+        if r1 <= r0:
+            continue
+        w = int(widths[cls[r0 - n_big]])
         e0, e1 = start[r0], start[r1]
         table = np.full((r1 - r0) * w, fill, np.int32)
         table[(rows[e0:e1] - r0) * w + col[e0:e1]] = vals[e0:e1]
-        out.append(table.reshape(r1 - r0, w))
-    return tuple(out)
+        tables.append(table.reshape(r1 - r0, w))
+    return chunks, owner, np.arange(n_big, dtype=np.int32), tuple(tables)
+
+
+def _bucket_sum(v: jax.Array, layout: tuple) -> jax.Array:
+    """The reduction encoded by :func:`_buckets`, rows [0, n_used); v[fill] must be 0."""
+    chunks, owner, big_rows, tables = layout
+    parts = [v[t].sum(axis=1) for t in tables]
+    if big_rows.shape[0]:  # static: the number of rows split into chunks
+        big = jax.ops.segment_sum(v[chunks].sum(axis=1), owner, num_segments=big_rows.shape[0],
+                                  indices_are_sorted=True)
+        parts.insert(0, big)
+    return jnp.concatenate(parts + [jnp.zeros(0, v.dtype)])
 
 
 @jax.tree_util.register_pytree_node_class
@@ -187,8 +213,7 @@ def _log_survival(g: FollowGraph, q: jax.Array) -> jax.Array:
     if g.layout == "sorted":
         src, seg = g.fwd
         return jax.ops.segment_sum(lq[src], seg, num_segments=g.n, indices_are_sorted=True)
-    lq = jnp.concatenate([lq, jnp.zeros(1, lq.dtype)])  # dummy slot n
-    return jnp.concatenate([lq[t].sum(axis=1) for t in g.fwd] + [jnp.zeros(0, lq.dtype)])
+    return _bucket_sum(jnp.concatenate([lq, jnp.zeros(1, lq.dtype)]), g.fwd)  # fill slot n
 
 
 def _out_sum(g: FollowGraph, es: jax.Array) -> jax.Array:
@@ -197,10 +222,8 @@ def _out_sum(g: FollowGraph, es: jax.Array) -> jax.Array:
         dst, seg = g.bwd
         gt = jax.ops.segment_sum(es[dst], seg, num_segments=g.n, indices_are_sorted=True)
     else:
-        es = jnp.concatenate([es, jnp.zeros(1, es.dtype)])  # dummy slot n_in
-        parts = [es[t].sum(axis=1) for t in g.bwd]
-        used = sum(t.shape[0] for t in g.bwd)
-        gt = jnp.concatenate(parts + [jnp.zeros(g.n - used, es.dtype)])
+        gt = _bucket_sum(jnp.concatenate([es, jnp.zeros(1, es.dtype)]), g.bwd)  # fill slot n_in
+        gt = jnp.concatenate([gt, jnp.zeros(g.n - gt.shape[0], es.dtype)])
     return gt[g.pos]
 
 

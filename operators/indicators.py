@@ -176,13 +176,16 @@ def concentration(column: int = 1) -> Concentration:
 
 
 def cascade_reach(g: FollowGraph, p: float = 0.05, column: int = 0) -> CascadeReach:
-    """Expected cascade reach on follow graph g (see :class:`CascadeReach`)."""
+    """Expected cascade reach on follow graph g (see :class:`CascadeReach`).
+
+    The graph's arrays are copied to the default device once, here, so repeated attributions
+    do not re-transfer them."""
     if not isinstance(g, FollowGraph):
         raise ValueError(f"cascade_reach: g must be a FollowGraph, got {type(g).__name__}")
     p = float(p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"cascade_reach: p must lie in [0, 1), got {p}")
-    return CascadeReach(g, p, int(column))
+    return CascadeReach(jax.device_put(g), p, int(column))  # graph stays device-resident
 
 
 def default_baseline(F: Callable, x, mask=None) -> jax.Array:

@@ -38,6 +38,8 @@ group, and state updates are idempotent (latest features per DID; add/remove edg
 after catching up the state equals that of an uninterrupted run, and the next snapshot is the
 same. A snapshot for a window end already published before the restart may be published again
 with the same content (at-least-once; alert ids are deterministic so duplicates can be dropped).
+Alert state (previous hop, cooldowns) starts empty after a restart, so the first hop after it raises
+no hop-to-hop alerts (new culprit, band shift).
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from typing import Any
 from zlib import crc32
@@ -160,10 +159,10 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
         broker_session_timeout=max(10.0, 2 * rebalance_timeout_s),
         broker_heartbeat_interval=1.0,
         producer_acks=-1,  # acks=all; faust's producer is not idempotent outside transactions
-        cython_optimizations=os.environ.get("CHORUS_FAUST_CYTHON_OPT") == "1",
     )
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    events = app.topic(TOPIC_EVENTS, partitions=partitions, **raw)
+    # acks=False: input offsets are never committed, so every (re)start replays the retained input.
+    events = app.topic(TOPIC_EVENTS, partitions=partitions, acks=False, **raw)
     ops_topic = app.topic(f"{app_id}-ops", partitions=partitions, internal=True, **raw)
     ops_name = ops_topic.get_topic_name()
 

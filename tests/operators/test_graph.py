@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operators.graph import LAYOUTS, FollowGraph, bucket_widths, reach, reach_naive
+from operators.graph import CHUNK, LAYOUTS, FollowGraph, bucket_widths, reach, reach_naive
 
 
 def brute_reach(src, dst, n, q):
@@ -173,13 +173,15 @@ def test_graph_is_a_pytree_with_static_n():
 
 
 def test_bucketed_layout_covers_heavy_tailed_degrees():
-    # one hub followed by 300 nodes, plus a chain: widths must cover every degree
-    n = 310
-    src = np.concatenate([np.zeros(300, int), np.arange(1, 9)])
-    dst = np.concatenate([np.arange(1, 301), np.arange(2, 10)])
+    # hubs followed by 600 and 300 nodes (split into chunks), one by 200, plus a chain
+    n = 610
+    src = np.concatenate([np.zeros(600, int), np.ones(300, int), np.full(200, 2), np.arange(3, 9)])
+    dst = np.concatenate([np.arange(10, 610), np.arange(300, 600), np.arange(5, 205), np.arange(4, 10)])
     q = np.linspace(0.01, 0.5, n).astype(np.float32)
     g = FollowGraph(src, dst, n, "bucketed")
-    assert max(t.shape[1] for t in g.bwd) >= 300 and bucket_widths(300)[-1] >= 300
+    chunks, owner, big_rows, tables = g.bwd
+    assert big_rows.shape == (2,) and chunks.shape == (3 + 2, CHUNK) and list(owner) == [0, 0, 0, 1, 1]
+    assert bucket_widths(10**6)[-1] == CHUNK and max(t.shape[1] for t in tables) >= 200
     assert float(reach(g, q)) == pytest.approx(brute_reach(src, dst, n, q), rel=1e-5)
     want = np.asarray(jax.grad(lambda x: reach_naive(src, dst, n, x))(jnp.asarray(q)))
     np.testing.assert_allclose(jax.grad(reach, 1)(g, q), want, rtol=1e-5)
