@@ -17,8 +17,12 @@ records go to chorus.features when the clock leaves it, or after ``idle_flush_s`
 input (then later changes go out with the next hop).
 
 State lives in memory, not in Faust tables (a changelog write per event would cost more than the
-whole pipeline). The ops are idempotent (keyed by record URI); restart semantics are documented
-in :class:`Worker`.
+whole pipeline). It is rebuilt by replay: chorus.events offsets are never committed, and on every
+partition assignment (start, restart, another worker joining or leaving) each worker clears its
+state and re-reads its chorus.events partitions from the earliest retained offset. The ops are
+idempotent (keyed by record URI), so re-sent ops are harmless. A replay re-emits records of past
+hops (older ``window_end``) before it catches up; consumers keep the newest record per DID. Replay
+time grows with the topic's retention: keep chorus.events retention near the window (e.g. 2x).
 """
 
 from __future__ import annotations
@@ -53,15 +57,20 @@ class Pipeline:
     """
 
     def __init__(self, settings: Settings, partitions: int):
-        window_s, hop_s = settings.window
+        self.window = settings.window
         lexicon = Lexicon.load(settings.topics_file)
         self.topics = lexicon.names
-        self.store = WindowStore(window_s, hop_s, Classifier(lexicon))
+        self.classifier = Classifier(lexicon)
         self.partitions = partitions
-        self.last_input = time.monotonic()
-        self.ticked: int | None = None
         self.invalid = 0
         self.assigned: set[tuple[str, int]] = set()  # (topic, partition) held by this worker
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all state (before replaying the input after a partition assignment)."""
+        self.store = WindowStore(*self.window, self.classifier)
+        self.last_input = time.monotonic()
+        self.ticked: int | None = None
         self.out_records: list[dict] = []
         self.out_edges: list[tuple] = []
         self.out_ops: dict[int, list] = {}
@@ -206,8 +215,15 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender, assigned, **kwargs) -> None:  # noqa: ARG001
+        # Rebuild by replay: drop every state and re-read the assigned input from its start (its
+        # offsets are never committed); every worker does this on every rebalance, so together they
+        # regenerate every op. Ops are idempotent, so ops still in flight do no harm.
         pipe.assigned = {(tp.topic, tp.partition) for tp in assigned}
-        log.info("assigned %d partitions", len(pipe.assigned))
+        pipe.reset()
+        for tp in assigned:
+            if tp.topic == TOPIC_EVENTS:
+                await app.consumer.seek(tp, 0)
+        log.info("assigned %d partitions; replaying %s", len(pipe.assigned), TOPIC_EVENTS)
 
     return app, pipe
 
@@ -224,9 +240,7 @@ async def ensure_worker_topics(settings: Settings, app_id: str = APP_ID) -> None
 class Worker:
     """One Faust worker inside an asyncio program: ``await w.run()`` until ``await w.stop()``.
 
-    Restarts: the store is rebuilt from Kafka only as far as the retained input allows; a
-    restarted worker resumes from the committed offsets with an empty store (see the report /
-    README: the features of the current window are complete again one window after a restart).
+    ``w.pipeline.assigned`` holds the (topic, partition) pairs it owns once the group settled.
     """
 
     def __init__(self, settings: Settings, **app_kw: Any):
