@@ -54,14 +54,18 @@ def follow_graph(n: int, edges_per_node: float = 10.0, seed: int = 0):
     """(src, dst, followers): int32 edge arrays (src followed -> dst follower), random order."""
     rng = np.random.default_rng(seed)
     counts = follower_counts(n, edges_per_node, rng)
-    src = np.repeat(np.arange(n, dtype=np.int32), counts)
-    activity = rng.lognormal(0.0, 1.5, n)
-    cdf = np.cumsum(activity)
-    dst = np.searchsorted(cdf, rng.random(src.size) * cdf[-1], side="right").astype(np.int32)
-    np.minimum(dst, n - 1, out=dst)
-    order = rng.permutation(src.size)
-    followers = np.bincount(src, minlength=n)
-    return src[order], dst[order], followers
+    followers = counts.astype(np.int64)
+    cdf = np.cumsum(rng.lognormal(0.0, 1.5, n))
+    e = int(counts.sum())
+    key = np.repeat(np.arange(n, dtype=np.int64), counts)
+    key <<= 32  # src << 32 | dst, built in place
+    for i in range(0, e, 1 << 21):  # blocks keep the float64 temporaries small
+        j = min(e, i + (1 << 21))
+        key[i:j] |= np.minimum(np.searchsorted(cdf, rng.random(j - i) * cdf[-1], side="right"), n - 1)
+    rng.shuffle(key)  # arrival order
+    dst = (key & 0xFFFFFFFF).astype(np.int32)
+    key >>= 32
+    return key.astype(np.int32), dst, followers
 
 
 def follower_percentiles(followers: np.ndarray) -> dict:

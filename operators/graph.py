@@ -45,7 +45,7 @@ def _as_index(name: str, a) -> np.ndarray:
         raise ValueError(f"FollowGraph: {name} must be 1-D, got shape {a.shape}")
     if a.size and not np.issubdtype(a.dtype, np.integer):
         raise ValueError(f"FollowGraph: {name} must hold integer node ids, got {a.dtype}")
-    return a.astype(np.int64, copy=False)
+    return a if a.dtype in (np.int32, np.int64) else a.astype(np.int64)
 
 
 def _check_ids(src: np.ndarray, dst: np.ndarray, n: int, who: str) -> None:
@@ -67,9 +67,19 @@ def _degree_order(deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, pos
 
 
-def _sort_edges(primary: np.ndarray, secondary: np.ndarray, n: int) -> np.ndarray:
-    """Edge order by (primary, secondary), both in [0, n]."""
-    return np.argsort(primary * (n + 1) + secondary)
+def _sorted_pairs(primary: np.ndarray, secondary: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (primary, secondary), both in [0, n], sorted lexicographically, as two int32 arrays.
+
+    Sorts one int64 key in place (no argsort index array): the builder's peak memory at
+    16.7M edges stays near 3 edge-sized int32 arrays.
+    """
+    key = primary.astype(np.int64)
+    key *= n + 1
+    key += secondary
+    key.sort()
+    first = _i32(key // (n + 1))
+    key %= n + 1
+    return first, _i32(key)
 
 
 CHUNK = 256  # bucketed layout: rows wider than this are split into chunks of CHUNK
@@ -93,10 +103,9 @@ def _buckets(row_pos: np.ndarray, col_val: np.ndarray, n_rows: int, fill: int) -
     ``big_rows = arange(n_big)`` carries n_big in its shape).
     """
     deg = np.bincount(row_pos, minlength=n_rows)
-    order = _sort_edges(row_pos, col_val, n_rows)
-    rows, vals = row_pos[order], col_val[order]
+    rows, vals = _sorted_pairs(row_pos, col_val, n_rows)
     start = np.concatenate([[0], np.cumsum(deg)])
-    col = np.arange(rows.size) - start[rows]
+    col = np.arange(rows.size, dtype=np.int64) - start[rows]
     n_big = int(np.count_nonzero(deg > CHUNK))
     n_used = int(np.count_nonzero(deg))  # rows with degree > 0 come first (descending order)
     # rows > CHUNK: chunk c of row r holds its edges [c * CHUNK, (c + 1) * CHUNK)
@@ -155,17 +164,20 @@ class FollowGraph:
             raise ValueError(f"FollowGraph: layout must be one of {LAYOUTS}, got {layout!r}")
         _check_ids(src, dst, n, "FollowGraph")
         perm, pos_t = _degree_order(np.bincount(src, minlength=n))
-        _, pos_in = _degree_order(np.bincount(dst, minlength=n))
-        t_src, s_dst = pos_t[src], pos_in[dst]  # table position of src, S position of dst
+        in_deg = np.bincount(dst, minlength=n)
+        _, pos_in = _degree_order(in_deg)
+        t_src, s_dst = _i32(pos_t)[src], _i32(pos_in)[dst]  # table position of src, S position of dst
         if layout == "sorted":
-            fo, bo = _sort_edges(s_dst, t_src, n), _sort_edges(t_src, s_dst, n)
-            fwd = (_i32(t_src[fo]), _i32(s_dst[fo]))
-            bwd = (_i32(s_dst[bo]), _i32(t_src[bo]))
+            seg, val = _sorted_pairs(s_dst, t_src, n)
+            fwd = (val, seg)
+            seg, val = _sorted_pairs(t_src, s_dst, n)
+            bwd = (val, seg)
         else:  # dummy slots: table position n (log1p(-q) = 0), S position n_in (exp(S) = 0)
-            n_in = int(np.count_nonzero(np.bincount(dst, minlength=n)))
             fwd = _buckets(s_dst, t_src, n, fill=n)
-            bwd = _buckets(t_src, s_dst, n, fill=n_in)
-        self._set((_i32(perm), _i32(pos_t), np.int32(n), fwd, bwd), (n, layout, int(src.size)))
+            bwd = _buckets(t_src, s_dst, n, fill=int(np.count_nonzero(in_deg)))
+        del t_src, s_dst
+        leaves = jax.tree_util.tree_map(jnp.asarray, (_i32(perm), _i32(pos_t), np.int32(n), fwd, bwd))
+        self._set(leaves, (n, layout, int(src.size)))  # device arrays: no second copy at jit time
 
     def _set(self, leaves, aux):
         self.perm, self.pos, self.n_real, self.fwd, self.bwd = leaves
@@ -191,7 +203,7 @@ class FollowGraph:
         _check_ids(src, dst, n, "FollowGraph.padded")
         pad = np.full(e_capacity - src.size, n_capacity - 1, dtype=np.int64)
         g = cls(np.concatenate([src, pad]), np.concatenate([dst, pad]), n_capacity, layout)
-        g.n_real = np.int32(n)
+        g.n_real = jnp.asarray(n, jnp.int32)
         return g
 
     def tree_flatten(self):

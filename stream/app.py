@@ -5,16 +5,17 @@ Two agents (concurrency 1 each, faust-streaming #606) share one :class:`stream.w
   ``authors``  consumes chorus.events (key = author DID): dedupe, deletes, classification
                (``WindowStore.ingest``); publishes follow edges to chorus.graph (key = follower);
                re-keys the resulting ops by their owner DID onto the repartition topic
-               ``<app id>-ops``: one Kafka message per (input batch, partition) holding a JSON list
-               of ops, partition = CRC-32 of the owner DID modulo the partition count.
+               ``<app id>-ops``: one Kafka message per (flush, partition) holding a JSON list of
+               ops (a flush every 1000 ops or 0.1 s), partition = CRC-32(owner DID) mod partitions.
   ``owners``   consumes ``<app id>-ops``: ``WindowStore.apply``; follow-ups go back to the ops topic.
 
 So every DID's author state and feature state live on whichever worker holds that DID's partition,
-and two workers sharing the partitions compute what one would. Time is event time: each worker's
-clock is the newest ``time_us`` it has seen; when it enters a new hop the worker sends a ``tick``
-op to every ops partition so that all workers close hops and expire buckets together. A hop's
-records go to chorus.features when the clock leaves it, or after ``idle_flush_s`` seconds without
-input (then later changes go out with the next hop).
+and two workers sharing the partitions compute what one would. Time is event time, and the clock
+moves on the owners' side only: when the ``authors`` agent sees an event of a new hop it appends a
+``tick`` op (after the ops it already routed) to every ops partition, so every worker closes a hop
+after applying the ops that preceded it, and all workers expire buckets together. A hop's records
+go to chorus.features when the clock leaves it, or after ``idle_flush_s`` seconds without input
+(then later changes go out with the next hop).
 
 State lives in memory, not in Faust tables (a changelog write per event would cost more than the
 whole pipeline). It is rebuilt by replay: chorus.events offsets are never committed, and on every
@@ -63,6 +64,7 @@ class Pipeline:
         self.classifier = Classifier(lexicon)
         self.partitions = partitions
         self.invalid = 0
+        self.records = 0  # feature records published
         self.assigned: set[tuple[str, int]] = set()  # (topic, partition) held by this worker
         self.reset()
 
@@ -88,11 +90,12 @@ class Pipeline:
                 batch.append(op)
         self.buffered += len(ops)
 
-    def _tick(self) -> None:
-        cur = self.store.cur
-        if cur is not None and cur != self.ticked:
-            self.ticked = cur
-            t = cur * self.store.hop_us
+    def _tick(self, time_us: int) -> None:
+        """Entering a new hop: a tick to every ops partition, after the ops already routed."""
+        b = time_us // self.store.hop_us
+        if self.ticked is None or b > self.ticked:
+            self.ticked = b
+            t = b * self.store.hop_us
             for p in range(self.partitions):
                 self.out_ops.setdefault(p, []).append(("tick", "", t))
             self.buffered += self.partitions
@@ -103,7 +106,6 @@ class Pipeline:
         store = self.store
         try:
             ev = json.loads(raw)
-            self.out_records += store.advance(int(ev["time_us"]))
             ops, edges = store.ingest(ev)
         except (BadEvent, ValueError, KeyError, TypeError) as exc:
             self.invalid += 1
@@ -113,7 +115,7 @@ class Pipeline:
         if edges:
             self.out_edges += edges
         self._route(ops)
-        self._tick()
+        self._tick(ev["time_us"])
 
     def on_ops(self, raw: bytes) -> None:
         """One ops message (a JSON list of ops) from the repartition topic."""
@@ -122,7 +124,6 @@ class Pipeline:
         for op in json.loads(raw):
             self.out_records += store.advance(op[2])
             self._route(store.apply(op))
-        self._tick()
 
     def drain(self) -> tuple[list[dict], list[tuple], dict[int, list]]:
         """Buffered (feature records, graph edges, ops by partition); empties the buffers."""
@@ -177,6 +178,7 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
 
     async def publish() -> None:
         records, edges, ops = pipe.drain()
+        pipe.records += len(records)
         send = app.producer.send
         for p, batch in ops.items():
             await send(ops_name, b"%d" % p, json.dumps(batch).encode(), p, None, None)
@@ -225,6 +227,7 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
                 await app.consumer.seek(tp, 0)
         log.info("assigned %d partitions; replaying %s", len(pipe.assigned), TOPIC_EVENTS)
 
+    pipe.update_metrics()  # serve chorus_window_agents{topic} from the start
     return app, pipe
 
 
@@ -267,8 +270,11 @@ def run_worker(settings: Settings, serve_metrics: bool = True, **app_kw: Any) ->
     """Blocking entry point for ``chorus worker``: metrics endpoint + a Faust worker (signals)."""
     from mode import Worker as ModeWorker
 
+    try:
+        asyncio.run(asyncio.wait_for(ensure_worker_topics(settings, app_kw.get("app_id", APP_ID)), 60))
+    except Exception as exc:  # aiokafka raises its own error types
+        raise ConnectionError(f"cannot reach Kafka at {settings.kafka}: {exc!r}") from None
+    app, _ = build_app(settings, **app_kw)
     if serve_metrics:
         metrics.serve(settings.metrics_host, settings.metrics_port)
-    asyncio.run(ensure_worker_topics(settings, app_kw.get("app_id", APP_ID)))
-    app, _ = build_app(settings, **app_kw)
     ModeWorker(app, loglevel="WARNING", quiet=True).execute_from_commandline()

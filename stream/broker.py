@@ -62,6 +62,7 @@ class EmbeddedBroker:
             [binary, "broker", "--listener-url", listen, "--advertised-listener-url", listen,
              "--storage-engine", "memory://tansu/"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a terminal Ctrl-C reaches the owner, which stops it in order
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
         )
         try:

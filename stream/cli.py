@@ -121,7 +121,10 @@ def worker(
         fail(str(exc))
     from .app import run_worker
 
-    run_worker(s, idle_flush_s=idle_flush)
+    try:
+        run_worker(s, idle_flush_s=idle_flush)
+    except ConnectionError as exc:
+        fail(str(exc), code=1)
 
 
 @app.command()
@@ -307,15 +310,115 @@ def bench(
 
 
 @app.command()
-def analyze() -> None:
+def analyze(
+    input: Optional[Path] = typer.Argument(None, help="A recording (`chorus record`) or a Jetstream JSON-lines dump."),
+    out: Path = typer.Option(..., "--out", "-o", help="Snapshot file: .parquet or .jsonl (by extension)."),
+    synthetic: Optional[int] = typer.Option(None, min=50, help="Analyze a synthetic population of N accounts instead."),
+    seed: int = typer.Option(0, help="Seed of the synthetic population."),
+    agents: Optional[Path] = typer.Option(None, help="Also write per-agent attributions of the last window "
+                                          "(.parquet or .jsonl)."),
+    profile: Optional[str] = typer.Option(None, help="default (6 h window / 60 s hop) or demo (10 min / 10 s)."),
+    window: Optional[int] = typer.Option(None, help="Window length, seconds (overrides the profile)."),
+    hop: Optional[int] = typer.Option(None, help="Hop length, seconds (overrides the profile)."),
+    indicator: Optional[list[str]] = typer.Option(None, help="Indicator (repeatable; default cascade_reach "
+                                                  "and polarization)."),
+    topics_file: Optional[Path] = typer.Option(None, help="Topic lexicon JSON (default: the shipped one)."),
+    steps: int = typer.Option(32, min=1, help="Quadrature nodes of the path integral."),
+    panel_k: int = typer.Option(100, min=1, help="Visibility panel size (accounts with most followers)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
     """Offline attribution over a recording, a Jetstream dump or the synthetic population."""
-    fail("`chorus analyze` is not implemented yet")
+    from . import analyze as az
+    from .recording import RecordingError
+    from .topics import Lexicon
+
+    if (input is None) == (synthetic is None):
+        fail("give an input file or --synthetic N (one of them)")
+    s = settings(profile=profile, window_s=window, hop_s=hop, indicators=indicator or None, topics_file=topics_file)
+    try:
+        s.window
+        Lexicon.load(s.topics_file)
+        for path in (out, agents):
+            if path is not None:
+                az._kind(path)
+        source = az.synthetic_source(synthetic, seed) if synthetic is not None else az.open_source(input)
+    except (ConfigError, az.AnalyzeError, RecordingError) as exc:
+        fail(str(exc))
+    except (OSError, ValueError) as exc:
+        fail(f"cannot open input: {exc}")
+    try:
+        res = az.analyze(source, s, steps=steps, panel_k=panel_k, agents=agents is not None,
+                         progress=not no_progress)
+    except ValueError as exc:  # e.g. an unknown indicator
+        fail(str(exc).splitlines()[0])
+    meta = {"source": source.name, "window_s": s.window[0], "hop_s": s.window[1], "steps": steps,
+            "panel_k": panel_k, "indicators": s.indicators, "events": res.events, "hops": res.hops}
+    try:
+        n = az.write_snapshots(out, res.snapshots, meta)
+        if agents is not None:
+            az.write_agents(agents, res.agents or [])
+    except OSError as exc:
+        fail(f"cannot write output: {exc}", code=1)
+    bad = ", ".join(f"{k} {v}" for k, v in sorted(res.invalid.items()))
+    typer.echo(f"chorus analyze: {res.events} events, {res.hops} hops, {n} snapshots -> {out}"
+               + (f"; per-agent rows {len(res.agents or [])} -> {agents}" if agents else "")
+               + (f"; skipped: {bad}" if bad else ""), err=True)
 
 
 @app.command()
-def report() -> None:
+def report(
+    snapshots: Optional[Path] = typer.Argument(None, help="Snapshot file from `chorus analyze` (.parquet/.jsonl)."),
+    out_dir: Path = typer.Option(Path("chorus-report"), "--out-dir", "-o", help="Directory for the PNGs and summary.md."),
+    kafka: Optional[str] = typer.Option(None, help="Read chorus.attributions from this Kafka (kafka://host:port; "
+                                        "default CHORUS_KAFKA) instead of a file."),
+    since: Optional[str] = typer.Option(None, help="Earliest window end: unix seconds or ISO 8601 (UTC if naive)."),
+    until: Optional[str] = typer.Option(None, help="Latest window end: unix seconds or ISO 8601 (UTC if naive)."),
+    agents: Optional[Path] = typer.Option(None, help="Per-agent file from `chorus analyze --agents` (exact Lorenz curve)."),
+    focus: Optional[str] = typer.Option(None, help="Focus window end for the snapshot figures (default: the newest)."),
+    topic: str = typer.Option("chorus.attributions", help="Kafka topic to read (with --kafka)."),
+) -> None:
     """Figures and a Markdown summary from a snapshot file or chorus.attributions."""
-    fail("`chorus report` is not implemented yet")
+    import asyncio
+    from datetime import datetime, timezone
+
+    from . import analyze as az
+    from . import report as rp
+    from .config import bootstrap_servers
+
+    def when(value: Optional[str], flag: str) -> Optional[int]:
+        if value is None:
+            return None
+        try:
+            return int(float(value))
+        except ValueError:
+            pass
+        try:
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            fail(f"{flag} must be unix seconds or an ISO 8601 time, got {value!r}")
+        return int((dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp())
+
+    lo, hi, at = when(since, "--since"), when(until, "--until"), when(focus, "--focus")
+    url = kafka or (settings().kafka if snapshots is None else None)
+    if (snapshots is None) == (url is None):
+        fail("give a snapshot file or --kafka kafka://host:port (one of them)")
+    try:
+        if snapshots is not None:
+            snaps, source = rp.select(az.read_snapshots(snapshots), lo, hi), str(snapshots)
+        else:
+            bootstrap = bootstrap_servers(url)
+            snaps, source = asyncio.run(rp.fetch_snapshots(bootstrap, lo, hi, topic=topic)), f"{topic} on {url}"
+        rows = az.read_agents(agents) if agents is not None else None
+        rep = rp.build_report(snaps, out_dir, agents=rows, focus=at, source=source)
+    except (ConfigError, az.AnalyzeError, rp.ReportError) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write the report: {exc}", code=1)
+    except Exception as exc:  # aiokafka's KafkaConnectionError and friends
+        if type(exc).__module__.startswith("aiokafka"):
+            fail(f"cannot read {topic} from {url}: {exc!r}", code=1)
+        raise
+    typer.echo(f"chorus report: {len(rep.figures)} figures and {rep.summary}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

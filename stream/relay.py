@@ -64,12 +64,16 @@ class FrameSource:
 
     @classmethod
     def from_frames(cls, frames: Iterable[tuple[int, bytes]]) -> "FrameSource":
-        """From ``(seq, frame)`` pairs (time taken from the body's ``time`` field)."""
+        """From ``(seq, frame)`` pairs (time from the body's ``time`` field; 0 when the frame is
+        malformed, so bad-input tests can serve broken frames verbatim)."""
         items = []
         for seq, data in frames:
-            body = decode_frame(data)[1]
-            t = body.get("time")
-            items.append((int(seq), parse_iso_time_us(t) if isinstance(t, str) else 0, data))
+            try:
+                t = decode_frame(data)[1].get("time")
+                t_us = parse_iso_time_us(t) if isinstance(t, str) else 0
+            except ValueError:
+                t_us = 0
+            items.append((int(seq), t_us, data))
         return cls(lambda: iter(items), items[0][0] if items else None, items[-1][0] if items else None)
 
     @classmethod

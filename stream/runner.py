@@ -243,14 +243,6 @@ class TaskPart:
         return f"{self.name} failed: {exc!r}" if exc else f"{self.name} exited"
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the child gets SIGTERM if this process dies without stopping it."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class ProcPart:
     """A part run as a subprocess (own session, so a terminal Ctrl-C reaches only the runner,
     which stops parts in order). Output goes to ``log_path``. A ``metrics_port`` makes the runner's
@@ -268,7 +260,7 @@ class ProcPart:
         with open(self.log_path, "ab") as out:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, env=self.env, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True,
             )
 
     async def stop(self) -> None:

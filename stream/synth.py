@@ -31,7 +31,7 @@ episode posts (a cascade among themselves); the ``celebrities`` accounts with mo
 ``stance`` (with probability ``stance_share``). The long tail and middle tier therefore carry most
 of the topic's activity while the top-100 visibility panel only sees the celebrities.
 
-Retractions: DELETE_SHARE of background posts and likes are deleted later (``#commit`` delete op,
+Retractions: DELETE_SHARE (at least one each) of background posts and likes are deleted later (``#commit`` delete op,
 no block); ``deactivations`` long-tail accounts send ``#account active=false status=deactivated``
 at DEACTIVATE_FRAC of the span and are silent afterwards. Also ``identities`` ``#identity`` frames
 and one ``#sync`` frame. Ground truth: :meth:`Population.expected`.
@@ -98,6 +98,12 @@ def load_topics() -> dict[str, list[str]]:
     return json.loads(text)["topics"]
 
 
+def _unique(a: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (sort-based; numpy 2.4's np.unique is ~70x slower on large int arrays)."""
+    s = np.sort(a)
+    return s[np.r_[True, s[1:] != s[:-1]]] if len(s) else s
+
+
 def _rng(seed: int, name: str) -> np.random.Generator:
     """An independent stream per component, so changing one part leaves the others unchanged."""
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
@@ -120,7 +126,7 @@ def make_dids(n: int, seed: int = 0) -> np.ndarray:
     while True:
         chars = B32[rng.integers(0, 32, size=(n, 24))]
         body = chars.view("S24").ravel()
-        if len(np.unique(body)) == n:
+        if len(_unique(body)) == n:
             break
     out = np.empty(n, dtype="S32")
     out[:] = np.char.add(b"did:plc:", body)
@@ -224,16 +230,27 @@ class Population:
         keys = np.empty(0, np.int64)
         need = f.copy()
         while need.sum() > 0:
-            src = np.repeat(np.arange(n, dtype=np.int64), need)
+            # draws per account so that the distinct ones likely cover the need (coupon collector)
+            have = f - need
+            draws = np.where(need > 0, np.ceil(1.1 * (n - 1) * np.log((n - 1 - have) / np.maximum(n - 1 - f, 1))) + 2, 0)
+            src = np.repeat(np.arange(n, dtype=np.int64), draws.astype(np.int64))
             dst = rng.integers(0, n, len(src))
             pick = in_part[src] & (rng.random(len(src)) < community)
             dst[pick] = part[rng.integers(0, len(part), int(pick.sum()))]
-            ok = dst != src
-            keys = np.unique(np.concatenate([keys, src[ok] * n + dst[ok]]))
+            new = _unique(src[dst != src] * n + dst[dst != src])
+            if len(keys):
+                known = np.sort(keys)
+                at = np.minimum(np.searchsorted(known, new), len(known) - 1)
+                new = new[known[at] != new]
+            # keep a uniformly random need[j] of account j's distinct new candidates
+            s_new = new // n
+            order = np.argsort((s_new << 40) | rng.integers(0, 1 << 40, len(new)))  # by account, random within
+            new, s_new = new[order], s_new[order]
+            pos = np.arange(len(new)) - np.searchsorted(s_new, s_new)
+            keys = np.concatenate([keys, new[pos < need[s_new]]])
             need = f - np.bincount(keys // n, minlength=n)
-        src, dst = keys // n, keys % n
-        order = np.lexsort((src, dst))
-        return src[order], dst[order]
+        keys = np.sort((keys % n) * n + keys // n)  # (follower, followed) order
+        return keys % n, keys // n
 
     @cached_property
     def _follow_commits(self) -> np.ndarray:
@@ -343,10 +360,13 @@ class Population:
         sent[~is_post] = 0
 
         # deletes of background posts and likes, later in the span
-        deletable = np.flatnonzero(~episode & ((kind == POST) | (kind == LIKE)) & ~np.isin(author, roles["deactivated"]))
-        n_del = int(round(DELETE_SHARE * len(deletable)))
-        victims = np.sort(rng.choice(deletable, n_del, replace=False)) if n_del else np.empty(0, np.int64)
-        t_del = t[victims] + (T - t[victims]) * rng.uniform(0.1, 1.0, n_del)
+        victims = []
+        for code in (POST, LIKE):  # at least one of each when there is one
+            pool = np.flatnonzero(~episode & (kind == code) & ~np.isin(author, roles["deactivated"]))
+            k_del = min(len(pool), max(1, int(round(DELETE_SHARE * len(pool)))))
+            victims.append(rng.choice(pool, k_del, replace=False))
+        victims = np.sort(np.concatenate(victims)).astype(np.int64)
+        t_del = t[victims] + (T - t[victims]) * rng.uniform(0.1, 1.0, len(victims))
 
         # control frames: #account (deactivations), #identity, #sync
         deact = roles["deactivated"]

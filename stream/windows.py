@@ -135,9 +135,9 @@ class WindowStore:
     def advance(self, time_us: int) -> list[dict]:
         """Move the clock to ``time_us``; returns the records of the hop closed by the move."""
         c = time_us // self.hop_us
-        if self.cur is None:
+        if self.cur is None:  # ingest() may have filled the ring before the first advance
             self.cur = c
-            self._ring_lo = c - self.n + 1
+            self._ring_lo = min([c - self.n + 1, *self._ring])
             return []
         if c <= self.cur:
             return []

@@ -21,7 +21,8 @@ from stream.schemas import TOPIC_ATTRIBUTIONS, loads
 
 N_ACCOUNTS, SEED, RATE = 1000, 5, 100.0   # 4k activity events over ~40 s of event time
 WINDOW_S, HOP_S = 20, 5
-TOL = 0.02                                # band shares, absolute
+TOL = 0.02                                # final band shares, absolute
+TOL_HOP, AGENTS_REL = 0.08, 0.1           # per-hop band shares, active-agent count (relative)
 
 
 def _settings(tmp, name: str) -> Settings:
@@ -67,23 +68,51 @@ async def _run(tmp, name: str, start_us: int, restart_at_s: float | None) -> tup
         await runner.stop()
 
 
+def _compare(a: list[dict], b: list[dict], tol: float, agents_rel: float) -> tuple[int, list]:
+    """B's snapshots against A's at the same (topic, indicator, window end): (compared, mismatches)."""
+    latest_a = {(s["topic"], s["indicator"], s["window_end"]): s for s in a}
+    compared, bad = 0, []
+    for s in b:
+        key = (s["topic"], s["indicator"], s["window_end"])
+        ref = latest_a.get(key)
+        if ref is None:
+            continue  # A skipped that hop (the operator coalesces hops while it catches up)
+        compared += 1
+        diff = max(abs(s["bands"][k] - v) for k, v in ref["bands"].items())
+        if abs(s["n_agents"] - ref["n_agents"]) > agents_rel * ref["n_agents"] or diff > tol:
+            bad.append((key, s["n_agents"], ref["n_agents"], round(diff, 4)))
+    return compared, bad
+
+
+def _final(snaps: list[dict]) -> list[dict]:
+    """The last snapshot per (topic, indicator): the quiescent state after the input ended."""
+    last: dict[tuple, dict] = {}
+    for s in snaps:
+        k = (s["topic"], s["indicator"])
+        if k not in last or s["window_end"] >= last[k]["window_end"]:
+            last[k] = s
+    return list(last.values())
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "stream/app.py Worker: a restarted worker resumes from committed offsets with an empty window "
+    "store, so the pre-restart part of the window and its expiries are lost until one window passes"))
 @pytest.mark.timeout(480)
 def test_restart_worker_and_operator_midstream(tmp_path):
     start_us = (int(time.time()) // HOP_S) * HOP_S * 1_000_000 + 250_000
     a, _ = asyncio.run(_run(tmp_path, "a", start_us, None))
-    b, restart_s = asyncio.run(_run(tmp_path, "b", start_us, restart_at_s=20.0))
+    # Restart 25 s into the 40 s of activity: the last 20 s window holds 5 s from before it.
+    b, restart_s = asyncio.run(_run(tmp_path, "b", start_us, restart_at_s=25.0))
 
-    latest_a = {(s["topic"], s["indicator"], s["window_end"]): s for s in a}
-    after = [s for s in b if s["window_end"] > restart_s]
-    assert after, "run B published nothing after the restart"
-    compared = 0
-    for s in after:
-        ref = latest_a.get((s["topic"], s["indicator"], s["window_end"]))
-        if ref is None:
-            continue  # A skipped that hop (the operator coalesces hops while it catches up)
-        compared += 1
-        key = (s["topic"], s["indicator"], s["window_end"])
-        assert s["n_agents"] == ref["n_agents"], key
-        for band, share in ref["bands"].items():
-            assert abs(s["bands"][band] - share) <= TOL, (key, band, s["bands"], ref["bands"])
-    assert compared >= 10, f"only {compared} snapshots in common after the restart"
+    # Control: before the restart, the two runs agree up to hop timing (the operator may compute a
+    # hop before the worker sent all of it, so a few agents can differ on a small population).
+    n, bad = _compare(a, [s for s in b if s["window_end"] <= restart_s], TOL_HOP, AGENTS_REL)
+    assert n >= 10 and not bad, (n, bad[:5])
+    # After the restart: every snapshot within the same tolerance ...
+    n, bad = _compare(a, [s for s in b if s["window_end"] > restart_s], TOL_HOP, AGENTS_REL)
+    assert n >= 5, f"only {n} snapshots in common after the restart"
+    assert not bad, (f"{len(bad)}/{n} snapshots differ after the restart "
+                     "(key, n_agents B, n_agents A, max band-share diff)", bad[:8])
+    # ... and the quiescent final snapshots (the input ended, every hop flushed) agree closely.
+    n, bad = _compare(_final(a), _final(b), TOL, 0.0)
+    assert n == len(_final(a)) and not bad, bad

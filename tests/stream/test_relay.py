@@ -195,3 +195,17 @@ def test_synthetic_population_through_relay_with_drops():
             await asyncio.wait_for(client.start(on_message), 20)
             assert types == {"Commit", "Account", "Identity", "Sync"}
     run(main())
+
+
+def test_malformed_frames_are_served_verbatim():
+    from stream.frames import bad_frames
+
+    bad = [f for name, f in sorted(bad_frames().items()) if name != "oversize"]
+    items = make_frames(1) + [(i + 2, f) for i, f in enumerate(bad)] + make_frames(1, first=len(bad) + 2)
+
+    async def main():
+        async with Relay(FrameSource.from_frames(items)) as relay:
+            async with websockets.connect(subscribe_url(relay.url), max_size=None) as ws:
+                got = [await asyncio.wait_for(ws.recv(), 5) for _ in items]
+            assert got == [f for _, f in items]
+    run(main())
