@@ -45,9 +45,9 @@ def settings(**overrides) -> Settings:
 def run(
     profile: str = typer.Option(None, help="default (6 h window / 60 s hop) or demo (10 min / 10 s)."),
     kafka: Optional[str] = typer.Option(None, help="kafka://host:port; unset starts the embedded broker."),
-    synthetic: int = typer.Option(20_000, min=50, help="Accounts in the synthetic population the local relay serves."),
+    synthetic: int = typer.Option(5000, min=50, help="Accounts in the synthetic population the local relay serves."),
     seed: int = typer.Option(0, help="Seed of the synthetic population."),
-    rate: float = typer.Option(200.0, min=0.1, help="Mean synthetic activity, events per second."),
+    rate: float = typer.Option(50.0, min=0.1, help="Mean synthetic activity, events per second."),
     duration: Optional[float] = typer.Option(None, min=0.0, help="Stop by itself after this many seconds."),
     metrics_port: Optional[int] = typer.Option(None, help="Metrics port (default 9464; 0 = any free port)."),
     no_console: bool = typer.Option(False, "--no-console", help="No live view: print only the start and stop lines."),

@@ -6,8 +6,9 @@ Endpoint: ``ws://HOST:PORT/xrpc/com.atproto.sync.subscribeRepos`` (``Relay.url``
 The relay keeps one global log of frames, bounded to the last ``retention`` frames (older ones are
 forgotten, like a real relay's backfill window). Frames enter the log from the source:
 
-- paced (``rate`` frames/s, and/or ``speed`` x the frames' own time spacing): a background task
-  appends frames on that clock from ``start()``; the *head* is the newest frame appended;
+- paced (``rate`` frames/s, i.e. events/s since a synthetic commit carries one op unless
+  ``follow_batch`` > 1; and/or ``speed`` x the frames' own time spacing, for recordings): a
+  background task appends frames on that clock from ``start()``; the *head* is the newest one;
 - unpaced (neither given): frames are produced on demand as fast as clients read them; the head
   is the source's last seq (every frame counts as already published).
 

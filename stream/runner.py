@@ -357,9 +357,9 @@ class RelayPart:
 class RunOptions:
     """What `chorus run` starts besides the settings: the synthetic source and the view."""
 
-    synthetic: int = 20_000        # synthetic accounts
+    synthetic: int = 5000          # synthetic accounts
     seed: int = 0
-    rate: float = 200.0            # mean synthetic activity, events per second
+    rate: float = 50.0             # mean synthetic activity, events per second
     start_time_us: int | None = None  # event time of the first frame (None: now)
     console: bool = True
     worker: str = "auto"           # "process", "inline" or "auto" (what stream.app supports)
