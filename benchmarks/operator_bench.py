@@ -135,13 +135,18 @@ def bench_recompute(n: int, repeats: int, log=print) -> dict:
     fns = {f"cascade_{lay}": partial(lambda g: attribute(indicators.cascade_reach(g, P), x, steps=STEPS), g)
            for lay, g in graphs.items()}
     fns["cascade_naive"] = lambda: naive_attribute(_naive_cascade, edges, x, zeros)
+    by_dst = np.argsort(dst, kind="stable")
+    edges_sorted = (jnp.asarray(src[by_dst]), jnp.asarray(dst[by_dst]))
+    del by_dst
+    fns["cascade_naive_sorted"] = lambda: naive_attribute(_naive_cascade, edges_sorted, x, zeros)
     log(f"  N={n:,}: cascade_reach ({', '.join(fns)})")
     res = _interleaved(fns, repeats)
     ref_phi = np.asarray(res["cascade_naive"][2][0])
     for name, (first, times, out) in res.items():
-        phi = np.asarray(out[0] if name.endswith("naive") else out.phi)
+        phi = np.asarray(out[0] if "naive" in name else out.phi)
         row[name] = {"compile_s": first, "median_s": statistics.median(times), "runs": len(times),
                      "max_rel_diff": float(np.abs(phi - ref_phi).max() / max(np.abs(ref_phi).max(), 1e-30))}
+    del res, fns, edges, edges_sorted
     pol = indicators.polarization(0, 1)
     b = indicators.default_baseline(pol, x)
     fns = {"polarization_chorus": lambda: attribute(pol, x, steps=STEPS),
@@ -156,14 +161,14 @@ def bench_recompute(n: int, repeats: int, log=print) -> dict:
     return row
 
 
-def bench_shapley(n: int, permutations: int, log=print) -> dict:
+def bench_shapley(n: int, permutations: int, layout: str, log=print) -> dict:
     """Sampled Shapley (black-box F, batched prefixes) vs Aumann-Shapley on cascade_reach."""
     from scipy.stats import spearmanr
 
     src, dst, _ = follow_graph(n, 10.0, seed=0)
     x = jnp.asarray(features(n)[:, :1])
-    F = indicators.cascade_reach(FollowGraph(src, dst, n, "bucketed"), P)  # same kernel for both
-    log(f"  N={n:,}: Aumann-Shapley")
+    F = indicators.cascade_reach(FollowGraph(src, dst, n, layout), P)  # the same F for both methods
+    log(f"  N={n:,}, layout {layout}: Aumann-Shapley")
     res = _interleaved({"as": lambda: attribute(F, x, steps=STEPS)}, 5)["as"]
     t_as = statistics.median(res[1])
     phi_as = np.asarray(res[2].phi)[:, 0].astype(np.float64)
@@ -176,7 +181,7 @@ def bench_shapley(n: int, permutations: int, log=print) -> dict:
     need = permutations * (float(stderr.max()) / (0.01 * largest)) ** 2
     t_need = t_s / permutations * need
     return {
-        "n": n, "edges": int(src.size), "as_s": t_as, "pilot_permutations": permutations, "pilot_s": t_s,
+        "n": n, "layout": layout, "edges": int(src.size), "as_s": t_as, "pilot_permutations": permutations, "pilot_s": t_s,
         "per_permutation_s": t_s / permutations, "max_stderr": float(stderr.max()), "largest_phi": largest,
         "needed_permutations": need, "sampled_s": t_need, "ratio": t_need / t_as,
         "rel_l1": float(np.abs(phi_s - phi_as).sum() / np.abs(phi_as).sum()),
@@ -194,9 +199,21 @@ def peak_rss(n: int, layout: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _peak_rss_probe(n: int, layout: str) -> dict:
+def _vm_hwm() -> int:
+    """Peak RSS of this process in bytes: VmHWM (per address space, so a parent's peak inherited
+    through fork/exec is not counted, unlike ru_maxrss); ru_maxrss where /proc is missing."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss_probe(n: int, layout: str) -> dict:
     src, dst, _ = follow_graph(n, 10.0, seed=0)
     g = FollowGraph(src, dst, n, layout)
     del src, dst
@@ -205,7 +222,7 @@ def _peak_rss_probe(n: int, layout: str) -> dict:
     jax.block_until_ready(attribute(indicators.cascade_reach(g, P), x, steps=STEPS))
     first = time.perf_counter() - t
     jax.block_until_ready(attribute(indicators.cascade_reach(g, P), x, steps=STEPS))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    rss = _vm_hwm()
     return {"n": n, "layout": layout, "peak_rss_bytes": rss, "first_call_s": first}
 
 
@@ -217,7 +234,8 @@ def run(quick: bool = False, sizes=None, log=print) -> str:
     gpu = jax.default_backend() != "cpu"
     device = f"{jax.default_backend()} / {getattr(jax.devices()[0], 'device_kind', '?')}"
     rows = [bench_recompute(n, 3 if n >= 1_000_000 else 5, log) for n in sizes]
-    shap = [bench_shapley(n, perms, log) for n, perms in (QUICK_SHAPLEY if quick else SHAPLEY)]
+    shap = [bench_shapley(n, perms, layout, log) for n, perms in (QUICK_SHAPLEY if quick else SHAPLEY)
+            for layout in ("sorted", "bucketed")]
     rss_n = max(sizes)
     log(f"  peak RSS at N={rss_n:,} (fresh subprocesses)")
     mem = [peak_rss(rss_n, layout) for layout in ("sorted", "bucketed")]
@@ -239,7 +257,8 @@ def run(quick: bool = False, sizes=None, log=print) -> str:
            "|---:|---|---|---:|---:|---:|---:|---:|"]
     labels = {"cascade_sorted": ("cascade_reach", "chorus, layout `sorted` (live service)"),
               "cascade_bucketed": ("cascade_reach", "chorus, layout `bucketed`"),
-              "cascade_naive": ("cascade_reach", "naive (jax.grad through segment_sum)"),
+              "cascade_naive": ("cascade_reach", "naive (jax.grad through segment_sum), edges in arrival order"),
+              "cascade_naive_sorted": ("cascade_reach", "naive, edges pre-sorted by dst (info)"),
               "polarization_chorus": ("polarization", "chorus"),
               "polarization_naive": ("polarization", "naive (same formula, plain scan)")}
     for r in rows:
@@ -247,34 +266,36 @@ def run(quick: bool = False, sizes=None, log=print) -> str:
             m = r[key]
             ref = r["cascade_naive" if ind == "cascade_reach" else "polarization_naive"]["median_s"]
             speed = "1 (reference)" if key.endswith("naive") else f"{ref / m['median_s']:.2f}x"
+            if key == "cascade_bucketed":
+                speed += f" ({r['cascade_naive_sorted']['median_s'] / m['median_s']:.2f}x vs sorted-edge naive)"
             md.append(f"| {r['n']:,} | {ind} | {impl} | {_ms(m['median_s'])} | {m['runs']} | {m['compile_s']:.2f} "
                       f"| {speed} | {m['max_rel_diff']:.1e} |")
     md += ["", "Polarization has no graph and no custom kernel: its row shows what `attribute` costs "
            "over a bare scan.", "",
            f"Sampled Shapley (`operators.shapley.sampled`, antithetic permutations, F a black box, prefixes "
-           f"evaluated in vmapped batches) vs Aumann-Shapley (steps = {STEPS}) on cascade_reach, both with the `bucketed` graph layout. Sampled time to "
+           f"evaluated in vmapped batches) vs Aumann-Shapley (steps = {STEPS}) on cascade_reach; both methods use the same F (per row: the graph layout). Sampled time to "
            "bring the largest per-agent standard error under 1% of the largest attribution is "
            "**extrapolated** from a pilot run: permutations needed = pilot x (max stderr / (0.01 x max |phi_AS|))^2 "
            "(stderr ~ 1/sqrt(permutations)), time = that x measured time per permutation. Relative L1 and "
            "Spearman compare the pilot estimate with Aumann-Shapley; *pilot noise L1* is the part of the "
            "L1 gap expected from the pilot's own noise (sum of E|error| / sum |phi_AS|).", "",
-           "| N | edges | AS (ms) | pilot perms | s / permutation | max stderr / max phi | perms needed "
+           "| N | layout | edges | AS (ms) | pilot perms | s / permutation | max stderr / max phi | perms needed "
            "| sampled (s, extrapolated) | sampled / AS | rel L1 | pilot noise L1 | Spearman |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in shap:
-        md.append(f"| {s['n']:,} | {s['edges']:,} | {_ms(s['as_s'])} | {s['pilot_permutations']} "
+        md.append(f"| {s['n']:,} | {s['layout']} | {s['edges']:,} | {_ms(s['as_s'])} | {s['pilot_permutations']} "
                   f"| {s['per_permutation_s']:.3f} | {s['max_stderr'] / s['largest_phi']:.3f} "
                   f"| {s['needed_permutations']:,.0f} | {s['sampled_s']:,.3g} | {s['ratio']:.2e} | {s['rel_l1']:.3f} "
                   f"| {s['noise_l1']:.3f} | {s['spearman']:.3f} |")
     md += ["", f"Peak memory: fresh process (`python -m benchmarks.operator_bench --peak-rss {rss_n}`) that "
            "generates the graph, builds a FollowGraph and runs cascade_reach attribution twice; "
-           "`ru_maxrss`.", "", "| N | layout | peak RSS (GB) | compile+first (s) |", "|---:|---|---:|---:|"]
+           "`VmHWM` of that process.", "", "| N | layout | peak RSS (GB) | compile+first (s) |", "|---:|---|---:|---:|"]
     for m in mem:
         md.append(f"| {m['n']:,} | {m['layout']} | {m['peak_rss_bytes'] / 1e9:.2f} | {m['first_call_s']:.1f} |")
 
     by_n = {r["n"]: r for r in rows}
     top = by_n.get(TARGET_N)
-    shap4 = next((s for s in shap if s["n"] == 4_000), None)
+    shap4 = [s for s in shap if s["n"] == 4_000]
     mem_top = [m for m in mem if m["n"] == TARGET_N]
     md += ["", "Targets:", "", "| target | measured | status |", "|---|---|---|"]
     if top:
@@ -290,10 +311,10 @@ def run(quick: bool = False, sizes=None, log=print) -> str:
                       f"| {_ms(best)} ms (naive {_ms(naive)} ms) | {_status(best <= TARGET_GPU_S)} |")
     else:
         md.append(f"| cascade_reach speedup at {TARGET_N:,} agents | not run (sizes {', '.join(map(str, sizes))}) | n/a |")
-    if shap4:
-        md.append(f"| sampled / Aumann-Shapley time at N = 4,000 >= {TARGET_SHAPLEY_RATIO:.0e} | {shap4['ratio']:.2e} "
-                  f"| {_status(shap4['ratio'] >= TARGET_SHAPLEY_RATIO)} |")
-    else:
+    for s4 in shap4:
+        md.append(f"| sampled / Aumann-Shapley time at N = 4,000, layout `{s4['layout']}`: >= {TARGET_SHAPLEY_RATIO:.0e} "
+                  f"| {s4['ratio']:.2e} | {_status(s4['ratio'] >= TARGET_SHAPLEY_RATIO)} |")
+    if not shap4:
         md.append("| sampled / Aumann-Shapley ratio at N = 4,000 | not run (quick) | n/a |")
     for m in mem_top:
         gb = m["peak_rss_bytes"] / 1e9

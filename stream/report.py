@@ -338,7 +338,7 @@ def build_report(snaps: list[Attribution], out_dir: str | Path, *, agents: list[
             key = (topic, ind)
             if key in phi and agents_end in (None, focus_end):
                 x, y = lorenz_from_phi(phi[key])
-                curves[topic] = (x, y, f"{len(phi[key])} agents")
+                curves[topic] = (x, y, f"{len(phi[key])} agents with phi != 0")
             else:
                 x, y = lorenz_from_bands(s.bands)
                 curves[topic] = (x, y, "band level")
@@ -372,7 +372,7 @@ def _markdown(snaps, at, ginis, figures, indicators, source) -> str:
             p = s.panel
             top = s.top[0] if s.top else None
             lines.append(
-                f"| {topic} | {_stamp(s.window_end)} | {s.value:.6g} | {s.baseline_value:.6g} | "
+                f"| {topic} | {_stamp(s.window_end)} | {s.value + 0.0:.6g} | {s.baseline_value + 0.0:.6g} | "
                 f"{s.completeness_residual:.3g} | {s.n_agents} | {_num(p.get('tvd'))} | {_num(p.get('spearman'))} | "
                 f"{_num(p.get('rescale'), '.4g')} | {_num(p.get('rescale_residual'))} | {ginis[(topic, ind)]:.4f} | "
                 f"{top['did'] if top else 'n/a'} | {_pct(top['share']) if top else 'n/a'} | "
