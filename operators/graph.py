@@ -24,6 +24,10 @@ Two layouts (same maths, same results up to float rounding):
   above 256 are split into chunks of 256 whose sums are combined by a tiny sorted segment sum.
   Fastest on CPU, but shapes follow the degree histogram, so a new graph may retrace: use it
   for a graph that stays fixed (offline analysis, benchmarks).
+
+Measured (BENCHMARKS.md, 2-core CPU, 1.67M nodes / 16.7M edges, steps = 16): "bucketed" is about
+4x faster than plain autodiff through ``segment_sum``; "sorted" is on par with it on CPU (XLA's
+CPU scatter costs the same sorted or not); sorted segment sums are meant for accelerators.
 """
 
 from __future__ import annotations
