@@ -10,24 +10,27 @@ With per-node activation probabilities ``q_i`` in [0, 1):
     dR/dq_i = 1 / (1 - q_i) * sum_{j: i->j} exp(S_j).
 
 The VJP is custom (``jax.custom_vjp``): the forward keeps S, the backward gathers exp(S) over
-edges grouped by source and reduces per source -- never a random scatter. Nodes are relabelled
-internally so that gathers hit memory in a cache-friendly order: the log1p(-q) table is ordered
-by out-degree (most-followed accounts first, they are gathered most) and S by in-degree.
+edges grouped by source and reduces per source -- never a random scatter.
 
 Two layouts (same maths, same results up to float rounding):
 
-* ``"sorted"`` (default): edges sorted by destination (forward) and by source (backward),
-  reduced with sorted segment sums. Array shapes depend only on (n, number of edges), so a new
-  graph of the same size -- or a padded graph of the same capacities -- never retraces.
-* ``"bucketed"``: nodes grouped by degree into buckets of padded width (1..8, then x1.25 up to
-  256), each bucket a dense (rows, width) index table reduced by a fused gather + row sum; rows
-  above 256 are split into chunks of 256 whose sums are combined by a tiny sorted segment sum.
-  Fastest on CPU, but shapes follow the degree histogram, so a new graph may retrace: use it
-  for a graph that stays fixed (offline analysis, benchmarks).
+* ``"bucketed"`` (default, and the live service's): every node with in-edges gets a *slot* in
+  S, every node with out-edges a slot in the source table; slots are grouped by degree into
+  classes of padded row width (1..8, then x1.25 up to CHUNK = 256, 23 classes, widest first),
+  each class a dense (rows, width) index table reduced by a fused gather + row sum; rows wider
+  than CHUNK are split into chunks of CHUNK combined by a tiny sorted segment sum. The rows per
+  class (and the chunk and wide-row counts) are padded to a power of two, at least
+  MIN_CELLS / width; padding cells point at an extra zero entry, so padding contributes exactly 0.
+  Shapes depend only on these capacities (:attr:`FollowGraph.capacities`): a changed graph whose
+  class counts fit them -- pass the old graph's capacities as ``capacities=`` -- reuses the
+  compiled program; a recompile happens only when a class outgrows its capacity, which then
+  doubles.
+* ``"sorted"``: edges sorted by destination (forward) and by source (backward), reduced with
+  sorted segment sums; shapes depend only on (n, number of edges). Meant for accelerators; on
+  CPU it is about as slow as plain autodiff (XLA's CPU scatter costs the same sorted or not).
 
-Measured (BENCHMARKS.md, 2-core CPU, 1.67M nodes / 16.7M edges, steps = 16): "bucketed" is about
-4x faster than plain autodiff through ``segment_sum``; "sorted" is on par with it on CPU (XLA's
-CPU scatter costs the same sorted or not); sorted segment sums are meant for accelerators.
+Measured (BENCHMARKS.md, 2-core CPU, 1.67M nodes / 16.7M edges, steps = 16): see the operator
+section; "bucketed" is several times faster than plain autodiff through ``segment_sum``.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FollowGraph", "reach", "reach_naive", "LAYOUTS"]
+__all__ = ["FollowGraph", "reach", "reach_naive", "LAYOUTS", "CHUNK", "MIN_CELLS", "bucket_widths"]
 
-LAYOUTS = ("sorted", "bucketed")
+LAYOUTS = ("bucketed", "sorted")
+CHUNK = 256  # bucketed layout: rows wider than this are split into chunks of CHUNK
+MIN_CELLS = 512  # bucketed layout: every class table holds at least this many cells (rounded to 2^k rows)
 
 
 def _as_index(name: str, a) -> np.ndarray:
@@ -61,6 +66,14 @@ def _check_ids(src: np.ndarray, dst: np.ndarray, n: int, who: str) -> None:
 
 def _i32(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int32)
+
+
+def _pow2(n: int, floor: int = 1) -> int:
+    """The smallest floor * 2^k >= n."""
+    c = max(int(floor), 1)
+    while c < n:
+        c *= 2
+    return c
 
 
 def _degree_order(deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,10 +99,7 @@ def _sorted_pairs(primary: np.ndarray, secondary: np.ndarray, n: int) -> tuple[n
     return first, _i32(key)
 
 
-CHUNK = 256  # bucketed layout: rows wider than this are split into chunks of CHUNK
-
-
-def bucket_widths(max_degree: int) -> np.ndarray:
+def bucket_widths(max_degree: int = CHUNK) -> np.ndarray:
     """Row widths of the bucketed layout: 1..8, then x1.25 (rounded up), capped at CHUNK."""
     w = list(range(1, 9))
     while w[-1] < min(max_degree, CHUNK):
@@ -97,69 +107,100 @@ def bucket_widths(max_degree: int) -> np.ndarray:
     return np.array(w, np.int64)
 
 
-def _buckets(row_pos: np.ndarray, col_val: np.ndarray, n_rows: int, fill: int) -> tuple:
-    """Bucketed index tables for the reduction out[r] = sum_{k: row_pos[k] = r} v[col_val[k]].
+WIDTHS = tuple(int(w) for w in bucket_widths(CHUNK)[::-1])  # class widths, widest first
+_FLOORS = tuple(_pow2(-(-MIN_CELLS // w)) for w in WIDTHS)
 
-    Rows (ordered by degree descending) with degree <= CHUNK go to dense (rows, width) tables,
-    one per width class; the first ``n_big`` rows (degree > CHUNK) are split into chunks of
-    CHUNK, reduced per chunk and then per row by a sorted segment sum over chunk owners.
-    Unused cells hold ``fill``. Returns ``(chunks, owner, big_rows, tables)`` (int32 arrays;
-    ``big_rows = arange(n_big)`` carries n_big in its shape).
+
+def _plan(deg: np.ndarray, prev=None) -> tuple[np.ndarray, tuple]:
+    """Slots for rows of degree ``deg`` and the capacities ``(chunk_cap, big_cap, class_caps)``.
+
+    Slot order: [rows wider than CHUNK (big_cap)] then one block of class_caps[c] slots per class
+    (WIDTHS order); within a block, rows by id. Rows of degree 0 get slot -1. Capacities are
+    powers of two (at least the floors), and never below ``prev`` (an earlier graph's).
     """
-    deg = np.bincount(row_pos, minlength=n_rows)
-    rows, vals = _sorted_pairs(row_pos, col_val, n_rows)
+    big = deg > CHUNK
+    cls = np.searchsorted(np.array(WIDTHS[::-1]), deg)  # ascending-width class index
+    grp = np.where(deg == 0, -1, np.where(big, 0, len(WIDTHS) - cls))  # 0 = big, 1 = widest class
+    p_chunks, p_big, p_caps = prev if prev is not None else (1, 1, (1,) * len(WIDTHS))
+    counts = np.bincount(grp[grp >= 0], minlength=len(WIDTHS) + 1)
+    chunk_cap = max(p_chunks, _pow2(int((-(-deg[big] // CHUNK)).sum())))
+    big_cap = max(p_big, _pow2(int(counts[0])))
+    caps = tuple(max(p, _pow2(int(c), f)) for p, c, f in zip(p_caps, counts[1:], _FLOORS))
+    offsets = np.concatenate([[0], np.cumsum((big_cap,) + caps)])
+    order = np.argsort(grp, kind="stable")[np.count_nonzero(grp < 0):]  # rows by group, then id
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    g = grp[order]
+    slot = np.full(deg.size, -1, np.int64)
+    slot[order] = offsets[g] + np.arange(order.size) - starts[g]
+    return slot, (chunk_cap, big_cap, caps)
+
+
+def _n_slots(spec: tuple) -> int:
+    return spec[1] + sum(spec[2])
+
+
+def _tables(row_slot: np.ndarray, vals: np.ndarray, spec: tuple, fill: int) -> tuple:
+    """Index tables for out[s] = sum_{k: row_slot[k] = s} v[vals[k]] over slots of ``spec``.
+
+    Returns ``(chunks (chunk_cap, CHUNK), owner (chunk_cap,), tables)``, int32, with one (cap, w)
+    table per class; unused cells hold ``fill`` (v[fill] must be 0), unused chunks belong to the
+    last wide slot.
+    """
+    chunk_cap, big_cap, caps = spec
+    n_slots = _n_slots(spec)
+    rows, vals = _sorted_pairs(row_slot, vals, max(n_slots, fill))
+    deg = np.bincount(rows, minlength=n_slots)
     start = np.concatenate([[0], np.cumsum(deg)])
-    col = np.arange(rows.size, dtype=np.int64) - start[rows]
-    n_big = int(np.count_nonzero(deg > CHUNK))
-    n_used = int(np.count_nonzero(deg))  # rows with degree > 0 come first (descending order)
-    # rows > CHUNK: chunk c of row r holds its edges [c * CHUNK, (c + 1) * CHUNK)
-    n_chunks = -(-deg[:n_big] // CHUNK)
-    first = np.concatenate([[0], np.cumsum(n_chunks)])
-    e_big = start[n_big]
-    chunks = np.full((int(first[-1]), CHUNK), fill, np.int32)
-    chunks.reshape(-1)[first[rows[:e_big]] * CHUNK + col[:e_big]] = vals[:e_big]
-    owner = np.repeat(np.arange(n_big, dtype=np.int32), n_chunks)
-    widths = bucket_widths(CHUNK)
-    cls = np.searchsorted(widths, deg[n_big:n_used])  # non-increasing
-    cuts = n_big + np.flatnonzero(np.diff(cls)) + 1
-    tables = []
-    for r0, r1 in zip(np.concatenate([[n_big], cuts]), np.concatenate([cuts, [n_used]])):
-        if r1 <= r0:
-            continue
-        w = int(widths[cls[r0 - n_big]])
-        e0, e1 = start[r0], start[r1]
-        table = np.full((r1 - r0) * w, fill, np.int32)
-        table[(rows[e0:e1] - r0) * w + col[e0:e1]] = vals[e0:e1]
-        tables.append(table.reshape(r1 - r0, w))
-    return chunks, owner, np.arange(n_big, dtype=np.int32), tuple(tables)
+    n_chunk = -(-deg[:big_cap] // CHUNK)
+    first_chunk = np.concatenate([[0], np.cumsum(n_chunk)])
+    # cell of the first entry of each slot's row, in one flat buffer: chunks, then class tables
+    base = np.empty(n_slots, np.int64)
+    base[:big_cap] = first_chunk[:-1] * CHUNK
+    cell, slot = chunk_cap * CHUNK, big_cap
+    for w, cap in zip(WIDTHS, caps):
+        base[slot:slot + cap] = cell + np.arange(cap, dtype=np.int64) * w
+        cell, slot = cell + cap * w, slot + cap
+    flat = np.full(cell, fill, np.int32)
+    block = 1 << 22
+    for e0 in range(0, rows.size, block):  # blocks keep the int64 temporaries small
+        r = rows[e0:e0 + block]
+        flat[base[r] + (np.arange(e0, e0 + r.size) - start[r])] = vals[e0:e0 + block]
+    del rows, vals
+    owner = np.full(chunk_cap, big_cap - 1, np.int32)
+    owner[: first_chunk[-1]] = np.repeat(np.arange(big_cap, dtype=np.int32), n_chunk)
+    chunks = flat[: chunk_cap * CHUNK].reshape(chunk_cap, CHUNK)
+    tables, cell = [], chunk_cap * CHUNK
+    for w, cap in zip(WIDTHS, caps):
+        tables.append(flat[cell:cell + cap * w].reshape(cap, w))
+        cell += cap * w
+    return chunks, owner, tuple(tables)
 
 
-def _bucket_sum(v: jax.Array, layout: tuple) -> jax.Array:
-    """The reduction encoded by :func:`_buckets`, rows [0, n_used); v[fill] must be 0."""
-    chunks, owner, big_rows, tables = layout
-    parts = [v[t].sum(axis=1) for t in tables]
-    if big_rows.shape[0]:  # static: the number of rows split into chunks
-        big = jax.ops.segment_sum(v[chunks].sum(axis=1), owner, num_segments=big_rows.shape[0],
-                                  indices_are_sorted=True)
-        parts.insert(0, big)
-    return jnp.concatenate(parts + [jnp.zeros(0, v.dtype)])
+def _bucket_sum(v: jax.Array, tabs: tuple, big_cap: int) -> jax.Array:
+    """The reduction encoded by :func:`_tables`, one entry per slot; v[fill] must be 0."""
+    chunks, owner, tables = tabs
+    big = jax.ops.segment_sum(v[chunks].sum(axis=1), owner, num_segments=big_cap, indices_are_sorted=True)
+    return jnp.concatenate([big] + [v[t].sum(axis=1) for t in tables])
 
 
 @jax.tree_util.register_pytree_node_class
 class FollowGraph:
     """A directed follow graph, preprocessed (once, on the host) for the cascade kernel.
 
-    ``FollowGraph(src, dst, n, layout="sorted")``: edges ``src[k] -> dst[k]`` (dst follows src),
-    node ids in [0, n). A pytree: index arrays are leaves, (n, layout, num_edges) static, so a
-    graph is passed to ``jax.jit`` as an argument. ``n`` is the length q must have (the node
-    capacity for a padded graph); ``num_edges`` counts stored edges (padding included).
+    ``FollowGraph(src, dst, n, layout="bucketed", capacities=None)``: edges ``src[k] -> dst[k]``
+    (dst follows src), node ids in [0, n). A pytree: index arrays are leaves; (n, layout,
+    num_edges, capacities) are static, so a graph is passed to ``jax.jit`` as an argument. ``n``
+    is the length q must have (the node capacity for a padded graph); ``num_edges`` counts stored
+    edges (the edge capacity for a padded graph). ``capacities`` (bucketed only): an earlier
+    graph's :attr:`capacities`, the minimum table sizes (so the new graph keeps its shapes).
 
-    Leaves: ``perm``/``pos`` (node order by out-degree, and its inverse), ``n_real`` (nodes
-    >= n_real are padding: q treated as 0, zero gradient), ``fwd``/``bwd`` (layout-specific
-    index arrays, see the module docstring).
+    Leaves: ``perm`` (table position -> node: q is gathered into table order), ``pos`` (node ->
+    table position for the gradient; bucketed: ``len(perm)`` for a node with no out-edge),
+    ``n_real`` (nodes >= n_real are padding: q treated as 0, zero gradient), ``fwd``/``bwd``
+    (layout-specific index arrays, see the module docstring).
     """
 
-    def __init__(self, src, dst, n: int, layout: str = "sorted"):
+    def __init__(self, src, dst, n: int, layout: str = "bucketed", capacities=None):
         src, dst = _as_index("src", src), _as_index("dst", dst)
         n = int(n)
         if n < 1:
@@ -167,36 +208,48 @@ class FollowGraph:
         if layout not in LAYOUTS:
             raise ValueError(f"FollowGraph: layout must be one of {LAYOUTS}, got {layout!r}")
         _check_ids(src, dst, n, "FollowGraph")
-        perm, pos_t = _degree_order(np.bincount(src, minlength=n))
-        in_deg = np.bincount(dst, minlength=n)
-        _, pos_in = _degree_order(in_deg)
-        t_src, s_dst = _i32(pos_t)[src], _i32(pos_in)[dst]  # table position of src, S position of dst
         if layout == "sorted":
+            perm, pos_t = _degree_order(np.bincount(src, minlength=n))
+            _, pos_in = _degree_order(np.bincount(dst, minlength=n))
+            t_src, s_dst = _i32(pos_t)[src], _i32(pos_in)[dst]  # table position of src, S position of dst
             seg, val = _sorted_pairs(s_dst, t_src, n)
             fwd = (val, seg)
             seg, val = _sorted_pairs(t_src, s_dst, n)
             bwd = (val, seg)
-        else:  # dummy slots: table position n (log1p(-q) = 0), S position n_in (exp(S) = 0)
-            fwd = _buckets(s_dst, t_src, n, fill=n)
-            bwd = _buckets(t_src, s_dst, n, fill=int(np.count_nonzero(in_deg)))
-        del t_src, s_dst
+            caps = None
+        else:
+            fprev, bprev = capacities if capacities is not None else (None, None)
+            bslot, bspec = _plan(np.bincount(src, minlength=n), bprev)  # source table (q order)
+            fslot, fspec = _plan(np.bincount(dst, minlength=n), fprev)  # S order
+            t_b, t_f = _n_slots(bspec), _n_slots(fspec)
+            t_src, s_dst = _i32(bslot[src]), _i32(fslot[dst])
+            fwd = _tables(s_dst, t_src, fspec, fill=t_b)   # S_s = sum lq[t_src]; lq[t_b] = 0
+            bwd = _tables(t_src, s_dst, bspec, fill=t_f)   # G_t = sum exp(S)[s_dst]; exp(S)[t_f] = 0
+            perm = np.zeros(t_b, np.int64)
+            has = bslot >= 0
+            perm[bslot[has]] = np.flatnonzero(has)
+            pos_t = np.where(has, bslot, t_b)
+            caps = (fspec, bspec)
+        del src, dst
         leaves = jax.tree_util.tree_map(jnp.asarray, (_i32(perm), _i32(pos_t), np.int32(n), fwd, bwd))
-        self._set(leaves, (n, layout, int(src.size)))  # device arrays: no second copy at jit time
+        self._set(leaves, (n, layout, int(t_src.size), caps))
 
     def _set(self, leaves, aux):
         self.perm, self.pos, self.n_real, self.fwd, self.bwd = leaves
-        self.n, self.layout, self.num_edges = aux
+        self.n, self.layout, self.num_edges, self.capacities = aux
 
     @classmethod
-    def padded(cls, src, dst, n: int, n_capacity: int, e_capacity: int, layout: str = "sorted") -> "FollowGraph":
+    def padded(cls, src, dst, n: int, n_capacity: int, e_capacity: int, layout: str = "bucketed",
+               capacities=None) -> "FollowGraph":
         """A graph padded to fixed capacities (live service: no retrace while they hold).
 
-        q must then have length ``n_capacity``. Node ``n_capacity - 1`` is a reserved dummy, so
-        ``n_capacity >= n + 1`` and ``e_capacity >= len(src)``; the ``e_capacity - len(src)``
-        padding edges are ``dummy -> dummy``. Nodes ``>= n`` (dummy included) are padding: their
-        q is forced to 0 inside :func:`reach`, so padding edges contribute exactly 0 to R and
-        padding nodes get exactly 0 gradient. Capacities are meant to grow by doubling upstream.
-        With the default "sorted" layout the shapes depend on the capacities only.
+        q must then have length ``n_capacity``, with ``n_capacity >= n + 1`` and ``e_capacity >=
+        len(src)``. Nodes ``>= n`` are padding: their q is forced to 0 inside :func:`reach`, so
+        they contribute exactly 0 to R and get exactly 0 gradient. Capacities are meant to grow
+        by doubling upstream. "bucketed": tables padded as in the module docstring (at least
+        ``capacities``, e.g. the previous graph's), ``num_edges = e_capacity``. "sorted":
+        ``e_capacity - len(src)`` padding edges ``dummy -> dummy`` on the reserved node
+        ``n_capacity - 1``; shapes depend on the capacities only.
         """
         src, dst = _as_index("src", src), _as_index("dst", dst)
         n, n_capacity, e_capacity = int(n), int(n_capacity), int(e_capacity)
@@ -205,13 +258,18 @@ class FollowGraph:
         if e_capacity < src.size:
             raise ValueError(f"FollowGraph.padded: e_capacity ({e_capacity}) < number of edges ({src.size})")
         _check_ids(src, dst, n, "FollowGraph.padded")
-        pad = np.full(e_capacity - src.size, n_capacity - 1, dtype=np.int64)
-        g = cls(np.concatenate([src, pad]), np.concatenate([dst, pad]), n_capacity, layout)
+        if layout == "sorted":
+            pad = np.full(e_capacity - src.size, n_capacity - 1, dtype=np.int64)
+            g = cls(np.concatenate([src, pad]), np.concatenate([dst, pad]), n_capacity, layout)
+        else:
+            g = cls(src, dst, n_capacity, layout, capacities)
+            g.num_edges = e_capacity
         g.n_real = jnp.asarray(n, jnp.int32)
         return g
 
     def tree_flatten(self):
-        return (self.perm, self.pos, self.n_real, self.fwd, self.bwd), (self.n, self.layout, self.num_edges)
+        return ((self.perm, self.pos, self.n_real, self.fwd, self.bwd),
+                (self.n, self.layout, self.num_edges, self.capacities))
 
     @classmethod
     def tree_unflatten(cls, aux, leaves):
@@ -224,23 +282,21 @@ class FollowGraph:
 
 
 def _log_survival(g: FollowGraph, q: jax.Array) -> jax.Array:
-    """S_j = sum_{i->j} log1p(-q_i), in the graph's internal S order."""
-    lq = jnp.log1p(-q)[g.perm]  # table order (by out-degree)
+    """S_j = sum_{i->j} log1p(-q_i), one entry per S slot (sorted: per node by in-degree)."""
+    lq = jnp.log1p(-q)[g.perm]  # table order
     if g.layout == "sorted":
         src, seg = g.fwd
         return jax.ops.segment_sum(lq[src], seg, num_segments=g.n, indices_are_sorted=True)
-    return _bucket_sum(jnp.concatenate([lq, jnp.zeros(1, lq.dtype)]), g.fwd)  # fill slot n
+    return _bucket_sum(jnp.concatenate([lq, jnp.zeros(1, lq.dtype)]), g.fwd, g.capacities[0][1])
 
 
 def _out_sum(g: FollowGraph, es: jax.Array) -> jax.Array:
     """G_i = sum_{j: i->j} exp(S_j), in node order."""
     if g.layout == "sorted":
         dst, seg = g.bwd
-        gt = jax.ops.segment_sum(es[dst], seg, num_segments=g.n, indices_are_sorted=True)
-    else:
-        gt = _bucket_sum(jnp.concatenate([es, jnp.zeros(1, es.dtype)]), g.bwd)  # fill slot n_in
-        gt = jnp.concatenate([gt, jnp.zeros(g.n - gt.shape[0], es.dtype)])
-    return gt[g.pos]
+        return jax.ops.segment_sum(es[dst], seg, num_segments=g.n, indices_are_sorted=True)[g.pos]
+    gt = _bucket_sum(jnp.concatenate([es, jnp.zeros(1, es.dtype)]), g.bwd, g.capacities[1][1])
+    return jnp.concatenate([gt, jnp.zeros(1, es.dtype)])[g.pos]  # slot len(perm): no out-edge
 
 
 @jax.custom_vjp

