@@ -101,11 +101,15 @@ class IndicatorSpec:
     inputs: Callable
     make: Callable[[OperatorState], Callable]
     columns: str  # documentation: what x_in is
+    # ``panel(state, rows) -> F'``: an indicator equal to F whenever only ``rows`` differ from the
+    # zero baseline (the panel attribution), cheaper to evaluate; None: F itself
+    panel: Callable[[OperatorState, np.ndarray], Callable] | None = None
 
 
 INDICATORS: dict[str, IndicatorSpec] = {
     "cascade_reach": IndicatorSpec("cascade_reach", _activity,
-                                   lambda st: I.cascade_reach(st.graph(), p=0.05), "posts + reposts"),
+                                   lambda st: I.cascade_reach(st.graph(), p=0.05), "posts + reposts",
+                                   lambda st, rows: I.cascade_reach(st.panel_graph(rows), p=0.05)),
     "polarization": IndicatorSpec("polarization", _posts_stance,
                                   lambda st: I.polarization(weight_col=0, stance_col=1),
                                   "weight = posts, stance = stance_sum"),
@@ -224,7 +228,7 @@ class OperatorService:
         phi_full = phi_full.reshape(phi_full.shape[0], -1).sum(axis=1)
         phi, followers = phi_full[:n], st.followers[:n]
         bands = B.band_shares(phi, followers)
-        panel = self._panel(F, x, b, phi_full, bands)
+        panel = self._panel(spec, F, x, b, phi_full, bands)
         top = [{"did": st.dids[r], "share": s, "followers": int(followers[r])} for r, s in top_agents(phi)]
         return Attribution(
             topic=topic, indicator=spec.name, window_end=int(end), value=float(res.value),
@@ -232,17 +236,21 @@ class OperatorService:
             n_agents=int(jnp.sum(active)), bands=bands, panel=panel, top=top,
         )
 
-    def _panel(self, F, x, b, phi_full: np.ndarray, bands: dict[str, float]) -> dict:
+    def _panel(self, spec: IndicatorSpec, F, x, b, phi_full: np.ndarray, bands: dict[str, float]) -> dict:
         """Visibility-panel comparison (k, bands, tvd, spearman, rescale, rescale_residual).
 
         Runs on the padded arrays (no retrace); padding rows get followers -1 so they never enter
-        the panel, and the band shares are taken over the real rows only.
+        the panel, and the band shares are taken over the real rows only. With ``spec.panel``
+        (cascade_reach: the follow graph restricted to edges out of the panel, exactly the same
+        panel attribution) F is replaced by the cheaper equivalent for the panel attribution.
         """
         st = self.state
         n = st.n_rows
         k = max(1, min(self.panel_k, n))
         f_pad = np.full(st.capacity, -1, np.int64)
         f_pad[:n] = st.followers[:n]
+        if spec.panel is not None:
+            F = spec.panel(st, B.panel_agents(f_pad, k))
         pc = B.panel_comparison(F, x, f_pad, k=k, baseline=b, steps=self.steps, phi_full=phi_full)
         panel_bands = B.band_shares(pc.phi_panel[:n], f_pad[:n])
         tvd = 0.5 * sum(abs(bands[name] - panel_bands[name]) for name in bands)

@@ -146,6 +146,9 @@ class OperatorState:
         self._edges = EdgeSet()
         self._graph: FollowGraph | None = None
         self._graph_dirty = True
+        self._edges_version = 0                     # bumped whenever the edge set changes
+        self._present: tuple[int, np.ndarray] | None = None  # (version, sorted present keys)
+        self._panel_graph: tuple[tuple, FollowGraph] | None = None
         self.window_end: int | None = None          # latest window_end seen in features
         self.changed_topics: set[str] = set()       # topics whose features changed since take_changed()
 
@@ -216,6 +219,7 @@ class OperatorState:
         s, d = self.row(e.src), self.row(e.dst)
         if self._edges.apply((s << 32) | d, e.time_us, e.op == "add"):
             self._graph_dirty = True
+            self._edges_version += 1
             return True
         return False
 
@@ -242,6 +246,7 @@ class OperatorState:
         if src is not None:
             self._edges.add_many((np.asarray(src, np.int64) << 32) | np.asarray(dst, np.int64))
             self._graph_dirty = True
+            self._edges_version += 1
 
     def take_changed(self) -> set[str]:
         """Topics whose features changed since the last call (and clear the set)."""
@@ -257,19 +262,54 @@ class OperatorState:
     def n_edges(self) -> int:
         return self._edges.count
 
+    def _present_keys(self) -> np.ndarray:
+        """Present edge keys ``src << 32 | dst``, sorted (cached until the edge set changes)."""
+        if self._present is None or self._present[0] != self._edges_version:
+            self._present = (self._edges_version, self._edges.present())
+        return self._present[1]
+
     def edges(self) -> tuple[np.ndarray, np.ndarray]:
         """Present edges as (src rows, dst rows), sorted by (src, dst)."""
-        keys = self._edges.present()
+        keys = self._present_keys()
         return keys >> 32, keys & 0xFFFFFFFF
 
     def graph(self) -> FollowGraph:
-        """The follow graph padded to (capacity, edge capacity); rebuilt only when edges changed."""
+        """The follow graph padded to (capacity, edge capacity); rebuilt only when edges changed.
+
+        Bucketed layout; each rebuild keeps at least the previous graph's table capacities, so
+        the compiled programs retrace only when a degree class outgrows its capacity (which then
+        doubles) or the node capacity doubles.
+        """
         if self._graph is None or self._graph_dirty:
             src, dst = self.edges()
             self.edge_capacity = _pow2_at_least(src.size, self.edge_capacity)
-            self._graph = FollowGraph.padded(src, dst, max(self.n_rows, 1), self.capacity, self.edge_capacity)
+            prev = self._graph.capacities if self._graph is not None else None
+            self._graph = FollowGraph.padded(src, dst, max(self.n_rows, 1), self.capacity, self.edge_capacity,
+                                             capacities=prev)
             self._graph_dirty = False
         return self._graph
+
+    def panel_graph(self, rows) -> FollowGraph:
+        """The follow graph restricted to edges out of ``rows`` (a panel), padded like :meth:`graph`.
+
+        For cascade reach with every agent outside ``rows`` at q = 0 (the panel attribution, zero
+        baseline) this gives exactly the full graph's R and attribution: an edge i -> j with
+        q_i = 0 adds log1p(0) = 0 to S_j. Cached per (rows, edge set, capacity).
+        """
+        rows = np.unique(np.asarray(rows, np.int64))
+        key = (self._edges_version, self.capacity, rows.tobytes())
+        cached = self._panel_graph
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        keys = self._present_keys()
+        lo, hi = np.searchsorted(keys, rows << 32), np.searchsorted(keys, (rows + 1) << 32)
+        sub = np.concatenate([keys[a:b] for a, b in zip(lo, hi)] + [np.empty(0, np.int64)])
+        prev = cached[1] if cached is not None else None
+        e_cap = _pow2_at_least(sub.size, prev.num_edges if prev is not None else MIN_CAPACITY)
+        g = FollowGraph.padded(sub >> 32, sub & 0xFFFFFFFF, max(self.n_rows, 1), self.capacity, e_cap,
+                               capacities=prev.capacities if prev is not None else None)
+        self._panel_graph = (key, g)
+        return g
 
     def features(self, topic: str) -> TopicView:
         """Topic features on the device at (capacity, 4), after copying the changed rows."""

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operators.graph import CHUNK, LAYOUTS, FollowGraph, bucket_widths, reach, reach_naive
+from operators.graph import (CHUNK, LAYOUTS, MIN_CELLS, WIDTHS, FollowGraph, _log_survival, bucket_widths,
+                             reach, reach_naive)
 
 
 reach_jit = jax.jit(reach)
@@ -110,7 +111,8 @@ def test_padded_graph_same_value_and_gradient_zero_on_padding(layout):
     np.testing.assert_array_equal(gradp[n:], 0.0)
 
 
-def test_jit_does_not_retrace_for_a_new_graph_of_the_same_padded_shape():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_jit_does_not_retrace_for_a_new_graph_of_the_same_padded_shape(layout):
     traces = []
 
     @jax.jit
@@ -121,7 +123,7 @@ def test_jit_does_not_retrace_for_a_new_graph_of_the_same_padded_shape():
     results = []
     for seed, n in [(0, 12), (1, 10), (2, 15)]:
         src, dst, _, q = random_graph(seed, n=n, e=30 + seed)
-        gp = FollowGraph.padded(src, dst, n, n_capacity=16, e_capacity=64)
+        gp = FollowGraph.padded(src, dst, n, n_capacity=16, e_capacity=64, layout=layout)
         qp = np.zeros(16, np.float32)
         qp[:n] = q
         value, _ = value_and_grad(gp, qp)
@@ -184,9 +186,75 @@ def test_bucketed_layout_covers_heavy_tailed_degrees():
     dst = np.concatenate([np.arange(10, 610), np.arange(300, 600), np.arange(5, 205), np.arange(4, 10)])
     q = np.linspace(0.01, 0.5, n).astype(np.float32)
     g = FollowGraph(src, dst, n, "bucketed")
-    chunks, owner, big_rows, tables = g.bwd
-    assert big_rows.shape == (2,) and chunks.shape == (3 + 2, CHUNK) and list(owner) == [0, 0, 0, 1, 1]
-    assert bucket_widths(10**6)[-1] == CHUNK and max(t.shape[1] for t in tables) >= 200
+    chunks, owner, tables = g.bwd
+    chunk_cap, big_cap, caps = g.capacities[1]
+    assert (chunk_cap, big_cap) == (8, 2) and chunks.shape == (8, CHUNK)  # 3 + 2 chunks -> 8
+    assert list(owner) == [0, 0, 0, 1, 1, 1, 1, 1]  # padding chunks: last wide slot, all fill
+    assert np.all(np.asarray(chunks)[5:] == g.capacities[0][1] + sum(g.capacities[0][2]))  # fill: zero slot of exp(S)
+    assert bucket_widths(10**6)[-1] == CHUNK and [t.shape[1] for t in tables] == list(WIDTHS)
+    assert all(t.shape[0] == c and c & (c - 1) == 0 and c * t.shape[1] >= MIN_CELLS
+               for t, c in zip(tables, caps))  # rows per class: a power of two, >= MIN_CELLS cells
     assert float(reach_jit(g, q)) == pytest.approx(brute_reach(src, dst, n, q), rel=1e-5)
     want = np.asarray(jax.grad(lambda x: reach_naive(src, dst, n, x))(jnp.asarray(q)))
     np.testing.assert_allclose(grad_jit(g, q), want, rtol=1e-5)
+
+
+def _s_slots(g, q):
+    return np.asarray(jax.jit(_log_survival)(g, jnp.asarray(q)))
+
+
+def test_bucketed_padding_contributes_exactly_zero():
+    src, dst, n, q = random_graph(5, n=40, e=150)
+    tight = FollowGraph(src, dst, n)
+    f_spec, b_spec = tight.capacities
+    grow = lambda s: (2 * s[0], 4 * s[1], tuple(8 * c for c in s[2]))  # much larger tables
+    loose = FollowGraph(src, dst, n, capacities=(grow(f_spec), grow(b_spec)))
+    assert all(a.size >= 2 * b.size for a, b in zip(jax.tree_util.tree_leaves(loose.fwd),
+                                                   jax.tree_util.tree_leaves(tight.fwd)) if a.ndim == 2)
+    s_t, s_l = _s_slots(tight, q), _s_slots(loose, q)
+    # one non-zero S per node with an in-edge (q > 0), equal up to float rounding; padding slots exactly 0
+    assert np.count_nonzero(s_t) == np.count_nonzero(s_l) == np.unique(dst).size
+    np.testing.assert_allclose(np.sort(s_t[s_t != 0]), np.sort(s_l[s_l != 0]), rtol=1e-6)
+    assert float(reach_jit(loose, q)) == pytest.approx(brute_reach(src, dst, n, q), rel=1e-6)
+    np.testing.assert_allclose(grad_jit(loose, q), grad_jit(tight, q), rtol=1e-6)
+
+
+def test_bucketed_no_retrace_within_capacity_retrace_after_a_class_doubles():
+    traces = []
+
+    @jax.jit
+    def value_and_grad(g, q):
+        traces.append(1)
+        return jax.value_and_grad(reach, 1)(g, q)
+
+    def check(g, src, dst, n, q):
+        qp = np.zeros(g.n, np.float32)
+        qp[:n] = q
+        value, grad = value_and_grad(g, qp)
+        assert float(value) == pytest.approx(brute_reach(src, dst, n, q), rel=1e-5)
+        want = jax.grad(lambda x: reach_naive(src, dst, n, x))(jnp.asarray(q))
+        np.testing.assert_allclose(np.asarray(grad)[:n], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(grad)[n:], 0.0)
+
+    n_cap, e_cap = 2048, 2048
+    src, dst, n, q = random_graph(0, n=300, e=1200)
+    g1 = FollowGraph.padded(src, dst, n, n_cap, e_cap)
+    check(g1, src, dst, n, q)
+    src, dst, n, q = random_graph(1, n=280, e=1000)  # a changed graph of similar shape
+    g2 = FollowGraph.padded(src, dst, n, n_cap, e_cap, capacities=g1.capacities)
+    assert g2.capacities == g1.capacities
+    check(g2, src, dst, n, q)
+    assert len(traces) == 1
+    # 600 followers following exactly one account each: S's width-1 class outgrows its 512 rows
+    n = 700
+    src3, dst3 = np.arange(600) % 50, np.arange(100, 700)
+    q3 = np.random.default_rng(2).uniform(0.0, 0.6, n).astype(np.float32)
+    g3 = FollowGraph.padded(src3, dst3, n, n_cap, e_cap, capacities=g2.capacities)
+    width1 = WIDTHS.index(1)
+    assert g3.capacities[0][2][width1] == 2 * g1.capacities[0][2][width1] == 1024
+    check(g3, src3, dst3, n, q3)
+    assert len(traces) == 2
+    g4 = FollowGraph.padded(src, dst, 280, n_cap, e_cap, capacities=g3.capacities)  # capacities never shrink
+    assert g4.capacities == g3.capacities
+    check(g4, src, dst, 280, q)
+    assert len(traces) == 2

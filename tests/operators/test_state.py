@@ -137,3 +137,30 @@ def test_bulk_load_matches_streamed_updates():
     for a, b in zip(bulk.edges(), streamed.edges()):
         np.testing.assert_array_equal(a, b)
     assert bulk.take_changed() == {"t"} and bulk.n_edges == 29
+
+
+def test_panel_subgraph_gives_exactly_the_full_graph_panel_attribution():
+    from conftest import heavy_features, random_graph, reach_reference
+
+    rng = np.random.default_rng(11)
+    n = 300
+    src, dst = random_graph(rng, n, 2400)
+    st = OperatorState()
+    st.load([f"did:{i}" for i in range(n)], np.bincount(src, minlength=n), {}, 60, src, dst)
+    panel = np.argsort(-st.followers[:n], kind="stable")[:20]
+    sub = st.panel_graph(panel)
+    assert st.panel_graph(panel[::-1]) is sub                          # cached (order-free)
+    assert sub.n == st.graph().n == st.capacity
+    x = np.zeros((st.capacity, 1), np.float32)
+    x[:n, 0] = heavy_features(rng, n, 1)[:, 0]
+    xp = np.zeros_like(x)
+    xp[panel] = x[panel]                                               # others at the zero baseline
+    full = attribute(I.cascade_reach(st.graph(), p=0.3), xp, np.zeros_like(x), steps=16)
+    part = attribute(I.cascade_reach(sub, p=0.3), xp, np.zeros_like(x), steps=16)
+    q = 0.3 * (1 - np.exp(-xp[:n, 0].astype(np.float64)))
+    assert float(part.value) == pytest.approx(reach_reference(src, dst, n, q), rel=1e-5)
+    assert float(part.value) == pytest.approx(float(full.value), rel=1e-6)
+    np.testing.assert_allclose(np.asarray(part.phi), np.asarray(full.phi), rtol=1e-5, atol=1e-7)
+    assert not np.asarray(part.phi)[np.setdiff1d(np.arange(st.capacity), panel)].any()
+    st.apply_edge(edge("add", f"did:{panel[0]}", "did:299", 10**6))   # edge set changed: rebuilt
+    assert st.panel_graph(panel) is not sub
