@@ -22,7 +22,7 @@ Dtype: float32, or float64 when ``jax_enable_x64`` is on.
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -137,6 +137,13 @@ def _attribute_core(static, dyn, x, b, alphas, weights):
     return Attribution(phi, value, baseline_value, phi.sum() - (value - baseline_value)), finite
 
 
+@lru_cache(maxsize=64)
+def _device_nodes(steps: int, rule: str, dtype) -> tuple[jax.Array, jax.Array]:
+    """Quadrature nodes and weights on the default device (cached: no host copy per call)."""
+    alphas, weights = nodes_weights(steps, rule)
+    return jnp.asarray(alphas, dtype=dtype), jnp.asarray(weights, dtype=dtype)
+
+
 def attribute(
     F: Callable,
     x,
@@ -152,14 +159,11 @@ def attribute(
     population mean for scale-invariant indicators). steps: quadrature nodes (>= 1).
     rule: "gauss-legendre" (default) or "midpoint".
     """
-    alphas, weights = nodes_weights(steps, rule)
+    nodes_weights(steps, rule)  # validates steps and rule (clear errors) before the cached copy
     static, dyn = split_callable(F)
     x = as_features(x)
     b = resolve_baseline(F, x, baseline)
-    dt = x.dtype
-    res, finite = _attribute_core(
-        static, dyn, x, b, jnp.asarray(alphas, dtype=dt), jnp.asarray(weights, dtype=dt)
-    )
+    res, finite = _attribute_core(static, dyn, x, b, *_device_nodes(steps, rule, x.dtype))
     if not bool(finite):
         raise ValueError("x and baseline must be finite (found NaN or inf)")
     return res

@@ -38,6 +38,12 @@ group, and state updates are idempotent (latest features per DID; add/remove edg
 after catching up the state equals that of an uninterrupted run, and the next snapshot is the
 same. A snapshot for a window end already published before the restart may be published again
 with the same content (at-least-once; alert ids are deterministic so duplicates can be dropped).
+Stale records: every contribution in a record stamped ``window_end = e`` lies in a bucket before e,
+so by window end ``e + window_s`` each DID has a newer record (a change or its expiry). A DID whose
+latest record ended at ``e <= window_end - window_s`` is therefore expired at that hop even if
+its expiry never arrived (a restarted worker rebuilds its window by replay and cannot know which
+DIDs its predecessor published). In an intact stream this changes nothing.
+
 Alert state (previous hop, cooldowns) starts empty after a restart, so the first hop after it raises
 no hop-to-hop alerts (new culprit, band shift).
 """
@@ -147,6 +153,7 @@ class OperatorService:
         self.engine = engine or AlertEngine(load_rules(self.settings.alerts_file))
         self.hop_s = self.settings.window[1]
         self.last_end: int | None = None          # window_end of the last recompute
+        self.window_s = self.settings.window[0]
         self._graph_changed = False
         self._uses_graph = any(spec.name == "cascade_reach" for spec in self.specs)
         self._pending_since: float | None = None   # wall time of the first change since the last recompute
@@ -196,6 +203,7 @@ class OperatorService:
         end = window_end if window_end is not None else st.window_end
         if end is None:
             return []
+        self._expire_stale(end)
         changed = st.take_changed()
         if self._graph_changed:
             changed |= set(st.topics)
@@ -216,6 +224,22 @@ class OperatorService:
                 self._export(snap)
                 snaps.append(snap)
         return snaps
+
+    def _expire_stale(self, end: int) -> None:
+        """Expire every DID with features whose latest record ended at e <= end - window (see
+        "Stale records" in the module docstring). O(rows) numpy per call."""
+        st = self.state
+        n = st.n_rows
+        ends = st._last_end[:n]  # latest window_end applied per row (int64 min: none yet)
+        rows = np.flatnonzero((ends > np.iinfo(np.int64).min) & (ends <= end - self.window_s))
+        if rows.size == 0:
+            return
+        live = np.zeros(rows.size, bool)
+        for t in st.topics:
+            live |= st.host_features(t)[rows].any(axis=1)
+        for r in rows[live]:
+            st.apply_features(Features(did=st.dids[r], window_end=int(ends[r]),
+                                       followers=int(st.followers[r]), topics={}, expired=True))
 
     def _attribute(self, topic: str, spec: IndicatorSpec, x4: jax.Array, end: int) -> Attribution:
         st = self.state

@@ -20,18 +20,26 @@ go to chorus.features when the clock leaves it, or after ``idle_flush_s`` second
 State lives in memory, not in Faust tables (a changelog write per event would cost more than the
 whole pipeline). It is rebuilt by replay: chorus.events offsets are never committed, and on every
 partition assignment (start, restart, another worker joining or leaving) each worker clears its
-state and re-reads its chorus.events partitions from the earliest retained offset. The ops are
-idempotent (keyed by record URI), so re-sent ops are harmless. A replay re-emits records of past
-hops (older ``window_end``) before it catches up; consumers keep the newest record per DID. Replay
-time grows with the topic's retention: keep chorus.events retention near the window (e.g. 2x).
+state and re-reads its chorus.events partitions from the earliest retained offset (:func:`replay`,
+inside the assignment callback, before Faust resumes): merged by event time, with the ops for
+partitions it owns applied at once, so the clock never runs ahead of a partition still replaying
+(a clock racing ahead would drop posts as late and lose the engagement credited to them later).
+One worker thus rebuilds exactly the state of an uninterrupted run; with several, ops for other
+workers' partitions still take the ops topic. The ops are idempotent (keyed by record URI), so
+re-sent ops are harmless. A replay re-emits records of past hops (older ``window_end``) before it
+catches up; consumers keep the newest record per DID. It cannot know which DIDs its predecessor
+published: the operator expires a DID whose latest record is a window old (operators/service.py).
+Replay time grows with the topic's retention: keep chorus.events retention near the window (2x).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 import time
+from collections import deque
 from typing import Any
 from zlib import crc32
 
@@ -66,6 +74,7 @@ class Pipeline:
         self.invalid = 0
         self.records = 0  # feature records published
         self.assigned: set[tuple[str, int]] = set()  # (topic, partition) held by this worker
+        self.skip: dict[int, int] = {}  # chorus.events partition -> first offset not replayed
         self.reset()
 
     def reset(self) -> None:
@@ -100,12 +109,19 @@ class Pipeline:
                 self.out_ops.setdefault(p, []).append(("tick", "", t))
             self.buffered += self.partitions
 
-    def on_event(self, raw: bytes) -> None:
-        """One chorus.events value: state updated, outputs buffered until :meth:`drain`."""
+    def on_event(self, raw: bytes | dict, owned: set[int] | None = None) -> None:
+        """One chorus.events value: state updated, outputs buffered until :meth:`drain`.
+
+        ``owned`` (replay only): ops partitions this worker owns; the event moves the owners'
+        clock first and ops for those partitions are applied here at once, in input order (what
+        :meth:`WindowStore.process` does), instead of a round trip through the ops topic.
+        """
         self.last_input = time.monotonic()
         store = self.store
         try:
-            ev = json.loads(raw)
+            ev = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
+            if owned is not None:
+                self.out_records += store.advance(int(ev["time_us"]))
             ops, edges = store.ingest(ev)
         except (BadEvent, ValueError, KeyError, TypeError) as exc:
             self.invalid += 1
@@ -114,7 +130,16 @@ class Pipeline:
             return
         if edges:
             self.out_edges += edges
-        self._route(ops)
+        if owned is None:
+            self._route(ops)
+        else:
+            queue, n = deque(ops), self.partitions
+            while queue:
+                op = queue.popleft()
+                if crc32(op[1].encode()) % n in owned:
+                    queue.extend(store.apply(op))
+                else:
+                    self._route([op])
         self._tick(ev["time_us"])
 
     def on_ops(self, raw: bytes) -> None:
@@ -198,6 +223,9 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
     @app.agent(events, concurrency=1, name="authors")
     async def authors(stream):
         async for value in stream:
+            msg = stream.current_event.message
+            if msg.offset < pipe.skip.get(msg.partition, 0):
+                continue  # replayed already (or being replayed)
             pipe.on_event(value)
             if due():
                 await publish()
@@ -218,17 +246,90 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
     @app.on_partitions_assigned.connect
     async def on_assigned(sender, assigned, **kwargs) -> None:  # noqa: ARG001
         # Rebuild by replay: drop every state and re-read the assigned input from its start (its
-        # offsets are never committed); every worker does this on every rebalance, so together they
-        # regenerate every op. Ops are idempotent, so ops still in flight do no harm.
+        # offsets are never committed), in event-time order, before Faust resumes (its partitions
+        # stay paused during this callback); then Faust goes on from where the replay ended. Every
+        # worker does this on every rebalance, so together they regenerate every op. Ops are
+        # idempotent, so ops still in flight do no harm.
+        # Faust re-reads them too (seeking it after the replay races its prefetch), and the
+        # authors agent skips what the replay fed (``pipe.skip``: partition -> first new offset).
         pipe.assigned = {(tp.topic, tp.partition) for tp in assigned}
         pipe.reset()
+        events_tps = sorted(tp.partition for tp in assigned if tp.topic == TOPIC_EVENTS)
+        pipe.skip = dict.fromkeys(events_tps, 1 << 62)
         for tp in assigned:
             if tp.topic == TOPIC_EVENTS:
                 await app.consumer.seek(tp, 0)
-        log.info("assigned %d partitions; replaying %s", len(pipe.assigned), TOPIC_EVENTS)
+        owned = {tp.partition for tp in assigned if tp.topic == ops_name}
+        t0 = time.monotonic()
+        ends = await replay(bootstrap_servers(settings.kafka), events_tps, pipe, owned, publish, due)
+        pipe.skip = ends
+        log.info("assigned %d partitions; replayed %d events of %s in %.1fs", len(pipe.assigned),
+                 sum(ends.values()), TOPIC_EVENTS, time.monotonic() - t0)
 
     pipe.update_metrics()  # serve chorus_window_agents{topic} from the start
     return app, pipe
+
+
+async def replay(bootstrap: str, partitions: list[int], pipe: Pipeline, owned: set[int],
+                 publish: Any, due: Any, fetch: int = 5000) -> dict[int, int]:
+    """Feed ``partitions`` of chorus.events, from the start to their end offsets now, through
+    ``pipe.on_event(value, owned)`` merged by event time (each partition's own order is kept: a
+    k-way merge on the head events' ``time_us``). Returns {partition: end offset}.
+
+    In time order the owners' clock never runs ahead of a partition that is still replaying, so a
+    single worker rebuilds exactly the state of an uninterrupted run (with several workers, ops for
+    other workers' partitions still take the ops topic).
+    """
+    from aiokafka import TopicPartition
+
+    from .kafka import make_consumer
+
+    if not partitions:
+        return {}
+    tps = [TopicPartition(TOPIC_EVENTS, p) for p in partitions]
+    consumer = make_consumer(bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
+        buffers: dict[int, deque] = {p: deque() for p in partitions}
+        done = {p: False for p in partitions}
+
+        async def refill(p: int) -> None:
+            tp = TopicPartition(TOPIC_EVENTS, p)
+            while not buffers[p] and not done[p]:
+                if await consumer.position(tp) >= ends[p]:
+                    done[p] = True
+                    break
+                for m in (await consumer.getmany(tp, timeout_ms=1000, max_records=fetch)).get(tp, []):
+                    if m.offset >= ends[p]:
+                        done[p] = True
+                        break
+                    try:
+                        ev = json.loads(m.value)
+                        buffers[p].append((int(ev["time_us"]), ev))
+                    except (ValueError, KeyError, TypeError):
+                        buffers[p].append((-1, m.value))  # on_event counts it as invalid
+
+        heap = []
+        for p in partitions:
+            await refill(p)
+            if buffers[p]:
+                heap.append((buffers[p][0][0], p))
+        heapq.heapify(heap)
+        while heap:
+            _, p = heapq.heappop(heap)
+            pipe.on_event(buffers[p].popleft()[1], owned)
+            if due():
+                await publish()
+            if not buffers[p]:
+                await refill(p)
+            if buffers[p]:
+                heapq.heappush(heap, (buffers[p][0][0], p))
+        return ends
+    finally:
+        await consumer.stop()
 
 
 async def ensure_worker_topics(settings: Settings, app_id: str = APP_ID) -> None:

@@ -31,7 +31,10 @@ leaves the post table so later engagement credits nothing); a like/repost its en
 (and the reposter's repost credit); a follow its edge and follower count. An ``account`` event
 with ``active=False`` retracts every record of the account in the registry and clears its state.
 Engagement for a post not (yet) in the table waits ``grace_hops`` hops (cross-partition
-reordering), then is dropped; so does engagement of a post outside every topic.
+reordering), then is dropped; so does engagement of a post outside every topic. The other way
+round, a post that left the window stays findable for ``grace_hops`` more hops (``_User.gone``):
+engagement that arrives after the clock expired the post, but whose own bucket b still held it
+(post bucket > b - n), is credited as it would have been in time order.
 
 Emission: ``advance(time_us)`` closes the hop ``cur`` when the clock enters a later bucket and
 returns at most one record per changed user (changed since its last record), or an expiry record
@@ -62,7 +65,7 @@ def did_of(uri: str) -> str:
 
 
 class _User:
-    __slots__ = ("buckets", "totals", "posts", "credits", "made", "last")
+    __slots__ = ("buckets", "totals", "posts", "credits", "made", "gone", "last")
 
     def __init__(self) -> None:
         self.buckets: dict[int, dict[str, list[int]]] = {}  # bucket -> topic -> vec
@@ -70,16 +73,17 @@ class _User:
         self.posts: dict[str, tuple] = {}  # topic post uri -> (bucket, topics, stance_e4)
         self.credits: dict[str, tuple] = {}  # engagement key -> (bucket, topics, label, actor)
         self.made: dict[str, tuple] = {}  # repost uri -> (bucket, topics)
+        self.gone: dict[str, tuple] = {}  # topic post uri that left the window -> as in posts
         self.last: tuple | None = None  # (topics, followers) last emitted; None: none/expired
 
     def empty(self) -> bool:
-        return not (self.buckets or self.posts or self.credits or self.made)
+        return not (self.buckets or self.posts or self.credits or self.made or self.gone)
 
 
 class _Hop:
     """What leaves the window with one bucket."""
 
-    __slots__ = ("owners", "records", "posts", "credits", "made", "pending")
+    __slots__ = ("owners", "records", "posts", "credits", "made", "pending", "gone")
 
     def __init__(self) -> None:
         self.owners: set[str] = set()
@@ -88,6 +92,7 @@ class _Hop:
         self.credits: list[tuple] = []
         self.made: list[tuple] = []
         self.pending: list[tuple] = []
+        self.gone: list[tuple] = []  # (owner, post uri, post bucket): forget the expired post
 
 
 class WindowStore:
@@ -183,6 +188,14 @@ class WindowStore:
                     if table and (e := table.get(key)) and e[0] == b:
                         del table[key]
                         self.dirty.add(owner)  # may now be empty: let _close drop it
+                        if attr == "posts" and b + self.grace > limit:  # keep it grace hops
+                            u.gone[key] = e
+                            self._hop(b + self.grace).gone.append((owner, key, b))
+            for owner, key, b in h.gone:
+                u = users.get(owner)
+                if u and (e := u.gone.get(key)) and e[0] == b:
+                    del u.gone[key]
+                    self.dirty.add(owner)
             for s_uri, key, t in h.pending:
                 p = pending.get(s_uri)
                 if p and (e := p.get(key)) and e[1] == t:
@@ -382,6 +395,8 @@ class WindowStore:
                 return []
             u = self.users.get(owner)
             post = u.posts.get(s_uri) if u else None
+            if post is None and u is not None and (g := u.gone.get(s_uri)) and g[0] > b - self.n:
+                post = g  # expired by a clock that ran ahead; in time order it was still here
             if post is None:
                 index = b + self.grace - self.n
                 if index >= self._ring_lo:
@@ -452,6 +467,7 @@ class WindowStore:
                 u.posts.clear()
                 u.credits.clear()
                 u.made.clear()
+                u.gone.clear()
                 self.dirty.add(owner)
             return []
         raise BadEvent(f"unknown op {code!r}")

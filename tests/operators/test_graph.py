@@ -188,12 +188,14 @@ def test_bucketed_layout_covers_heavy_tailed_degrees():
     g = FollowGraph(src, dst, n, "bucketed")
     chunks, owner, tables = g.bwd
     chunk_cap, big_cap, caps = g.capacities[1]
-    assert (chunk_cap, big_cap) == (8, 2) and chunks.shape == (8, CHUNK)  # 3 + 2 chunks -> 8
-    assert list(owner) == [0, 0, 0, 1, 1, 1, 1, 1]  # padding chunks: last wide slot, all fill
-    assert np.all(np.asarray(chunks)[5:] == g.capacities[0][1] + sum(g.capacities[0][2]))  # fill: zero slot of exp(S)
+    assert (chunk_cap, big_cap) == (5, 2) and chunks.shape == (5, CHUNK)  # 3 + 2 chunks
+    assert list(owner) == [0, 0, 0, 1, 1]
     assert bucket_widths(10**6)[-1] == CHUNK and [t.shape[1] for t in tables] == list(WIDTHS)
-    assert all(t.shape[0] == c and c & (c - 1) == 0 and c * t.shape[1] >= MIN_CELLS
-               for t, c in zip(tables, caps))  # rows per class: a power of two, >= MIN_CELLS cells
+    assert all(t.shape[0] == c and c * t.shape[1] >= MIN_CELLS for t, c in zip(tables, caps))
+    wide = FollowGraph(src, dst, n, capacities=(g.capacities[0], (8, 4, caps)))  # padded chunks
+    assert list(wide.bwd[1]) == [0, 0, 0, 1, 1, 3, 3, 3]  # padding chunks: last wide slot, all fill
+    assert np.all(np.asarray(wide.bwd[0])[5:] == g.capacities[0][1] + sum(g.capacities[0][2]))
+    assert float(reach_jit(wide, q)) == pytest.approx(brute_reach(src, dst, n, q), rel=1e-5)
     assert float(reach_jit(g, q)) == pytest.approx(brute_reach(src, dst, n, q), rel=1e-5)
     want = np.asarray(jax.grad(lambda x: reach_naive(src, dst, n, x))(jnp.asarray(q)))
     np.testing.assert_allclose(grad_jit(g, q), want, rtol=1e-5)

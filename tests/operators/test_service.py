@@ -259,3 +259,21 @@ def test_chorus_operator_command_serves_metrics_and_stops_on_sigterm(fresh_broke
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_did_whose_latest_record_is_a_window_old_is_expired():
+    """Every contribution in a record stamped e lies before e, so at window end e + window the
+    DID must have had a newer record; if its expiry was lost (a restarted worker cannot know what
+    its predecessor published), the service expires it itself, and a newer record still wins."""
+    svc = OperatorService(Settings(indicators=["volume"], window_s=120, hop_s=60), steps=8, panel_k=2)
+    for f in features(60, [("did:A", 3, [2, 0, 0.0, 0]), ("did:C", 1, [4, 0, 0.0, 0])]):
+        svc.apply_features(f)
+    assert svc.recompute()[0].value == pytest.approx(6)
+    svc.apply_features(features(120, [("did:A", 3, [1, 0, 0.0, 0])])[0])
+    assert svc.recompute()[0].value == pytest.approx(5)  # C (stamped 60) may still be in the window
+    svc.apply_features(features(180, [("did:A", 3, [3, 0, 0.0, 0])])[0])
+    (vol,) = svc.recompute()
+    assert vol.value == pytest.approx(3) and vol.n_agents == 1  # C: 60 <= 180 - 120, expired
+    assert svc.state.followers[svc.state.index["did:C"]] == 1  # followers kept for the bands
+    svc.apply_features(features(180, [("did:C", 1, [1, 0, 0.0, 0])])[0])  # a late record of C
+    assert svc.recompute()[0].value == pytest.approx(4)

@@ -85,7 +85,8 @@ def end(k):
 def test_posts_stance_and_expiry_at_window_boundary():
     s = store()
     a = "did:a"
-    recs, _ = run(s, [post(a, "1", 10, "climate s=0.5"), post(a, "2", 70, "climate ai s=-0.25")], flush=False)
+    p1, p2 = post(a, "1", 10, "climate s=0.5"), post(a, "2", 70, "climate ai s=-0.25")
+    recs, _ = run(s, [p1, p2], flush=False)
     assert recs == [{"did": a, "window_end": end(0), "followers": 0, "topics": {"climate": [1, 0, 0.5, 0]}}]
     # 179 s: bucket K+2, the post at 10 s (bucket K) is still inside [K*60, (K+3)*60).
     recs, _ = run(s, [tick(179)], flush=False)
@@ -99,7 +100,9 @@ def test_posts_stance_and_expiry_at_window_boundary():
     assert recs == [{"did": a, "window_end": end(3), "followers": 0,
                      "topics": {"climate": [1, 0, -0.25, 0], "ai": [1, 0, -0.25, 0]}}]
     assert s.flush() == [{"did": a, "window_end": end(4), "followers": 0, "topics": {}, "expired": True}]
-    assert a not in s.users and s.agents == {"climate": 0, "ai": 0}
+    assert s.agents == {"climate": 0, "ai": 0} and set(s.users[a].gone) == {p1["uri"], p2["uri"]}
+    recs, _ = run(s, [tick(360)], flush=True)  # expired posts are kept grace (2) hops, then dropped
+    assert recs == [] and a not in s.users
 
 
 def test_engagement_credited_to_subject_author_in_subject_topics():
@@ -339,3 +342,18 @@ def test_partitioned_state_gives_the_same_records():
 def test_bad_window_is_rejected():
     with pytest.raises(ValueError, match="multiple of hop"):
         WindowStore(100, 30, fake_classify)
+
+
+def test_engagement_after_its_post_expired_is_credited_as_in_time_order():
+    """A clock that ran ahead (another partition's newer event) expires a post before a like
+    whose own bucket still held it; the store credits it as time order would, and no more."""
+    S, A, B = "did:s", "did:a", "did:b"
+    p = post(S, "p", 5, "climate")  # bucket K
+    in_time = like(A, "l", 175, p["uri"])  # bucket K+2: the post (bucket K) was in its window
+    too_late = like(B, "m", 185, p["uri"])  # bucket K+3: the post had left its window
+    ordered, _ = run(store(), [p, in_time, tick(185), too_late])
+    reordered, _ = run(store(), [p, tick(185), in_time, too_late])
+    assert last(reordered) == last(ordered)
+    assert last(ordered)[S]["topics"] == {"climate": [0, 1, 0.0, 0]}
+    s = WindowStore(WIN, HOP, fake_classify, grace_hops=0)  # no grace: the reordered like is lost
+    assert S not in present(last(run(s, [p, tick(185), in_time, too_late])[0]))
