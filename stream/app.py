@@ -338,7 +338,8 @@ async def ensure_worker_topics(settings: Settings, app_id: str = APP_ID) -> None
 
     n = TOPIC_PARTITIONS[TOPIC_EVENTS]
     wanted = {t: TOPIC_PARTITIONS[t] for t in (TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH)}
-    await ensure_topics(bootstrap_servers(settings.kafka), {**wanted, f"{app_id}-ops": n})
+    await ensure_topics(bootstrap_servers(settings.kafka), {**wanted, f"{app_id}-ops": n},
+                        window_s=settings.window[0])
 
 
 class Worker:

@@ -97,7 +97,8 @@ class Ingester:
         logging.getLogger("aiokafka").addFilter(quiet)
         try:
             await asyncio.wait_for(
-                ensure_topics(self.bootstrap, {TOPIC_EVENTS: TOPIC_PARTITIONS[TOPIC_EVENTS]}),
+                ensure_topics(self.bootstrap, {TOPIC_EVENTS: TOPIC_PARTITIONS[TOPIC_EVENTS]},
+                              window_s=self.settings.window[0]),
                 self._kafka_timeout)
             await asyncio.wait_for(producer.start(), self._kafka_timeout)
         except (KafkaError, OSError, asyncio.TimeoutError) as exc:

@@ -6,7 +6,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from .schemas import TOPIC_PARTITIONS
+from .schemas import TOPIC_EVENTS, TOPIC_GRAPH, TOPIC_PARTITIONS
+
+OPS_SUFFIX = "-ops"  # the worker's repartition topic is f"{app_id}-ops"
 
 
 def make_producer(bootstrap: str, idempotence: bool = True, **kw) -> AIOKafkaProducer:
@@ -22,14 +24,35 @@ def make_consumer(bootstrap: str, *topics: str, group_id: str | None = None, **k
     return AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=group_id, **opts)
 
 
-async def ensure_topics(bootstrap: str, partitions: dict[str, int] | None = None) -> None:
-    """Create chorus topics that do not exist yet (replication factor 1 unless configured)."""
+def topic_configs(window_s: int | None = None) -> dict[str, dict[str, str]]:
+    """Per-topic configs set when chorus creates a topic (existing topics are left alone).
+
+    chorus.graph keeps every record (``retention.ms=-1``): follows are not windowed and the
+    operator rebuilds the whole graph from it after a restart, so a broker-wide retention (the
+    compose file's 48 h, Kafka's default 7 days) must not delete old follows. chorus.events and the
+    worker's ops topic hold 2 windows (the worker replays chorus.events on every rebalance, so
+    its retention bounds replay time) when the window is known.
+    """
+    configs = {TOPIC_GRAPH: {"retention.ms": "-1"}}
+    if window_s:
+        keep = {"retention.ms": str(2 * int(window_s) * 1000)}
+        configs[TOPIC_EVENTS] = keep
+        configs[OPS_SUFFIX] = keep
+    return configs
+
+
+async def ensure_topics(bootstrap: str, partitions: dict[str, int] | None = None,
+                        window_s: int | None = None) -> None:
+    """Create chorus topics that do not exist yet (replication factor 1), with
+    :func:`topic_configs`."""
     partitions = partitions or TOPIC_PARTITIONS
+    configs = topic_configs(window_s)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(t, n, 1) for t, n in partitions.items() if t not in existing]
+        new = [NewTopic(t, n, 1, topic_configs=configs.get(OPS_SUFFIX if t.endswith(OPS_SUFFIX) else t, {}))
+               for t, n in partitions.items() if t not in existing]
         if new:
             try:
                 await admin.create_topics(new)

@@ -447,7 +447,7 @@ class Runner:
             from .kafka import ensure_topics
 
             try:
-                await asyncio.wait_for(ensure_topics(self.bootstrap), 60)
+                await asyncio.wait_for(ensure_topics(self.bootstrap, window_s=self.settings.window[0]), 60)
             except (OSError, TimeoutError, Exception) as exc:  # aiokafka raises its own errors
                 raise RunError(f"cannot reach Kafka at {self.kafka_url}: {exc!r}") from None
             relay = RelayPart(self.opts.synthetic, self.opts.seed, self.opts.rate,
