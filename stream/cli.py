@@ -18,6 +18,11 @@ from .config import ConfigError, Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
+# Options shared by `chorus operator` and `chorus analyze` (the same operator settings).
+INDICATOR_OPTION = typer.Option(None, help="Indicator (repeatable; default cascade_reach and polarization).")
+STEPS_OPTION = typer.Option(32, min=1, help="Quadrature nodes of the path integral.")
+PANEL_K_OPTION = typer.Option(100, min=1, help="Visibility panel size (accounts with most followers).")
+
 
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error to stderr and exit."""
@@ -130,11 +135,10 @@ def worker(
 @app.command()
 def operator(
     kafka: Optional[str] = typer.Option(None, help="kafka://host:port"),
-    indicator: Optional[list[str]] = typer.Option(None, help="Indicator to compute (repeatable; default "
-                                                  "cascade_reach and polarization)."),
+    indicator: Optional[list[str]] = INDICATOR_OPTION,
     alerts_file: Optional[Path] = typer.Option(None, help="Alert rules YAML (default: packaged rules)."),
-    steps: int = typer.Option(32, min=1, help="Quadrature nodes of the path integral."),
-    panel_k: int = typer.Option(100, min=1, help="Visibility panel size (accounts with most followers)."),
+    steps: int = STEPS_OPTION,
+    panel_k: int = PANEL_K_OPTION,
     profile: Optional[str] = typer.Option(None, help="default (60 s hop) or demo (10 s hop)."),
     metrics_port: Optional[int] = typer.Option(None, help="Metrics port (default 9464)."),
 ) -> None:
@@ -320,11 +324,10 @@ def analyze(
     profile: Optional[str] = typer.Option(None, help="default (6 h window / 60 s hop) or demo (10 min / 10 s)."),
     window: Optional[int] = typer.Option(None, help="Window length, seconds (overrides the profile)."),
     hop: Optional[int] = typer.Option(None, help="Hop length, seconds (overrides the profile)."),
-    indicator: Optional[list[str]] = typer.Option(None, help="Indicator (repeatable; default cascade_reach "
-                                                  "and polarization)."),
+    indicator: Optional[list[str]] = INDICATOR_OPTION,
     topics_file: Optional[Path] = typer.Option(None, help="Topic lexicon JSON (default: the shipped one)."),
-    steps: int = typer.Option(32, min=1, help="Quadrature nodes of the path integral."),
-    panel_k: int = typer.Option(100, min=1, help="Visibility panel size (accounts with most followers)."),
+    steps: int = STEPS_OPTION,
+    panel_k: int = PANEL_K_OPTION,
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Offline attribution over a recording, a Jetstream dump or the synthetic population."""
