@@ -101,6 +101,9 @@ def bench_e2e(timed: list[tuple[int, int, bytes]]) -> dict:
         if not parent.poll(120):
             raise RuntimeError("relay process did not start")
         url = parent.recv()
+        from stream.eventloop import install
+
+        install()  # the ingester's loop in production (`chorus ingest`)
         with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as state:
             return asyncio.run(asyncio.wait_for(_e2e(url, timed[-1][0], broker.url, state), 600))
     finally:

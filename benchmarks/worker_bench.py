@@ -161,6 +161,9 @@ async def _faust(values: list[bytes], url: str, live: bool) -> dict:
 def bench_faust(values: list[bytes], live: bool) -> dict:
     from stream.broker import EmbeddedBroker
 
+    from stream.eventloop import install
+
+    install()  # the worker's loop in production (`chorus worker`)
     with EmbeddedBroker() as b:
         return asyncio.run(_faust(values, b.url, live))
 

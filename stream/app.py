@@ -372,6 +372,9 @@ def run_worker(settings: Settings, serve_metrics: bool = True, **app_kw: Any) ->
     """Blocking entry point for ``chorus worker``: metrics endpoint + a Faust worker (signals)."""
     from mode import Worker as ModeWorker
 
+    from .eventloop import install
+
+    install()
     try:
         asyncio.run(asyncio.wait_for(ensure_worker_topics(settings, app_kw.get("app_id", APP_ID)), 60))
     except Exception as exc:  # aiokafka raises its own error types

@@ -177,4 +177,7 @@ def main(settings: Settings, relay: str | None = None, cursor: int | None = None
             loop.add_signal_handler(sig, ingester._stop.set)
         await ingester.run()
 
+    from .eventloop import install
+
+    install()
     asyncio.run(_run())
