@@ -229,16 +229,8 @@ class OperatorService:
         """Expire every DID with features whose latest record ended at e <= end - window (see
         "Stale records" in the module docstring). O(rows) numpy per call."""
         st = self.state
-        n = st.n_rows
-        ends = st._last_end[:n]  # latest window_end applied per row (int64 min: none yet)
-        rows = np.flatnonzero((ends > np.iinfo(np.int64).min) & (ends <= end - self.window_s))
-        if rows.size == 0:
-            return
-        live = np.zeros(rows.size, bool)
-        for t in st.topics:
-            live |= st.host_features(t)[rows].any(axis=1)
-        for r in rows[live]:
-            st.apply_features(Features(did=st.dids[r], window_end=int(ends[r]),
+        for r in st.stale_rows(end - self.window_s):
+            st.apply_features(Features(did=st.dids[r], window_end=st.last_end(r),
                                        followers=int(st.followers[r]), topics={}, expired=True))
 
     def _attribute(self, topic: str, spec: IndicatorSpec, x4: jax.Array, end: int) -> Attribution:

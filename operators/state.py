@@ -178,6 +178,22 @@ class OperatorState:
         self.capacity = capacity
         self._graph_dirty = True
 
+    def stale_rows(self, ended_by: int) -> np.ndarray:
+        """Rows that still have features but whose latest record ended at ``window_end <=
+        ended_by`` (unix seconds)."""
+        ends = self._last_end[: self.n_rows]
+        rows = np.flatnonzero((ends > np.iinfo(np.int64).min) & (ends <= ended_by))
+        if rows.size:
+            live = np.zeros(rows.size, bool)
+            for t in self.topics:
+                live |= self._host[t][rows].any(axis=1)
+            rows = rows[live]
+        return rows
+
+    def last_end(self, row: int) -> int:
+        """window_end of the latest record applied to ``row``."""
+        return int(self._last_end[row])
+
     # --- updates ----------------------------------------------------------------------------
     def apply_features(self, f: Features) -> bool:
         """Apply one chorus.features value; returns False when ignored as older than the applied one."""

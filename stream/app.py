@@ -113,8 +113,9 @@ class Pipeline:
         """One chorus.events value: state updated, outputs buffered until :meth:`drain`.
 
         ``owned`` (replay only): ops partitions this worker owns; the event moves the owners'
-        clock first and ops for those partitions are applied here at once, in input order (what
-        :meth:`WindowStore.process` does), instead of a round trip through the ops topic.
+        clock first and ops for those partitions are applied here at once, in input order
+        (:meth:`WindowStore.apply_local`, as in :meth:`WindowStore.process`), instead of a round
+        trip through the ops topic.
         """
         self.last_input = time.monotonic()
         store = self.store
@@ -130,16 +131,10 @@ class Pipeline:
             return
         if edges:
             self.out_edges += edges
-        if owned is None:
-            self._route(ops)
-        else:
-            queue, n = deque(ops), self.partitions
-            while queue:
-                op = queue.popleft()
-                if crc32(op[1].encode()) % n in owned:
-                    queue.extend(store.apply(op))
-                else:
-                    self._route([op])
+        if owned is not None:
+            n = self.partitions
+            ops = store.apply_local(ops, lambda did: crc32(did.encode()) % n in owned)
+        self._route(ops)
         self._tick(ev["time_us"])
 
     def on_ops(self, raw: bytes) -> None:

@@ -24,34 +24,32 @@ def make_consumer(bootstrap: str, *topics: str, group_id: str | None = None, **k
     return AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=group_id, **opts)
 
 
-def topic_configs(window_s: int | None = None) -> dict[str, dict[str, str]]:
-    """Per-topic configs set when chorus creates a topic (existing topics are left alone).
+def topic_config(topic: str, window_s: int | None = None) -> dict[str, str]:
+    """The config chorus sets when it creates ``topic`` (existing topics are left alone).
 
     chorus.graph keeps every record (``retention.ms=-1``): follows are not windowed and the
     operator rebuilds the whole graph from it after a restart, so a broker-wide retention (the
     compose file's 48 h, Kafka's default 7 days) must not delete old follows. chorus.events and the
-    worker's ops topic hold 2 windows (the worker replays chorus.events on every rebalance, so
-    its retention bounds replay time) when the window is known.
+    worker's ops topic (``<app id>-ops``) hold 2 windows when the window is known (the worker
+    replays chorus.events on every rebalance, so its retention bounds replay time). Others: {}.
     """
-    configs = {TOPIC_GRAPH: {"retention.ms": "-1"}}
-    if window_s:
-        keep = {"retention.ms": str(2 * int(window_s) * 1000)}
-        configs[TOPIC_EVENTS] = keep
-        configs[OPS_SUFFIX] = keep
-    return configs
+    if topic == TOPIC_GRAPH:
+        return {"retention.ms": "-1"}
+    if window_s and (topic == TOPIC_EVENTS or topic.endswith(OPS_SUFFIX)):
+        return {"retention.ms": str(2 * int(window_s) * 1000)}
+    return {}
 
 
 async def ensure_topics(bootstrap: str, partitions: dict[str, int] | None = None,
                         window_s: int | None = None) -> None:
     """Create chorus topics that do not exist yet (replication factor 1), with
-    :func:`topic_configs`."""
+    :func:`topic_config`."""
     partitions = partitions or TOPIC_PARTITIONS
-    configs = topic_configs(window_s)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(t, n, 1, topic_configs=configs.get(OPS_SUFFIX if t.endswith(OPS_SUFFIX) else t, {}))
+        new = [NewTopic(t, n, 1, topic_configs=topic_config(t, window_s))
                for t, n in partitions.items() if t not in existing]
         if new:
             try:

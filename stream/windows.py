@@ -490,7 +490,18 @@ class WindowStore:
         """advance + ingest + apply every resulting op here: (feature records, graph edges)."""
         records = self.advance(int(ev["time_us"]))
         ops, edges = self.ingest(ev)
+        self.apply_local(ops)
+        return records, edges
+
+    def apply_local(self, ops: list[Op], local: Callable[[str], bool] | None = None) -> list[Op]:
+        """Apply, in order, every op whose owner is ``local`` (default: every owner) and the
+        follow-up ops they cause; returns the other ops, in order, for their owners."""
+        remote: list[Op] = []
         queue = deque(ops)
         while queue:
-            queue.extend(self.apply(queue.popleft()))
-        return records, edges
+            op = queue.popleft()
+            if local is None or local(op[1]):
+                queue.extend(self.apply(op))
+            else:
+                remote.append(op)
+        return remote

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import asyncio
 
-from stream.kafka import ensure_topics, make_consumer, topic_configs
+from stream.kafka import ensure_topics, make_consumer, topic_config
 from stream.schemas import TOPIC_ALERTS, TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH
 
 OPS = "chorus-worker-ops"
 
 
 def test_retention_per_topic():
-    c = topic_configs(600)
-    assert c[TOPIC_GRAPH] == {"retention.ms": "-1"}  # follows are not windowed: keep them all
-    assert c[TOPIC_EVENTS] == c["-ops"] == {"retention.ms": "1200000"}  # two 600 s windows
-    assert TOPIC_FEATURES not in c and TOPIC_ALERTS not in c  # the broker's default
-    assert topic_configs() == {TOPIC_GRAPH: {"retention.ms": "-1"}}  # window unknown: events default
+    def c(topic, window_s=600):
+        return topic_config(topic, window_s)
+
+    assert c(TOPIC_GRAPH) == c(TOPIC_GRAPH, None) == {"retention.ms": "-1"}  # follows: keep them all
+    assert c(TOPIC_EVENTS) == c(OPS) == {"retention.ms": "1200000"}  # two 600 s windows
+    assert c(TOPIC_FEATURES) == c(TOPIC_ALERTS) == {}  # the broker's default
+    assert c(TOPIC_EVENTS, None) == c(OPS, None) == {}  # window unknown: the broker's default
 
 
 def test_topics_with_configs_are_created_on_the_broker(fresh_broker):
