@@ -12,7 +12,9 @@
   assigned, another process produces the events to chorus.events; the clock runs from the first
   processed event until the store has ingested every event and applied every op. events/s =
   events / wall seconds; "per CPU-second" divides by this process's CPU time (Faust's consumer
-  thread included). Catch-up: the same with the events produced before the worker starts.
+  thread included). Live runs alternate chorus's app (``stream.faust_lean.App``) with stock
+  ``faust.App`` as the reference, three each. Catch-up: the same with the events produced before
+  the worker starts.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def _produce(values: list[bytes], bootstrap: str) -> None:
     asyncio.run(main())
 
 
-async def _faust(values: list[bytes], url: str, live: bool) -> dict:
+async def _faust(values: list[bytes], url: str, live: bool, app_class=None) -> dict:
     """One Worker in this process. ``live``: it starts on an empty topic and the events are
     produced by another process while it runs (steady state). Otherwise they are produced first
     and the worker starts after (catch-up: the replay on assignment reads them)."""
@@ -124,7 +126,7 @@ async def _faust(values: list[bytes], url: str, live: bool) -> dict:
     if not live:
         producer.start()
         await loop.run_in_executor(None, producer.join)
-    w = Worker(s, idle_flush_s=5.0, rebalance_timeout_s=2.0)
+    w = Worker(s, idle_flush_s=5.0, rebalance_timeout_s=2.0, **({'app_class': app_class} if app_class else {}))
     task = asyncio.create_task(w.run())
     n = len(values)
 
@@ -158,14 +160,15 @@ async def _faust(values: list[bytes], url: str, live: bool) -> dict:
             "ops": stats["ops"], "records": pipe.records}
 
 
-def bench_faust(values: list[bytes], live: bool) -> dict:
+def bench_faust(values: list[bytes], live: bool, app_class=None) -> dict:
+    """One worker run on a fresh embedded broker; ``app_class``: the Faust app (default: chorus's)."""
     from stream.broker import EmbeddedBroker
 
     from stream.eventloop import install
 
     install()  # the worker's loop in production (`chorus worker`)
     with EmbeddedBroker() as b:
-        return asyncio.run(_faust(values, b.url, live))
+        return asyncio.run(_faust(values, b.url, live, app_class))
 
 
 def run(quick: bool = False) -> str:
@@ -173,8 +176,17 @@ def run(quick: bool = False) -> str:
     values = synthetic_events(n)
     default = bench_store(values, 6 * 3600, 60)
     demo = bench_store(values, 600, 10)
-    fa = bench_faust(values[: n // 2 if quick else 50_000], live=True)
-    cu = bench_faust(values[: n // 2 if quick else 50_000], live=False)
+    live = values[: n // 2 if quick else 50_000]
+    import faust
+
+    # chorus's app and stock faust.App (the reference), interleaved; the median run of each
+    runs = {"lean": [], "stock": []}
+    for _ in range(1 if quick else 3):
+        runs["lean"].append(bench_faust(live, live=True))
+        runs["stock"].append(bench_faust(live, live=True, app_class=faust.App))
+    fa, st = (sorted(r, key=lambda x: x["per_cpu_s"])[len(r) // 2] for r in runs.values())
+    spread = {k: ", ".join(f"{x['per_cpu_s']:,.0f}" for x in r) for k, r in runs.items()}
+    cu = bench_faust(live, live=False)
     ok = lambda x: "yes" if x >= TARGET else "**no**"  # noqa: E731
     return "\n".join([
         "## Worker: rolling per-user features",
@@ -192,11 +204,18 @@ def run(quick: bool = False) -> str:
         f"{ok(demo['per_s'])} |",
         f"| Faust worker, live (per CPU-s of the worker process: the one-core target) | {fa['events']:,} | "
         f"{fa['per_cpu_s']:,.0f} | {ok(fa['per_cpu_s'])} |",
+        f"| the same worker on stock `faust.App` (reference, per CPU-s) | {st['events']:,} | "
+        f"{st['per_cpu_s']:,.0f} | {ok(st['per_cpu_s'])} |",
         f"| Faust worker, live (wall; worker busy {fa['cpu_s'] / fa['wall_s']:.0%} of a core, so paced by "
         f"the producer when below 100%) | {fa['events']:,} | {fa['per_s']:,.0f} | |",
         f"| Faust worker: feature records emitted (live) | | {fa['records']:,} | |",
         f"| catch-up after a restart: replay of a backlog (wall) | {cu['events']:,} | {cu['per_s']:,.0f} | |",
         f"| catch-up (per CPU-s) | {cu['events']:,} | {cu['per_cpu_s']:,.0f} | |",
+        "",
+        f"Live runs alternate chorus's app (`stream/faust_lean.py`) and stock `faust.App` on the same "
+        f"input, {len(runs['lean'])} each; the table shows the median run of each (per CPU-s, chorus: "
+        f"{spread['lean']}; stock: {spread['stock']}): **{fa['per_cpu_s'] / st['per_cpu_s']:.2f}x** "
+        "stock Faust.",
         "",
         "Store: `json.loads` + `WindowStore.process` (dedupe, deletes, topic + VADER classification, "
         "both stages). Faust, live: the worker is assigned (empty topic), then another process "

@@ -9,7 +9,8 @@ import time
 import pytest
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from stream.app import Worker
+from stream.app import APP_ID, Worker
+from stream.faust_lean import LeanConsumer, LeanMonitor
 from stream.config import Settings
 from stream.kafka import make_consumer, make_producer
 from stream.schemas import TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH, Features
@@ -181,7 +182,12 @@ def test_one_worker_exact_features_and_edges(fresh_broker):
         workers, tasks = await start_workers(fresh_broker, 1)
         try:
             await produce(fresh_broker, EVENTS)
-            return await collect(fresh_broker, EXPECTED)
+            out = await collect(fresh_broker, EXPECTED)
+            app = workers[0].app
+            assert isinstance(app.consumer, LeanConsumer) and isinstance(app.monitor, LeanMonitor)
+            # Faust's stalled-stream check still sees when each partition's stream took an event.
+            assert {tp.topic for tp in app.monitor.stream_inbound_time} == {TOPIC_EVENTS, f"{APP_ID}-ops"}
+            return out
         finally:
             await stop(workers, tasks)
 
