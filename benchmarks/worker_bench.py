@@ -27,6 +27,8 @@ import random
 import sys
 import time
 
+from benchmarks import header
+
 TARGET = 5_000  # events/s on one core
 
 
@@ -191,6 +193,7 @@ def run(quick: bool = False) -> str:
     return "\n".join([
         "## Worker: rolling per-user features",
         "",
+        header(),
         f"Target: one worker keeps up with >= {TARGET:,} events/s on one core. "
         f"{platform.processor() or platform.machine()}, Python {sys.version.split()[0]}"
         f"{' (quick run)' if quick else ''}; load average {os.getloadavg()[0]:.1f} on "

@@ -32,7 +32,7 @@ published: the operator expires a DID whose latest record is a window old (opera
 Replay time grows with the topic's retention: keep chorus.events retention near the window (2x).
 
 The app is :class:`stream.faust_lean.App`: Faust with the per-message hand-off done inline and
-no per-event Monitor statistics (about twice the events per CPU-second of stock Faust).
+no per-event Monitor statistics (1.5x the events per CPU-second of stock Faust, BENCHMARKS.md).
 """
 
 from __future__ import annotations
