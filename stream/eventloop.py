@@ -2,7 +2,7 @@
 
 The ingester and the Faust worker spend most of their CPU in the event loop (one Kafka message
 per event); uvloop runs the same asyncio code on libuv. Measured on the 2-core CI VM, worker
-benchmark, 50k events, live: median 5,956 vs 4,940 events per CPU-second; ingest benchmark,
+benchmark (stock faust.App), 50k events, live: median 5,956 vs 4,940 events per CPU-second; ingest benchmark,
 end to end: 7,099-7,175 vs 4,383-7,357 events/s (3 runs each, interleaved). Set
 ``CHORUS_UVLOOP=0`` to keep the default asyncio loop.
 """
