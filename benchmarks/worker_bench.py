@@ -128,7 +128,8 @@ async def _faust(values: list[bytes], url: str, live: bool, app_class=None) -> d
     if not live:
         producer.start()
         await loop.run_in_executor(None, producer.join)
-    w = Worker(s, idle_flush_s=5.0, rebalance_timeout_s=2.0, **({'app_class': app_class} if app_class else {}))
+    app_kw = {} if app_class is None else {"app_class": app_class}  # None: the worker's default
+    w = Worker(s, idle_flush_s=5.0, rebalance_timeout_s=2.0, **app_kw)
     task = asyncio.create_task(w.run())
     n = len(values)
 

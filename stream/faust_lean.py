@@ -79,13 +79,13 @@ class LeanConsumer(aiokafka_driver.Consumer):
 
     async def _deliver(self, message: Any) -> None:
         """``callback(message)``: inline when it does not suspend, else as Faust does."""
-        if self.suspend_flow.is_set():
-            await self.wait_first(self.callback(message), self.suspend_flow.wait())
-            return
-        coro = self.callback(message)
-        done, blocker = step(coro)
-        if not done:
-            await self.wait_first(finish(coro, blocker), self.suspend_flow.wait())
+        delivery = self.callback(message)
+        if not self.suspend_flow.is_set():
+            done, blocker = step(delivery)
+            if done:
+                return
+            delivery = finish(delivery, blocker)
+        await self.wait_first(delivery, self.suspend_flow.wait())
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - as Faust's
         # Faust's loop (faust/transport/consumer.py, REVIEWED_DRAIN_SHA256) with one change: the
