@@ -35,9 +35,8 @@ import numpy as np
 from benchmarks import header
 from benchmarks.graphgen import follow_graph, follower_percentiles
 from operators import attribute, indicators, shapley
-from operators.graph import FollowGraph
+from operators.graph import FollowGraph, pow2_at_least
 from operators.quadrature import nodes_weights
-from operators.state import _pow2_at_least
 
 SIZES = (10_000, 100_000, 1_670_000)
 QUICK_SIZES = (10_000,)
@@ -122,8 +121,9 @@ def _status(ok: bool | None) -> str:
 # --- sections ---------------------------------------------------------------------------------
 
 def _capacity(n: int) -> int:
-    """The live service's padded capacity for n rows (operators.state: power of two >= n + 1)."""
-    return _pow2_at_least(n + 1)
+    """The live service's padded capacity for n rows (operators.state: power of two >= n + 1; the
+    service's floor of 1,024 rows is below every benchmarked size)."""
+    return pow2_at_least(n + 1)
 
 
 def bench_recompute(n: int, repeats: int, log=print) -> dict:
@@ -132,7 +132,7 @@ def bench_recompute(n: int, repeats: int, log=print) -> dict:
     src, dst, followers = follow_graph(n, 10.0, seed=0)
     x = jnp.asarray(features(n))
     row = {"n": n, "edges": int(src.size), "shape": follower_percentiles(followers)}
-    cap, e_cap = _capacity(n), _pow2_at_least(src.size)
+    cap, e_cap = _capacity(n), pow2_at_least(src.size)
     t = time.perf_counter()
     g_live = FollowGraph.padded(src, dst, n, cap, e_cap)  # what OperatorState.graph() builds
     row["build_live_s"] = time.perf_counter() - t
@@ -147,6 +147,9 @@ def bench_recompute(n: int, repeats: int, log=print) -> dict:
     fns = {"cascade_live": lambda: attribute(F_live, x_live, steps=STEPS),
            "cascade_sorted": lambda: attribute(F_sorted, x, steps=STEPS),
            "cascade_naive": lambda: naive_attribute(_naive_cascade, edges, x, zeros)}
+    if jax.default_backend() != "cpu":  # accelerators: every node in one pass (node_batch)
+        fns["cascade_live_nb"] = lambda: attribute(F_live, x_live, steps=STEPS, node_batch=STEPS)
+        fns["cascade_sorted_nb"] = lambda: attribute(F_sorted, x, steps=STEPS, node_batch=STEPS)
     by_dst = np.argsort(dst, kind="stable")
     edges_sorted = (jnp.asarray(src[by_dst]), jnp.asarray(dst[by_dst]))
     del by_dst
@@ -263,7 +266,7 @@ def _peak_rss_probe(n: int, layout: str) -> dict:
     src, dst, _ = follow_graph(n, 10.0, seed=0)
     cap = _capacity(n)
     if layout == "bucketed":  # the live service's graph and padded features
-        g = FollowGraph.padded(src, dst, n, cap, _pow2_at_least(src.size))
+        g = FollowGraph.padded(src, dst, n, cap, pow2_at_least(src.size))
     else:
         g, cap = FollowGraph(src, dst, n, layout), n
     del src, dst
@@ -314,6 +317,10 @@ def run(quick: bool = False, sizes=None, log=print) -> str:
               "cascade_naive_sorted": ("cascade_reach", "naive, edges pre-sorted by dst (info)"),
               "polarization_chorus": ("polarization", "chorus"),
               "polarization_naive": ("polarization", "naive (same formula, plain scan)")}
+    labels_nb = {"cascade_live_nb": ("cascade_reach", f"chorus live, node_batch = {STEPS} (all nodes in one pass)"),
+                 "cascade_sorted_nb": ("cascade_reach", f"chorus, layout `sorted`, node_batch = {STEPS}")}
+    if gpu:
+        labels = dict(list(labels.items())[:2] + list(labels_nb.items()) + list(labels.items())[2:])
     for r in rows:
         for key, (ind, impl) in labels.items():
             m = r[key]
@@ -363,7 +370,7 @@ def run(quick: bool = False, sizes=None, log=print) -> str:
                   f"{TARGET_SPEEDUP:g}x faster than naive (same run) | {sp:.2f}x ({_ms(live)} ms vs {_ms(naive)} ms) "
                   f"| {_status(sp >= TARGET_SPEEDUP) if not gpu else 'n/a (GPU run)'} |")
         if gpu:
-            best = min(live, top["cascade_sorted"]["median_s"])
+            best = min(top[k]["median_s"] for k in ("cascade_live", "cascade_sorted", *labels_nb))
             md.append(f"| GPU ({device}): cascade_reach {TARGET_N:,}, steps {STEPS} <= {TARGET_GPU_S * 1e3:g} ms "
                       f"| {_ms(best)} ms (naive {_ms(naive)} ms) | {_status(best <= TARGET_GPU_S)} |")
     else:

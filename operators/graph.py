@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FollowGraph", "reach", "reach_naive", "LAYOUTS", "CHUNK", "MIN_CELLS", "bucket_widths"]
+__all__ = ["FollowGraph", "reach", "reach_naive", "LAYOUTS", "CHUNK", "MIN_CELLS", "bucket_widths", "pow2_at_least"]
 
 LAYOUTS = ("bucketed", "sorted")
 CHUNK = 256  # bucketed layout: rows wider than this are split into chunks of CHUNK
@@ -70,8 +70,8 @@ def _i32(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int32)
 
 
-def _pow2(n: int, floor: int = 1) -> int:
-    """The smallest floor * 2^k >= n."""
+def pow2_at_least(n: int, floor: int = 1) -> int:
+    """The smallest floor * 2^k >= n (capacities that grow by doubling)."""
     c = max(int(floor), 1)
     while c < n:
         c *= 2
@@ -110,7 +110,7 @@ def bucket_widths(max_degree: int = CHUNK) -> np.ndarray:
 
 
 WIDTHS = tuple(int(w) for w in bucket_widths(CHUNK)[::-1])  # class widths, widest first
-_FLOORS = tuple(_pow2(-(-MIN_CELLS // w)) for w in WIDTHS)
+_FLOORS = tuple(pow2_at_least(-(-MIN_CELLS // w)) for w in WIDTHS)
 
 
 def _grow(count: int, prev: int, floor: int) -> int:

@@ -29,17 +29,14 @@ import numpy as np
 
 from stream.schemas import FEATURE_COLUMNS, Features, GraphEdge
 
-from .graph import FollowGraph
+from .graph import FollowGraph, pow2_at_least
 
 MIN_CAPACITY = 1024
 D = len(FEATURE_COLUMNS)
 
 
 def _pow2_at_least(n: int, floor: int = MIN_CAPACITY) -> int:
-    c = floor
-    while c < n:
-        c *= 2
-    return c
+    return pow2_at_least(n, floor)
 
 
 @jax.jit
