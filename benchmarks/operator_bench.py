@@ -35,6 +35,7 @@ import numpy as np
 from benchmarks import header
 from benchmarks.graphgen import follow_graph, follower_percentiles
 from operators import attribute, indicators, shapley
+from operators.attribution import ACCELERATOR_NODE_BATCH
 from operators.graph import FollowGraph, pow2_at_least
 from operators.quadrature import nodes_weights
 
@@ -47,6 +48,7 @@ TARGET_SPEEDUP = 3.0
 TARGET_GPU_S = 0.005
 TARGET_SHAPLEY_RATIO = 1e4
 TARGET_RSS_GB = 1.5
+NB = ACCELERATOR_NODE_BATCH
 SHAPLEY = ((1_000, 16), (4_000, 8))  # (N, permutations per round)
 QUICK_SHAPLEY = ((300, 16), (1_000, 16))
 
@@ -147,9 +149,11 @@ def bench_recompute(n: int, repeats: int, log=print) -> dict:
     fns = {"cascade_live": lambda: attribute(F_live, x_live, steps=STEPS),
            "cascade_sorted": lambda: attribute(F_sorted, x, steps=STEPS),
            "cascade_naive": lambda: naive_attribute(_naive_cascade, edges, x, zeros)}
-    if jax.default_backend() != "cpu":  # accelerators: every node in one pass (node_batch)
-        fns["cascade_live_nb"] = lambda: attribute(F_live, x_live, steps=STEPS, node_batch=STEPS)
-        fns["cascade_sorted_nb"] = lambda: attribute(F_sorted, x, steps=STEPS, node_batch=STEPS)
+    if jax.default_backend() != "cpu":  # accelerators: several nodes per pass (the default there)
+        fns["cascade_live_nb"] = lambda: attribute(F_live, x_live, steps=STEPS, node_batch=NB)
+        fns["cascade_sorted_nb"] = lambda: attribute(F_sorted, x, steps=STEPS, node_batch=NB)
+        fns["cascade_live"] = lambda: attribute(F_live, x_live, steps=STEPS, node_batch=1)
+        fns["cascade_sorted"] = lambda: attribute(F_sorted, x, steps=STEPS, node_batch=1)
     by_dst = np.argsort(dst, kind="stable")
     edges_sorted = (jnp.asarray(src[by_dst]), jnp.asarray(dst[by_dst]))
     del by_dst
@@ -317,8 +321,11 @@ def run(quick: bool = False, sizes=None, log=print) -> str:
               "cascade_naive_sorted": ("cascade_reach", "naive, edges pre-sorted by dst (info)"),
               "polarization_chorus": ("polarization", "chorus"),
               "polarization_naive": ("polarization", "naive (same formula, plain scan)")}
-    labels_nb = {"cascade_live_nb": ("cascade_reach", f"chorus live, node_batch = {STEPS} (all nodes in one pass)"),
-                 "cascade_sorted_nb": ("cascade_reach", f"chorus, layout `sorted`, node_batch = {STEPS}")}
+    labels_nb = {"cascade_live_nb": ("cascade_reach", f"**chorus live**, node_batch = {NB} (the default off CPU)"),
+                 "cascade_sorted_nb": ("cascade_reach", f"chorus, layout `sorted`, node_batch = {NB}")}
+    if gpu:
+        labels["cascade_live"] = ("cascade_reach", "chorus live, node_batch = 1 (one node per pass)")
+        labels["cascade_sorted"] = ("cascade_reach", "chorus, layout `sorted`, node_batch = 1")
     if gpu:
         labels = dict(list(labels.items())[:2] + list(labels_nb.items()) + list(labels.items())[2:])
     for r in rows:
@@ -364,13 +371,13 @@ def run(quick: bool = False, sizes=None, log=print) -> str:
     md += ["", "Targets:", "", "| target | measured | status |", "|---|---|---|"]
     if top:
         naive = top["cascade_naive"]["median_s"]
-        live = top["cascade_live"]["median_s"]
+        live = top["cascade_live_nb" if gpu else "cascade_live"]["median_s"]
         sp = naive / live
         md.append(f"| cascade_reach, {TARGET_N:,} agents, steps {STEPS}, live layout (padded bucketed): >= "
                   f"{TARGET_SPEEDUP:g}x faster than naive (same run) | {sp:.2f}x ({_ms(live)} ms vs {_ms(naive)} ms) "
                   f"| {_status(sp >= TARGET_SPEEDUP) if not gpu else 'n/a (GPU run)'} |")
         if gpu:
-            best = min(top[k]["median_s"] for k in ("cascade_live", "cascade_sorted", *labels_nb))
+            best = top["cascade_live_nb"]["median_s"]  # what the operator service runs on a GPU
             md.append(f"| GPU ({device}): cascade_reach {TARGET_N:,}, steps {STEPS} <= {TARGET_GPU_S * 1e3:g} ms "
                       f"| {_ms(best)} ms (naive {_ms(naive)} ms) | {_status(best <= TARGET_GPU_S)} |")
     else:

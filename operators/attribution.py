@@ -35,6 +35,7 @@ from operators.quadrature import nodes_weights
 __all__ = ["Attribution", "attribute", "split_callable", "join_callable", "float_dtype", "trace_count"]
 
 _TRACES = 0
+ACCELERATOR_NODE_BATCH = 8  # node_batch default off CPU: fastest on one H100 (BENCHMARKS.md)
 
 
 class Attribution(NamedTuple):
@@ -134,8 +135,8 @@ def _attribute_core(static, dyn, x, b, alphas, weights):
 
     def node_batch(acc, aw):
         a, w = aw
-        a = a.reshape(a.shape + (1,) * x.ndim)
-        return acc + jnp.tensordot(w, jax.vmap(grad)(b + a * d), 1), None
+        a, w = (v.reshape(v.shape + (1,) * x.ndim) for v in (a, w))
+        return acc + jnp.sum(w * jax.vmap(grad)(b + a * d), axis=0), None  # not a dot: no TF32
 
     body = one_node if alphas.shape[1] == 1 else node_batch
     g, _ = jax.lax.scan(body, jnp.zeros_like(x), (alphas, weights))
@@ -158,6 +159,8 @@ def _device_nodes(steps: int, rule: str, node_batch: int, dtype) -> tuple[jax.Ar
 
 
 def _check_node_batch(node_batch, steps: int) -> int:
+    if node_batch is None:
+        node_batch = 1 if jax.default_backend() == "cpu" else ACCELERATOR_NODE_BATCH
     if isinstance(node_batch, bool) or not isinstance(node_batch, (int, np.integer)) or node_batch < 1:
         raise ValueError(f"node_batch must be an integer >= 1, got {node_batch!r}")
     return min(int(node_batch), steps)
@@ -169,7 +172,7 @@ def attribute(
     baseline=None,
     steps: int = 32,
     rule: str = "gauss-legendre",
-    node_batch: int = 1,
+    node_batch: int | None = None,
 ) -> Attribution:
     """Aumann-Shapley attribution of F(x) - F(baseline) to the entries of x.
 
@@ -178,8 +181,8 @@ def attribute(
     baseline: same shape as x; None = ``indicators.default_baseline(F, x)`` (zeros, or the
     population mean for scale-invariant indicators). steps: quadrature nodes (>= 1).
     rule: "gauss-legendre" (default) or "midpoint". node_batch: quadrature nodes evaluated
-    together in one scan step (vmapped; capped at steps); memory O(node_batch N d). 1 (the
-    default) is fastest on CPU; accelerators gain from evaluating several nodes per pass.
+    together in one scan step (vmapped; capped at steps); memory O(node_batch N d). None = 1 on
+    CPU (fastest there), ACCELERATOR_NODE_BATCH on a GPU/TPU backend (fewer, larger kernels).
     """
     nodes_weights(steps, rule)  # validates steps and rule (clear errors) before the cached copy
     node_batch = _check_node_batch(node_batch, steps)
