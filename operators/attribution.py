@@ -180,7 +180,8 @@ def attribute(
     indicator (a pytree, its arrays passed as jit arguments) or any hashable callable.
     baseline: same shape as x; None = ``indicators.default_baseline(F, x)`` (zeros, or the
     population mean for scale-invariant indicators). steps: quadrature nodes (>= 1).
-    rule: "gauss-legendre" (default) or "midpoint". node_batch: quadrature nodes evaluated
+    rule: "gauss-legendre" (default), "midpoint" or "gauss-legendre-graded" (nodes graded toward
+    the baseline: fewer nodes for saturating indicators such as cascade_reach; operators.quadrature). node_batch: quadrature nodes evaluated
     together in one scan step (vmapped; capped at steps); memory O(node_batch N d). None = 1 on
     CPU (fastest there), ACCELERATOR_NODE_BATCH on a GPU/TPU backend (fewer, larger kernels).
     """
