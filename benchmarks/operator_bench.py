@@ -51,7 +51,7 @@ TARGET_RSS_GB = 1.5
 NB = ACCELERATOR_NODE_BATCH
 REF_STEPS = 256  # the converged Aumann-Shapley integral the equal-accuracy search is measured against
 RULES_COMPARED = ("gauss-legendre", "gauss-legendre-graded")
-SHAPLEY = ((1_000, 16), (4_000, 8))  # (N, permutations per round)
+SHAPLEY = ((1_000, 16), (4_000, 8), (8_000, 8))  # (N, permutations per round)
 QUICK_SHAPLEY = ((300, 16), (1_000, 16))
 
 
