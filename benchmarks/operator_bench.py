@@ -432,6 +432,10 @@ def run(quick: bool = False, sizes=None, log=print) -> str:
                   f"| {_status(s4['ratio_eq'] >= TARGET_SHAPLEY_RATIO)} |")
     if not shap4:
         md.append("| sampled / Aumann-Shapley ratio at N = 4,000 | not run (quick) | n/a |")
+    for s in shap:
+        if s["n"] > 4_000:  # how the ratio scales with N (information, not a target)
+            md.append(f"| (info) the same ratio at N = {s['n']:,} | {s['ratio_eq']:.2e} ({s['rule_eq']}, "
+                      f"{s['steps_eq']} nodes); at {STEPS} Gauss-Legendre nodes {s['ratio']:.2e} | info |")
     for m in mem_top:
         gb = m["peak_rss_bytes"] / 1e9
         md.append(f"| peak RSS at {TARGET_N:,} agents, live layout <= {TARGET_RSS_GB:g} GB | {gb:.2f} GB "
