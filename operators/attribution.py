@@ -12,11 +12,12 @@ baseline_value)`` is the completeness residual, the health check.
 
 The node loop is a ``lax.scan`` that carries one gradient accumulator, so memory is O(N d), not
 O(steps N d); with ``node_batch = k`` each scan step evaluates k nodes at once (``jax.vmap``),
-memory O(k N d), fewer and larger kernels (for accelerators). The whole computation is one jit-compiled program, cached on (F's static part,
-shapes, dtypes). F is passed *through* jit as an argument: its array leaves (an indicator's
-graph, for instance) are runtime inputs, not constants baked into the program, so a new graph of
-the same shape reuses the compiled program. Array leaves are found with ``jax.tree_util``; every
-other leaf (and a plain Python function, which is a single leaf) is static and must be hashable.
+memory O(k N d), fewer and larger kernels (for accelerators). The whole computation is one
+jit-compiled program, cached on (F's static part, shapes, dtypes). F is passed *through* jit as
+an argument: its array leaves (an indicator's graph, for instance) are runtime inputs, not
+constants baked into the program, so a new graph of the same shape reuses the compiled program.
+Array leaves are found with ``jax.tree_util``; every other leaf (and a plain Python function,
+which is a single leaf) is static and must be hashable.
 
 Dtype: float32, or float64 when ``jax_enable_x64`` is on.
 """
@@ -181,9 +182,10 @@ def attribute(
     baseline: same shape as x; None = ``indicators.default_baseline(F, x)`` (zeros, or the
     population mean for scale-invariant indicators). steps: quadrature nodes (>= 1).
     rule: "gauss-legendre" (default), "midpoint" or "gauss-legendre-graded" (nodes graded toward
-    the baseline: fewer nodes for saturating indicators such as cascade_reach; operators.quadrature). node_batch: quadrature nodes evaluated
-    together in one scan step (vmapped; capped at steps); memory O(node_batch N d). None = 1 on
-    CPU (fastest there), ACCELERATOR_NODE_BATCH on a GPU/TPU backend (fewer, larger kernels).
+    the baseline: fewer nodes for saturating indicators such as cascade_reach; see
+    operators.quadrature). node_batch: quadrature nodes evaluated together in one scan step
+    (vmapped; capped at steps); memory O(node_batch N d). None = 1 on CPU (fastest there),
+    ACCELERATOR_NODE_BATCH on a GPU/TPU backend (fewer, larger kernels).
     """
     nodes_weights(steps, rule)  # validates steps and rule (clear errors) before the cached copy
     node_batch = _check_node_batch(node_batch, steps)
