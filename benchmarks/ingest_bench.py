@@ -5,7 +5,7 @@
 
 * Decode: every frame of a synthetic population (follow commits, then posts, replies, quotes,
   likes, reposts, deletes, #account/#identity/#sync), pre-encoded in memory, through
-  ``stream.firehose.decode_frame``; CPU time of this process (one core). For comparison, the same
+  ``stream.ingest.decode.decode_frame``; CPU time of this process (one core). For comparison, the same
   frames through the SDK's pydantic models (``parse_subscribe_repos_message`` + ``CAR.from_bytes``
   + record models), the path the decoder avoids for ``#commit``.
 * End to end: the relay serves the population from a separate process (unpaced, as fast as the
@@ -28,7 +28,7 @@ TARGET_E2E = 5_000  # events/s
 
 
 def _population(quick: bool):
-    from stream.synth import Population
+    from stream.sim.synth import Population
 
     return Population(300 if quick else 1000, seed=1)
 
@@ -39,7 +39,7 @@ def bench_decode(frames: list[bytes], sdk_sample: int = 2000) -> dict:
     from atproto_firehose import parse_subscribe_repos_message
     from atproto_subscription import Frame
 
-    from stream.firehose import decode_frame
+    from stream.ingest.decode import decode_frame
 
     best = 0.0
     for _ in range(3):
@@ -61,7 +61,7 @@ def bench_decode(frames: list[bytes], sdk_sample: int = 2000) -> dict:
 
 def _serve_relay(frames: list[tuple[int, int, bytes]], conn) -> None:
     """Child process: serve the frames on loopback, send the URL, run until the parent exits."""
-    from stream.relay import FrameSource, Relay
+    from stream.sim.relay import FrameSource, Relay
 
     async def main():
         async with Relay(FrameSource(lambda: iter(frames), frames[0][0], frames[-1][0])) as relay:
@@ -73,7 +73,7 @@ def _serve_relay(frames: list[tuple[int, int, bytes]], conn) -> None:
 
 async def _e2e(url: str, last_seq: int, bootstrap_url: str, state_dir: str) -> dict:
     from stream.config import Settings
-    from stream.ingest import Ingester
+    from stream.ingest.service import Ingester
 
     ing = Ingester(Settings(kafka=bootstrap_url, kafka_idempotence=False, state_dir=state_dir),
                    relay=url, persist_cursor=False)
@@ -91,7 +91,7 @@ async def _e2e(url: str, last_seq: int, bootstrap_url: str, state_dir: str) -> d
 
 
 def bench_e2e(timed: list[tuple[int, int, bytes]]) -> dict:
-    from stream.broker import EmbeddedBroker
+    from stream.local.broker import EmbeddedBroker
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -101,7 +101,7 @@ def bench_e2e(timed: list[tuple[int, int, bytes]]) -> dict:
         if not parent.poll(120):
             raise RuntimeError("relay process did not start")
         url = parent.recv()
-        from stream.eventloop import install
+        from stream.process import install
 
         install()  # the ingester's loop in production (`chorus ingest`)
         with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as state:

@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import time
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -125,7 +124,7 @@ def _status(ok: bool | None) -> str:
 # --- sections ---------------------------------------------------------------------------------
 
 def _capacity(n: int) -> int:
-    """The live service's padded capacity for n rows (operators.state: power of two >= n + 1; the
+    """The live service's padded capacity for n rows (operators.service.state: power of two >= n + 1; the
     service's floor of 1,024 rows is below every benchmarked size)."""
     return pow2_at_least(n + 1)
 

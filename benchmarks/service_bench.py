@@ -3,7 +3,7 @@
 ``run(quick) -> str`` returns a Markdown section for BENCHMARKS.md. Standalone:
 ``python -m benchmarks.service_bench [--quick] [--indicators polarization,cascade_reach]``.
 
-What is timed: :meth:`operators.service.OperatorService.recompute` for one topic, i.e. everything
+What is timed: :meth:`operators.service.service.OperatorService.recompute` for one topic, i.e. everything
 a hop does except Kafka I/O: upload of the changed feature rows to the device, the indicator's
 Aumann-Shapley attribution (steps = 32, the service default), band shares, the visibility-panel
 attribution and comparison (k = 100), the top 10 and the metrics. State: N agents with
@@ -47,8 +47,8 @@ def bench_hop(n: int, indicator: str, steps: int = 32, seed: int = 0) -> dict:
     """Time the first and the warm hops of one indicator on one topic with n agents."""
     import jax
 
-    from operators.service import OperatorService
-    from operators.state import OperatorState
+    from operators.service.service import OperatorService
+    from operators.service.state import OperatorState
     from stream.config import Settings
     from stream.schemas import Features
 

@@ -8,11 +8,11 @@
   slides and expires during the run) as JSON bytes through ``json.loads`` +
   ``WindowStore.process`` (both stages, one process), CPU time of this process, for the default
   (6 h / 60 s) and demo (10 min / 10 s) windows: the cost per event must not depend on them.
-* Faust, live: one ``stream.app.Worker`` in this process on a fresh embedded broker; once it is
+* Faust, live: one ``stream.worker.faust_app.Worker`` in this process on a fresh embedded broker; once it is
   assigned, another process produces the events to chorus.events; the clock runs from the first
   processed event until the store has ingested every event and applied every op. events/s =
   events / wall seconds; "per CPU-second" divides by this process's CPU time (Faust's consumer
-  thread included). Live runs alternate chorus's app (``stream.faust_lean.App``) with stock
+  thread included). Live runs alternate chorus's app (``stream.worker.faust_lean.App``) with stock
   ``faust.App`` as the reference, three each. Catch-up: the same with the events produced before
   the worker starts.
 """
@@ -34,7 +34,7 @@ TARGET = 5_000  # events/s on one core
 
 def synthetic_events(n: int, seed: int = 0, users: int = 5000, rate: float = 100.0) -> list[bytes]:
     """``n`` chorus.events values at ``rate`` events/s of event time."""
-    from stream.topics import Lexicon
+    from stream.worker.lexicon import Lexicon
 
     rng = random.Random(seed)
     terms = [t for ts in Lexicon.load().topics.values() for t in ts]
@@ -79,8 +79,8 @@ def synthetic_events(n: int, seed: int = 0, users: int = 5000, rate: float = 100
 
 
 def bench_store(values: list[bytes], window_s: int, hop_s: int) -> dict:
-    from stream.topics import Classifier
-    from stream.windows import WindowStore
+    from stream.worker.lexicon import Classifier
+    from stream.worker.windows import WindowStore
 
     store = WindowStore(window_s, hop_s, Classifier())
     loads, process = json.loads, store.process
@@ -117,7 +117,7 @@ async def _faust(values: list[bytes], url: str, live: bool, app_class=None) -> d
     and the worker starts after (catch-up: the replay on assignment reads them)."""
     import multiprocessing as mp
 
-    from stream.app import Worker, ensure_worker_topics
+    from stream.worker.faust_app import Worker, ensure_worker_topics
     from stream.config import Settings
 
     s = Settings(kafka=url, kafka_idempotence=False, profile="demo")
@@ -165,9 +165,9 @@ async def _faust(values: list[bytes], url: str, live: bool, app_class=None) -> d
 
 def bench_faust(values: list[bytes], live: bool, app_class=None) -> dict:
     """One worker run on a fresh embedded broker; ``app_class``: the Faust app (default: chorus's)."""
-    from stream.broker import EmbeddedBroker
+    from stream.local.broker import EmbeddedBroker
 
-    from stream.eventloop import install
+    from stream.process import install
 
     install()  # the worker's loop in production (`chorus worker`)
     with EmbeddedBroker() as b:

@@ -1,4 +1,4 @@
-"""chorus operators: pure JAX/numpy attribution math (no I/O), plus the operator service.
+"""chorus operators: pure JAX/numpy attribution math (no I/O); the service is in operators.service.
 
     from operators import attribute, indicators, shapley, bands
 """

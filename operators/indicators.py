@@ -20,7 +20,6 @@ Live feature columns (stream.schemas.FEATURE_COLUMNS): 0 posts, 1 engagement, 2 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from functools import partial
 from typing import Callable, ClassVar
 
 import jax

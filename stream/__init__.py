@@ -1,1 +1,15 @@
-"""chorus stream side: ingest, events, Faust windows, relay, synthetic population, CLI."""
+"""chorus stream side: everything between the AT Protocol network and the operator's inputs.
+
+Stages, one subpackage each:
+
+- :mod:`stream.ingest`: the firehose -> ``chorus.events`` stage (`chorus ingest`).
+- :mod:`stream.worker`: the Faust worker, rolling per-user windows -> ``chorus.features``, ``chorus.graph``.
+- :mod:`stream.sim`: simulated input for the demo and the tests (frame encoders, synthetic population,
+  loopback relay, recordings). Never imported by production stages except to serve `chorus relay`.
+- :mod:`stream.local`: the one-command local deployment (`chorus run`: embedded broker, parts, console).
+- :mod:`stream.offline`: offline tools (`chorus analyze`, `chorus report`, `chorus alerts`).
+
+Shared by every stage, at this level: ``cli`` (the `chorus` command), ``config`` (settings),
+``schemas`` (topic names and record schemas), ``kafka`` (client factories, topic creation),
+``metrics`` (every Prometheus metric), ``process`` (event loop and process setup).
+"""

@@ -14,7 +14,7 @@ import typer
 
 from pydantic import ValidationError
 
-from .config import ConfigError, Settings
+from stream.config import ConfigError, Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
@@ -61,8 +61,8 @@ def run(
     import asyncio
     import logging
 
-    from .runner import RunError, RunOptions
-    from .runner import run as run_all
+    from stream.local.runner import RunError, RunOptions
+    from stream.local.runner import run as run_all
 
     s = settings(profile=profile, kafka=kafka, metrics_port=metrics_port)
     try:
@@ -90,8 +90,8 @@ def ingest(
     kafka: Optional[str] = typer.Option(None, help="kafka://host:port (default: CHORUS_KAFKA)."),
 ) -> None:
     """Consume the firehose and publish normalized events to chorus.events."""
-    from .config import bootstrap_servers
-    from .ingest import IngestError, main
+    from stream.config import bootstrap_servers
+    from stream.ingest.service import IngestError, main
 
     if cursor is not None and cursor < 0:
         fail(f"--cursor must be >= 0 (got {cursor})")
@@ -119,12 +119,12 @@ def worker(
         fail("the worker needs Kafka: set CHORUS_KAFKA or pass --kafka kafka://host:port")
     try:
         s.window
-        from .topics import Lexicon
+        from stream.worker.lexicon import Lexicon
 
         Lexicon.load(s.topics_file)
     except ConfigError as exc:
         fail(str(exc))
-    from .app import run_worker
+    from stream.worker.faust_app import run_worker
 
     try:
         run_worker(s, idle_flush_s=idle_flush)
@@ -147,10 +147,10 @@ def operator(
     import logging
     import signal
 
-    from operators.alerts import AlertConfigError
-    from operators.service import OperatorService
+    from operators.service.alerts import AlertConfigError
+    from operators.service.service import OperatorService
 
-    from .metrics import serve
+    from stream.metrics import serve
 
     s = settings(kafka=kafka, indicators=indicator or None, alerts_file=alerts_file, profile=profile,
                  metrics_port=metrics_port)
@@ -191,8 +191,8 @@ def relay(
     import asyncio
     import time
 
-    from .recording import RecordingError
-    from .relay import FrameSource, run_relay
+    from stream.sim.recording import RecordingError
+    from stream.sim.relay import FrameSource, run_relay
 
     if recording is not None and synthetic is not None:
         fail("give either --recording or --synthetic, not both")
@@ -203,7 +203,7 @@ def relay(
             source = FrameSource.from_recording(recording)
             what = f"recording {recording}"
         else:
-            from .synth import Population
+            from stream.sim.synth import Population
 
             population = Population(n=synthetic or 20_000, seed=seed)
             source = FrameSource.from_population(population, 1, start_us or time.time_ns() // 1000)
@@ -233,7 +233,7 @@ def record(
     """Save live frames with their seq to a file."""
     import asyncio
 
-    from .recording import record as record_frames, subscribe_url
+    from stream.sim.recording import record as record_frames, subscribe_url
 
     try:
         subscribe_url(url)
@@ -259,13 +259,13 @@ def alerts(
     """Subscribe to chorus.alerts and print readable lines or JSON lines."""
     import asyncio
 
-    from .alerts_cli import follow
-    from .config import bootstrap_servers
+    from stream.offline.alerts_tail import follow
+    from stream.config import bootstrap_servers
 
     s = settings(kafka=kafka)
     url = s.kafka
     if url is None:
-        from .runner import running_instance
+        from stream.local.runner import running_instance
 
         url = (running_instance(s.state_dir) or {}).get("kafka")
     if url is None:
@@ -331,9 +331,9 @@ def analyze(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Offline attribution over a recording, a Jetstream dump or the synthetic population."""
-    from . import analyze as az
-    from .recording import RecordingError
-    from .topics import Lexicon
+    from stream.offline import analyze as az
+    from stream.sim.recording import RecordingError
+    from stream.worker.lexicon import Lexicon
 
     if (input is None) == (synthetic is None):
         fail("give an input file or --synthetic N (one of them)")
@@ -384,9 +384,9 @@ def report(
     import asyncio
     from datetime import datetime, timezone
 
-    from . import analyze as az
-    from . import report as rp
-    from .config import bootstrap_servers
+    from stream.offline import analyze as az
+    from stream.offline import report as rp
+    from stream.config import bootstrap_servers
 
     def when(value: Optional[str], flag: str) -> Optional[int]:
         if value is None:

@@ -6,7 +6,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from .schemas import TOPIC_EVENTS, TOPIC_GRAPH, TOPIC_PARTITIONS
+from stream.schemas import TOPIC_EVENTS, TOPIC_GRAPH, TOPIC_PARTITIONS
 
 OPS_SUFFIX = "-ops"  # the worker's repartition topic is f"{app_id}-ops"
 

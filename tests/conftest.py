@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from stream.broker import EmbeddedBroker, free_port  # noqa: E402
+from stream.local.broker import EmbeddedBroker, free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import heavy_features, reach_reference
+from tests.helpers.operators_data import heavy_features, reach_reference
 
 from operators import indicators as I
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import heavy_features, random_graph
+from tests.helpers.operators_data import heavy_features, random_graph
 
 from operators import indicators as I, shapley
 from operators.graph import FollowGraph

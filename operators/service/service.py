@@ -1,0 +1,363 @@
+"""The operator service (`chorus operator`): Kafka in, attribution every hop, Kafka and metrics out.
+
+Consumes ``chorus.features`` and ``chorus.graph`` into :class:`operators.service.state.OperatorState`
+(device-resident, padded capacity), and at every hop, for each topic whose features changed (every
+topic when the follow graph changed), computes each configured indicator (``Settings.indicators``)
+with :func:`operators.attribute`, the band shares, the visibility-panel comparison and the top 10;
+publishes :class:`stream.schemas.Attribution` to ``chorus.attributions`` (key = topic), alerts to
+``chorus.alerts`` and sets the ``chorus_attribution_*`` metrics. JAX's default device: the GPU when
+JAX sees one, the CPU otherwise (logged at start).
+
+Indicator inputs (feature columns: posts, engagement, stance_sum, reposts), see :data:`INDICATORS`:
+
+- ``cascade_reach``: x_i = posts_i + reposts_i, what agent i pushes into its followers' timelines
+  (engagement *received* is other agents' doing and shows up as their reposts); zero baseline.
+- ``polarization``: weight = posts, stance = stance_sum (mean stance = stance_sum / posts); baseline
+  = every posting agent at the topic's mean (agents with no post are padding-like null players).
+- ``volume``: posts; zero baseline.  ``concentration``: engagement received; baseline = the mean
+  over agents with engagement.
+
+Per-agent attribution phi_i is summed over the indicator's input columns. ``share_i = phi_i /
+sum(phi)``; the top 10 are the agents with the largest positive share (largest contribution in the
+direction F moved; agents with zero or opposite contribution are never listed). Bands are follower percentiles over every agent in state (each DID seen in features or
+graph), so they are the same across topics and indicators. ``n_agents`` counts the agents the
+indicator sees as active (non-zero input).
+
+Hops (event time): the worker stamps every features message with its hop's ``window_end``;
+snapshots carry the newest window end seen. When features with a newer window end arrive, the
+hop is computed as soon as the service has caught up with both input topics (a poll returned
+nothing and every partition is read to its high watermark), or hop_s / 2 of wall time after they
+arrived, so a busy input cannot starve it. Input that changes state later within the same window
+end (late features of that hop, follow-graph changes) triggers a *revision*: the same window end
+recomputed, at most once per hop_s / 2 (subscribers keep the latest snapshot per topic,
+indicator and window end). :meth:`OperatorService.recompute` does one hop's work synchronously
+and is what tests call directly; :meth:`run` is the Kafka loop around it.
+
+Restarts: the service commits no offsets. It reads both topics from the beginning with no consumer
+group, and state updates are idempotent (latest features per DID; add/remove edges as a set), so
+after catching up the state equals that of an uninterrupted run, and the next snapshot is the
+same. A snapshot for a window end already published before the restart may be published again
+with the same content (at-least-once; alert ids are deterministic so duplicates can be dropped).
+Stale records: every contribution in a record stamped ``window_end = e`` lies in a bucket before e,
+so by window end ``e + window_s`` each DID has a newer record (a change or its expiry). A DID whose
+latest record ended at ``e <= window_end - window_s`` is therefore expired at that hop even if
+its expiry never arrived (a restarted worker rebuilds its window by replay and cannot know which
+DIDs its predecessor published). In an intact stream this changes nothing.
+
+Alert state (previous hop, cooldowns) starts empty after a restart, so the first hop after it raises
+no hop-to-hop alerts (new culprit, band shift).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stream import metrics as M
+from stream.config import Settings, bootstrap_servers
+from stream.schemas import TOPIC_ATTRIBUTIONS, TOPIC_FEATURES, TOPIC_GRAPH, Attribution, Features, GraphEdge
+
+from operators import bands as B
+from operators import indicators as I
+from operators.service.alert_sink import AlertPublisher, load_rules
+from operators.service.alerts import AlertEngine
+from operators.attribution import attribute
+from operators.service.state import OperatorState
+
+log = logging.getLogger("chorus.operator")
+
+TOP_K = 10
+
+
+# --- indicator specs: inputs from the (C, 4) feature matrix, and the indicator itself -----------
+
+@jax.jit
+def _activity(x):  # posts + reposts
+    return x[:, 0] + x[:, 3], (x[:, 0] + x[:, 3]) > 0
+
+
+@jax.jit
+def _posts_stance(x):
+    return x[:, jnp.array([0, 2])], x[:, 0] > 0
+
+
+@jax.jit
+def _posts(x):
+    return x[:, 0], x[:, 0] > 0
+
+
+@jax.jit
+def _engagement(x):
+    return x[:, 1], x[:, 1] > 0
+
+
+@dataclass(frozen=True)
+class IndicatorSpec:
+    """How the service feeds one indicator: ``inputs(x4) -> (x_in, active)`` on device, and
+    ``make(state) -> F`` (the indicator over x_in)."""
+
+    name: str
+    inputs: Callable
+    make: Callable[[OperatorState], Callable]
+    columns: str  # documentation: what x_in is
+    # ``panel(state, rows) -> F'``: an indicator equal to F whenever only ``rows`` differ from the
+    # zero baseline (the panel attribution), cheaper to evaluate; None: F itself
+    panel: Callable[[OperatorState, np.ndarray], Callable] | None = None
+
+
+INDICATORS: dict[str, IndicatorSpec] = {
+    "cascade_reach": IndicatorSpec("cascade_reach", _activity,
+                                   lambda st: I.cascade_reach(st.graph(), p=0.05), "posts + reposts",
+                                   lambda st, rows: I.cascade_reach(st.panel_graph(rows), p=0.05)),
+    "polarization": IndicatorSpec("polarization", _posts_stance,
+                                  lambda st: I.polarization(weight_col=0, stance_col=1),
+                                  "weight = posts, stance = stance_sum"),
+    "volume": IndicatorSpec("volume", _posts, lambda st: I.volume(), "posts"),
+    "concentration": IndicatorSpec("concentration", _engagement, lambda st: I.concentration(column=0),
+                                   "engagement"),
+}
+
+
+def top_agents(phi: np.ndarray, k: int = TOP_K) -> list[tuple[int, float]]:
+    """Up to k rows with the largest positive share phi_i / sum(phi), as (row, share), best first."""
+    total = float(phi.sum(dtype=np.float64))
+    if phi.size == 0 or total == 0.0 or not np.isfinite(total):
+        return []
+    share = phi / total
+    k = min(k, share.size)
+    idx = np.argpartition(-share, k - 1)[:k]
+    idx = idx[np.argsort(-share[idx], kind="stable")]
+    return [(int(i), float(share[i])) for i in idx if share[i] > 0]
+
+
+class OperatorService:
+    """``await OperatorService(settings).run()`` until ``await stop()``; or call
+    :meth:`apply_features` / :meth:`apply_edge` / :meth:`recompute` directly (no Kafka)."""
+
+    def __init__(self, settings: Settings | None = None, *, steps: int = 32, panel_k: int = 100,
+                 state: OperatorState | None = None, engine: AlertEngine | None = None):
+        self.settings = settings or Settings()
+        unknown = [n for n in self.settings.indicators if n not in INDICATORS]
+        if unknown:
+            raise ValueError(f"unknown indicator(s) {', '.join(unknown)}; known: {', '.join(INDICATORS)}")
+        self.specs = [INDICATORS[n] for n in self.settings.indicators]
+        self.steps, self.panel_k = steps, panel_k
+        self.state = state or OperatorState()
+        self.engine = engine or AlertEngine(load_rules(self.settings.alerts_file))
+        self.hop_s = self.settings.window[1]
+        self.last_end: int | None = None          # window_end of the last recompute
+        self.window_s = self.settings.window[0]
+        self._graph_changed = False
+        self._uses_graph = any(spec.name == "cascade_reach" for spec in self.specs)
+        self._pending_since: float | None = None   # wall time of the first change since the last recompute
+        self._last_recompute = float("-inf")       # wall time of the last recompute
+        self._top_labels: dict[tuple[str, str], set[tuple[str, str]]] = {}
+        self._stopping = asyncio.Event()
+        self.snapshots_published = 0
+
+    # --- state input (also used by the Kafka loop) ------------------------------------------
+    def apply_features(self, f: Features) -> None:
+        self.state.apply_features(f)
+        if self.state.changed_topics:
+            self._note_change()
+
+    def apply_edge(self, e: GraphEdge) -> None:
+        if self.state.apply_edge(e) and self._uses_graph:
+            self._graph_changed = True
+            self._note_change()
+
+    def _note_change(self) -> None:
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
+
+    def hop_due(self, caught_up: bool) -> bool:
+        """Whether to recompute now (see the module docstring, "Hops").
+
+        A newer window end: as soon as the input is caught up, or hop_s / 2 after it arrived.
+        Later changes within the same window end (late features, graph edges): a revision, at most
+        one per hop_s / 2, when caught up (or hop_s after the change at the latest).
+        """
+        if self._pending_since is None or self.state.window_end is None:
+            return False
+        now, half = time.monotonic(), self.hop_s / 2
+        waited = now - self._pending_since
+        if self.last_end is None or self.state.window_end > self.last_end:
+            return caught_up or waited >= half
+        return (caught_up and now - self._last_recompute >= half) or waited >= self.hop_s
+
+    # --- one hop ----------------------------------------------------------------------------
+    def recompute(self, window_end: int | None = None) -> list[Attribution]:
+        """Attribution for every changed topic and configured indicator; sets the metrics.
+
+        ``window_end`` defaults to the newest one seen in the features. Pure compute + metrics
+        (no Kafka): the caller publishes the returned snapshots.
+        """
+        st = self.state
+        end = window_end if window_end is not None else st.window_end
+        if end is None:
+            return []
+        self._expire_stale(end)
+        changed = st.take_changed()
+        if self._graph_changed:
+            changed |= set(st.topics)
+        self._graph_changed = False
+        self._pending_since, self._last_recompute = None, time.monotonic()
+        self.last_end = end if self.last_end is None else max(end, self.last_end)
+        snaps = []
+        for topic in sorted(changed):
+            view = st.features(topic)
+            for spec in self.specs:
+                t0 = time.perf_counter()
+                try:
+                    snap = self._attribute(topic, spec, view.x, end)
+                except (ValueError, FloatingPointError) as exc:  # e.g. non-finite features: skip, keep serving
+                    log.error("skipping %s/%s at %s: %s", topic, spec.name, end, str(exc).splitlines()[0])
+                    continue
+                M.RECOMPUTE_SECONDS.labels(topic=topic, indicator=spec.name).observe(time.perf_counter() - t0)
+                self._export(snap)
+                snaps.append(snap)
+        return snaps
+
+    def _expire_stale(self, end: int) -> None:
+        """Expire every DID with features whose latest record ended at e <= end - window (see
+        "Stale records" in the module docstring). O(rows) numpy per call."""
+        st = self.state
+        for r in st.stale_rows(end - self.window_s):
+            st.apply_features(Features(did=st.dids[r], window_end=st.last_end(r),
+                                       followers=int(st.followers[r]), topics={}, expired=True))
+
+    def _attribute(self, topic: str, spec: IndicatorSpec, x4: jax.Array, end: int) -> Attribution:
+        st = self.state
+        n = st.n_rows
+        x, active = spec.inputs(x4)
+        F = spec.make(st)
+        b = I.default_baseline(F, x, active)
+        res = attribute(F, x, b, steps=self.steps)
+        phi_full = np.asarray(res.phi, dtype=np.float64)
+        phi_full = phi_full.reshape(phi_full.shape[0], -1).sum(axis=1)
+        phi, followers = phi_full[:n], st.followers[:n]
+        bands = B.band_shares(phi, followers)
+        panel = self._panel(spec, F, x, b, phi_full, bands)
+        top = [{"did": st.dids[r], "share": s, "followers": int(followers[r])} for r, s in top_agents(phi)]
+        return Attribution(
+            topic=topic, indicator=spec.name, window_end=int(end), value=float(res.value),
+            baseline_value=float(res.baseline_value), completeness_residual=float(res.delta),
+            n_agents=int(jnp.sum(active)), bands=bands, panel=panel, top=top,
+        )
+
+    def _panel(self, spec: IndicatorSpec, F, x, b, phi_full: np.ndarray, bands: dict[str, float]) -> dict:
+        """Visibility-panel comparison (k, bands, tvd, spearman, rescale, rescale_residual).
+
+        Runs on the padded arrays (no retrace); padding rows get followers -1 so they never enter
+        the panel, and the band shares are taken over the real rows only. With ``spec.panel``
+        (cascade_reach: the follow graph restricted to edges out of the panel, exactly the same
+        panel attribution) F is replaced by the cheaper equivalent for the panel attribution.
+        """
+        st = self.state
+        n = st.n_rows
+        k = max(1, min(self.panel_k, n))
+        f_pad = np.full(st.capacity, -1, np.int64)
+        f_pad[:n] = st.followers[:n]
+        if spec.panel is not None:
+            F = spec.panel(st, B.panel_agents(f_pad, k))
+        pc = B.panel_comparison(F, x, f_pad, k=k, baseline=b, steps=self.steps, phi_full=phi_full)
+        panel_bands = B.band_shares(pc.phi_panel[:n], f_pad[:n])
+        tvd = 0.5 * sum(abs(bands[name] - panel_bands[name]) for name in bands)
+        return {"k": k, "bands": panel_bands, "tvd": float(tvd), "spearman": _finite(pc.spearman),
+                "rescale": _finite(pc.rescale), "rescale_residual": _finite(pc.rescale_residual)}
+
+    # --- metrics ----------------------------------------------------------------------------
+    def _export(self, s: Attribution) -> None:
+        lab = dict(topic=s.topic, indicator=s.indicator)
+        M.MACRO_VALUE.labels(**lab).set(s.value)
+        M.COMPLETENESS_RESIDUAL.labels(**lab).set(s.completeness_residual)
+        for band, share in s.bands.items():
+            M.BAND_SHARE.labels(**lab, band=band).set(share)
+        for band, share in s.panel.get("bands", {}).items():
+            M.PANEL_BAND_SHARE.labels(**lab, band=band).set(share)
+        for gauge, key in ((M.PANEL_TVD, "tvd"), (M.PANEL_SPEARMAN, "spearman"),
+                           (M.PANEL_RESCALE_RESIDUAL, "rescale_residual")):
+            v = s.panel.get(key)
+            gauge.labels(**lab).set(float("nan") if v is None else v)
+        now = {(str(rank), e["did"]) for rank, e in enumerate(s.top, 1)}
+        for rank, did in self._top_labels.get((s.topic, s.indicator), set()) - now:
+            try:
+                M.TOP_SHARE.remove(s.topic, s.indicator, rank, did)
+            except KeyError:
+                pass
+        for rank, e in enumerate(s.top, 1):
+            M.TOP_SHARE.labels(**lab, rank=str(rank), did=e["did"]).set(e["share"])
+        self._top_labels[(s.topic, s.indicator)] = now
+
+    # --- Kafka loop -------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Consume, recompute every hop, publish; returns after :meth:`stop`."""
+        from stream.kafka import ensure_topics, make_consumer, make_producer
+
+        if not self.settings.kafka:
+            raise ValueError("the operator needs Kafka: set CHORUS_KAFKA or pass --kafka kafka://host:port")
+        bootstrap = bootstrap_servers(self.settings.kafka)
+        log.info("operator: JAX device %s; indicators %s; hop %ss", jax.devices()[0],
+                 ", ".join(s.name for s in self.specs), self.hop_s)
+        await ensure_topics(bootstrap)
+        consumer = make_consumer(bootstrap, TOPIC_FEATURES, TOPIC_GRAPH, group_id=None,
+                                 auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20)
+        producer = make_producer(bootstrap, idempotence=self.settings.kafka_idempotence)
+        await consumer.start()
+        try:
+            await producer.start()
+            try:
+                alerts = AlertPublisher(producer, self.engine)
+                while not self._stopping.is_set():
+                    batch = await consumer.getmany(timeout_ms=200, max_records=20000)
+                    for tp, msgs in batch.items():
+                        self._ingest(tp.topic, msgs)
+                    if self.hop_due(caught_up=not batch and await self._caught_up(consumer)):
+                        snaps = await asyncio.to_thread(self.recompute)
+                        await self._publish(producer, snaps)
+                        await alerts.evaluate_and_publish(snaps)
+            finally:
+                await producer.stop()
+        finally:
+            await consumer.stop()
+
+    def _ingest(self, topic: str, msgs) -> None:
+        for m in msgs:
+            try:
+                if topic == TOPIC_FEATURES:
+                    self.apply_features(Features.from_bytes(m.value))
+                else:
+                    self.apply_edge(GraphEdge.from_bytes(m.value))
+            except ValueError as exc:
+                log.warning("skipping malformed %s record at offset %s: %s", topic, m.offset,
+                            str(exc).splitlines()[0])
+
+    @staticmethod
+    async def _caught_up(consumer) -> bool:
+        """Every assigned partition (features and graph) read up to its high watermark."""
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            if hw is None or await consumer.position(tp) < hw:
+                return False
+        return True
+
+    async def _publish(self, producer, snaps: list[Attribution]) -> None:
+        futs = [await producer.send(TOPIC_ATTRIBUTIONS, s.to_bytes(), key=s.topic.encode()) for s in snaps]
+        for f in futs:
+            await f
+        self.snapshots_published += len(snaps)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+
+
+def _finite(v) -> float | None:
+    v = float(v)
+    return v if np.isfinite(v) else None

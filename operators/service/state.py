@@ -1,0 +1,347 @@
+"""The operator's device-resident state: agents, per-topic features, followers and the follow graph.
+
+Rows: every DID seen in ``chorus.features`` or ``chorus.graph`` gets a row index, assigned once
+(rows are never reused, so a long-running service grows with the distinct DIDs it has seen).
+All arrays have one padded *capacity* ``C`` (a power of two, ``C >= rows + 1``: the last row is the
+follow graph's reserved dummy node) that grows by doubling, so the compiled JAX programs keep their
+shapes between hops and retrace only when ``C`` (or the edge capacity) doubles.
+
+Idempotent, order-tolerant updates, so replaying ``chorus.features``/``chorus.graph`` from the
+beginning after a restart rebuilds exactly the same state:
+
+- Features: the latest message per DID wins (a message with an older ``window_end`` than the one
+  applied for that DID is ignored). A message replaces that DID's vector in every topic: topics it
+  does not list become zero; ``expired`` zeroes them all.
+- Graph edges: add/remove are set operations on ``(src, dst)``; an op older (``time_us``) than the
+  last op applied to the same edge is ignored (:class:`EdgeSet`, compact numpy storage).
+
+Features live on the host (the source of truth) and on the default JAX device; changed rows are
+copied to the device in one scatter per topic and hop (padded to a power-of-two batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stream.schemas import FEATURE_COLUMNS, Features, GraphEdge
+
+from operators.graph import FollowGraph, pow2_at_least
+
+MIN_CAPACITY = 1024
+D = len(FEATURE_COLUMNS)
+
+
+def _pow2_at_least(n: int, floor: int = MIN_CAPACITY) -> int:
+    return pow2_at_least(n, floor)
+
+
+@jax.jit
+def _scatter_rows(x: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
+    """x with x[rows] = values; rows >= len(x) (batch padding) are dropped."""
+    return x.at[rows].set(values, mode="drop")
+
+
+class EdgeSet:
+    """Follow edges keyed ``src << 32 | dst`` with the time of the last op on each (removed edges
+    stay as tombstones, so an older duplicate op cannot resurrect them).
+
+    Recent ops live in a dict; :meth:`compact` merges them into sorted numpy arrays (about 17 bytes
+    per edge), so millions of edges stay compact.
+    """
+
+    MERGE_AT = 1 << 20
+
+    def __init__(self):
+        self._keys = np.empty(0, np.int64)
+        self._time = np.empty(0, np.int64)
+        self._present = np.empty(0, bool)
+        self._recent: dict[int, tuple[int, bool]] = {}
+        self.count = 0  # present edges
+
+    def _lookup(self, key: int) -> tuple[int, bool] | None:
+        hit = self._recent.get(key)
+        if hit is None and self._keys.size:
+            i = int(np.searchsorted(self._keys, key))
+            if i < self._keys.size and self._keys[i] == key:
+                hit = (int(self._time[i]), bool(self._present[i]))
+        return hit
+
+    def apply(self, key: int, time_us: int, present: bool) -> bool:
+        """Apply one add (present=True) or remove; returns whether the edge set changed."""
+        prev = self._lookup(key)
+        if prev is not None and time_us < prev[0]:
+            return False
+        self._recent[key] = (time_us, present)
+        was = prev is not None and prev[1]
+        if len(self._recent) >= self.MERGE_AT:
+            self.compact()
+        if present != was:
+            self.count += 1 if present else -1
+            return True
+        return False
+
+    def add_many(self, keys: np.ndarray, time_us: int = 0) -> None:
+        """Bulk add distinct, new keys (initial loads and benchmarks)."""
+        self.compact()
+        keys = np.asarray(keys, np.int64)
+        self._merge(keys, np.full(keys.size, time_us, np.int64), np.ones(keys.size, bool))
+        self.count = int(self._present.sum())
+
+    def compact(self) -> None:
+        if self._recent:
+            keys = np.fromiter(self._recent, np.int64, len(self._recent))
+            vals = list(self._recent.values())
+            self._merge(keys, np.array([t for t, _ in vals], np.int64), np.array([p for _, p in vals], bool))
+            self._recent.clear()
+
+    def _merge(self, keys, time, present) -> None:
+        keep = ~np.isin(self._keys, keys, assume_unique=True)
+        k = np.concatenate([self._keys[keep], keys])
+        order = np.argsort(k, kind="stable")
+        self._keys = k[order]
+        self._time = np.concatenate([self._time[keep], time])[order]
+        self._present = np.concatenate([self._present[keep], present])[order]
+
+    def present(self) -> np.ndarray:
+        """Keys of the present edges, sorted."""
+        self.compact()
+        return self._keys[self._present]
+
+
+@dataclass(frozen=True)
+class TopicView:
+    """One topic's inputs at a hop: ``x`` (C, 4) on device, ``active`` (C,) host bool mask of agents
+    with any non-zero feature, ``n_rows`` real rows (rows >= n_rows are padding)."""
+
+    topic: str
+    x: jax.Array
+    active: np.ndarray
+    n_rows: int
+
+    @property
+    def n_agents(self) -> int:
+        return int(self.active.sum())
+
+
+class OperatorState:
+    """DID registry, per-topic feature matrices, follower counts and follow edges (see module doc)."""
+
+    def __init__(self, capacity: int = MIN_CAPACITY, edge_capacity: int = MIN_CAPACITY):
+        self.capacity = _pow2_at_least(capacity)
+        self.edge_capacity = _pow2_at_least(edge_capacity)
+        self.index: dict[str, int] = {}
+        self.dids: list[str] = []
+        self.followers = np.zeros(self.capacity, np.int64)
+        self._last_end = np.full(self.capacity, np.iinfo(np.int64).min, np.int64)
+        self._host: dict[str, np.ndarray] = {}      # topic -> (C, D) float32
+        self._device: dict[str, jax.Array] = {}     # topic -> (C, D) on the default device
+        self._pending: dict[str, set[int]] = {}     # topic -> rows changed since the last upload
+        self._edges = EdgeSet()
+        self._graph: FollowGraph | None = None
+        self._graph_dirty = True
+        self._edges_version = 0                     # bumped whenever the edge set changes
+        self._present: tuple[int, np.ndarray] | None = None  # (version, sorted present keys)
+        self._panel_graph: tuple[tuple, FollowGraph] | None = None
+        self.window_end: int | None = None          # latest window_end seen in features
+        self.changed_topics: set[str] = set()       # topics whose features changed since take_changed()
+
+    # --- registry ---------------------------------------------------------------------------
+    @property
+    def n_rows(self) -> int:
+        return len(self.dids)
+
+    def row(self, did: str) -> int:
+        """The row of ``did``, registering it (and doubling the capacity) when new."""
+        r = self.index.get(did)
+        if r is None:
+            r = len(self.dids)
+            self.index[did] = r
+            self.dids.append(did)
+            if r + 1 >= self.capacity:  # keep the last row free for the graph's dummy node
+                self._grow(_pow2_at_least(r + 2, self.capacity))
+        return r
+
+    def _grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
+        self.followers = np.concatenate([self.followers, np.zeros(extra, np.int64)])
+        self._last_end = np.concatenate([self._last_end, np.full(extra, np.iinfo(np.int64).min, np.int64)])
+        for t, h in self._host.items():
+            self._host[t] = np.concatenate([h, np.zeros((extra, D), np.float32)])
+        self._device.clear()  # re-uploaded whole at the new shape
+        self.capacity = capacity
+        self._graph_dirty = True
+
+    def stale_rows(self, ended_by: int) -> np.ndarray:
+        """Rows that still have features but whose latest record ended at ``window_end <=
+        ended_by`` (unix seconds)."""
+        ends = self._last_end[: self.n_rows]
+        rows = np.flatnonzero((ends > np.iinfo(np.int64).min) & (ends <= ended_by))
+        if rows.size:
+            live = np.zeros(rows.size, bool)
+            for t in self.topics:
+                live |= self._host[t][rows].any(axis=1)
+            rows = rows[live]
+        return rows
+
+    def last_end(self, row: int) -> int:
+        """window_end of the latest record applied to ``row``."""
+        return int(self._last_end[row])
+
+    # --- updates ----------------------------------------------------------------------------
+    def apply_features(self, f: Features) -> bool:
+        """Apply one chorus.features value; returns False when ignored as older than the applied one."""
+        r = self.row(f.did)
+        if f.window_end < self._last_end[r]:
+            return False
+        self._last_end[r] = f.window_end
+        self.followers[r] = max(int(f.followers), 0)
+        if self.window_end is None or f.window_end > self.window_end:
+            self.window_end = f.window_end
+        topics = {} if f.expired else f.topics
+        for t, vec in topics.items():
+            if len(vec) != D:
+                raise ValueError(f"features for {f.did} topic {t!r}: expected {D} values, got {len(vec)}")
+            self._set(t, r, np.asarray(vec, np.float32))
+        for t in self._host.keys() - topics.keys():
+            self._set(t, r, None)
+        return True
+
+    def _set(self, topic: str, r: int, vec: np.ndarray | None) -> None:
+        h = self._host.get(topic)
+        if h is None:
+            if vec is None:
+                return
+            h = self._host[topic] = np.zeros((self.capacity, D), np.float32)
+        if vec is None:
+            if not h[r].any():
+                return
+            h[r] = 0.0
+        elif np.array_equal(h[r], vec):
+            return
+        else:
+            h[r] = vec
+        self._pending.setdefault(topic, set()).add(r)
+        self.changed_topics.add(topic)
+
+    def apply_edge(self, e: GraphEdge) -> bool:
+        """Apply one chorus.graph value (idempotent); returns whether the edge set changed."""
+        s, d = self.row(e.src), self.row(e.dst)
+        if self._edges.apply((s << 32) | d, e.time_us, e.op == "add"):
+            self._graph_dirty = True
+            self._edges_version += 1
+            return True
+        return False
+
+    def load(self, dids: list[str], followers: np.ndarray, features: dict[str, np.ndarray],
+             window_end: int, src: np.ndarray | None = None, dst: np.ndarray | None = None) -> None:
+        """Bulk-load a fresh state (benchmarks, snapshots): rows in ``dids`` order, (N, 4) features
+        per topic, distinct edges ``src -> dst`` as row indices."""
+        if self.dids:
+            raise ValueError("OperatorState.load needs an empty state")
+        n = len(dids)
+        self.index = {d: i for i, d in enumerate(dids)}
+        if len(self.index) != n:
+            raise ValueError("OperatorState.load: dids must be distinct")
+        self.dids = list(dids)
+        if n + 1 > self.capacity:
+            self._grow(_pow2_at_least(n + 1, self.capacity))
+        self.followers[:n] = followers
+        self._last_end[:n] = window_end
+        for t, x in features.items():
+            h = self._host[t] = np.zeros((self.capacity, D), np.float32)
+            h[:n] = x
+            self.changed_topics.add(t)
+        self.window_end = window_end
+        if src is not None:
+            self._edges.add_many((np.asarray(src, np.int64) << 32) | np.asarray(dst, np.int64))
+            self._graph_dirty = True
+            self._edges_version += 1
+
+    def take_changed(self) -> set[str]:
+        """Topics whose features changed since the last call (and clear the set)."""
+        out, self.changed_topics = self.changed_topics, set()
+        return out
+
+    # --- views for the hop ------------------------------------------------------------------
+    @property
+    def topics(self) -> list[str]:
+        return sorted(self._host)
+
+    @property
+    def n_edges(self) -> int:
+        return self._edges.count
+
+    def _present_keys(self) -> np.ndarray:
+        """Present edge keys ``src << 32 | dst``, sorted (cached until the edge set changes)."""
+        if self._present is None or self._present[0] != self._edges_version:
+            self._present = (self._edges_version, self._edges.present())
+        return self._present[1]
+
+    def edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Present edges as (src rows, dst rows), sorted by (src, dst)."""
+        keys = self._present_keys()
+        return keys >> 32, keys & 0xFFFFFFFF
+
+    def graph(self) -> FollowGraph:
+        """The follow graph padded to (capacity, edge capacity); rebuilt only when edges changed.
+
+        Bucketed layout; each rebuild keeps at least the previous graph's table capacities, so
+        the compiled programs retrace only when a degree class outgrows its capacity (which then
+        doubles) or the node capacity doubles.
+        """
+        if self._graph is None or self._graph_dirty:
+            src, dst = self.edges()
+            self.edge_capacity = _pow2_at_least(src.size, self.edge_capacity)
+            prev = self._graph.capacities if self._graph is not None else None
+            self._graph = FollowGraph.padded(src, dst, max(self.n_rows, 1), self.capacity, self.edge_capacity,
+                                             capacities=prev)
+            self._graph_dirty = False
+        return self._graph
+
+    def panel_graph(self, rows) -> FollowGraph:
+        """The follow graph restricted to edges out of ``rows`` (a panel), padded like :meth:`graph`.
+
+        For cascade reach with every agent outside ``rows`` at q = 0 (the panel attribution, zero
+        baseline) this gives exactly the full graph's R and attribution: an edge i -> j with
+        q_i = 0 adds log1p(0) = 0 to S_j. Cached per (rows, edge set, capacity).
+        """
+        rows = np.unique(np.asarray(rows, np.int64))
+        key = (self._edges_version, self.capacity, rows.tobytes())
+        cached = self._panel_graph
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        keys = self._present_keys()
+        lo, hi = np.searchsorted(keys, rows << 32), np.searchsorted(keys, (rows + 1) << 32)
+        sub = np.concatenate([keys[a:b] for a, b in zip(lo, hi)] + [np.empty(0, np.int64)])
+        prev = cached[1] if cached is not None else None
+        e_cap = _pow2_at_least(sub.size, prev.num_edges if prev is not None else MIN_CAPACITY)
+        g = FollowGraph.padded(sub >> 32, sub & 0xFFFFFFFF, max(self.n_rows, 1), self.capacity, e_cap,
+                               capacities=prev.capacities if prev is not None else None)
+        self._panel_graph = (key, g)
+        return g
+
+    def features(self, topic: str) -> TopicView:
+        """Topic features on the device at (capacity, 4), after copying the changed rows."""
+        h = self._host[topic]
+        x = self._device.get(topic)
+        pending = self._pending.pop(topic, set())
+        if x is None or x.shape[0] != self.capacity:
+            x = jnp.asarray(h)
+        elif pending:
+            rows = np.fromiter(pending, np.int64, len(pending))
+            b = _pow2_at_least(rows.size, 16)
+            idx = np.full(b, self.capacity, np.int32)
+            idx[: rows.size] = rows
+            vals = np.zeros((b, D), np.float32)
+            vals[: rows.size] = h[rows]
+            x = _scatter_rows(x, jnp.asarray(idx), jnp.asarray(vals))
+        self._device[topic] = x
+        return TopicView(topic, x, h.any(axis=1), self.n_rows)
+
+    def host_features(self, topic: str) -> np.ndarray:
+        """The host copy (C, 4) of a topic's features (read-only use)."""
+        return self._host[topic]

@@ -1,0 +1,571 @@
+"""`chorus run`: every part of chorus in one process tree, started and stopped in order.
+
+Start order: run lock -> metrics endpoint -> Kafka (embedded Tansu broker unless ``settings.kafka``)
+-> topics -> synthetic relay -> operator -> worker -> ingester -> console. Shutdown (Ctrl-C,
+SIGTERM, ``duration`` elapsed, or a part dying) runs the same list in reverse, so upstream parts
+stop before the ones they feed and the broker goes last.
+
+One metrics endpoint serves every metric: parts running in this process register in
+``prometheus_client.REGISTRY`` (``stream.metrics``); a part running as a subprocess serves its own
+loopback endpoint and the families it owns are proxied from it (:class:`ChildMetrics`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+from urllib.request import urlopen
+
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from stream.local.broker import EmbeddedBroker, free_port
+from stream.config import Settings, bootstrap_servers
+
+log = logging.getLogger("chorus.run")
+
+# Metric families each part owns (name prefixes, without the `_total` suffix), used to take a
+# subprocess part's families from its own endpoint.
+OWNED_METRICS: dict[str, tuple[str, ...]] = {
+    "ingester": ("chorus_ingest_", "chorus_events_published"),
+    "worker": ("chorus_window_",),
+    "operator": ("chorus_attribution_", "chorus_operator_", "chorus_alerts_"),
+}
+
+
+class RunError(RuntimeError):
+    """A condition the user can fix (one line), e.g. a second `chorus run` or a port in use."""
+
+
+class Part(Protocol):
+    """A running piece of the pipeline."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def failure(self) -> str | None:
+        """None while healthy; a one-line reason once the part died on its own."""
+        ...
+
+
+# --- the run lock ---------------------------------------------------------------------------
+
+class RunLock:
+    """An exclusive ``flock`` on ``<state_dir>/run.lock`` holding a JSON note about the run.
+
+    The kernel drops the lock when the process dies, so a crashed run never blocks the next one.
+    """
+
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / "run.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            info = self.read() or {}
+            pid = info.get("pid", "?")
+            where = f", metrics {info['metrics']}" if info.get("metrics") else ""
+            raise RunError(f"`chorus run` is already running (pid {pid}{where}; lock {self.path})") from None
+        self._fd = fd
+        self.write({"pid": os.getpid()})
+        return self
+
+    def write(self, info: dict[str, Any]) -> None:
+        """Replace the note (pid, kafka URL, metrics URL, relay URL) other commands can read."""
+        if self._fd is None:
+            return
+        data = json.dumps(info).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text() or "null")
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def running_instance(state_dir: Path) -> dict[str, Any] | None:
+    """The note of the `chorus run` holding the lock under ``state_dir``, or None if none runs."""
+    lock = RunLock(state_dir)
+    try:
+        fd = os.open(lock.path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return lock.read()
+    finally:
+        os.close(fd)
+    return None
+
+
+# --- metrics: one endpoint for in-process and subprocess parts ------------------------------
+
+class ChildMetrics:
+    """A subprocess's /metrics endpoint and the metric family prefixes it owns."""
+
+    def __init__(self, url: str, owns: Iterable[str]):
+        self.url = url
+        self.owns = tuple(owns)
+
+    def owned(self, name: str) -> bool:
+        return name.startswith(self.owns)
+
+    def families(self, timeout: float = 2.0) -> list:
+        try:
+            with urlopen(self.url, timeout=timeout) as r:
+                text = r.read().decode()
+        except OSError:
+            return []  # child starting or restarting: its families are briefly absent
+        return [f for f in text_string_to_metric_families(text) if self.owned(f.name)]
+
+
+class CombinedCollector(Collector):
+    """Local registry families, with those owned by a child replaced by the child's own."""
+
+    def __init__(self, local: CollectorRegistry = REGISTRY):
+        self.local = local
+        self.children: dict[str, ChildMetrics] = {}
+
+    def collect(self):
+        children = list(self.children.values())
+        for fam in self.local.collect():
+            if not any(c.owned(fam.name) for c in children):
+                yield fam
+        for c in children:
+            yield from c.families()
+
+
+class MetricsEndpoint:
+    """HTTP /metrics on ``host:port`` (port 0 = ephemeral) serving a :class:`CombinedCollector`."""
+
+    name = "metrics"
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.collector = CombinedCollector()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
+        self._server = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    async def start(self) -> None:
+        from stream.metrics import serve
+
+        try:
+            self._server, _ = serve(self.host, self.port, registry=self.registry)
+        except OSError as exc:
+            raise RunError(
+                f"metrics port {self.host}:{self.port} is in use ({exc.strerror}); is another "
+                "`chorus run` running? Choose another with --metrics-port"
+            ) from None
+        self.port = self._server.server_port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
+
+    def failure(self) -> str | None:
+        return None
+
+
+# --- generic parts ---------------------------------------------------------------------------
+
+class TaskPart:
+    """An in-process part: ``factory()`` returns an object with ``async run()`` and ``async stop()``."""
+
+    def __init__(self, name: str, factory: Callable[[], Any], stop_timeout: float = 20.0):
+        self.name = name
+        self.factory = factory
+        self.stop_timeout = stop_timeout
+        self.obj: Any = None
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.obj = self.factory()
+        self.task = asyncio.create_task(self.obj.run(), name=f"chorus-{self.name}")
+
+    async def stop(self) -> None:
+        if self.task is None:
+            return
+        task, self.task = self.task, None
+        if not task.done():
+            try:
+                await asyncio.wait_for(self.obj.stop(), self.stop_timeout)
+            except Exception as exc:  # noqa: BLE001 - keep shutting the others down
+                log.warning("%s: stop() failed: %r", self.name, exc)
+            done, _ = await asyncio.wait({task}, timeout=self.stop_timeout)
+            if not done:
+                log.warning("%s did not stop within %.0fs; cancelling", self.name, self.stop_timeout)
+                task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+    def failure(self) -> str | None:
+        if self.task is None or not self.task.done():
+            return None
+        if self.task.cancelled():
+            return f"{self.name} was cancelled"
+        exc = self.task.exception()
+        return f"{self.name} failed: {exc!r}" if exc else f"{self.name} exited"
+
+
+class ProcPart:
+    """A part run as a subprocess (own session, so a terminal Ctrl-C reaches only the runner,
+    which stops parts in order). Output goes to ``log_path``. A ``metrics_port`` makes the runner's
+    endpoint proxy the families listed in :data:`OWNED_METRICS` for ``name``."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path,
+                 metrics_port: int | None = None, stop_timeout: float = 20.0):
+        self.name, self.argv, self.env, self.log_path = name, argv, env, log_path
+        self.metrics_port = metrics_port
+        self.stop_timeout = stop_timeout
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, env=self.env, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            )
+
+    async def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), self.stop_timeout)
+        except TimeoutError:
+            log.warning("%s did not exit within %.0fs of SIGTERM; killing", self.name, self.stop_timeout)
+            proc.kill()
+            await proc.wait()
+
+    def failure(self) -> str | None:
+        if self.proc is None or self.proc.returncode is None:
+            return None
+        return f"{self.name} exited with code {self.proc.returncode} (log: {self.log_path})"
+
+
+class BrokerPart:
+    """The embedded Tansu broker (a subprocess managed by :class:`EmbeddedBroker`)."""
+
+    name = "broker"
+
+    def __init__(self, log_path: Path):
+        self.broker = EmbeddedBroker(log_path=log_path)
+
+    async def start(self) -> None:
+        self.broker.log_path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.broker.start)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.broker.stop)
+
+    def failure(self) -> str | None:
+        p = self.broker._proc
+        if p is not None and p.poll() is not None:
+            return f"embedded broker exited with code {p.returncode} (log: {self.broker.log_path})"
+        return None
+
+
+class RelayPart:
+    """The synthetic relay: a seeded ``synth.Population`` served as subscribeRepos frames.
+
+    Event time runs at wall-clock speed from ``start_time_us`` (default: now), so lag and windows
+    mean what they mean live. The activity span is ``events_per_account * n / rate`` seconds (about
+    ``rate`` events/s on average), after a ``follow_span_s`` burst that builds the follow graph.
+    """
+
+    name = "relay"
+    EVENTS_PER_ACCOUNT = 4.0
+
+    def __init__(self, accounts: int, seed: int, rate: float, host: str = "127.0.0.1",
+                 start_time_us: int | None = None, follow_span_s: float = 10.0):
+        self.accounts, self.seed, self.rate, self.host = accounts, seed, rate, host
+        self.start_time_us, self.follow_span_s = start_time_us, follow_span_s
+        self.population: Any = None
+        self.relay: Any = None
+
+    def make_population(self):
+        from stream.sim.synth import Population
+
+        return Population(self.accounts, self.seed, events_per_account=self.EVENTS_PER_ACCOUNT,
+                          duration_s=self.EVENTS_PER_ACCOUNT * self.accounts / self.rate,
+                          follow_span_s=self.follow_span_s, follow_batch=100)
+
+    async def start(self) -> None:
+        from stream.sim.relay import FrameSource, Relay
+
+        self.population = await asyncio.to_thread(self.make_population)
+        start = self.start_time_us if self.start_time_us is not None else time.time_ns() // 1000
+        self.start_time_us = start
+        source = FrameSource.from_population(self.population, start_time_us=start)
+        self.relay = Relay(source, self.host, 0, speed=1.0)
+        await self.relay.start()
+
+    @property
+    def url(self) -> str:
+        return self.relay.url
+
+    async def stop(self) -> None:
+        if self.relay is not None:
+            await self.relay.stop()
+            self.relay = None
+
+    def failure(self) -> str | None:
+        return None
+
+
+# --- the runner -----------------------------------------------------------------------------
+
+@dataclass
+class RunOptions:
+    """What `chorus run` starts besides the settings: the synthetic source and the view."""
+
+    synthetic: int = 5000          # synthetic accounts
+    seed: int = 0
+    rate: float = 50.0             # mean synthetic activity, events per second
+    start_time_us: int | None = None  # event time of the first frame (None: now)
+    console: bool = True
+    worker: str = "auto"           # "process", "inline" or "auto" (what stream.worker.faust_app supports)
+    log_dir: Path | None = None    # default: <state_dir>/logs
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class Runner:
+    """Starts every part in order, watches them, and stops them in reverse order.
+
+    ``await runner.start()``; ``await runner.wait(duration)`` returns on a signal, after ``duration``
+    seconds or when a part dies; ``await runner.stop()``. ``await runner.restart("worker")`` stops and
+    starts one part (tests use it to check that state survives restarts).
+    """
+
+    def __init__(self, settings: Settings, options: RunOptions | None = None):
+        self.opts = options or RunOptions()
+        self.settings = settings
+        settings.window  # validate window/hop now: raises ConfigError with a one-line message
+        self.state_dir = Path(settings.state_dir)
+        self.log_dir = self.opts.log_dir or self.state_dir / "logs"
+        self.lock = RunLock(self.state_dir)
+        self.metrics = MetricsEndpoint(settings.metrics_host, settings.metrics_port)
+        self.parts: list[Part] = []
+        self.kafka_url: str | None = settings.kafka
+        self.relay_url: str | None = None
+        self.failed: str | None = None
+        self._embedded = settings.kafka is None
+        self._stop = asyncio.Event()
+        self._started = False
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    @property
+    def bootstrap(self) -> str:
+        if self.kafka_url is None:
+            raise RunError("Kafka is not started yet")
+        return bootstrap_servers(self.kafka_url)
+
+    def part(self, name: str) -> Part:
+        for p in self.parts:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def child_settings(self) -> Settings:
+        """Settings every part runs with (Kafka and relay filled in)."""
+        update: dict[str, Any] = {"kafka": self.kafka_url}
+        if self.relay_url:
+            update["relay"] = self.relay_url
+        if self._embedded:
+            update["kafka_idempotence"] = False
+        return self.settings.model_copy(update=update)
+
+    def child_env(self, metrics_port: int) -> dict[str, str]:
+        """Environment for a subprocess part: every setting as ``CHORUS_*``, its own metrics port."""
+        env = dict(os.environ)
+        s = self.child_settings()
+        for key, value in s.model_dump(mode="json").items():
+            if value is None:
+                continue
+            env[f"CHORUS_{key.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+        env["CHORUS_METRICS_HOST"] = "127.0.0.1"
+        env["CHORUS_METRICS_PORT"] = str(metrics_port)
+        env.update(self.opts.extra_env)
+        return env
+
+    async def _start_part(self, part: Part) -> None:
+        log.info("starting %s", part.name)
+        self.parts.append(part)
+        await part.start()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start everything; on any failure, stop what was started and re-raise."""
+        self.lock.acquire()
+        self._started = True
+        try:
+            await self._start_part(self.metrics)
+            if self._embedded:
+                broker = BrokerPart(self.log_dir / "broker.log")
+                await self._start_part(broker)
+                self.kafka_url = broker.broker.url
+            from stream.kafka import ensure_topics
+
+            try:
+                await asyncio.wait_for(ensure_topics(self.bootstrap, window_s=self.settings.window[0]), 60)
+            except (OSError, TimeoutError, Exception) as exc:  # aiokafka raises its own errors
+                raise RunError(f"cannot reach Kafka at {self.kafka_url}: {exc!r}") from None
+            relay = RelayPart(self.opts.synthetic, self.opts.seed, self.opts.rate,
+                              start_time_us=self.opts.start_time_us)
+            await self._start_part(relay)
+            self.relay_url = relay.url
+            await self._start_part(self._operator_part())
+            await self._start_part(self._worker_part())
+            await self._start_part(self._ingester_part())
+            if self.opts.console:
+                from stream.local.console import Console
+
+                await self._start_part(Console(self.bootstrap, self.metrics.registry, self.settings))
+            self.lock.write({"pid": os.getpid(), "kafka": self.kafka_url, "metrics": self.metrics.url,
+                             "relay": self.relay_url, "started": time.time(),
+                             "synthetic": {"accounts": relay.accounts, "seed": relay.seed,
+                                           "rate": relay.rate, "start_time_us": relay.start_time_us}})
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _operator_part(self) -> Part:
+        from operators.service.service import OperatorService
+
+        s = self.child_settings()
+        return TaskPart("operator", lambda: OperatorService(s))
+
+    def _ingester_part(self) -> Part:
+        from stream.ingest.service import Ingester
+
+        s = self.child_settings()
+        # The synthetic relay lives and dies with this run: no cursor is stored across runs.
+        return TaskPart("ingester", lambda: Ingester(s, relay=self.relay_url, persist_cursor=False))
+
+    def _worker_part(self) -> Part:
+        mode = self.opts.worker
+        if mode == "auto":
+            from stream.worker import faust_app as worker_app
+
+            mode = getattr(worker_app, "RUN_MODE", "process")
+        if mode == "inline":
+            from stream.worker.faust_app import Worker
+
+            s = self.child_settings()
+            return TaskPart("worker", lambda: Worker(s))
+        port = free_port()
+        part = ProcPart("worker", [sys.executable, "-m", "stream.cli", "worker"], self.child_env(port),
+                        self.log_dir / "worker.log", metrics_port=port)
+        self.metrics.collector.children["worker"] = ChildMetrics(
+            f"http://127.0.0.1:{port}/metrics", OWNED_METRICS["worker"])
+        return part
+
+    async def restart(self, name: str) -> None:
+        """Stop and start one part in place (state must come back from Kafka)."""
+        part = self.part(name)
+        log.info("restarting %s", name)
+        await part.stop()
+        await part.start()  # a TaskPart builds a fresh object from its factory
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self, duration: float | None = None, poll: float = 0.5) -> None:
+        """Return on request_stop() (signals), after ``duration`` seconds, or when a part dies."""
+        deadline = None if duration is None else time.monotonic() + duration
+        while not self._stop.is_set():
+            for p in self.parts:
+                reason = p.failure()
+                if reason:
+                    self.failed = reason
+                    log.error("%s", reason)
+                    return
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), poll)
+
+    async def stop(self) -> None:
+        """Stop every started part in reverse start order, then release the lock."""
+        while self.parts:
+            part = self.parts.pop()
+            log.info("stopping %s", part.name)
+            try:
+                await part.stop()
+            except Exception as exc:  # noqa: BLE001 - keep going: the rest must stop too
+                log.warning("stopping %s failed: %r", part.name, exc)
+        if self._started:
+            self.lock.release()
+            self._started = False
+
+
+async def run(settings: Settings, options: RunOptions, duration: float | None = None,
+              announce: Callable[[str], None] = print) -> int:
+    """`chorus run`: start, print where things are, wait for Ctrl-C/SIGTERM/duration, stop.
+
+    Returns the process exit code (0 clean, 1 a part died).
+    """
+    runner = Runner(settings, options)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, runner.request_stop)
+    try:
+        await runner.start()
+        w, h = settings.window
+        announce(f"chorus run: kafka {runner.kafka_url}  relay {runner.relay_url}  "
+                 f"metrics {runner.metrics.url}  window {w}s / hop {h}s  (Ctrl-C stops)")
+        await runner.wait(duration)
+    finally:
+        await runner.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if runner.failed:
+        announce(f"chorus run: stopped because {runner.failed}")
+        return 1
+    announce("chorus run: stopped")
+    return 0
+
+
+__all__ = ["Runner", "RunOptions", "RunLock", "RunError", "run", "running_instance",
+           "ChildMetrics", "CombinedCollector", "MetricsEndpoint", "TaskPart", "ProcPart",
+           "OWNED_METRICS"]

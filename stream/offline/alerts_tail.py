@@ -1,0 +1,62 @@
+"""`chorus alerts`: subscribe to ``chorus.alerts`` and print readable lines or JSON lines.
+
+From now (the end of the topic) by default, or from the beginning. No consumer group: every
+subscriber sees every alert and commits nothing. Alerts carry deterministic ids, so duplicates
+redelivered after an operator restart are printed once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import datetime, timezone
+from typing import TextIO
+
+from stream.kafka import ensure_topics, make_consumer
+from stream.schemas import TOPIC_ALERTS, Alert
+
+
+def format_alert(a: Alert) -> str:
+    """One readable line: time, severity, rule, summary, then the evidence's scalar fields."""
+    when = datetime.fromtimestamp(a.window_end, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    scalars = " ".join(f"{k}={_fmt(v)}" for k, v in a.evidence.items() if isinstance(v, (int, float, str)))
+    return f"{when} {a.severity.upper():8} {a.rule:22} {a.summary}" + (f"  [{scalars}]" if scalars else "")
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+async def follow(bootstrap: str, *, from_beginning: bool = False, as_json: bool = False,
+                 rule: str | None = None, limit: int | None = None, out: TextIO = sys.stdout,
+                 stop: asyncio.Event | None = None) -> int:
+    """Print alerts until ``stop`` is set or ``limit`` alerts were printed; returns the count."""
+    await ensure_topics(bootstrap, {TOPIC_ALERTS: 1})
+    consumer = make_consumer(bootstrap, TOPIC_ALERTS, group_id=None,
+                             auto_offset_reset="earliest" if from_beginning else "latest")
+    await consumer.start()
+    seen: set[str] = set()
+    printed = 0
+    try:
+        while not (stop and stop.is_set()) and (limit is None or printed < limit):
+            batch = await consumer.getmany(timeout_ms=500)
+            for msgs in batch.values():
+                for m in msgs:
+                    try:
+                        a = Alert.from_bytes(m.value)
+                    except ValueError:
+                        print(f"chorus: skipping malformed alert at offset {m.offset}", file=sys.stderr)
+                        continue
+                    if (rule and a.rule != rule) or a.id in seen:
+                        continue
+                    seen.add(a.id)
+                    out.write((json.dumps(a.model_dump(), separators=(",", ":")) if as_json
+                               else format_alert(a)) + "\n")
+                    out.flush()
+                    printed += 1
+                    if limit is not None and printed >= limit:
+                        return printed
+    finally:
+        await consumer.stop()
+    return printed

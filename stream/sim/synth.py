@@ -1,0 +1,573 @@
+"""Seeded synthetic Bluesky population: accounts, follow graph, activity stream, a planted episode.
+
+Everything is a deterministic function of ``(n, seed, parameters)``; arrays are built with numpy
+(vectorized, so ``n`` = 1.67M is practical) and frames are encoded lazily, one at a time.
+
+Accounts: DIDs ``did:plc:`` + 24 base32 chars. Follower counts follow Bluesky's shape via stratified
+quantiles (so the fractions hold exactly up to rounding): 30% have 0, 22% have 1 (median 1),
+43% log-skewed on [2, 94], 5% Pareto tail (alpha = TAIL_ALPHA) from 96 up, of which about 7.6%
+exceed 1,000 (0.38% of all accounts), capped at ``min(n // 2, max(2000, n // 4))`` (so the >1,000 tail needs n > 2,000).
+
+Follow graph: account j gets exactly ``followers[j]`` distinct followers (never itself); followers
+are uniform over accounts, except that ``EPISODE["community"]`` of an episode participant's followers
+are other participants. Emitted first, as ``app.bsky.graph.follow`` records authored by the
+follower, in ``follow_batch``-op commits, during the first ``follow_span_s`` seconds.
+
+Activity (then, over ``duration_s`` seconds, Poisson arrivals): posts, replies, quotes, reposts
+and likes (BACKGROUND_KINDS), authors weighted by a lognormal activity level times
+``1 + log1p(followers)``, engagement targets weighted by ``(1 + followers_author) ** 0.7`` among
+earlier posts. Posts are on one of the topics of ``stream/data/topics.json`` (text contains one of
+its terms) or off-topic (OFF_TOPIC_SHARE, no lexicon term at all); replies and quotes take their
+subject's topic. Each account has a stance (+1/-1) per topic; a post's sentiment word follows it
+with probability 0.75, opposes it with 0.15, and is neutral otherwise (POSITIVE / NEGATIVE /
+NEUTRAL words, scored by VADER downstream).
+
+Planted episode (EPISODE, ground truth in :meth:`Population.episode_truth`): within
+[start_frac, end_frac] of the activity span, ``participants_frac`` of all accounts (half from the
+middle tier, follower rank from max(1%, PANEL_K) to 50%, half from the long tail, bottom 50%) each write
+``posts`` on-topic posts, ``replies`` replies, ``reposts`` reposts and ``likes`` likes, all aimed at
+episode posts (a cascade among themselves); the ``celebrities`` accounts with most followers
+(top 0.1%) each write ``celebrity_posts`` posts on the topic. Episode text leans to
+``stance`` (with probability ``stance_share``). The long tail and middle tier therefore carry most
+of the topic's activity while the top-100 visibility panel only sees the celebrities.
+
+Retractions: DELETE_SHARE (at least one each) of background posts and likes are deleted later (``#commit`` delete op,
+no block); ``deactivations`` long-tail accounts send ``#account active=false status=deactivated``
+at DEACTIVATE_FRAC of the span and are silent afterwards. Also ``identities`` ``#identity`` frames
+and one ``#sync`` frame. Ground truth: :meth:`Population.expected`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from typing import Any, Iterator
+
+import numpy as np
+
+from stream.sim import frames as fr
+
+DEFAULT_START_US = 1_735_689_600_000_000  # 2025-01-01T00:00:00Z
+B32 = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz234567", dtype=np.uint8)
+
+TAIL_ALPHA = 1.1
+OFF_TOPIC_SHARE = 0.35
+DELETE_SHARE = 0.002
+DEACTIVATE_FRAC = 0.9
+PANEL_K = 100  # the visibility panel's size: episode participants are never in the top PANEL_K
+# kind codes in the timeline
+POST, REPLY, QUOTE, LIKE, REPOST, DELETE, ACCOUNT, IDENTITY, SYNC = range(9)
+KIND_NAMES = ("post", "reply", "quote", "like", "repost", "delete", "account", "identity", "sync")
+BACKGROUND_KINDS = {POST: 0.22, REPLY: 0.06, QUOTE: 0.02, LIKE: 0.55, REPOST: 0.15}
+
+EPISODE: dict[str, Any] = {
+    "topic": "climate",
+    "start_frac": 0.40, "end_frac": 0.65,  # of the activity span
+    "participants_frac": 0.03,  # of all accounts; half middle tier (rank 1%-50%), half long tail
+    "middle_share": 0.5,
+    "posts": 2, "replies": 1, "reposts": 3, "likes": 6,  # per participant, all within the episode
+    "celebrities": 3, "celebrity_posts": 2,  # top-0.1% accounts that also post on the topic
+    "community": 0.3,  # share of a participant's followers drawn from the other participants
+    "stance": -1, "stance_share": 0.8,
+}
+
+POSITIVE = ("great", "wonderful", "hopeful", "amazing", "excellent", "encouraging", "brilliant", "good")
+NEGATIVE = ("terrible", "awful", "horrible", "depressing", "disastrous", "bad", "scary", "dreadful")
+NEUTRAL = ("ongoing", "new", "unusual", "notable", "developing", "busy")
+TEMPLATES = (
+    "the {term} news today is {sent}",
+    "thinking about {term} again and it feels {sent}",
+    "that {term} story is {sent}",
+    "{sent} update on {term} this week",
+    "so much {term} talk lately, all of it {sent}",
+    "my take on {term}: {sent}",
+)
+REPLY_TEMPLATES = ("agreed, {term} is {sent}", "not sure, {term} looks {sent} to me", "{sent} point about {term}")
+OFF_TOPIC = ("coffee", "my cat", "the garden", "my weekend", "a new book", "that movie", "dinner",
+             "the sunset", "my commute", "the bakery", "my playlist", "this recipe")
+LANGS = (("en",), ("en",), ("en",), ("en",), ("en",), ("en",), ("en",), ("en",), ("pt",), ("ja",))
+
+
+def load_topics() -> dict[str, list[str]]:
+    """The default lexicon (stream/data/topics.json): topic -> terms."""
+    text = resources.files("stream").joinpath("data/topics.json").read_text()
+    return json.loads(text)["topics"]
+
+
+def _unique(a: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (sort-based; numpy 2.4's np.unique is ~70x slower on large int arrays)."""
+    s = np.sort(a)
+    return s[np.r_[True, s[1:] != s[:-1]]] if len(s) else s
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    """An independent stream per component, so changing one part leaves the others unchanged."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def follower_counts(n: int, seed: int = 0) -> np.ndarray:
+    """Bluesky-shaped follower counts (see module docstring), int64, shape (n,)."""
+    rng = _rng(seed, "followers")
+    u = (rng.permutation(n) + rng.random(n)) / n  # stratified: exact quantile fractions
+    body = np.floor(2.0 * (95 / 2.0) ** (np.clip((u - 0.52) / 0.43, 0, 1) ** 1.5)).clip(2, 94)
+    tail = np.floor(96.0 * np.clip(1.0 - (u - 0.95) / 0.05, 1e-12, 1.0) ** (-1.0 / TAIL_ALPHA))
+    f = np.where(u < 0.30, 0, np.where(u < 0.52, 1, np.where(u < 0.95, body, tail)))
+    cap = min(n // 2, max(2000, n // 4))  # <= n/2 keeps sampling distinct followers cheap
+    return np.minimum(f, cap).astype(np.int64)
+
+
+def make_dids(n: int, seed: int = 0) -> np.ndarray:
+    """n distinct ``did:plc:`` DIDs as a bytes array (dtype S32)."""
+    rng = _rng(seed, "dids")
+    while True:
+        chars = B32[rng.integers(0, 32, size=(n, 24))]
+        body = chars.view("S24").ravel()
+        if len(_unique(body)) == n:
+            break
+    out = np.empty(n, dtype="S32")
+    out[:] = np.char.add(b"did:plc:", body)
+    return out
+
+
+@dataclass(frozen=True)
+class _Timeline:
+    """Activity frames in order; per-frame arrays indexed by timeline position."""
+
+    t: np.ndarray  # int64 offset (us) from the start of the activity span, strictly increasing
+    kind: np.ndarray  # int8 kind code
+    author: np.ndarray  # int64 account index
+    subject: np.ndarray  # int64 timeline index of the subject record (-1 none); deletes: the deleted record
+    root: np.ndarray  # int64 timeline index of the reply root (-1 none)
+    topic: np.ndarray  # int8 topic index, -1 off-topic / none
+    sent: np.ndarray  # int8 +1 / -1 / 0
+    word: np.ndarray  # int32 random draw for text choices
+    episode: np.ndarray  # bool
+
+
+class Population:
+    """A synthetic Bluesky: see the module docstring for the model and EPISODE for the plant."""
+
+    def __init__(self, n: int = 20_000, seed: int = 0, events_per_account: float = 4.0,
+                 duration_s: float = 3600.0, follow_span_s: float = 60.0, follow_batch: int = 1,
+                 episode: dict | None = None, deactivations: int = 2, identities: int = 2,
+                 topics: dict[str, list[str]] | None = None) -> None:
+        if n < 50:
+            raise ValueError(f"population needs at least 50 accounts, got {n}")
+        if follow_batch < 1 or follow_batch > 200:
+            raise ValueError(f"follow_batch must be in 1..200 (ops per commit), got {follow_batch}")
+        self.n, self.seed = int(n), int(seed)
+        self.events_per_account = float(events_per_account)
+        self.duration_us = int(duration_s * 1e6)
+        self.follow_span_us = int(follow_span_s * 1e6)
+        self.follow_batch = int(follow_batch)
+        self.episode_cfg = {**EPISODE, **(episode or {})}
+        self.n_deactivations, self.n_identities = int(deactivations), int(identities)
+        self.topics = topics or load_topics()
+        self.topic_names = list(self.topics)
+        if self.episode_cfg["topic"] not in self.topics:
+            raise ValueError(f"episode topic {self.episode_cfg['topic']!r} is not in the lexicon")
+
+    # --- accounts ------------------------------------------------------------------------------
+    @cached_property
+    def followers(self) -> np.ndarray:
+        return follower_counts(self.n, self.seed)
+
+    @cached_property
+    def did_bytes(self) -> np.ndarray:
+        return make_dids(self.n, self.seed)
+
+    def did(self, i: int) -> str:
+        return self.did_bytes[i].decode()
+
+    @cached_property
+    def dids(self) -> list[str]:
+        return [d.decode() for d in self.did_bytes]
+
+    @cached_property
+    def rank(self) -> np.ndarray:
+        """Follower rank (0 = most followers; ties broken by index), int64."""
+        order = np.lexsort((np.arange(self.n), -self.followers))
+        r = np.empty(self.n, dtype=np.int64)
+        r[order] = np.arange(self.n)
+        return r
+
+    @cached_property
+    def _roles(self) -> dict[str, np.ndarray]:
+        """Episode participants (middle tier + long tail), celebrities, deactivated accounts."""
+        cfg, n, rng = self.episode_cfg, self.n, _rng(self.seed, "roles")
+        r = self.rank
+        middle = np.flatnonzero((r >= max(n // 100, PANEL_K)) & (r < n // 2))
+        tail = np.flatnonzero(r >= n // 2)
+        k = max(4, int(round(cfg["participants_frac"] * n)))
+        k_mid = min(len(middle), int(round(k * cfg["middle_share"])))
+        k_tail = min(len(tail), k - k_mid)
+        mid_sel = np.sort(rng.choice(middle, k_mid, replace=False))
+        tail_sel = np.sort(rng.choice(tail, k_tail, replace=False))
+        n_top = max(1, n // 1000)
+        celebs = np.sort(np.argsort(r)[: min(cfg["celebrities"], n_top)])
+        taken = np.zeros(n, bool)
+        taken[mid_sel] = taken[tail_sel] = True
+        free_tail = tail[~taken[tail]]
+        deact = np.sort(rng.choice(free_tail, min(self.n_deactivations, len(free_tail)), replace=False))
+        return {"middle": mid_sel, "long_tail": tail_sel, "celebrities": celebs,
+                "participants": np.sort(np.concatenate([mid_sel, tail_sel])), "deactivated": deact}
+
+    # --- follow graph ---------------------------------------------------------------------------
+    @cached_property
+    def follow_edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """(src, dst) int64 arrays: ``src`` is followed by ``dst`` (DESIGN's FollowGraph order),
+        sorted by (dst, src); ``bincount(src) == followers`` exactly."""
+        n, f = self.n, self.followers
+        rng = _rng(self.seed, "graph")
+        part = self._roles["participants"]
+        in_part = np.zeros(n, bool)
+        in_part[part] = True
+        community = self.episode_cfg["community"] if len(part) > 1 else 0.0
+        keys = np.empty(0, np.int64)
+        need = f.copy()
+        while need.sum() > 0:
+            # draws per account so that the distinct ones likely cover the need (coupon collector)
+            have = f - need
+            draws = np.where(need > 0, np.ceil(1.1 * (n - 1) * np.log((n - 1 - have) / np.maximum(n - 1 - f, 1))) + 2, 0)
+            src = np.repeat(np.arange(n, dtype=np.int64), draws.astype(np.int64))
+            dst = rng.integers(0, n, len(src))
+            pick = in_part[src] & (rng.random(len(src)) < community)
+            dst[pick] = part[rng.integers(0, len(part), int(pick.sum()))]
+            new = _unique(src[dst != src] * n + dst[dst != src])
+            if len(keys):
+                known = np.sort(keys)
+                at = np.minimum(np.searchsorted(known, new), len(known) - 1)
+                new = new[known[at] != new]
+            # keep a uniformly random need[j] of account j's distinct new candidates
+            s_new = new // n
+            order = np.argsort((s_new << 40) | rng.integers(0, 1 << 40, len(new)))  # by account, random within
+            new, s_new = new[order], s_new[order]
+            pos = np.arange(len(new)) - np.searchsorted(s_new, s_new)
+            keys = np.concatenate([keys, new[pos < need[s_new]]])
+            need = f - np.bincount(keys // n, minlength=n)
+        keys = np.sort((keys % n) * n + keys // n)  # (follower, followed) order
+        return keys % n, keys // n
+
+    @cached_property
+    def _follow_commits(self) -> np.ndarray:
+        """Start offsets (into follow_edges) of each follow commit: runs of one follower, <= batch."""
+        _, dst = self.follow_edges
+        if len(dst) == 0:
+            return np.zeros(1, np.int64)
+        new_author = np.r_[True, dst[1:] != dst[:-1]]
+        run_start = np.maximum.accumulate(np.where(new_author, np.arange(len(dst)), 0))
+        starts = np.flatnonzero(new_author | ((np.arange(len(dst)) - run_start) % self.follow_batch == 0))
+        return np.r_[starts, len(dst)].astype(np.int64)
+
+    # --- activity timeline --------------------------------------------------------------------------
+    @cached_property
+    def timeline(self) -> _Timeline:
+        n, T, cfg = self.n, self.duration_us, self.episode_cfg
+        rng = _rng(self.seed, "activity")
+        roles = self._roles
+        f = self.followers
+        n_topics = len(self.topic_names)
+        ep_topic = self.topic_names.index(cfg["topic"])
+
+        # background events
+        m = int(round(self.events_per_account * n))
+        activity = np.exp(rng.normal(0, 1, n)) * (1 + np.log1p(f))
+        author = rng.choice(n, m, p=activity / activity.sum())
+        t = rng.uniform(0, T, m)
+        kinds = np.array(list(BACKGROUND_KINDS), np.int8)
+        kind = kinds[rng.choice(len(kinds), m, p=np.array(list(BACKGROUND_KINDS.values())))]
+        t_deact = DEACTIVATE_FRAC * T
+        silenced = np.zeros(n, bool)
+        silenced[roles["deactivated"]] = True
+        while True:  # deactivated accounts are silent after they deactivate
+            late = silenced[author] & (t >= t_deact)
+            if not late.any():
+                break
+            author[late] = (author[late] + 1 + rng.integers(0, n - 1, int(late.sum()))) % n
+        topic = np.where(rng.random(m) < OFF_TOPIC_SHARE, -1, rng.integers(0, n_topics, m)).astype(np.int8)
+        episode = np.zeros(m, bool)
+
+        # planted episode
+        t0, t1 = cfg["start_frac"] * T, cfg["end_frac"] * T
+        ep_auth, ep_kind = [], []
+        for code, key in ((POST, "posts"), (REPLY, "replies"), (REPOST, "reposts"), (LIKE, "likes")):
+            ep_auth.append(np.repeat(roles["participants"], cfg[key]))
+            ep_kind.append(np.full(len(roles["participants"]) * cfg[key], code, np.int8))
+        ep_auth.append(np.repeat(roles["celebrities"], cfg["celebrity_posts"]))
+        ep_kind.append(np.full(len(roles["celebrities"]) * cfg["celebrity_posts"], POST, np.int8))
+        ep_auth, ep_kind = np.concatenate(ep_auth), np.concatenate(ep_kind)
+        k = len(ep_auth)
+        author = np.concatenate([author, ep_auth])
+        kind = np.concatenate([kind, ep_kind])
+        t = np.concatenate([t, rng.uniform(t0, t1, k)])
+        topic = np.concatenate([topic, np.full(k, ep_topic, np.int8)])
+        episode = np.concatenate([episode, np.ones(k, bool)])
+
+        order = np.argsort(t, kind="stable")
+        author, kind, t, topic, episode = author[order], kind[order], t[order], topic[order], episode[order]
+        m = len(t)
+
+        # events that need a subject but come before the first post of their pool become posts
+        for cls, pool in ((~episode, np.ones(m, bool)), (episode, episode)):
+            plain = np.flatnonzero(pool & (kind == POST))
+            first = plain[0] if len(plain) else m
+            kind[cls & (kind != POST) & (np.arange(m) < first)] = POST
+        is_post = kind <= QUOTE
+
+        # engagement subjects: earlier posts, weighted by popularity (background) or within the episode
+        subject = np.full(m, -1, np.int64)
+        weight = (1.0 + f[author]) ** 0.7
+        for cls, pool, w in ((~episode, np.ones(m, bool), weight),
+                             (episode, episode, np.where(np.isin(author, roles["celebrities"]), 3.0, 1.0))):
+            cand = np.flatnonzero(pool & is_post)
+            need = np.flatnonzero(cls & (kind != POST))
+            if len(need) == 0:
+                continue
+            cw = np.cumsum(w[cand])
+            before = np.searchsorted(cand, need)  # posts strictly earlier in the pool
+            target = rng.random(len(need)) * cw[before - 1]
+            subject[need] = cand[np.minimum(np.searchsorted(cw, target, side="right"), before - 1)]
+
+        # replies and quotes take their subject's topic; reply roots by pointer jumping
+        src = np.where((kind == REPLY) | (kind == QUOTE), subject, np.arange(m))
+        while True:
+            nxt = src[src]
+            if np.array_equal(nxt, src):
+                break
+            src = nxt
+        is_ep_post = episode & is_post
+        topic = np.where(is_post & ~is_ep_post, topic[src], topic)
+        topic[~is_post] = -1
+        up = np.where(kind == REPLY, subject, np.arange(m))
+        while True:
+            nxt = up[up]
+            if np.array_equal(nxt, up):
+                break
+            up = nxt
+        root = np.where(kind == REPLY, up[np.maximum(subject, 0)], -1)
+
+        # sentiment: per-account stance per topic; the episode leans to cfg["stance"]
+        stance = np.where(_rng(self.seed, "stance").random((n, n_topics)) < 0.5, 1, -1).astype(np.int8)
+        draw = rng.random(m)
+        acc_stance = stance[author, np.maximum(topic, 0)]
+        sent = np.where(draw < 0.75, acc_stance, np.where(draw < 0.90, -acc_stance, 0)).astype(np.int8)
+        ep_sent = np.where(rng.random(m) < cfg["stance_share"], cfg["stance"], -cfg["stance"]).astype(np.int8)
+        sent = np.where(is_ep_post, ep_sent, sent)
+        sent[~is_post] = 0
+
+        # deletes of background posts and likes, later in the span
+        victims = []
+        for code in (POST, LIKE):  # at least one of each when there is one
+            pool = np.flatnonzero(~episode & (kind == code) & ~np.isin(author, roles["deactivated"]))
+            k_del = min(len(pool), max(1, int(round(DELETE_SHARE * len(pool)))))
+            victims.append(rng.choice(pool, k_del, replace=False))
+        victims = np.sort(np.concatenate(victims)).astype(np.int64)
+        t_del = t[victims] + (T - t[victims]) * rng.uniform(0.1, 1.0, len(victims))
+
+        # control frames: #account (deactivations), #identity, #sync
+        deact = roles["deactivated"]
+        idn = _rng(self.seed, "identity").choice(n, self.n_identities, replace=False)
+        ctl_t = np.concatenate([np.full(len(deact), t_deact), rng.uniform(0, T, len(idn)), [T * 0.5]])
+        ctl_kind = np.concatenate([np.full(len(deact), ACCOUNT), np.full(len(idn), IDENTITY), [SYNC]]).astype(np.int8)
+        ctl_author = np.concatenate([deact, idn, [int(roles["participants"][0])]]).astype(np.int64)
+
+        # merge creates, deletes and control frames; remap subject/root indices
+        all_t = np.concatenate([t, t_del, ctl_t])
+        order = np.argsort(all_t, kind="stable")
+        inv = np.empty(len(order), np.int64)
+        inv[order] = np.arange(len(order))
+        nd, nc = len(victims), len(ctl_t)
+        subj = np.concatenate([subject, victims, np.full(nc, -1)])
+        rt = np.concatenate([root, np.full(nd + nc, -1)])
+        remap = lambda a: np.where(a >= 0, inv[np.maximum(a, 0)], -1)  # noqa: E731
+        t_int = np.floor(all_t[order]).astype(np.int64)
+        t_int = np.maximum.accumulate(t_int - np.arange(len(t_int))) + np.arange(len(t_int))  # strictly increasing
+        return _Timeline(
+            t=t_int,
+            kind=np.concatenate([kind, np.full(nd, DELETE, np.int8), ctl_kind])[order],
+            author=np.concatenate([author, author[victims], ctl_author])[order],
+            subject=remap(subj[order]), root=remap(rt[order]),
+            topic=np.concatenate([topic, np.full(nd + nc, -1, np.int8)])[order],
+            sent=np.concatenate([sent, np.zeros(nd + nc, np.int8)])[order],
+            word=_rng(self.seed, "words").integers(0, 2**31 - 1, len(order)).astype(np.int64),
+            episode=np.concatenate([episode, np.zeros(nd + nc, bool)])[order],
+        )
+
+    # --- ground truth ---------------------------------------------------------------------------------
+    def expected(self) -> dict[str, int]:
+        """Exact counts: frames, commits, ops, and per kind. ``post`` includes replies and quotes;
+        ``delete_post`` / ``delete_like`` split ``delete``; ``follow`` counts follow records."""
+        tl = self.timeline
+        c = np.bincount(tl.kind, minlength=len(KIND_NAMES))
+        n_follow = len(self.follow_edges[0])
+        follow_commits = len(self._follow_commits) - 1 if n_follow else 0
+        del_kind = tl.kind[tl.subject[tl.kind == DELETE]]
+        out = {name: int(c[i]) for i, name in enumerate(KIND_NAMES)}
+        out["post"] = int(c[POST] + c[REPLY] + c[QUOTE])
+        out["follow"] = n_follow
+        out["delete_post"] = int((del_kind == POST).sum())
+        out["delete_like"] = int((del_kind == LIKE).sum())
+        activity_commits = int(c[:DELETE + 1].sum())
+        out["commits"] = follow_commits + activity_commits
+        out["ops"] = n_follow + activity_commits
+        out["frames"] = out["commits"] + int(c[ACCOUNT] + c[IDENTITY] + c[SYNC])
+        return out
+
+    def episode_truth(self) -> dict[str, Any]:
+        """What was planted: topic, span (us offsets from the activity start), accounts, counts."""
+        cfg, roles, tl = self.episode_cfg, self._roles, self.timeline
+        ep = tl.episode
+        names = lambda idx: [self.did(int(i)) for i in idx]  # noqa: E731
+        counts = {KIND_NAMES[k]: int(((tl.kind == k) & ep).sum()) for k in (POST, REPLY, REPOST, LIKE)}
+        celeb = np.isin(tl.author, roles["celebrities"]) & ep
+        return {
+            "topic": cfg["topic"],
+            "start_us": int(cfg["start_frac"] * self.duration_us), "end_us": int(cfg["end_frac"] * self.duration_us),
+            "participants": names(roles["participants"]), "middle": names(roles["middle"]),
+            "long_tail": names(roles["long_tail"]), "celebrities": names(roles["celebrities"]),
+            "counts": counts, "celebrity_posts": int(celeb.sum()),
+            "stance": cfg["stance"],
+        }
+
+    def retractions(self, start_time_us: int | None = None) -> dict[str, list[str]]:
+        """Deleted record URIs (for frames started at ``start_time_us``) and deactivated DIDs."""
+        tl = self.timeline
+        base = self.activity_start_us(start_time_us)
+        deleted = [self.uri(int(j), base) for j in tl.subject[tl.kind == DELETE]]
+        return {"deleted": deleted, "deactivated": [self.did(int(i)) for i in self._roles["deactivated"]]}
+
+    def activity_start_us(self, start_time_us: int | None = None) -> int:
+        """Absolute time of the activity span's start (after the follow phase)."""
+        t0 = DEFAULT_START_US if start_time_us is None else int(start_time_us)
+        return t0 + max(self.follow_span_us, len(self._follow_commits) - 1)
+
+    # --- frames ----------------------------------------------------------------------------------------
+    def _text(self, i: int) -> str:
+        tl = self.timeline
+        w, topic, sent = int(tl.word[i]), int(tl.topic[i]), int(tl.sent[i])
+        words = POSITIVE if sent > 0 else NEGATIVE if sent < 0 else NEUTRAL
+        word = words[w % len(words)]
+        if topic < 0:
+            return f"{OFF_TOPIC[(w >> 4) % len(OFF_TOPIC)]} today, {word}"
+        terms = self.topics[self.topic_names[topic]]
+        templates = REPLY_TEMPLATES if tl.kind[i] == REPLY else TEMPLATES
+        return templates[(w >> 8) % len(templates)].format(term=terms[(w >> 12) % len(terms)], sent=word)
+
+    def _items(self, start_time_us: int) -> Iterator[tuple[int, int, int, list[fr.Op] | None]]:
+        """(time_us, kind code, author index, ops) for every frame, in order; ops None for
+        #account/#identity/#sync. Follow commits use kind code -1."""
+        src, dst = self.follow_edges
+        starts = self._follow_commits
+        n_fc = len(starts) - 1 if len(src) else 0
+        span = self.activity_start_us(start_time_us) - start_time_us
+        ft = start_time_us + (np.arange(n_fc, dtype=np.int64) * span) // max(n_fc, 1)
+        dids = self.did_bytes
+        for c in range(n_fc):
+            a, b, t = int(starts[c]), int(starts[c + 1]), int(ft[c])
+            ops = [fr.Op("create", fr.FOLLOW, fr.tid(t, (a + j) & 0x3FF), fr.follow_record(dids[src[j]].decode(), t))
+                   for j in range(a, b)]
+            yield t, -1, int(dst[a]), ops
+        tl = self.timeline
+        base = start_time_us + span
+        cids: dict[int, str] = {}  # subject index -> CID string, only for records still referenced
+        refd = np.concatenate([tl.subject[(tl.kind != DELETE) & (tl.subject >= 0)], tl.root[tl.root >= 0]])
+        refs_left = np.bincount(refd, minlength=len(tl.t)).astype(np.int64)
+        for i in range(len(tl.t)):
+            t, k, a = base + int(tl.t[i]), int(tl.kind[i]), int(tl.author[i])
+            if k >= ACCOUNT:
+                yield t, k, a, None
+                continue
+            rkey = fr.tid(t, i & 0x3FF)
+            if k == DELETE:
+                j = int(tl.subject[i])
+                coll = fr.POST if tl.kind[j] <= QUOTE else fr.LIKE
+                yield t, k, a, [fr.Op("delete", coll, fr.tid(base + int(tl.t[j]), j & 0x3FF))]
+                continue
+
+            def ref(j: int) -> dict:
+                refs_left[j] -= 1
+                cid = cids[j] if refs_left[j] > 0 else cids.pop(j)
+                return fr.strong_ref(self.uri(j, base), cid)
+
+            j = int(tl.subject[i])
+            if k == LIKE:
+                rec = fr.like_record(ref(j), t)
+            elif k == REPOST:
+                rec = fr.repost_record(ref(j), t)
+            else:
+                langs = list(LANGS[(int(tl.word[i]) >> 20) % len(LANGS)])
+                reply = (ref(int(tl.root[i])), ref(j)) if k == REPLY else None
+                quote = ref(j) if k == QUOTE else None
+                rec = fr.post_record(self._text(i), t, langs, reply=reply, quote=quote)
+            coll = fr.POST if k <= QUOTE else fr.LIKE if k == LIKE else fr.REPOST
+            if refs_left[i] > 0:
+                cids[i] = fr.cid_str(fr.encode_record(rec)[0])
+            yield t, k, a, [fr.Op("create", coll, rkey, rec)]
+
+    def uri(self, i: int, base_us: int) -> str:
+        """AT-URI of the record created by timeline entry i (``base_us`` = activity start time)."""
+        tl = self.timeline
+        k = int(tl.kind[i])
+        coll = fr.POST if k <= QUOTE else fr.LIKE if k == LIKE else fr.REPOST
+        return f"at://{self.did(int(tl.author[i]))}/{coll}/{fr.tid(base_us + int(tl.t[i]), i & 0x3FF)}"
+
+    def timed_frames(self, start_seq: int = 1, start_time_us: int | None = None) -> Iterator[tuple[int, int, bytes]]:
+        """(seq, time_us, frame) for the whole population: follow graph first, then activity."""
+        t0 = DEFAULT_START_US if start_time_us is None else int(start_time_us)
+        for seq, (t, k, a, ops) in enumerate(self._items(t0), start=start_seq):
+            did = self.did(a)
+            if ops is not None:
+                data = fr.commit_frame(seq, did, ops, t)
+            elif k == ACCOUNT:
+                data = fr.account_frame(seq, did, False, "deactivated", time_us=t)
+            elif k == IDENTITY:
+                data = fr.identity_frame(seq, did, handle=f"user{a}.bsky.social", time_us=t)
+            else:
+                data = fr.sync_frame(seq, did, time_us=t)
+            yield seq, t, data
+
+    def frames(self, start_seq: int = 1, start_time_us: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """(seq, frame bytes), lazily encoded."""
+        for seq, _, data in self.timed_frames(start_seq, start_time_us):
+            yield seq, data
+
+    def events(self, start_seq: int = 1, start_time_us: int | None = None) -> Iterator[dict[str, Any]]:
+        """The chorus.events values (DESIGN.md schema, without ``v``) the frames should produce, in
+        order; ``#account``/``#identity``/``#sync`` frames produce none."""
+        t0 = DEFAULT_START_US if start_time_us is None else int(start_time_us)
+        for seq, (t, k, a, ops) in enumerate(self._items(t0), start=start_seq):
+            if ops is None:
+                continue
+            did = self.did(a)
+            for op in ops:
+                ev: dict[str, Any] = {"did": did, "rkey": op.rkey, "uri": f"at://{did}/{op.path}",
+                                      "seq": seq, "time_us": t}
+                rec = op.record
+                if op.action == "delete":
+                    ev.update(kind="delete", collection=op.collection)
+                elif op.collection == fr.FOLLOW:
+                    ev.update(kind="follow", subject_did=rec["subject"])
+                elif op.collection == fr.POST:
+                    ev.update(kind="post", text=rec["text"], langs=rec.get("langs"))
+                    if "reply" in rec:
+                        ev.update(reply_parent=rec["reply"]["parent"]["uri"], reply_root=rec["reply"]["root"]["uri"])
+                    if "embed" in rec:
+                        ev["quote_uri"] = rec["embed"]["record"]["uri"]
+                else:
+                    uri = rec["subject"]["uri"]
+                    ev.update(kind="like" if op.collection == fr.LIKE else "repost", subject_uri=uri,
+                              subject_did=uri.split("/")[2])
+                yield ev
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def topics_in(text: str, topics: dict[str, list[str]]) -> set[str]:
+    """Topics whose terms occur in ``text`` as whole words/phrases (the lexicon's documented rule)."""
+    toks = " " + " ".join(_WORD.findall(text.lower())) + " "
+    return {name for name, terms in topics.items() if any(f" {term} " in toks for term in terms)}

@@ -1,0 +1,166 @@
+"""OperatorState: registry, idempotent updates, padded capacity that doubles without retracing."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from operators import indicators as I
+from operators.attribution import attribute, trace_count
+from operators.graph import reach
+from operators.service.state import MIN_CAPACITY, OperatorState
+from stream.schemas import Features, GraphEdge
+
+
+def feat(did, end, topics=None, followers=0, expired=None):
+    return Features(did=did, window_end=end, followers=followers, topics=topics or {}, expired=expired)
+
+
+def edge(op, src, dst, t):
+    return GraphEdge(op=op, src=src, dst=dst, time_us=t)
+
+
+def test_latest_features_per_did_win_and_replace_every_topic():
+    st = OperatorState()
+    st.apply_features(feat("a", 60, {"x": [1, 2, 3, 4], "y": [5, 0, 0, 0]}, followers=7))
+    assert st.take_changed() == {"x", "y"} and st.take_changed() == set()
+    r = st.index["a"]
+    assert st.followers[r] == 7 and st.window_end == 60
+    st.apply_features(feat("a", 120, {"x": [1, 2, 3, 4]}, followers=8))   # y gone -> zero
+    assert st.take_changed() == {"y"}
+    np.testing.assert_array_equal(st.host_features("y")[r], 0)
+    assert not st.apply_features(feat("a", 60, {"y": [9, 9, 9, 9]}))       # older: ignored
+    np.testing.assert_array_equal(st.host_features("y")[r], 0)
+    st.apply_features(feat("a", 180, expired=True))
+    assert st.take_changed() == {"x"} and not st.host_features("x").any()
+    with pytest.raises(ValueError, match="expected 4 values"):
+        st.apply_features(feat("b", 180, {"x": [1, 2]}))
+
+
+def test_edges_are_an_idempotent_set_and_the_graph_is_rebuilt_only_on_change():
+    st = OperatorState()
+    assert st.apply_edge(edge("add", "a", "b", 1)) and not st.apply_edge(edge("add", "a", "b", 1))
+    st.apply_edge(edge("add", "a", "c", 2))
+    st.apply_edge(edge("add", "c", "b", 3))
+    assert st.apply_edge(edge("remove", "c", "b", 4)) and st.n_edges == 2
+    assert not st.apply_edge(edge("add", "c", "b", 3))          # older than the remove: ignored
+    g = st.graph()
+    assert st.graph() is g and g.n == st.capacity and g.num_edges == st.edge_capacity == MIN_CAPACITY
+    # a (row 0) is followed by b and c: R = 2 q_a exactly when only a is active
+    q = np.zeros(st.capacity, np.float32)
+    q[st.index["a"]] = 0.25
+    assert float(reach(g, q)) == pytest.approx(0.5, rel=1e-6)
+    st.apply_edge(edge("remove", "a", "b", 5))
+    assert st.graph() is not g and float(reach(st.graph(), q)) == pytest.approx(0.25, rel=1e-6)
+
+
+def test_replaying_everything_twice_gives_the_same_state():
+    msgs = [feat(f"d{i}", 60 * (1 + i % 3), {"x": [i, 1, 0.5, 0]}, followers=i) for i in range(50)]
+    msgs += [feat("d3", 30, {"x": [99, 0, 0, 0]})]  # stale duplicate
+    edges = [edge("add", f"d{i}", f"d{(i * 7) % 50}", i) for i in range(50)] + [edge("remove", "d1", "d7", 99)]
+    once, twice = OperatorState(), OperatorState()
+    for m in msgs + edges:
+        (once.apply_features if isinstance(m, Features) else once.apply_edge)(m)
+    for m in msgs + edges + msgs + edges:
+        (twice.apply_features if isinstance(m, Features) else twice.apply_edge)(m)
+    np.testing.assert_array_equal(once.host_features("x"), twice.host_features("x"))
+    np.testing.assert_array_equal(once.followers, twice.followers)
+    for a, b in zip(once.edges(), twice.edges()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_capacity_doubles_and_compiled_shapes_hold_within_a_capacity():
+    st = OperatorState()
+    traces = []
+
+    @jax.jit
+    def total(x):
+        traces.append(x.shape)
+        return x.sum()
+
+    F = I.polarization(weight_col=0, stance_col=2)
+    rng = np.random.default_rng(0)
+    before = None
+    for i in range(3 * MIN_CAPACITY // 2):
+        st.apply_features(feat(f"did:{i}", 60, {"t": [1 + i % 5, 0, rng.normal(), 0]}))
+        if i in (10, 500, MIN_CAPACITY - 3, MIN_CAPACITY - 2, MIN_CAPACITY + 10, 3 * MIN_CAPACITY // 2 - 1):
+            view = st.features("t")
+            host = st.host_features("t")
+            np.testing.assert_array_equal(np.asarray(view.x), host)   # device copy == host
+            assert view.x.shape == (st.capacity, 4) and st.n_rows + 1 <= st.capacity
+            assert float(total(view.x)) == pytest.approx(float(host.sum()), rel=1e-5)
+            res = attribute(F, view.x, I.default_baseline(F, view.x, view.active), steps=8)
+            assert abs(float(res.delta)) <= 1e-3 * abs(float(res.value - res.baseline_value))
+            if before is None:
+                before = trace_count()
+    assert st.capacity == 2 * MIN_CAPACITY
+    # one compile per capacity (1024 rows until the 1023rd agent, then 2048), not one per hop
+    assert [s[0] for s in traces] == [MIN_CAPACITY, 2 * MIN_CAPACITY]
+    assert trace_count() - before <= 1  # 0 if another test compiled this shape already
+
+
+def test_edge_set_compaction_keeps_semantics(monkeypatch):
+    from operators.service.state import EdgeSet
+
+    monkeypatch.setattr(EdgeSet, "MERGE_AT", 4)  # merge into the sorted arrays every 4 ops
+    es, truth = EdgeSet(), {}
+    rng = np.random.default_rng(3)
+    for t in range(300):
+        key, present = int(rng.integers(0, 40)), bool(rng.random() < 0.6)
+        when = t - int(rng.integers(0, 5))  # some ops arrive late
+        changed = es.apply(key, when, present)
+        last = truth.get(key)
+        if last is None or when >= last[0]:
+            assert changed == (present != (last is not None and last[1]))
+            truth[key] = (when, present)
+        else:
+            assert not changed
+    expect = sorted(k for k, (_, p) in truth.items() if p)
+    assert es.present().tolist() == expect and es.count == len(expect)
+    es.add_many(np.array([100, 101]))
+    assert es.count == len(expect) + 2 and es.present()[-2:].tolist() == [100, 101]
+
+
+def test_bulk_load_matches_streamed_updates():
+    dids = [f"did:{i}" for i in range(30)]
+    x = np.arange(120, dtype=np.float32).reshape(30, 4)
+    src, dst = np.arange(29), np.arange(1, 30)
+    bulk = OperatorState()
+    bulk.load(dids, np.arange(30), {"t": x}, 60, src, dst)
+    streamed = OperatorState()
+    for i, d in enumerate(dids):
+        streamed.apply_features(feat(d, 60, {"t": x[i].tolist()}, followers=i))
+    for s, d in zip(src, dst):
+        streamed.apply_edge(edge("add", dids[s], dids[d], 0))
+    np.testing.assert_array_equal(bulk.host_features("t"), streamed.host_features("t"))
+    for a, b in zip(bulk.edges(), streamed.edges()):
+        np.testing.assert_array_equal(a, b)
+    assert bulk.take_changed() == {"t"} and bulk.n_edges == 29
+
+
+def test_panel_subgraph_gives_exactly_the_full_graph_panel_attribution():
+    from tests.helpers.operators_data import heavy_features, random_graph, reach_reference
+
+    rng = np.random.default_rng(11)
+    n = 300
+    src, dst = random_graph(rng, n, 2400)
+    st = OperatorState()
+    st.load([f"did:{i}" for i in range(n)], np.bincount(src, minlength=n), {}, 60, src, dst)
+    panel = np.argsort(-st.followers[:n], kind="stable")[:20]
+    sub = st.panel_graph(panel)
+    assert st.panel_graph(panel[::-1]) is sub                          # cached (order-free)
+    assert sub.n == st.graph().n == st.capacity
+    x = np.zeros((st.capacity, 1), np.float32)
+    x[:n, 0] = heavy_features(rng, n, 1)[:, 0]
+    xp = np.zeros_like(x)
+    xp[panel] = x[panel]                                               # others at the zero baseline
+    full = attribute(I.cascade_reach(st.graph(), p=0.3), xp, np.zeros_like(x), steps=16)
+    part = attribute(I.cascade_reach(sub, p=0.3), xp, np.zeros_like(x), steps=16)
+    q = 0.3 * (1 - np.exp(-xp[:n, 0].astype(np.float64)))
+    assert float(part.value) == pytest.approx(reach_reference(src, dst, n, q), rel=1e-5)
+    assert float(part.value) == pytest.approx(float(full.value), rel=1e-6)
+    np.testing.assert_allclose(np.asarray(part.phi), np.asarray(full.phi), rtol=1e-5, atol=1e-7)
+    assert not np.asarray(part.phi)[np.setdiff1d(np.arange(st.capacity), panel)].any()
+    st.apply_edge(edge("add", f"did:{panel[0]}", "did:299", 10**6))   # edge set changed: rebuilt
+    assert st.panel_graph(panel) is not sub

@@ -1,0 +1,91 @@
+"""Fuzz the frame decoder (hypothesis): it never raises, and whatever it emits is a valid Event."""
+
+from __future__ import annotations
+
+import libipld
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stream.sim import frames as F
+from stream.ingest.decode import FRAME_TYPES, decode_frame
+from stream.ingest.normalize import is_did
+from stream.schemas import Event
+
+pytestmark = pytest.mark.timeout(120)
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+T0 = 1_735_689_600_000_000
+DID = "did:plc:fuzz000000000000000000000"
+
+# Values libipld can encode as DAG-CBOR (64-bit ints, finite floats, string keys).
+scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=12)
+           | st.binary(max_size=40) | st.floats(allow_nan=False, allow_infinity=False))
+dag = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                   max_leaves=12)
+collections = st.sampled_from([F.POST, F.LIKE, F.REPOST, F.FOLLOW, "app.bsky.actor.profile", "x"])
+
+
+def check(d, raw: bytes) -> None:
+    assert d.type in FRAME_TYPES
+    assert all(isinstance(r, str) for r in d.invalid)
+    for ev in d.events:
+        Event.model_validate(ev)
+        assert is_did(ev["did"]) and ev["seq"] == d.seq and ev["time_us"] == d.time_us
+        if ev["kind"] != "account":
+            assert ev["uri"] == f"at://{ev['did']}/{ev.get('collection') or ev['uri'].split('/')[3]}/{ev['rkey']}"
+
+
+@FUZZ
+@given(st.binary(max_size=600))
+def test_arbitrary_bytes(raw):
+    check(decode_frame(raw), raw)
+
+
+def _valid_frame(seq: int, text: str) -> bytes:
+    t = T0 + seq % 10**9
+    ops = [F.Op("create", F.POST, "3p", F.post_record(text, t, ["en"])),
+           F.Op("create", F.LIKE, "3l", F.like_record(F.strong_ref(f"at://{DID}/{F.POST}/3p", "c"), t)),
+           F.Op("delete", F.FOLLOW, "3f")]
+    return F.commit_frame(seq, DID, ops, t)
+
+
+@FUZZ
+@given(st.integers(0, 2**63 - 1), st.text(max_size=30), st.data())
+def test_mutated_valid_frames(seq, text, data):
+    raw = bytearray(_valid_frame(seq, text))
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
+        i = data.draw(st.integers(0, len(raw) - 1)) if raw else 0
+        if op == "flip" and raw:
+            raw[i] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "cut":
+            del raw[i:]
+        elif op == "insert":
+            raw[i:i] = data.draw(st.binary(min_size=1, max_size=8))
+        elif raw:
+            del raw[i:i + data.draw(st.integers(1, 8))]
+    check(decode_frame(bytes(raw)), bytes(raw))
+
+
+@FUZZ
+@given(st.sampled_from(["#commit", "#account", "#identity", "#sync", "#info", "#other"]), st.dictionaries(
+    st.sampled_from(["seq", "repo", "did", "time", "ops", "blocks", "active", "status", "name", "handle"]),
+    dag, max_size=8))
+def test_random_bodies(t, body):
+    raw = libipld.encode_dag_cbor({"op": 1, "t": t}) + libipld.encode_dag_cbor(body)
+    check(decode_frame(raw), raw)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(["create", "delete", "update", "bogus"]), collections,
+                          st.text(min_size=1, max_size=6), dag | st.fixed_dictionaries(
+                              {"$type": collections, "text": dag, "subject": dag, "langs": dag, "reply": dag,
+                               "embed": dag})), max_size=6),
+       st.integers(0, 2**63 - 1))
+def test_random_ops_and_records(ops, seq):
+    wire = [F.Op(a, c, r, rec if a != "delete" and isinstance(rec, dict) else None) for a, c, r, rec in ops]
+    raw = F.commit_frame(seq, DID, wire, T0)
+    d = decode_frame(raw)
+    check(d, raw)
+    assert d.seq == seq and len(d.events) + len(d.invalid) <= len(ops)

@@ -1,0 +1,205 @@
+"""`chorus analyze`: inputs (recording, Jetstream, synthetic), the planted episode, and equality with
+the live pipeline's code path (the worker's Pipeline glue with its ops/JSON round trips, and the
+operator service's Kafka-free API) on the same events."""
+
+from __future__ import annotations
+
+import json
+
+import libipld
+import pytest
+from typer.testing import CliRunner
+
+from operators.service.service import OperatorService
+from stream.offline import analyze as az
+from stream.sim import frames as fr
+from stream.worker.faust_app import Pipeline
+from stream.cli import app
+from stream.config import Settings
+from stream.ingest.decode import time_us
+from stream.sim.recording import write_recording
+from stream.schemas import Attribution, Features, GraphEdge, dumps
+from stream.sim.synth import Population
+
+pytestmark = pytest.mark.timeout(240)
+
+WINDOW, HOP = 600, 300
+SMALL = dict(n=300, seed=3)
+
+
+@pytest.fixture(scope="module")
+def small_pop():
+    return Population(**SMALL)
+
+
+@pytest.fixture(scope="module")
+def recording(small_pop, tmp_path_factory):
+    path = tmp_path_factory.mktemp("rec") / "small.chorusrec"
+    write_recording(path, small_pop.timed_frames(), source="synthetic")
+    return path
+
+
+def jetstream_lines(pop: Population) -> list[str]:
+    """The population's frames as Jetstream would serve them (JSON records, no relay seq)."""
+    lines = []
+    for _, _, data in pop.timed_frames():
+        header, body = fr.split_frame(data)
+        t = time_us(body["time"])
+        if header["t"] == "#commit":
+            blocks = libipld.decode_car(body["blocks"])[1]
+            for op in body["ops"]:
+                coll, rkey = op["path"].split("/")
+                commit = {"rev": body["rev"], "operation": op["action"], "collection": coll, "rkey": rkey}
+                if op["action"] == "create":
+                    commit.update(record=blocks[op["cid"]], cid=libipld.encode_cid(op["cid"]))
+                lines.append(json.dumps({"did": body["repo"], "time_us": t, "kind": "commit", "commit": commit}))
+        elif header["t"] == "#account":
+            acc = {k: body[k] for k in ("active", "did", "seq", "time", "status") if k in body}
+            lines.append(json.dumps({"did": body["did"], "time_us": t, "kind": "account", "account": acc}))
+        elif header["t"] == "#identity":
+            lines.append(json.dumps({"did": body["did"], "time_us": t, "kind": "identity",
+                                     "identity": {"did": body["did"], "seq": body["seq"], "time": body["time"]}}))
+    return lines
+
+
+def events_of(source: az.Source) -> list[dict]:
+    return list(source.events(source, lambda k: None))
+
+
+def test_jetstream_reader_gives_the_firehose_events(small_pop, recording, tmp_path):
+    path = tmp_path / "jetstream.jsonl"
+    lines = jetstream_lines(small_pop)
+    bad = ['{"did": "nope", "time_us": 1, "kind": "commit", "commit": {}}', "not json", ""]
+    path.write_text("\n".join(lines[:5] + bad + lines[5:]) + "\n")
+    js = az.open_source(path)
+    assert js.name.startswith("jetstream")
+    got = events_of(js)
+    rec = az.open_source(recording)
+    assert rec.name.startswith("recording") and rec.total == small_pop.expected()["frames"]
+    want = events_of(rec)
+    exp = small_pop.expected()
+    assert len(want) == exp["ops"] + exp["account"]
+    strip = lambda evs: [{k: v for k, v in e.items() if k != "seq"} for e in evs]  # noqa: E731
+    assert strip(got) == strip(want)  # Jetstream has no relay seq: seq = time_us there
+    assert all(e["seq"] == e["time_us"] for e in got)
+    assert js.invalid == {"invalid_did": 1, "json": 1} and rec.invalid == {}
+
+
+def live_pipeline(events: list[dict], settings: Settings, steps: int) -> list[Attribution]:
+    """The live path without a broker: the worker's Pipeline (events and ops as JSON bytes, ops
+    routed over 4 partitions and delivered at once), its outputs as Kafka values in its publish
+    order (edges, then feature records), the service deciding hops with hop_due(caught_up=True)."""
+    pipe = Pipeline(settings, partitions=4)
+    svc = OperatorService(settings, steps=steps)
+    snaps: list[Attribution] = []
+
+    def deliver() -> None:
+        while True:
+            records, edges, ops = pipe.drain()
+            for op, src, dst, t in edges:  # the worker's publish(): edges, then records
+                svc.apply_edge(GraphEdge.from_bytes(dumps({"op": op, "src": src, "dst": dst, "time_us": t})))
+            for rec in records:
+                svc.apply_features(Features.from_bytes(dumps(rec)))
+            if svc.hop_due(caught_up=True):
+                snaps.extend(svc.recompute())
+            if not ops:
+                return
+            for batch in ops.values():
+                pipe.on_ops(json.dumps(batch).encode())
+
+    for ev in events:
+        pipe.on_event(json.dumps(ev).encode())
+        deliver()
+    pipe.on_idle(0.0)  # input idle: the worker closes the last hop
+    deliver()
+    return snaps
+
+
+def test_analyze_equals_the_live_pipeline(recording):
+    settings = Settings(window_s=WINDOW, hop_s=HOP)
+    source = az.open_source(recording)
+    res = az.analyze(source, settings, steps=8, progress=False)
+    live = live_pipeline(events_of(az.open_source(recording)), settings, steps=8)
+    assert res.hops >= 10 and len(res.snapshots) >= 40
+    key = lambda s: (s.window_end, s.topic, s.indicator)  # noqa: E731
+    assert [key(s) for s in res.snapshots] == [key(s) for s in live]
+    for a, b in zip(res.snapshots, live):
+        assert a.n_agents == b.n_agents
+        assert a.value == pytest.approx(b.value, rel=1e-6, abs=1e-9)
+        assert a.baseline_value == pytest.approx(b.baseline_value, rel=1e-6, abs=1e-9)
+        assert a.bands == pytest.approx(b.bands, abs=1e-6)
+        assert a.panel["bands"] == pytest.approx(b.panel["bands"], abs=1e-6)
+        assert a.panel["tvd"] == pytest.approx(b.panel["tvd"], abs=1e-6)
+        assert {e["did"]: e["share"] for e in a.top} == pytest.approx({e["did"]: e["share"] for e in b.top}, abs=1e-6)
+
+
+def test_cli_synthetic_reproduces_the_planted_episode(tmp_path):
+    """stream/synth.py: during the episode the middle tier and long tail carry the topic while the
+    top-100 panel sees only celebrities, so full-scale and panel band shares disagree (TVD) more
+    than before the episode; the panel itself never credits the bottom bands."""
+    out, agents = tmp_path / "snap.parquet", tmp_path / "agents.jsonl"
+    r = CliRunner().invoke(app, ["analyze", "--synthetic", "1000", "--seed", "1", "--window", str(WINDOW),
+                                 "--hop", str(HOP), "-o", str(out), "--agents", str(agents), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    snaps = az.read_snapshots(out)
+    assert snaps == az.read_snapshots(out)  # round trip is stable
+    pop = Population(n=1000, seed=1)
+    truth = pop.episode_truth()
+    t0 = pop.activity_start_us() // 1_000_000
+    ep_start, ep_end = t0 + truth["start_us"] // 1_000_000, t0 + truth["end_us"] // 1_000_000
+    topic = truth["topic"]
+    for ind in ("cascade_reach", "polarization"):
+        series = [s for s in snaps if s.topic == topic and s.indicator == ind]
+        during = [s for s in series if s.window_end - WINDOW >= ep_start and s.window_end <= ep_end]
+        before = [s for s in series if s.window_end <= ep_start]
+        assert len(during) == 2 and len(before) >= 4
+        for s in during:
+            low = s.bands["10-50"] + s.bands["bottom50"]
+            assert s.panel["bands"]["10-50"] == s.panel["bands"]["bottom50"] == 0
+            assert s.panel["tvd"] == pytest.approx(low, abs=1e-9) and low > 0.1
+        assert min(s.panel["tvd"] for s in during) > max(s.panel["tvd"] for s in before) + 0.05
+    polar = [s for s in snaps if s.topic == topic and s.indicator == "polarization"
+             and s.window_end - WINDOW >= ep_start and s.window_end <= ep_end]
+    assert min(s.bands["10-50"] + s.bands["bottom50"] for s in polar) > 0.5  # most of it off the panel
+
+    # per-agent file: the last window's phi, consistent with the snapshot's top list and bands
+    rows = az.read_agents(agents)
+    last = max(s.window_end for s in snaps)
+    assert rows and {r["window_end"] for r in rows} == {last}
+    for s in snaps:
+        if s.window_end != last:
+            continue
+        mine = [r for r in rows if r["topic"] == s.topic and r["indicator"] == s.indicator]
+        total = sum(r["phi"] for r in mine)
+        bands = {b: sum(r["phi"] for r in mine if r["band"] == b) / total for b in s.bands}
+        assert bands == pytest.approx(s.bands, abs=1e-6)
+        best = sorted(mine, key=lambda r: -r["share"])[: len(s.top)]  # ties may order differently
+        assert [r["share"] for r in best] == pytest.approx([e["share"] for e in s.top], abs=1e-9)
+        by_did = {r["did"]: r for r in mine}
+        for e in s.top:
+            assert by_did[e["did"]]["share"] == pytest.approx(e["share"], abs=1e-9)
+            assert by_did[e["did"]]["followers"] == e["followers"]
+
+
+def test_snapshot_formats_round_trip(tmp_path):
+    s = Attribution(topic="t", indicator="volume", window_end=60, value=2.0, baseline_value=0.0,
+                    completeness_residual=0.0, n_agents=2, bands={"top0.1": 1.0, "bottom50": 0.0},
+                    panel={"k": 1, "bands": {"top0.1": 1.0, "bottom50": 0.0}, "tvd": 0.0, "spearman": None,
+                           "rescale": 1.0, "rescale_residual": 0.0},
+                    top=[{"did": "did:plc:a", "share": 1.0, "followers": 3}])
+    for name in ("s.parquet", "s.jsonl"):
+        az.write_snapshots(tmp_path / name, [s, s], {"source": "test"})
+        assert az.read_snapshots(tmp_path / name) == [s, s]
+    assert (tmp_path / "s.jsonl").read_text().splitlines()[0] == s.to_bytes().decode()
+    with pytest.raises(az.AnalyzeError, match="unknown file type"):
+        az.write_snapshots(tmp_path / "s.csv", [s])
+
+
+def test_cli_errors(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["analyze", "-o", str(tmp_path / "x.parquet")])
+    assert r.exit_code == 2 and "one of them" in r.output
+    r = runner.invoke(app, ["analyze", "--synthetic", "100", "-o", str(tmp_path / "x.txt")])
+    assert r.exit_code == 2 and "unknown file type" in r.output
+    r = runner.invoke(app, ["analyze", str(tmp_path / "missing"), "-o", str(tmp_path / "x.jsonl")])
+    assert r.exit_code == 2 and "cannot read input" in r.output

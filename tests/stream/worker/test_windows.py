@@ -1,0 +1,359 @@
+"""windows.WindowStore against hand-computed truth and a brute-force oracle (pure, no Kafka)."""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import pytest
+
+from stream.worker.windows import WindowStore
+
+HOP, WIN = 60, 180  # n = 3 buckets
+K = 28_333_334  # a bucket index; T0 = K * HOP is hop-aligned
+T0 = K * HOP
+
+
+def fake_classify(text):
+    """Topics = the words 'climate'/'ai' present; stance from a 's=<x>' word (independent of VADER)."""
+    words = (text or "").split()
+    topics = tuple(t for t in ("climate", "ai") if t in words)
+    stance = next((round(float(w[2:]) * 10_000) for w in words if w.startswith("s=")), 0)
+    return (topics, stance) if topics else ((), 0)
+
+
+def us(sec: float) -> int:
+    return int((T0 + sec) * 1_000_000)
+
+
+def uri(did, coll, rkey):
+    return f"at://{did}/app.bsky.{coll}/{rkey}"
+
+
+def post(did, rkey, sec, text, reply=None, quote=None):
+    return {"kind": "post", "did": did, "rkey": rkey, "uri": uri(did, "feed.post", rkey), "seq": 0,
+            "time_us": us(sec), "text": text, "reply_parent": reply, "reply_root": reply, "quote_uri": quote}
+
+
+def like(did, rkey, sec, subject, kind="like"):
+    return {"kind": kind, "did": did, "rkey": rkey, "uri": uri(did, f"feed.{kind}", rkey), "seq": 0,
+            "time_us": us(sec), "subject_uri": subject, "subject_did": subject.split("/")[2]}
+
+
+def follow(did, rkey, sec, subject_did):
+    return {"kind": "follow", "did": did, "rkey": rkey, "uri": uri(did, "graph.follow", rkey), "seq": 0,
+            "time_us": us(sec), "subject_did": subject_did}
+
+
+def delete(ev, sec):
+    return {"kind": "delete", "did": ev["did"], "rkey": ev["rkey"], "uri": ev["uri"], "seq": 0,
+            "time_us": us(sec), "collection": ev["uri"].split("/")[3]}
+
+
+def tick(sec):
+    """An event with no effect (a like of an unknown post) that only moves the clock."""
+    return like("did:tick", f"t{sec}", sec, "at://did:nobody/app.bsky.feed.post/x")
+
+
+def store():
+    return WindowStore(WIN, HOP, fake_classify)
+
+
+def run(s, events, flush=True):
+    recs, edges = [], []
+    for ev in events:
+        r, e = s.process(ev)
+        recs += r
+        edges += e
+    if flush:
+        recs += s.flush()
+    return recs, edges
+
+
+def last(recs):
+    """did -> last record without window_end (the final state downstream holds)."""
+    out = {}
+    for r in recs:
+        out[r["did"]] = {k: v for k, v in r.items() if k != "window_end"}
+    return out
+
+
+def end(k):
+    return (K + k + 1) * HOP
+
+
+def test_posts_stance_and_expiry_at_window_boundary():
+    s = store()
+    a = "did:a"
+    p1, p2 = post(a, "1", 10, "climate s=0.5"), post(a, "2", 70, "climate ai s=-0.25")
+    recs, _ = run(s, [p1, p2], flush=False)
+    assert recs == [{"did": a, "window_end": end(0), "followers": 0, "topics": {"climate": [1, 0, 0.5, 0]}}]
+    # 179 s: bucket K+2, the post at 10 s (bucket K) is still inside [K*60, (K+3)*60).
+    recs, _ = run(s, [tick(179)], flush=False)
+    assert recs == [{"did": a, "window_end": end(1), "followers": 0,
+                     "topics": {"climate": [2, 0, 0.25, 0], "ai": [1, 0, -0.25, 0]}}]
+    assert s.users[a].totals["climate"] == [2, 0, 2500, 0]
+    recs, _ = run(s, [tick(180)], flush=False)  # bucket K+3: bucket K leaves the window
+    assert recs == []  # hop K+2 had no change for a
+    assert s.users[a].totals["climate"] == [1, 0, -2500, 0]
+    recs, _ = run(s, [tick(240)], flush=False)  # closes K+3 (the expiry), expires K+1
+    assert recs == [{"did": a, "window_end": end(3), "followers": 0,
+                     "topics": {"climate": [1, 0, -0.25, 0], "ai": [1, 0, -0.25, 0]}}]
+    assert s.flush() == [{"did": a, "window_end": end(4), "followers": 0, "topics": {}, "expired": True}]
+    assert s.agents == {"climate": 0, "ai": 0} and set(s.users[a].gone) == {p1["uri"], p2["uri"]}
+    recs, _ = run(s, [tick(360)], flush=True)  # expired posts are kept grace (2) hops, then dropped
+    assert recs == [] and a not in s.users
+
+
+def test_engagement_credited_to_subject_author_in_subject_topics():
+    s = store()
+    S, A, B, C, D = "did:s", "did:a", "did:b", "did:c", "did:d"
+    p = post(S, "p", 10, "climate s=0.5")
+    q = post(S, "q", 11, "nothing topical")
+    recs, _ = run(s, [
+        p, q,
+        like(A, "l1", 20, p["uri"]),
+        like(B, "r1", 21, p["uri"], kind="repost"),
+        post(C, "c1", 22, "hello", reply=p["uri"]),
+        post(D, "d1", 23, "ai s=0.1", quote=p["uri"]),
+        like(A, "l2", 24, q["uri"]),  # outside every topic: credits nothing
+        like(B, "r2", 25, q["uri"], kind="repost"),
+    ])
+    assert last(recs) == {
+        S: {"did": S, "followers": 0, "topics": {"climate": [1, 4, 0.5, 0]}},
+        B: {"did": B, "followers": 0, "topics": {"climate": [0, 0, 0, 1]}},
+        D: {"did": D, "followers": 0, "topics": {"ai": [1, 0, 0.1, 0]}},
+    }
+    assert len(recs) == 3  # one record per changed user for the one closed hop
+
+
+def test_duplicates_are_counted_once():
+    s = store()
+    S, A = "did:s", "did:a"
+    p = post(S, "p", 10, "climate s=0.5")
+    events = [p, like(A, "l", 20, p["uri"]), like(A, "r", 21, p["uri"], kind="repost"), follow(A, "f", 22, S)]
+    recs, edges = run(s, events + events)
+    assert last(recs) == {
+        S: {"did": S, "followers": 1, "topics": {"climate": [1, 2, 0.5, 0]}},
+        A: {"did": A, "followers": 0, "topics": {"climate": [0, 0, 0, 1]}},
+    }
+    assert edges == [("add", S, A, us(22))]
+    assert s.stats["duplicate"] == 4
+
+
+def test_deletes_retract_what_the_record_created():
+    s = store()
+    S, A, B, C, D, E = "did:s", "did:a", "did:b", "did:c", "did:d", "did:e"
+    p = post(S, "p", 10, "climate s=0.5")
+    lk, rp = like(A, "l", 20, p["uri"]), like(B, "r", 21, p["uri"], kind="repost")
+    fo, rep = follow(C, "f", 22, S), post(D, "d", 23, "climate s=0.2", reply=p["uri"])
+    recs, edges = run(s, [p, lk, rp, fo, rep])
+    assert last(recs) == {
+        S: {"did": S, "followers": 1, "topics": {"climate": [1, 3, 0.5, 0]}},
+        B: {"did": B, "followers": 0, "topics": {"climate": [0, 0, 0, 1]}},
+        D: {"did": D, "followers": 0, "topics": {"climate": [1, 0, 0.2, 0]}},
+    }
+    recs, edges = run(s, [delete(lk, 70), delete(rp, 71), delete(fo, 72), delete(rep, 73)])
+    assert last(recs) == {
+        S: {"did": S, "followers": 0, "topics": {"climate": [1, 0, 0.5, 0]}},
+        B: {"did": B, "followers": 0, "topics": {}, "expired": True},
+        D: {"did": D, "followers": 0, "topics": {}, "expired": True},
+    }
+    assert edges == [("remove", S, C, us(72))]
+    # Hop K+1 is closed: the post's deletion goes out with the next hop. A like after the delete
+    # credits nothing, and a re-delivered deleted like is ignored.
+    recs, _ = run(s, [delete(p, 80), like(E, "e", 85, p["uri"]), lk], flush=False)
+    assert recs == []
+    assert s.flush() == []  # K+1 already closed
+    recs, _ = run(s, [tick(130)])
+    assert recs == [{"did": S, "window_end": end(2), "followers": 0, "topics": {}, "expired": True}]
+
+
+def test_one_record_per_hop_and_only_when_changed():
+    s = store()
+    A, E, F = "did:a", "did:e", "did:f"
+    p1 = post(A, "1", 10, "climate s=0.1")
+    lk = like(E, "l", 70, p1["uri"])
+    recs, _ = run(s, [p1, post(A, "2", 20, "climate s=0.2"), post(A, "3", 30, "climate s=0.3"),
+                      lk, delete(lk, 75),  # hop K+1: like and unlike: no net change
+                      follow(F, "f", 130, A)])  # hop K+2: followers change
+    assert recs == [
+        {"did": A, "window_end": end(0), "followers": 0, "topics": {"climate": [3, 0, 0.6, 0]}},
+        {"did": A, "window_end": end(2), "followers": 1, "topics": {"climate": [3, 0, 0.6, 0]}},
+    ]
+
+
+def test_engagement_before_its_post_waits_grace_hops():
+    s = store()  # grace 2 hops
+    S, A, B = "did:s", "did:a", "did:b"
+    p = post(S, "p", 25, "climate s=0.5")
+    late_post = post(S, "q", 125, "climate")  # bucket K+2: the like at bucket K was dropped
+    recs, _ = run(s, [like(A, "l", 20, p["uri"]), p, like(B, "m", 21, late_post["uri"]), late_post])
+    assert last(recs)[S]["topics"] == {"climate": [2, 1, 0.5, 0]}
+
+
+def test_account_deactivation_retracts_its_activity():
+    s = store()
+    S, A = "did:s", "did:a"
+    p = post(S, "p", 10, "climate s=0.5")
+    recs, edges = run(s, [p, like(A, "l", 11, p["uri"]), like(A, "r", 12, p["uri"], kind="repost"),
+                          post(A, "x", 13, "ai s=0.3", reply=p["uri"]), follow(A, "f", 14, S)])
+    assert last(recs)[S] == {"did": S, "followers": 1, "topics": {"climate": [1, 3, 0.5, 0]}}
+    gone = {"kind": "account", "did": A, "rkey": "", "uri": f"at://{A}", "seq": 0, "time_us": us(70),
+            "active": False, "status": "deleted"}
+    recs, edges = run(s, [gone])
+    assert last(recs) == {
+        S: {"did": S, "followers": 0, "topics": {"climate": [1, 0, 0.5, 0]}},
+        A: {"did": A, "followers": 0, "topics": {}, "expired": True},
+    }
+    assert edges == [("remove", S, A, us(70))]
+
+
+# --- random streams: brute-force oracle, and the same result when the state is partitioned ----
+
+def random_stream(seed: int, n_users=30, n_events=700, hops=9):
+    rng = random.Random(seed)
+    users = [f"did:u{i}" for i in range(n_users)]
+    texts = ["climate s=0.5", "ai s=-0.3", "climate ai s=0.1", "plain words", "ai", "climate s=-0.9"]
+    created, posts, events = [], [], []
+    t = 0.0
+    for i in range(n_events):
+        t += rng.random() * hops * HOP / n_events * 2 * 0.98
+        a = rng.choice(users)
+        r = rng.random()
+        mine = [e for e in created if e["did"] == a]
+        if r < 0.3 or not posts:
+            reply = rng.choice(posts)["uri"] if posts and rng.random() < 0.3 else None
+            quote = rng.choice(posts)["uri"] if posts and rng.random() < 0.2 else None
+            ev = post(a, f"p{i}", t, rng.choice(texts), reply=reply, quote=quote)
+            posts.append(ev)
+        elif r < 0.6:
+            ev = like(a, f"l{i}", t, rng.choice(posts[-40:])["uri"])
+        elif r < 0.72:
+            ev = like(a, f"r{i}", t, rng.choice(posts[-40:])["uri"], kind="repost")
+        elif r < 0.84:
+            ev = follow(a, f"f{i}", t, rng.choice(users))
+        elif r < 0.94 and mine:
+            victim = rng.choice(mine)
+            created.remove(victim)
+            if victim in posts:
+                posts.remove(victim)
+            events.append(delete(victim, t))
+            continue
+        elif mine:
+            events.append(rng.choice(mine))  # a re-delivery (same record, same time)
+            continue
+        else:
+            continue
+        created.append(ev)
+        events.append(ev)
+    return events
+
+
+def oracle(events):
+    """Final features by definition, recomputed from the whole log (events in time order)."""
+    n = WIN // HOP
+    b = lambda e: e["time_us"] // (HOP * 1_000_000)  # noqa: E731
+    first, deleted = {}, {}
+    for e in events:
+        if e["kind"] == "delete":
+            if e["uri"] in first and e["uri"] not in deleted:
+                deleted[e["uri"]] = e
+        elif e["uri"] not in first:
+            first[e["uri"]] = e
+    cur = max(b(e) for e in events)
+    live = lambda e, at: e["uri"] not in deleted or deleted[e["uri"]]["time_us"] > at  # noqa: E731
+    feats: dict = {}
+    followers: dict = {}
+
+    def add(did, topics, i, x):
+        for tp in topics:
+            v = feats.setdefault(did, {}).setdefault(tp, [0, 0, 0, 0])
+            v[i] += x
+
+    order = sorted(first.values(), key=lambda e: e["time_us"])
+    for e in order:
+        if e["kind"] == "follow":
+            if e["uri"] not in deleted:
+                followers[e["subject_did"]] = followers.get(e["subject_did"], 0) + 1
+            continue
+        if e["uri"] in deleted or b(e) <= cur - n:
+            continue
+        if e["kind"] == "post":
+            topics, st = fake_classify(e["text"])
+            add(e["did"], topics, 0, 1)
+            add(e["did"], topics, 2, st)
+            subjects = dict.fromkeys(u for u in (e["reply_parent"], e["quote_uri"]) if u)
+        else:
+            subjects = [e["subject_uri"]]
+        for s_uri in subjects:
+            p = first[s_uri]
+            topics, _ = fake_classify(p["text"])
+            # Credited if the subject was in the post table when this engagement arrived.
+            if topics and b(p) > b(e) - n and live(p, e["time_us"]) and p["time_us"] <= e["time_us"]:
+                add(p["did"], topics, 1, 1)
+                if e["kind"] == "repost":
+                    add(e["did"], topics, 3, 1)
+    out = {}
+    for did, tps in feats.items():
+        tps = {t: [v[0], v[1], v[2] / 10_000, v[3]] for t, v in tps.items() if v[0] or v[1] or v[3]}
+        if tps:
+            out[did] = {"did": did, "followers": followers.get(did, 0), "topics": tps}
+    return out
+
+
+def present(final):
+    return {d: r for d, r in final.items() if not r.get("expired")}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_stream_matches_brute_force_oracle(seed):
+    events = random_stream(seed)
+    recs, _ = run(store(), events)
+    got = present(last(recs))
+    want = oracle(events)
+    assert got.keys() == want.keys()
+    for did in want:
+        assert got[did]["followers"] == want[did]["followers"]
+        assert got[did]["topics"].keys() == want[did]["topics"].keys()
+        for t, v in want[did]["topics"].items():
+            assert got[did]["topics"][t] == pytest.approx(v, abs=1e-9), (did, t)
+
+
+def test_partitioned_state_gives_the_same_records():
+    """Three stores, each owning the DIDs that hash to it (authors for ingest, owners for ops)."""
+    events = random_stream(7)
+    one, _ = run(store(), events)
+    parts = [store() for _ in range(3)]
+    home = lambda did: parts[zlib.crc32(did.encode()) % 3]  # noqa: E731
+    recs = []
+    for ev in events:
+        for p in parts:  # every part sees time move (the app broadcasts hop ticks)
+            recs += p.advance(ev["time_us"])
+        ops, _ = home(ev["did"]).ingest(ev)
+        while ops:
+            op = ops.pop(0)
+            ops += home(op[1]).apply(op)
+    for p in parts:
+        recs += p.flush()
+    assert sorted(map(repr, recs)) == sorted(map(repr, one))
+
+
+def test_bad_window_is_rejected():
+    with pytest.raises(ValueError, match="multiple of hop"):
+        WindowStore(100, 30, fake_classify)
+
+
+def test_engagement_after_its_post_expired_is_credited_as_in_time_order():
+    """A clock that ran ahead (another partition's newer event) expires a post before a like
+    whose own bucket still held it; the store credits it as time order would, and no more."""
+    S, A, B = "did:s", "did:a", "did:b"
+    p = post(S, "p", 5, "climate")  # bucket K
+    in_time = like(A, "l", 175, p["uri"])  # bucket K+2: the post (bucket K) was in its window
+    too_late = like(B, "m", 185, p["uri"])  # bucket K+3: the post had left its window
+    ordered, _ = run(store(), [p, in_time, tick(185), too_late])
+    reordered, _ = run(store(), [p, tick(185), in_time, too_late])
+    assert last(reordered) == last(ordered)
+    assert last(ordered)[S]["topics"] == {"climate": [0, 1, 0.0, 0]}
+    s = WindowStore(WIN, HOP, fake_classify, grace_hops=0)  # no grace: the reordered like is lost
+    assert S not in present(last(run(s, [p, tick(185), in_time, too_late])[0]))
