@@ -11,5 +11,6 @@ Stages, one subpackage each:
 
 Shared by every stage, at this level: ``cli`` (the `chorus` command), ``config`` (settings),
 ``schemas`` (topic names and record schemas), ``kafka`` (client factories, topic creation),
-``metrics`` (every Prometheus metric), ``process`` (event loop and process setup).
+``metrics`` (every Prometheus metric), ``process`` (event loop and process setup), ``protocol``
+(AT Protocol rules: identifier syntax, collection NSIDs, times, limits).
 """

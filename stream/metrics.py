@@ -15,6 +15,18 @@ INGEST_FRAMES_INVALID = Counter(
 INGEST_LAG = Gauge("chorus_ingest_lag_seconds", "Now minus the time of the last acknowledged event.")
 INGEST_CURSOR = Gauge("chorus_ingest_cursor", "Last firehose seq acknowledged by Kafka.")
 EVENTS_PUBLISHED = Counter("chorus_events_published", "Events acknowledged by Kafka, by kind.", ["kind"])
+INGEST_SEQ_RESETS = Counter(
+    "chorus_ingest_seq_resets",
+    "Times the source's numbering went below the cursor chorus resumed from (seq or time_us); "
+    "ingest continued from the new numbering.",
+)
+INGEST_REPLAYED = Counter(
+    "chorus_ingest_replayed_frames", "Frames dropped as replays (position not above the last one forwarded)."
+)
+INGEST_TIME_CLAMPED = Counter(
+    "chorus_ingest_event_time_clamped",
+    "Events whose claimed time was later than receive time + tolerance; their event time was clamped.",
+)
 
 # --- windows ------------------------------------------------------------------------------
 WINDOW_AGENTS = Gauge("chorus_window_agents", "Agents with activity in the current window.", ["topic"])

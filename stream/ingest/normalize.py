@@ -17,27 +17,29 @@ app.bsky.graph.follow       follow      subject (a DID) -> subject_did
 ``update`` ops are ignored (records of these kinds are immutable in practice; downstream dedupes
 by URI anyway). A record that does not fit raises :class:`InvalidOp` with a short reason, which
 the caller counts in ``chorus_ingest_frames_invalid_total{reason}``.
+
+References (``subject.uri``, reply parent/root, quoted record) must be AT-URIs by the protocol's
+syntax (:func:`stream.protocol.parse_at_uri`; reason ``at_uri``) whose authority is a DID (reason
+``uri_handle`` for a handle: chorus credits accounts by DID and never resolves handles from a
+record). Identifier syntax lives in :mod:`stream.protocol`; this module holds chorus's field rules.
+
+Event time (:func:`event_time_us`): a commit's ``time`` is set by the PDS or relay, not by
+anything chorus trusts, so the event time is ``min(claimed time, receive time + FUTURE_TOLERANCE_US)``
+(1 minute). Past times are kept (a replay after a reconnect is legitimately old; the worker drops
+what is older than its window). The clamped ones are counted by the caller.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-POST = "app.bsky.feed.post"
-LIKE = "app.bsky.feed.like"
-REPOST = "app.bsky.feed.repost"
-FOLLOW = "app.bsky.graph.follow"
+from stream.protocol import (EMBED_RECORD, EMBED_RECORD_WITH_MEDIA, FOLLOW, LIKE, POST, REPOST, InvalidSyntax,
+                             is_did, is_record_key, parse_at_uri)
+
 KINDS = {POST: "post", LIKE: "like", REPOST: "repost", FOLLOW: "follow"}
 
-EMBED_RECORD = "app.bsky.embed.record"
-EMBED_RECORD_WITH_MEDIA = "app.bsky.embed.recordWithMedia"
-
-# atproto syntax (https://atproto.com/specs/did, /specs/record-key).
-_DID = re.compile(r"did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]")
-_RKEY = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
-_MAX_DID = 2048
-_MAX_TEXT = 100_000  # generous: the lexicon allows 3,000 bytes; beyond this a record is garbage
+MAX_TEXT_CHARS = 100_000  # generous: the lexicon allows 3,000 bytes; beyond this a record is garbage
+FUTURE_TOLERANCE_US = 60_000_000  # how far ahead of its receive time an event time may claim to be
 
 
 class InvalidOp(ValueError):
@@ -48,28 +50,25 @@ class InvalidOp(ValueError):
         self.reason = reason
 
 
-def is_did(value: Any) -> bool:
-    return isinstance(value, str) and len(value) <= _MAX_DID and _DID.fullmatch(value) is not None
-
-
 def split_path(path: Any) -> tuple[str, str]:
     """``collection/rkey`` -> (collection, rkey); raises InvalidOp("op_shape")."""
     if not isinstance(path, str):
         raise InvalidOp("op_shape")
     collection, sep, rkey = path.partition("/")
-    if not sep or not collection or rkey in (".", "..") or _RKEY.fullmatch(rkey) is None:
+    if not sep or not collection or not is_record_key(rkey):
         raise InvalidOp("op_shape")
     return collection, rkey
 
 
 def uri_did(uri: Any) -> str:
-    """The authority DID of ``at://DID/collection/rkey``; raises InvalidOp for anything else."""
-    if not isinstance(uri, str) or not uri.startswith("at://"):
-        raise InvalidOp("record_shape")
-    did = uri[5:].split("/", 1)[0]
-    if not is_did(did):
-        raise InvalidOp("invalid_did")
-    return did
+    """The authority DID of an AT-URI; raises InvalidOp ``at_uri`` (bad syntax) or ``uri_handle``."""
+    try:
+        authority = parse_at_uri(uri).authority
+    except InvalidSyntax:
+        raise InvalidOp("at_uri") from None
+    if not authority.startswith("did:"):
+        raise InvalidOp("uri_handle")
+    return authority
 
 
 def _strong_ref_uri(ref: Any) -> str:
@@ -79,6 +78,14 @@ def _strong_ref_uri(ref: Any) -> str:
     uri = ref.get("uri")
     uri_did(uri)
     return uri
+
+
+def event_time_us(claimed_us: int, received_us: int | None) -> tuple[int, bool]:
+    """(event time, clamped?): the claimed time, or ``received_us + FUTURE_TOLERANCE_US`` when it
+    claims to be later than that (see the module docstring). ``received_us`` None: no clamp."""
+    if received_us is None or claimed_us <= received_us + FUTURE_TOLERANCE_US:
+        return claimed_us, False
+    return received_us + FUTURE_TOLERANCE_US, True
 
 
 def record_fields(collection: str, record: Any) -> dict[str, Any]:
@@ -101,8 +108,10 @@ def record_fields(collection: str, record: Any) -> dict[str, Any]:
 
 def _post_fields(record: dict) -> dict[str, Any]:
     text = record.get("text")
-    if not isinstance(text, str) or len(text) > _MAX_TEXT:
+    if not isinstance(text, str):
         raise InvalidOp("record_shape")
+    if len(text) > MAX_TEXT_CHARS:
+        raise InvalidOp("record_too_large")
     out: dict[str, Any] = {"text": text}
     langs = record.get("langs")
     if langs is not None:

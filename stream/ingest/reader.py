@@ -2,9 +2,21 @@
 
 :class:`FirehoseReader` wraps ``AsyncFirehoseSubscribeReposClient``: every dial resumes from
 ``resume_cursor()`` (the last cursor Kafka acknowledged), exponential backoff with jitter,
-``FutureCursor`` -> reconnect live with a warning, replayed frames (seq <= last seen) dropped.
-Frames are decoded by :func:`stream.ingest.decode.decode_frame` and go to an async ``sink`` (the
-bounded queue to the publisher), so the reader never waits on Kafka itself.
+``FutureCursor`` -> reconnect live. Frames are decoded by :func:`stream.ingest.decode.decode_frame`
+(with their receive time, which bounds event times) and go to an async ``sink`` (the bounded queue
+to the publisher), so the reader never waits on Kafka itself.
+
+Sequence rules (README "Delivery"):
+
+- **Replay**: a frame whose seq is not above the last one forwarded is a replay (a reconnect
+  resumes from the last *acknowledged* cursor, which can be behind what was already forwarded):
+  dropped, counted in ``chorus_ingest_replayed_frames_total``.
+- **Reset**: a connection dialed with cursor C whose first frame carries seq S < C cannot be a
+  replay (a relay sends what follows the cursor it was given): the relay's numbering went back (a
+  new relay behind the same URL, a restore from a backup). So does a ``FutureCursor`` answer. Either
+  is logged as an error and counted in ``chorus_ingest_seq_resets_total``, and ingest continues from
+  the new numbering (S and what follows; live after ``FutureCursor``); the stored cursor follows
+  it from the next acknowledged frame.
 """
 
 from __future__ import annotations
@@ -19,7 +31,8 @@ from atproto_firehose import AsyncFirehoseSubscribeReposClient
 from atproto_subscription import SubscriptionError
 
 from stream.ingest.decode import FRAME_TYPES, WS_MAX_BYTES, Decoded, decode_frame
-from stream.metrics import INGEST_FRAMES, INGEST_FRAMES_INVALID
+from stream.metrics import (INGEST_FRAMES, INGEST_FRAMES_INVALID, INGEST_REPLAYED, INGEST_SEQ_RESETS,
+                            INGEST_TIME_CLAMPED)
 
 log = logging.getLogger("chorus.ingest")
 
@@ -61,10 +74,10 @@ class _Client(AsyncFirehoseSubscribeReposClient):
         cursor = self._reader.dial_cursor()
         self.update_params({} if cursor is None else {"cursor": cursor})
         log.info("connecting to %s", self._websocket_uri)
-        self._reader.connections += 1
+        self._reader.connected(cursor)
 
     def _decode_frame(self, raw_frame):
-        decoded = decode_frame(raw_frame)
+        decoded = decode_frame(raw_frame, time.time_ns() // 1000)
         if decoded.error is not None:
             self._reader.count(decoded)
             raise RelayError(*decoded.error)  # the SDK ends start() with it; the reader decides
@@ -87,8 +100,8 @@ class FirehoseReader:
     """Reads a relay into ``sink`` (an async callable taking a :class:`Decoded` with a seq).
 
     ``resume_cursor()`` gives the cursor to dial with (the last one Kafka acknowledged, or None for
-    live). Frames whose seq is not above the last one passed to ``sink`` are replays after a
-    reconnect and are dropped (counted in ``duplicates``).
+    live). Replays are dropped (counted in ``duplicates``) and resets followed (counted in
+    ``resets``): see the module docstring.
     """
 
     def __init__(self, relay: str, sink: Callable[[Decoded], Awaitable[None]],
@@ -103,7 +116,10 @@ class FirehoseReader:
         self.live_next = False
         self.connections = 0
         self.duplicates = 0
+        self.resets = 0
         self.frames = 0
+        self.dialed: int | None = None  # cursor the current connection was dialed with
+        self._first = False  # the current connection has not delivered a positioned frame yet
         self._client = _Client(self, relay, recv_timeout)
         self._stopping = False
         self._frames = {t: INGEST_FRAMES.labels(t) for t in FRAME_TYPES}
@@ -116,9 +132,24 @@ class FirehoseReader:
             return None
         return self.resume_cursor()
 
+    def connected(self, cursor: int | None) -> None:
+        """A new connection is being dialed with ``cursor``."""
+        self.connections += 1
+        self.dialed, self._first = cursor, True
+
+    def reset(self, why: str) -> None:
+        """The source's numbering went back: count it, log it, forget the last seq forwarded."""
+        self.resets += 1
+        INGEST_SEQ_RESETS.inc()
+        log.error("%s: %s's numbering went back (a new or restored source?); continuing from the new "
+                  "numbering, the stored cursor follows it", why, self.relay)
+        self.last_seq = None
+
     def count(self, d: Decoded) -> None:
         self.frames += 1
         self._frames[d.type].inc()
+        if d.clamped:
+            INGEST_TIME_CLAMPED.inc(d.clamped)
         for reason in d.invalid:
             c = self._invalid.get(reason)
             if c is None:
@@ -132,8 +163,13 @@ class FirehoseReader:
             log.warning("relay info %s: %s", *d.info)
         if d.seq is None:
             return
+        if self._first:
+            self._first = False
+            if self.dialed is not None and d.seq < self.dialed:
+                self.reset(f"first frame after dialing with cursor {self.dialed} has seq {d.seq}")
         if self.last_seq is not None and d.seq <= self.last_seq:
             self.duplicates += 1
+            INGEST_REPLAYED.inc()
             return
         self.last_seq = d.seq
         await self.sink(d)
@@ -147,8 +183,8 @@ class FirehoseReader:
                     log.warning("relay closed the connection; reconnecting")
             except RelayError as exc:
                 if exc.code == "FutureCursor":
-                    log.warning("relay says the cursor is in the future (%s); restarting live", exc)
-                    self.live_next, self.last_seq = True, None
+                    self.reset(f"relay says cursor {self.dialed} is in the future ({exc}); restarting live")
+                    self.live_next = True
                     self._client._reconnect_no = 0  # dial again at once
                 else:
                     log.warning("relay error %s; reconnecting from the last acknowledged cursor", exc)

@@ -20,7 +20,7 @@ import contextlib
 import logging
 from typing import Any
 
-from aiokafka.errors import KafkaError
+from aiokafka.errors import BrokerResponseError, KafkaError
 
 from stream.config import ConfigError, Settings, bootstrap_servers
 from stream.ingest.cursor import CursorError, CursorStore
@@ -33,13 +33,22 @@ from stream.schemas import TOPIC_EVENTS, TOPIC_PARTITIONS
 log = logging.getLogger("chorus.ingest")
 
 
-class _Quiet(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False
-
-
 class IngestError(RuntimeError):
     """The ingester cannot start (bad settings, Kafka unreachable, unreadable cursor): one line."""
+
+
+def kafka_start_error(bootstrap: str, step: str, exc: BaseException, idempotence: bool) -> str:
+    """One line saying what failed when the producer could not start.
+
+    A broker that *answered* with an error while an idempotent producer started (the InitProducerId
+    request) most likely lacks idempotent producers (the embedded Tansu broker does), so the line says
+    so and how to turn idempotence off, instead of calling Kafka unreachable."""
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if idempotence and step == "start the producer" and isinstance(exc, BrokerResponseError):
+        return (f"Kafka at {bootstrap} refused an idempotent producer ({type(exc).__name__} on InitProducerId): "
+                "the broker may not support idempotent producers; set CHORUS_KAFKA_IDEMPOTENCE=false to "
+                "produce without idempotence")
+    return f"cannot reach Kafka at {bootstrap} (could not {step}): {detail}"
 
 
 class Ingester:
@@ -93,21 +102,23 @@ class Ingester:
 
     async def _start_kafka(self) -> None:
         producer = make_producer(self.bootstrap, self.settings.kafka_idempotence, **self._producer_options)
-        quiet = _Quiet()  # aiokafka logs each failed dial; the one-line IngestError says it all
-        logging.getLogger("aiokafka").addFilter(quiet)
+        kafka_log = logging.getLogger("aiokafka")  # it logs each failed dial; the IngestError says it all
+        level = kafka_log.level
+        kafka_log.setLevel(logging.CRITICAL)
+        step = "create the topics"
         try:
             await asyncio.wait_for(
                 ensure_topics(self.bootstrap, {TOPIC_EVENTS: TOPIC_PARTITIONS[TOPIC_EVENTS]},
                               window_s=self.settings.window[0]),
                 self._kafka_timeout)
+            step = "start the producer"
             await asyncio.wait_for(producer.start(), self._kafka_timeout)
         except (KafkaError, OSError, asyncio.TimeoutError) as exc:
             with contextlib.suppress(Exception):
                 await producer.stop()
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise IngestError(f"cannot reach Kafka at {self.bootstrap}: {detail}") from None
+            raise IngestError(kafka_start_error(self.bootstrap, step, exc, self.settings.kafka_idempotence)) from None
         finally:
-            logging.getLogger("aiokafka").removeFilter(quiet)
+            kafka_log.setLevel(level)
         self.producer = producer
         self.publisher = Publisher(producer, self.queue, self.tracker)
 

@@ -27,15 +27,12 @@ from typing import Any
 
 import libipld
 
+from stream.protocol import FOLLOW, LIKE, MAX_FRAME_BYTES, POST, REPOST  # noqa: F401 - re-exported
+from stream.protocol import datetime_us as parse_iso_time_us  # noqa: F401 - re-exported
+
 _S32 = "234567abcdefghijklmnopqrstuvwxyz"  # base32-sortable alphabet of TIDs
 _TO_S32 = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _S32)
 _CID_PREFIX = bytes([0x01, 0x71, 0x12, 0x20])  # CIDv1, dag-cbor, sha2-256, 32-byte digest
-MAX_FRAME_BYTES = 5 * 1024 * 1024  # the SDK client's (and relays') frame size limit
-
-POST = "app.bsky.feed.post"
-LIKE = "app.bsky.feed.like"
-REPOST = "app.bsky.feed.repost"
-FOLLOW = "app.bsky.graph.follow"
 
 
 # --- primitives ---------------------------------------------------------------------------------
@@ -73,12 +70,6 @@ def iso_time(time_us: int) -> str:
 @lru_cache(maxsize=4096)
 def _iso_second(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def parse_iso_time_us(value: str) -> int:
-    """Microseconds since the epoch of an RFC 3339 timestamp (inverse of :func:`iso_time`)."""
-    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return int(dt.timestamp()) * 1_000_000 + dt.microsecond
 
 
 def now_us() -> int:
@@ -172,12 +163,13 @@ def encode_record(record: dict) -> tuple[bytes, bytes]:
 
 @dataclass(frozen=True)
 class Op:
-    """One repo op. ``record`` is None for deletes; ``prev`` optionally the previous record CID."""
+    """One repo op. ``record`` is None for deletes, a dict (encoded here) or the block's bytes as
+    they go into the CAR (for bad-input tests); ``prev`` optionally the previous record CID."""
 
     action: str  # create / update / delete
     collection: str
     rkey: str
-    record: dict | None = None
+    record: dict | bytes | None = None
     prev: bytes | None = None
 
     @property
@@ -206,7 +198,7 @@ def commit_frame(seq: int, did: str, ops: list[Op], time_us: int, since: str | N
     for op in ops:
         cid = None
         if op.record is not None:
-            cid, data = encode_record(op.record)
+            cid, data = (cid_of(op.record), op.record) if isinstance(op.record, bytes) else encode_record(op.record)
             if op.path not in omit_blocks_for:
                 blocks.append((cid, data))
         wop: dict[str, Any] = {"action": op.action, "path": op.path, "cid": cid}
@@ -281,6 +273,12 @@ def bad_frames(seq: int = 1, time_us: int = 1_735_689_600_000_000) -> dict[str, 
     - ``wrong_record_shape``: a post record without ``text`` and with a numeric ``createdAt``.
     - ``invalid_did``: a #commit whose ``repo`` is ``not-a-did``.
     - ``oversize``: a well-formed #commit over 5 MB (the frame size limit).
+    - ``utf8_text``: a post whose ``text`` holds bytes that are not UTF-8.
+    - ``deep_record``: a post with a field nested 100,000 lists deep.
+    - ``large_record``: a post block of 300 KB (a well-formed frame under 5 MB).
+    - ``cbor_record``: a post whose block is not DAG-CBOR.
+    - ``bad_subject_uri``: a like whose subject URI has the record key ``%zz``.
+    - ``handle_subject``: a like whose subject URI names a handle, not a DID.
     Each commit uses ``seq`` and the same author; none of them is a valid event.
     """
     did = _BAD_DID
@@ -290,6 +288,13 @@ def bad_frames(seq: int = 1, time_us: int = 1_735_689_600_000_000) -> dict[str, 
     like_as_post = like_record(strong_ref(f"at://{did}/{POST}/{rkey}", cid_str(encode_record(post)[0])), time_us)
     big = post_record("x" * (MAX_FRAME_BYTES + 1024), time_us)
     bad_car_body = split_frame(good)[1] | {"blocks": b"\x05not a car file"}
+    marked = libipld.encode_dag_cbor(post_record("zz~~", time_us) | {"x": 0})
+    utf8 = marked.replace(b"\x64zz~~", b"\x64zz\xff\xfe")
+    deep = marked.replace(b"\x61x\x00", b"\x61x" + b"\x81" * 100_000 + b"\x00")
+
+    def one(record: dict | bytes, collection: str = POST) -> bytes:
+        return commit_frame(seq, did, [Op("create", collection, rkey, record)], time_us)
+
     return {
         "malformed_cbor": b"\xff\x00\x13garbage",
         "truncated": good[: len(good) // 2],
@@ -302,4 +307,10 @@ def bad_frames(seq: int = 1, time_us: int = 1_735_689_600_000_000) -> dict[str, 
         "wrong_record_shape": commit_frame(seq, did, [Op("create", POST, rkey, {"$type": POST, "createdAt": 12})], time_us),
         "invalid_did": commit_frame(seq, "not-a-did", [Op("create", POST, rkey, post)], time_us),
         "oversize": commit_frame(seq, did, [Op("create", POST, rkey, big)], time_us),
+        "utf8_text": one(utf8),
+        "deep_record": one(deep),
+        "large_record": one(post_record("large", time_us) | {"x": "y" * 300_000}),
+        "cbor_record": one(b"\xff\x00 not cbor"),
+        "bad_subject_uri": one(like_record(strong_ref(f"at://{did}/{POST}/%zz", "c"), time_us), LIKE),
+        "handle_subject": one(like_record(strong_ref(f"at://alice.bsky.social/{POST}/{rkey}", "c"), time_us), LIKE),
     }

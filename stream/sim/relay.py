@@ -20,7 +20,9 @@ frame (a synthetic or recorded source is consumed from its start), or at the hea
 ``live_tail=True`` (the live relay's behaviour). A client that falls more than ``retention``
 frames behind gets a ``ConsumerTooSlow`` error frame and is closed.
 
-Test hooks: ``drop_after=K`` aborts each connection (no close handshake, like a network failure)
+Test hooks: ``future_cursor="ignore"`` serves a cursor ahead of the head from the oldest retained
+frame without an error (a relay whose numbering restarted and that does not check cursors);
+``drop_after=K`` aborts each connection (no close handshake, like a network failure)
 after it was sent K frames, for at most ``max_drops`` connections; ``Relay.connections`` reports
 what every connection was sent.
 """
@@ -123,13 +125,16 @@ class Relay:
     def __init__(self, source, host: str = "127.0.0.1", port: int = 0, rate: float | None = None,
                  speed: float | None = None, retention: int = 100_000, live_tail: bool = False,
                  drop_after: int | None = None, max_drops: int | None = None,
-                 track_seqs: bool = False, chunk: int = 256) -> None:
+                 track_seqs: bool = False, chunk: int = 256, future_cursor: str = "error") -> None:
         if rate is not None and rate <= 0:
             raise ValueError(f"rate must be > 0 frames/s, got {rate}")
         if speed is not None and speed <= 0:
             raise ValueError(f"speed must be > 0, got {speed}")
         if retention < 1:
             raise ValueError(f"retention must be >= 1 frame, got {retention}")
+        if future_cursor not in ("error", "ignore"):
+            raise ValueError(f"future_cursor must be 'error' or 'ignore', got {future_cursor!r}")
+        self.future_cursor = future_cursor
         self.source = as_source(source)
         self.host, self.port = host, port
         self.rate, self.speed = rate, speed
@@ -282,7 +287,7 @@ class Relay:
         if head is None:  # nothing published yet: only "before the first frame" is not in the future
             head = (self.source.first_seq or 1) - 1
         if cursor > head:
-            return 0, None, "FutureCursor"
+            return (self._base, None, None) if self.future_cursor == "ignore" else (0, None, "FutureCursor")
         oldest = self.oldest_seq
         if oldest is not None and cursor < oldest - 1:
             return self._base, "OutdatedCursor", None

@@ -177,6 +177,8 @@ BAD_REASONS = {
     "malformed_cbor": "cbor", "truncated": "truncated", "header_only": "header",
     "car_missing_block": "missing_block", "bad_car": "car", "wrong_record_type": "record_type",
     "wrong_record_shape": "record_shape", "invalid_did": "invalid_did", "oversize": "too_large",
+    "utf8_text": "record_utf8", "deep_record": "record_depth", "large_record": "record_too_large",
+    "cbor_record": "record_cbor", "bad_subject_uri": "at_uri", "handle_subject": "uri_handle",
 }
 
 
@@ -196,7 +198,7 @@ def test_decode_bad_frames_counted_by_reason():
            F.Op("create", F.POST, "bad/rkey", F.post_record("x", t)),
            F.Op("create", F.POST, "3ok", F.post_record("fine", t))]
     d = decode_frame(F.commit_frame(10, DID, ops, t))
-    assert d.invalid == ["invalid_did", "invalid_did", "record_shape", "op_shape"]
+    assert d.invalid == ["invalid_did", "uri_handle", "at_uri", "op_shape"]
     assert [e["rkey"] for e in d.events] == ["3ok"]
     assert decode_frame("text frame").invalid == ["header"]
 
