@@ -35,6 +35,21 @@ class Settings(BaseSettings):
         default=True,
         description="Use the idempotent producer. The embedded broker does not support it.",
     )
+    kafka_request_timeout_s: float = Field(
+        default=40.0, gt=0,
+        description="Kafka client request timeout, seconds (aiokafka's request_timeout_ms). A send "
+        "not acknowledged in time is retried with backoff, never dropped.",
+    )
+    dead_letter: bool = Field(
+        default=False,
+        description="Publish every rejected input record, unchanged, to chorus.dead-letter "
+        "(headers: source topic, partition, offset, reason, stage).",
+    )
+    max_clock_skew_s: float = Field(
+        default=600.0, ge=0,
+        description="Input timestamps (time_us, window_end minus one hop) further ahead of the wall "
+        "clock than this are rejected as poison records.",
+    )
     relay: str = LIVE_RELAY
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9464, ge=0, le=65535)

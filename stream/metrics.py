@@ -62,6 +62,21 @@ RECOMPUTE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 
+# --- robustness (every stage) --------------------------------------------------------------
+RECORDS_REJECTED = Counter(
+    "chorus_records_rejected",
+    "Consumed records skipped as invalid or unprocessable, by topic and reason (stream/guard.py).",
+    ["topic", "reason"],
+)
+KAFKA_UNAVAILABLE = Gauge(
+    "chorus_kafka_unavailable",
+    "1 while a stage cannot deliver to Kafka and is retrying, 0 once deliveries succeed again.",
+    ["stage"],
+)
+KAFKA_SEND_RETRIES = Counter(
+    "chorus_kafka_send_retries", "Records re-sent after Kafka failed to acknowledge them, by stage.", ["stage"]
+)
+
 # --- alerts -------------------------------------------------------------------------------
 ALERTS_PUBLISHED = Counter("chorus_alerts_published", "Alerts published, by rule.", ["rule"])
 

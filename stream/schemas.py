@@ -1,11 +1,23 @@
-"""Kafka topic names and JSON value schemas (every value carries ``"v": 1``); see DESIGN.md."""
+"""Kafka topic names and JSON value schemas (every value carries ``"v": 1``); see DESIGN.md.
+
+The models are also what every consumer checks a record against before using it
+(:mod:`stream.guard`): JSON values are validated in strict mode (no ``"12345"`` for an int, no
+integer for a DID), numbers must be finite and in range (counts >= 0 and at most
+:data:`MAX_COUNT`), and, when the caller passes a :func:`time_bounds` context, timestamps may not
+lie further ahead of the wall clock than the allowed skew (a record from the future would move
+event time past every real record). Timestamps in the past are allowed: the worker drops late
+events and the operator expires stale records by itself.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import math
+import time
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION = 1
 
@@ -14,6 +26,7 @@ TOPIC_FEATURES = "chorus.features"
 TOPIC_GRAPH = "chorus.graph"
 TOPIC_ATTRIBUTIONS = "chorus.attributions"
 TOPIC_ALERTS = "chorus.alerts"
+TOPIC_DEAD_LETTER = "chorus.dead-letter"  # rejected records, with Settings.dead_letter (stream/guard.py)
 
 # Default partition counts used when chorus creates its topics.
 TOPIC_PARTITIONS = {
@@ -22,6 +35,7 @@ TOPIC_PARTITIONS = {
     TOPIC_GRAPH: 4,
     TOPIC_ATTRIBUTIONS: 1,
     TOPIC_ALERTS: 1,
+    TOPIC_DEAD_LETTER: 1,
 }
 
 # Feature columns per topic in chorus.features, in this order.
@@ -32,6 +46,36 @@ FEATURE_COLUMNS = ("posts", "engagement", "stance_sum", "reposts")
 EventKind = Literal["post", "like", "repost", "follow", "delete", "account"]
 
 
+# Bounds of a valid record (see the module docstring).
+MAX_COUNT = 10**9  # followers, posts, engagement, reposts (Bluesky: ~4e7 accounts)
+MAX_DID = 2048
+MAX_URI = 8192
+MAX_TEXT = 100_000
+
+Did = Annotated[str, Field(min_length=5, max_length=MAX_DID, pattern=r"^did:[!-~]+$")]
+AtUri = Annotated[str, Field(max_length=MAX_URI, pattern=r"^at://")]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Bounded = Annotated[float, Field(ge=-MAX_COUNT, le=MAX_COUNT, allow_inf_nan=False)]
+TimeUs = Annotated[int, Field(ge=0)]
+UnixS = Annotated[int, Field(ge=0)]
+
+
+def time_bounds(max_skew_s: float, hop_s: float = 0.0, now_s: float | None = None) -> dict[str, float]:
+    """Validation context for :meth:`_Value.from_bytes`: the latest acceptable event time
+    (``time_us``: now + ``max_skew_s``) and window end (``window_end``: one hop later, since a
+    window ends after its newest event), unix seconds."""
+    now_s = time.time() if now_s is None else now_s
+    return {"max_time_s": now_s + max_skew_s, "max_window_end_s": now_s + max_skew_s + hop_s}
+
+
+def _not_ahead(value: int, info: ValidationInfo, bound: str, scale: float) -> int:
+    limit = (info.context or {}).get(bound)
+    if limit is not None and value / scale > limit:
+        raise PydanticCustomError("time_bounds", "{field} {value} lies {ahead:.0f} s ahead of the allowed bound",
+                                  {"field": info.field_name, "value": value, "ahead": value / scale - limit})
+    return value
+
+
 class _Value(BaseModel):
     model_config = ConfigDict(extra="forbid")
     v: Literal[1] = SCHEMA_VERSION
@@ -40,29 +84,47 @@ class _Value(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
     @classmethod
-    def from_bytes(cls, raw: bytes | str):
-        return cls.model_validate_json(raw)
+    def from_bytes(cls, raw: bytes | str, context: dict[str, Any] | None = None):
+        """Parse one JSON value. Raises ``pydantic.ValidationError`` (a ValueError) when it does
+        not fit. With ``context`` (:func:`time_bounds`) the value is checked as a consumer does:
+        strict types and timestamps not ahead of the bounds."""
+        if context is None:
+            return cls.model_validate_json(raw)
+        return cls.model_validate_json(raw, strict=True, context=context)
 
 
 class Event(_Value):
     """One normalized firehose record op (chorus.events, key = author DID)."""
 
     kind: EventKind
-    did: str
-    rkey: str
-    uri: str
-    seq: int
-    time_us: int
-    collection: str | None = None  # for deletes: which record type was deleted
-    text: str | None = None
-    langs: list[str] | None = None
-    reply_parent: str | None = None
-    reply_root: str | None = None
-    quote_uri: str | None = None
-    subject_uri: str | None = None
-    subject_did: str | None = None
+    did: Did
+    rkey: Annotated[str, Field(max_length=512)]
+    uri: AtUri
+    seq: Annotated[int, Field(ge=0)]
+    time_us: TimeUs
+    collection: Annotated[str, Field(max_length=512)] | None = None  # for deletes: which record type
+    text: Annotated[str, Field(max_length=MAX_TEXT)] | None = None
+    langs: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=64)] | None = None
+    reply_parent: AtUri | None = None
+    reply_root: AtUri | None = None
+    quote_uri: AtUri | None = None
+    subject_uri: AtUri | None = None
+    subject_did: Did | None = None
     active: bool | None = None  # kind="account" only
-    status: str | None = None  # kind="account" only: why inactive (deleted, takendown, ...)
+    status: Annotated[str, Field(max_length=512)] | None = None  # kind="account" only: why inactive
+
+    @field_validator("time_us")
+    @classmethod
+    def _time_not_ahead(cls, v: int, info: ValidationInfo) -> int:
+        return _not_ahead(v, info, "max_time_s", 1e6)
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "Event":
+        if self.kind in ("like", "repost") and not self.subject_uri:
+            raise PydanticCustomError("kind_fields", "a {kind} needs subject_uri", {"kind": self.kind})
+        if self.kind == "follow" and not self.subject_did:
+            raise PydanticCustomError("kind_fields", "a follow needs subject_did", {})
+        return self
 
 
 class Features(_Value):
@@ -72,20 +134,40 @@ class Features(_Value):
     ``expired=True`` means the user left the window.
     """
 
-    did: str
-    window_end: int  # unix seconds
-    followers: int
-    topics: dict[str, list[float]]
+    did: Did
+    window_end: UnixS
+    followers: Annotated[int, Field(ge=0, le=MAX_COUNT)]
+    # [posts, engagement, stance_sum, reposts]: counts >= 0, every value finite
+    topics: Annotated[dict[Annotated[str, Field(max_length=256)],
+                           Annotated[list[Bounded], Field(min_length=4, max_length=4)]], Field(max_length=4096)]
     expired: bool | None = None
+
+    @field_validator("topics")
+    @classmethod
+    def _counts_not_negative(cls, topics: dict[str, list[float]]) -> dict[str, list[float]]:
+        for t, (posts, engagement, _, reposts) in topics.items():
+            if posts < 0 or engagement < 0 or reposts < 0:
+                raise PydanticCustomError("negative_count", "topic {topic}: negative count", {"topic": t})
+        return topics
+
+    @field_validator("window_end")
+    @classmethod
+    def _end_not_ahead(cls, v: int, info: ValidationInfo) -> int:
+        return _not_ahead(v, info, "max_window_end_s", 1.0)
 
 
 class GraphEdge(_Value):
     """A follow edge change (chorus.graph, key = follower DID): src is followed by dst."""
 
     op: Literal["add", "remove"]
-    src: str
-    dst: str
-    time_us: int
+    src: Did
+    dst: Did
+    time_us: TimeUs
+
+    @field_validator("time_us")
+    @classmethod
+    def _time_not_ahead(cls, v: int, info: ValidationInfo) -> int:
+        return _not_ahead(v, info, "max_time_s", 1e6)
 
 
 class Attribution(_Value):
@@ -94,14 +176,28 @@ class Attribution(_Value):
     model_config = ConfigDict(extra="allow")
     topic: str
     indicator: str
-    window_end: int
-    value: float
-    baseline_value: float
-    completeness_residual: float
-    n_agents: int
-    bands: dict[str, float]
+    window_end: UnixS
+    value: Finite
+    baseline_value: Finite
+    completeness_residual: Finite
+    n_agents: Annotated[int, Field(ge=0)]
+    bands: dict[str, Finite]
     panel: dict[str, Any]
     top: list[dict[str, Any]]
+
+    @field_validator("window_end")
+    @classmethod
+    def _end_not_ahead(cls, v: int, info: ValidationInfo) -> int:
+        return _not_ahead(v, info, "max_window_end_s", 1.0)
+
+    @field_validator("top")
+    @classmethod
+    def _top_entries(cls, top: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for e in top:
+            share = e.get("share")
+            if not isinstance(e.get("did"), str) or type(share) not in (int, float) or not math.isfinite(share):
+                raise PydanticCustomError("top_entry", "a top entry needs a did and a finite share", {})
+        return top
 
 
 class Alert(_Value):
@@ -111,10 +207,15 @@ class Alert(_Value):
     rule: str
     topic: str
     indicator: str
-    window_end: int
+    window_end: UnixS
     severity: Literal["info", "warning", "critical"]
     summary: str
     evidence: dict[str, Any]
+
+    @field_validator("window_end")
+    @classmethod
+    def _end_not_ahead(cls, v: int, info: ValidationInfo) -> int:
+        return _not_ahead(v, info, "max_window_end_s", 1.0)
 
 
 def dumps(value: dict[str, Any]) -> bytes:

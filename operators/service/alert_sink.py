@@ -40,17 +40,17 @@ def load_rules(path: Path | str | None = None) -> dict[str, Rule]:
 
 
 class AlertPublisher:
-    """Evaluates snapshots with an :class:`AlertEngine` and sends the alerts with a started
-    aiokafka producer; counts ``chorus_alerts_published_total{rule}`` once Kafka acknowledged."""
+    """Evaluates snapshots with an :class:`AlertEngine` and sends the alerts through a
+    :class:`stream.kafka.ReliableSender` (which rides out broker outages); counts
+    ``chorus_alerts_published_total{rule}`` once Kafka acknowledged."""
 
-    def __init__(self, producer, engine: AlertEngine, topic: str = TOPIC_ALERTS):
-        self.producer, self.engine, self.topic = producer, engine, topic
+    def __init__(self, sender, engine: AlertEngine, topic: str = TOPIC_ALERTS):
+        self.sender, self.engine, self.topic = sender, engine, topic
 
     async def publish(self, alerts: list[Alert]) -> None:
-        futures = [(a, await self.producer.send(self.topic, a.to_bytes(), key=a.rule.encode()))
-                   for a in alerts]
-        for a, fut in futures:
-            await fut
+        await self.sender.send([(self.topic, a.rule.encode(), a.to_bytes(), None, None) for a in alerts])
+        await self.sender.flush()
+        for a in alerts:
             ALERTS_PUBLISHED.labels(rule=a.rule).inc()
 
     async def evaluate_and_publish(self, snapshots) -> list[Alert]:

@@ -62,7 +62,9 @@ import numpy as np
 
 from stream import metrics as M
 from stream.config import Settings, bootstrap_servers
-from stream.schemas import TOPIC_ATTRIBUTIONS, TOPIC_FEATURES, TOPIC_GRAPH, Attribution, Features, GraphEdge
+from stream.guard import RecordGuard
+from stream.schemas import (TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_FEATURES, TOPIC_GRAPH, Attribution,
+                            Features, GraphEdge)
 
 from operators import bands as B
 from operators import indicators as I
@@ -161,6 +163,7 @@ class OperatorService:
         self._top_labels: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self._stopping = asyncio.Event()
         self.snapshots_published = 0
+        self.guard = RecordGuard.from_settings("operator", self.settings)
 
     # --- state input (also used by the Kafka loop) ------------------------------------------
     def apply_features(self, f: Features) -> None:
@@ -299,45 +302,57 @@ class OperatorService:
     # --- Kafka loop -------------------------------------------------------------------------
     async def run(self) -> None:
         """Consume, recompute every hop, publish; returns after :meth:`stop`."""
-        from stream.kafka import ensure_topics, make_consumer, make_producer
+        from stream.kafka import ReliableSender, ensure_topics, make_consumer, make_producer
 
         if not self.settings.kafka:
             raise ValueError("the operator needs Kafka: set CHORUS_KAFKA or pass --kafka kafka://host:port")
         bootstrap = bootstrap_servers(self.settings.kafka)
         log.info("operator: JAX device %s; indicators %s; hop %ss", jax.devices()[0],
                  ", ".join(s.name for s in self.specs), self.hop_s)
+        timeout_ms = int(self.settings.kafka_request_timeout_s * 1000)
         await ensure_topics(bootstrap)
         consumer = make_consumer(bootstrap, TOPIC_FEATURES, TOPIC_GRAPH, group_id=None,
-                                 auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20)
-        producer = make_producer(bootstrap, idempotence=self.settings.kafka_idempotence)
+                                 auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20,
+                                 request_timeout_ms=timeout_ms)
+        producer = make_producer(bootstrap, idempotence=self.settings.kafka_idempotence,
+                                 request_timeout_ms=timeout_ms)
         await consumer.start()
         try:
             await producer.start()
             try:
-                alerts = AlertPublisher(producer, self.engine)
+                self.sender = sender = ReliableSender.for_aiokafka(producer, "operator")
+                alerts = AlertPublisher(sender, self.engine)
                 while not self._stopping.is_set():
                     batch = await consumer.getmany(timeout_ms=200, max_records=20000)
                     for tp, msgs in batch.items():
-                        self._ingest(tp.topic, msgs)
+                        self._ingest(tp.topic, tp.partition, msgs)
                     if self.hop_due(caught_up=not batch and await self._caught_up(consumer)):
                         snaps = await asyncio.to_thread(self.recompute)
-                        await self._publish(producer, snaps)
+                        await self._publish(sender, snaps)
                         await alerts.evaluate_and_publish(snaps)
+                    dead = self.guard.take_dead_letters()
+                    if dead:
+                        await sender.send([(TOPIC_DEAD_LETTER, k, v, None, h) for k, v, h in dead])
+                await sender.flush()
             finally:
                 await producer.stop()
         finally:
             await consumer.stop()
 
-    def _ingest(self, topic: str, msgs) -> None:
+    def _ingest(self, topic: str, partition: int, msgs) -> None:
+        """Apply one fetched batch; a record that fails validation (:mod:`stream.guard`) or whose
+        application raises is rejected and counted, never raised."""
+        guard = self.guard
+        model = Features if topic == TOPIC_FEATURES else GraphEdge
+        apply = self.apply_features if topic == TOPIC_FEATURES else self.apply_edge
         for m in msgs:
+            value = guard.parse(model, topic, partition, m.offset, m.value, m.key)
+            if value is None:
+                continue
             try:
-                if topic == TOPIC_FEATURES:
-                    self.apply_features(Features.from_bytes(m.value))
-                else:
-                    self.apply_edge(GraphEdge.from_bytes(m.value))
-            except ValueError as exc:
-                log.warning("skipping malformed %s record at offset %s: %s", topic, m.offset,
-                            str(exc).splitlines()[0])
+                apply(value)
+            except Exception as exc:  # noqa: BLE001 - one record must never stop the operator
+                guard.reject(topic, partition, m.offset, exc, m.key, m.value)
 
     @staticmethod
     async def _caught_up(consumer) -> bool:
@@ -348,10 +363,10 @@ class OperatorService:
                 return False
         return True
 
-    async def _publish(self, producer, snaps: list[Attribution]) -> None:
-        futs = [await producer.send(TOPIC_ATTRIBUTIONS, s.to_bytes(), key=s.topic.encode()) for s in snaps]
-        for f in futs:
-            await f
+    async def _publish(self, sender, snaps: list[Attribution]) -> None:
+        """Send the snapshots and wait until Kafka acknowledged them all (retrying through outages)."""
+        await sender.send([(TOPIC_ATTRIBUTIONS, s.topic.encode(), s.to_bytes(), None, None) for s in snaps])
+        await sender.flush()
         self.snapshots_published += len(snaps)
 
     async def stop(self) -> None:

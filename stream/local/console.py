@@ -24,7 +24,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from stream.schemas import TOPIC_ATTRIBUTIONS, loads
+from stream.schemas import TOPIC_ATTRIBUTIONS, Attribution
 
 log = logging.getLogger("chorus.console")
 
@@ -173,11 +173,14 @@ class Console:
                        asyncio.create_task(self._show(), name="chorus-console-show")]
 
     async def _consume(self) -> None:
+        from stream.config import Settings
+        from stream.guard import RecordGuard
+
+        guard = RecordGuard.from_settings("console", Settings())
         async for msg in self._consumer:
-            try:
-                self.snaps.add(loads(msg.value))
-            except (ValueError, KeyError) as exc:
-                log.warning("console: skipping a malformed attribution: %s", exc)
+            snap = guard.parse(Attribution, msg.topic, msg.partition, msg.offset, msg.value, msg.key)
+            if snap is not None:  # else rejected, counted and logged
+                self.snaps.add(snap.model_dump())
 
     async def _refresh_status(self, last: float) -> float:
         now = time.monotonic()

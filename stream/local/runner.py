@@ -37,9 +37,12 @@ log = logging.getLogger("chorus.run")
 
 # Metric families each part owns (name prefixes, without the `_total` suffix), used to take a
 # subprocess part's families from its own endpoint.
+# Families every stage exports (labelled by topic or stage, so the parts' samples never collide):
+# a child's samples of these are merged with the local ones.
+SHARED_METRICS = ("chorus_records_rejected", "chorus_kafka_")
 OWNED_METRICS: dict[str, tuple[str, ...]] = {
     "ingester": ("chorus_ingest_", "chorus_events_published"),
-    "worker": ("chorus_window_",),
+    "worker": ("chorus_window_",) + SHARED_METRICS,
     "operator": ("chorus_attribution_", "chorus_operator_", "chorus_alerts_"),
 }
 
@@ -149,7 +152,8 @@ class ChildMetrics:
 
 
 class CombinedCollector(Collector):
-    """Local registry families, with those owned by a child replaced by the child's own."""
+    """Local registry families, with those owned by a child replaced by the child's own; the
+    families in :data:`SHARED_METRICS` carry the samples of both."""
 
     def __init__(self, local: CollectorRegistry = REGISTRY):
         self.local = local
@@ -157,11 +161,19 @@ class CombinedCollector(Collector):
 
     def collect(self):
         children = list(self.children.values())
+        shared = {}
         for fam in self.local.collect():
-            if not any(c.owned(fam.name) for c in children):
+            if fam.name.startswith(SHARED_METRICS):
+                shared[fam.name] = fam
+            elif not any(c.owned(fam.name) for c in children):
                 yield fam
         for c in children:
-            yield from c.families()
+            for fam in c.families():
+                if fam.name in shared:
+                    shared[fam.name].samples.extend(fam.samples)
+                else:
+                    yield fam
+        yield from shared.values()
 
 
 class MetricsEndpoint:

@@ -13,6 +13,8 @@ import sys
 from datetime import datetime, timezone
 from typing import TextIO
 
+from stream.config import Settings
+from stream.guard import RecordGuard
 from stream.kafka import ensure_topics, make_consumer
 from stream.schemas import TOPIC_ALERTS, Alert
 
@@ -31,7 +33,9 @@ def _fmt(v) -> str:
 async def follow(bootstrap: str, *, from_beginning: bool = False, as_json: bool = False,
                  rule: str | None = None, limit: int | None = None, out: TextIO = sys.stdout,
                  stop: asyncio.Event | None = None) -> int:
-    """Print alerts until ``stop`` is set or ``limit`` alerts were printed; returns the count."""
+    """Print alerts until ``stop`` is set or ``limit`` alerts were printed; returns the count.
+    A record that is not a valid alert is skipped, counted and logged (:mod:`stream.guard`)."""
+    guard = RecordGuard.from_settings("alerts", Settings())
     await ensure_topics(bootstrap, {TOPIC_ALERTS: 1})
     consumer = make_consumer(bootstrap, TOPIC_ALERTS, group_id=None,
                              auto_offset_reset="earliest" if from_beginning else "latest")
@@ -41,12 +45,10 @@ async def follow(bootstrap: str, *, from_beginning: bool = False, as_json: bool 
     try:
         while not (stop and stop.is_set()) and (limit is None or printed < limit):
             batch = await consumer.getmany(timeout_ms=500)
-            for msgs in batch.values():
+            for tp, msgs in batch.items():
                 for m in msgs:
-                    try:
-                        a = Alert.from_bytes(m.value)
-                    except ValueError:
-                        print(f"chorus: skipping malformed alert at offset {m.offset}", file=sys.stderr)
+                    a = guard.parse(Alert, tp.topic, tp.partition, m.offset, m.value, m.key)
+                    if a is None:
                         continue
                     if (rule and a.rule != rule) or a.id in seen:
                         continue

@@ -68,8 +68,11 @@ async def fetch_snapshots(bootstrap: str, since: int | None = None, until: int |
     Publish timestamps trail window ends by about a hop, so with ``since`` the read starts at the
     offsets of ``since`` minus one hour (by message timestamp) rather than at the beginning.
     """
+    from stream.config import Settings
+    from stream.guard import RecordGuard
     from stream.kafka import make_consumer
 
+    guard = RecordGuard.from_settings("report", Settings())
     consumer = make_consumer(bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     out: list[Attribution] = []
@@ -107,10 +110,9 @@ async def fetch_snapshots(bootstrap: str, since: int | None = None, until: int |
                 for m in msgs:
                     if m.offset >= end[tp]:
                         continue
-                    try:
-                        out.append(Attribution.from_bytes(m.value))
-                    except ValueError:
-                        continue  # not a snapshot: skipped, like every chorus consumer
+                    snap = guard.parse(Attribution, tp.topic, tp.partition, m.offset, m.value, m.key)
+                    if snap is not None:  # else rejected, counted and logged, like every consumer
+                        out.append(snap)
     finally:
         await consumer.stop()
     return select(out, since, until)

@@ -48,11 +48,16 @@ from zlib import crc32
 
 import faust
 
+from aiokafka.errors import KafkaError
+from faust.exceptions import ProducerSendError
+
 from stream.worker import faust_lean
 
 from stream import metrics
 from stream.config import Settings, bootstrap_servers
-from stream.schemas import TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH, TOPIC_PARTITIONS, dumps
+from stream.guard import RecordGuard
+from stream.kafka import ReliableSender
+from stream.schemas import TOPIC_DEAD_LETTER, TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH, TOPIC_PARTITIONS, Event, dumps
 from stream.worker.lexicon import Classifier, Lexicon
 from stream.worker.windows import BadEvent, WindowStore
 
@@ -70,13 +75,17 @@ class Pipeline:
     Ops are routed by CRC-32 of the owner DID modulo the partition count (fast, stable).
     """
 
-    def __init__(self, settings: Settings, partitions: int):
+    def __init__(self, settings: Settings, partitions: int, ops_topic: str = f"{APP_ID}-ops"):
         self.window = settings.window
         lexicon = Lexicon.load(settings.topics_file)
         self.topics = lexicon.names
         self.classifier = Classifier(lexicon)
         self.partitions = partitions
-        self.invalid = 0
+        self.ops_topic = ops_topic
+        self.guard = RecordGuard.from_settings("worker", settings)
+        self.invalid = 0  # input records rejected (self.guard.rejected says why)
+        self.ready = False  # state rebuilt (replay done): chorus_window_agents means something
+        self.sender: ReliableSender | None = None  # set by build_app
         self.records = 0  # feature records published
         self.assigned: set[tuple[str, int]] = set()  # (topic, partition) held by this worker
         self.skip: dict[int, int] = {}  # chorus.events partition -> first offset not replayed
@@ -114,8 +123,20 @@ class Pipeline:
                 self.out_ops.setdefault(p, []).append(("tick", "", t))
             self.buffered += self.partitions
 
-    def on_event(self, raw: bytes | dict, owned: set[int] | None = None) -> None:
-        """One chorus.events value: state updated, outputs buffered until :meth:`drain`.
+    def parse_event(self, raw: bytes | None, partition: int = -1, offset: int = -1) -> dict | None:
+        """A chorus.events value validated (:class:`stream.schemas.Event`, :mod:`stream.guard`) as
+        the dict the store takes, or None (rejected and counted)."""
+        ev = self.guard.parse(Event, TOPIC_EVENTS, partition, offset, raw)
+        if ev is None:
+            self.invalid += 1
+            return None
+        return vars(ev)
+
+    def on_event(self, raw: bytes | dict, owned: set[int] | None = None, partition: int = -1,
+                 offset: int = -1) -> None:
+        """One chorus.events value (bytes, or a dict from :meth:`parse_event`): state updated,
+        outputs buffered until :meth:`drain`. A record that fails validation or processing is
+        rejected (counted with its reason, :mod:`stream.guard`), never raised.
 
         ``owned`` (replay only): ops partitions this worker owns; the event moves the owners'
         clock first and ops for those partitions are applied here at once, in input order
@@ -124,15 +145,18 @@ class Pipeline:
         """
         self.last_input = time.monotonic()
         store = self.store
+        ev = raw if isinstance(raw, dict) else self.parse_event(raw, partition, offset)
+        if ev is None:
+            return
         try:
-            ev = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
             if owned is not None:
-                self.out_records += store.advance(int(ev["time_us"]))
+                self.out_records += store.advance(ev["time_us"])
             ops, edges = store.ingest(ev)
-        except (BadEvent, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one record must never stop the worker
             self.invalid += 1
-            if self.invalid <= 10 or self.invalid % 10_000 == 0:
-                log.warning("skipping invalid event (%d so far): %s", self.invalid, exc)
+            self.guard.reject(TOPIC_EVENTS, partition, offset, exc,
+                              value=raw if isinstance(raw, bytes) else None,
+                              reason="shape" if isinstance(exc, BadEvent) else None)
             return
         if edges:
             self.out_edges += edges
@@ -142,13 +166,29 @@ class Pipeline:
         self._route(ops)
         self._tick(ev["time_us"])
 
-    def on_ops(self, raw: bytes) -> None:
-        """One ops message (a JSON list of ops) from the repartition topic."""
+    def on_ops(self, raw: bytes, partition: int = -1, offset: int = -1) -> None:
+        """One ops message (a JSON list of ops) from the repartition topic; an op that does not
+        fit (``[code: str, owner: str, time_us: int, ...]``) or fails is rejected, not raised."""
         self.last_input = time.monotonic()
         store = self.store
-        for op in json.loads(raw):
-            self.out_records += store.advance(op[2])
-            self._route(store.apply(op))
+        try:
+            ops = json.loads(raw)
+            if not isinstance(ops, list):
+                raise BadEvent("ops message is not a JSON list")
+        except (ValueError, TypeError) as exc:
+            self.guard.reject(self.ops_topic, partition, offset, exc, value=raw,
+                              reason="shape" if isinstance(exc, BadEvent) else "json")
+            return
+        for op in ops:
+            try:
+                if not (isinstance(op, list) and len(op) >= 3 and type(op[0]) is str and type(op[1]) is str
+                        and type(op[2]) is int):
+                    raise BadEvent(f"malformed op {str(op)[:80]}")
+                self.out_records += store.advance(op[2])
+                self._route(store.apply(op))
+            except Exception as exc:  # noqa: BLE001 - one op must never stop the worker
+                self.guard.reject(self.ops_topic, partition, offset, exc, value=raw,
+                                  reason="shape" if isinstance(exc, BadEvent) else None)
 
     def drain(self) -> tuple[list[dict], list[tuple], dict[int, list]]:
         """Buffered (feature records, graph edges, ops by partition); empties the buffers."""
@@ -163,9 +203,22 @@ class Pipeline:
             self.out_records += self.store.flush()
 
     def update_metrics(self) -> None:
+        """Export ``chorus_window_agents{topic}``; only once the state is rebuilt (:attr:`ready`):
+        while a replay runs the series are absent (unknown), never a false zero."""
+        if not self.ready:
+            return
         agents = self.store.agents
         for t in self.topics:
             metrics.WINDOW_AGENTS.labels(topic=t).set(agents.get(t, 0))
+
+    def forget_metrics(self) -> None:
+        """Remove ``chorus_window_agents`` (a rebalance starts: the state is being rebuilt)."""
+        self.ready = False
+        for t in self.topics:
+            try:
+                metrics.WINDOW_AGENTS.remove(t)
+            except KeyError:
+                pass
 
 
 def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float | None = None,
@@ -183,8 +236,9 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
     if not settings.kafka:
         raise ValueError("the worker needs Kafka: set CHORUS_KAFKA or --kafka (kafka://host:port)")
     partitions = TOPIC_PARTITIONS[TOPIC_EVENTS]
-    pipe = Pipeline(settings, partitions)
+    pipe = Pipeline(settings, partitions, f"{app_id}-ops")
     idle_s = idle_flush_s if idle_flush_s is not None else float(settings.window[1])
+    session_s = max(10.0, 2 * rebalance_timeout_s)
     app = app_class(
         app_id,
         broker=f"kafka://{bootstrap_servers(settings.kafka)}",
@@ -195,8 +249,11 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
         topic_replication_factor=1,
         consumer_auto_offset_reset="earliest",
         broker_rebalance_timeout=rebalance_timeout_s,
-        broker_session_timeout=max(10.0, 2 * rebalance_timeout_s),
+        broker_session_timeout=session_s,
         broker_heartbeat_interval=1.0,
+        # Faust requires request >= session timeout; sends are retried by ReliableSender anyway
+        broker_request_timeout=max(settings.kafka_request_timeout_s, session_s),
+        producer_request_timeout=settings.kafka_request_timeout_s,
         producer_acks=-1,  # acks=all; faust's producer is not idempotent outside transactions
     )
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
@@ -205,17 +262,22 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
     ops_topic = app.topic(f"{app_id}-ops", partitions=partitions, internal=True, **raw)
     ops_name = ops_topic.get_topic_name()
 
+    async def send(topic, key, value, partition, headers):
+        return await app.producer.send(topic, key, value, partition, None, headers)
+
+    # One batch in flight, re-sent with backoff while Kafka is unreachable (nothing is dropped).
+    sender = ReliableSender(send, "worker", retry_on=(KafkaError, ProducerSendError))
+    pipe.sender = sender
+
     async def publish() -> None:
         records, edges, ops = pipe.drain()
         pipe.records += len(records)
-        send = app.producer.send
-        for p, batch in ops.items():
-            await send(ops_name, b"%d" % p, json.dumps(batch).encode(), p, None, None)
-        for op, src, dst, t in edges:
-            value = dumps({"op": op, "src": src, "dst": dst, "time_us": t})
-            await send(TOPIC_GRAPH, dst.encode(), value, None, None, None)
-        for rec in records:
-            await send(TOPIC_FEATURES, rec["did"].encode(), dumps(rec), None, None, None)
+        out: list = [(ops_name, b"%d" % p, json.dumps(batch).encode(), p, None) for p, batch in ops.items()]
+        out += [(TOPIC_GRAPH, dst.encode(), dumps({"op": op, "src": src, "dst": dst, "time_us": t}), None, None)
+                for op, src, dst, t in edges]
+        out += [(TOPIC_FEATURES, rec["did"].encode(), dumps(rec), None, None) for rec in records]
+        out += [(TOPIC_DEAD_LETTER, k, v, None, h) for k, v, h in pipe.guard.take_dead_letters()]
+        await sender.send(out)
         if records:
             pipe.update_metrics()
 
@@ -230,14 +292,15 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
             msg = stream.current_event.message
             if msg.offset < pipe.skip.get(msg.partition, 0):
                 continue  # replayed already (or being replayed)
-            pipe.on_event(value)
+            pipe.on_event(value, partition=msg.partition, offset=msg.offset)
             if due():
                 await publish()
 
     @app.agent(ops_topic, concurrency=1, name="owners")
     async def owners(stream):
         async for value in stream:
-            pipe.on_ops(value)
+            msg = stream.current_event.message
+            pipe.on_ops(value, msg.partition, msg.offset)
             if due():
                 await publish()
 
@@ -257,6 +320,7 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
         # Faust re-reads them too (seeking it after the replay races its prefetch), and the
         # authors agent skips what the replay fed (``pipe.skip``: partition -> first new offset).
         pipe.assigned = {(tp.topic, tp.partition) for tp in assigned}
+        pipe.forget_metrics()
         pipe.reset()
         events_tps = sorted(tp.partition for tp in assigned if tp.topic == TOPIC_EVENTS)
         pipe.skip = dict.fromkeys(events_tps, 1 << 62)
@@ -267,10 +331,11 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
         t0 = time.monotonic()
         ends = await replay(bootstrap_servers(settings.kafka), events_tps, pipe, owned, publish, due)
         pipe.skip = ends
+        pipe.ready = True
+        pipe.update_metrics()
         log.info("assigned %d partitions; replayed %d events of %s in %.1fs", len(pipe.assigned),
                  sum(ends.values()), TOPIC_EVENTS, time.monotonic() - t0)
 
-    pipe.update_metrics()  # serve chorus_window_agents{topic} from the start
     return app, pipe
 
 
@@ -310,11 +375,9 @@ async def replay(bootstrap: str, partitions: list[int], pipe: Pipeline, owned: s
                     if m.offset >= ends[p]:
                         done[p] = True
                         break
-                    try:
-                        ev = json.loads(m.value)
-                        buffers[p].append((int(ev["time_us"]), ev))
-                    except (ValueError, KeyError, TypeError):
-                        buffers[p].append((-1, m.value))  # on_event counts it as invalid
+                    ev = pipe.parse_event(m.value, p, m.offset)  # None: rejected and counted
+                    if ev is not None:
+                        buffers[p].append((ev["time_us"], ev))
 
         heap = []
         for p in partitions:
@@ -324,7 +387,7 @@ async def replay(bootstrap: str, partitions: list[int], pipe: Pipeline, owned: s
         heapq.heapify(heap)
         while heap:
             _, p = heapq.heappop(heap)
-            pipe.on_event(buffers[p].popleft()[1], owned)
+            pipe.on_event(buffers[p].popleft()[1], owned, p)
             if due():
                 await publish()
             if not buffers[p]:
@@ -341,7 +404,7 @@ async def ensure_worker_topics(settings: Settings, app_id: str = APP_ID) -> None
     from stream.kafka import ensure_topics
 
     n = TOPIC_PARTITIONS[TOPIC_EVENTS]
-    wanted = {t: TOPIC_PARTITIONS[t] for t in (TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH)}
+    wanted = {t: TOPIC_PARTITIONS[t] for t in (TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH, TOPIC_DEAD_LETTER)}
     await ensure_topics(bootstrap_servers(settings.kafka), {**wanted, f"{app_id}-ops": n},
                         window_s=settings.window[0])
 
