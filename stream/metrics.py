@@ -77,6 +77,10 @@ KAFKA_SEND_RETRIES = Counter(
     "chorus_kafka_send_retries", "Records re-sent after Kafka failed to acknowledge them, by stage.", ["stage"]
 )
 
+RUN_PART_RESTARTS = Counter(
+    "chorus_run_part_restarts", "Parts `chorus run` restarted after they died, by part.", ["part"]
+)
+
 # --- alerts -------------------------------------------------------------------------------
 ALERTS_PUBLISHED = Counter("chorus_alerts_published", "Alerts published, by rule.", ["rule"])
 

@@ -25,7 +25,8 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from stream.ingest.cursor import CursorStore
 from stream.ingest.decode import Decoded
 from stream.ingest.reader import lag_seconds
-from stream.metrics import EVENTS_PUBLISHED, INGEST_CURSOR, INGEST_FRAMES_INVALID, INGEST_LAG
+from stream.metrics import (EVENTS_PUBLISHED, INGEST_CURSOR, INGEST_FRAMES_INVALID, INGEST_LAG, KAFKA_SEND_RETRIES,
+                            KAFKA_UNAVAILABLE)
 from stream.schemas import TOPIC_EVENTS, dumps
 
 log = logging.getLogger("chorus.ingest")
@@ -84,6 +85,8 @@ class Publisher:
         self.retry_delay = retry_delay
         self.published = 0  # events acknowledged
         self.retries = 0  # sends retried after a failure
+        self._down = False  # a send failed and no ack came since (chorus_kafka_unavailable)
+        KAFKA_UNAVAILABLE.labels(stage="ingest").set(0)
         self._kinds: dict[str, Any] = {}
         self._retry_tasks: set[asyncio.Task] = set()
 
@@ -104,12 +107,20 @@ class Publisher:
                 self._reject(exc, entry)
                 return
             except KafkaError as exc:  # buffer-full timeout or broker trouble: wait and retry
-                self.retries += 1
+                self._retrying()
                 log.warning("Kafka send failed (%s); retrying", exc)
                 await asyncio.sleep(self.retry_delay)
                 continue
             fut.add_done_callback(lambda f: self._on_ack(f, key, value, kind, entry))
             return
+
+    def _retrying(self) -> None:
+        """A send failed and will be retried: counted, and "cannot reach Kafka" until an ack."""
+        self.retries += 1
+        KAFKA_SEND_RETRIES.labels(stage="ingest").inc()
+        if not self._down:
+            self._down = True
+            KAFKA_UNAVAILABLE.labels(stage="ingest").set(1)
 
     def _reject(self, exc: BaseException, entry: list) -> None:
         """An event Kafka can never take (e.g. too large): count it and skip it, not stall."""
@@ -123,12 +134,15 @@ class Publisher:
             if isinstance(exc, _PERMANENT):
                 self._reject(exc, entry)
                 return
-            self.retries += 1
+            self._retrying()
             task = asyncio.get_running_loop().create_task(self._resend(key, value, kind, entry))
             self._retry_tasks.add(task)
             task.add_done_callback(self._retry_tasks.discard)
             return
         self.published += 1
+        if self._down:
+            self._down = False
+            KAFKA_UNAVAILABLE.labels(stage="ingest").set(0)
         c = self._kinds.get(kind)
         if c is None:
             c = self._kinds[kind] = EVENTS_PUBLISHED.labels(kind)

@@ -2,8 +2,14 @@
 
 Start order: run lock -> metrics endpoint -> Kafka (embedded Tansu broker unless ``settings.kafka``)
 -> topics -> synthetic relay -> operator -> worker -> ingester -> console. Shutdown (Ctrl-C,
-SIGTERM, ``duration`` elapsed, or a part dying) runs the same list in reverse, so upstream parts
-stop before the ones they feed and the broker goes last.
+SIGTERM, ``duration`` elapsed, or the embedded broker dying) runs the same list in reverse, so
+upstream parts stop before the ones they feed and the broker goes last.
+
+A part that dies on its own (the worker, operator, ingester, console) is restarted in place with
+exponential backoff (``RunOptions.restart_backoff_s`` doubling up to ``max_restart_backoff_s``;
+the delay starts over once a part has run :data:`HEALTHY_S` seconds), counted in
+``chorus_run_part_restarts_total{part}``; its state comes back from Kafka as after any restart.
+Only the embedded broker is fatal: it keeps every topic in memory, so a new one would start empty.
 
 One metrics endpoint serves every metric: parts running in this process register in
 ``prometheus_client.REGISTRY`` (``stream.metrics``); a part running as a subprocess serves its own
@@ -45,6 +51,10 @@ OWNED_METRICS: dict[str, tuple[str, ...]] = {
     "worker": ("chorus_window_",) + SHARED_METRICS,
     "operator": ("chorus_attribution_", "chorus_operator_", "chorus_alerts_"),
 }
+
+
+FATAL_PARTS = ("broker", "metrics")  # a failure of these stops the run
+HEALTHY_S = 60.0  # a part up this long has its restart backoff reset
 
 
 class RunError(RuntimeError):
@@ -375,6 +385,8 @@ class RunOptions:
     start_time_us: int | None = None  # event time of the first frame (None: now)
     console: bool = True
     worker: str = "auto"           # "process", "inline" or "auto" (what stream.worker.faust_app supports)
+    restart_backoff_s: float = 1.0  # first delay before restarting a part that died
+    max_restart_backoff_s: float = 60.0
     log_dir: Path | None = None    # default: <state_dir>/logs
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -402,6 +414,10 @@ class Runner:
         self._embedded = settings.kafka is None
         self._stop = asyncio.Event()
         self._started = False
+        self.restarts: dict[str, int] = {}             # part -> restarts so far
+        self._backoff: dict[str, int] = {}             # part -> consecutive failures
+        self._restart_at: dict[str, float] = {}        # part -> when its pending restart is due
+        self._up_since: dict[str, float] = {}          # part -> when it was last (re)started
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -523,19 +539,59 @@ class Runner:
         self._stop.set()
 
     async def wait(self, duration: float | None = None, poll: float = 0.5) -> None:
-        """Return on request_stop() (signals), after ``duration`` seconds, or when a part dies."""
+        """Return on request_stop() (signals), after ``duration`` seconds, or when a fatal part
+        (:data:`FATAL_PARTS`) dies; any other part that dies is restarted with backoff."""
         deadline = None if duration is None else time.monotonic() + duration
         while not self._stop.is_set():
-            for p in self.parts:
-                reason = p.failure()
-                if reason:
-                    self.failed = reason
-                    log.error("%s", reason)
+            for p in list(self.parts):
+                if not await self._supervise(p):
                     return
             if deadline is not None and time.monotonic() >= deadline:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), poll)
+
+    def _schedule_restart(self, name: str) -> tuple[float, int]:
+        """Set the part's next restart time; returns (delay seconds, consecutive failures)."""
+        n = self._backoff[name] = self._backoff.get(name, 0) + 1
+        delay = min(self.opts.max_restart_backoff_s, self.opts.restart_backoff_s * 2 ** (n - 1))
+        self._restart_at[name] = time.monotonic() + delay
+        return delay, n
+
+    async def _supervise(self, part: Part) -> bool:
+        """Check one part: schedule or carry out its restart; False when the run must stop."""
+        now = time.monotonic()
+        due = self._restart_at.get(part.name)
+        if due is None:
+            reason = part.failure()
+            if not reason:
+                if now - self._up_since.get(part.name, now) >= HEALTHY_S:
+                    self._backoff.pop(part.name, None)
+                return True
+            if part.name in FATAL_PARTS:
+                self.failed = reason
+                log.error("%s; stopping the run", reason)
+                return False
+            delay, n = self._schedule_restart(part.name)
+            log.error("%s; restarting it in %.1f s (failure %d in a row)", reason, delay, n)
+            return True
+        if now < due:
+            return True
+        del self._restart_at[part.name]
+        try:
+            await part.stop()
+            await part.start()
+        except Exception as exc:  # noqa: BLE001 - retried with a longer backoff
+            delay, _ = self._schedule_restart(part.name)
+            log.error("restarting %s failed (%r); next try in %.1f s", part.name, exc, delay)
+            return True
+        self.restarts[part.name] = self.restarts.get(part.name, 0) + 1
+        self._up_since[part.name] = time.monotonic()
+        from stream.metrics import RUN_PART_RESTARTS
+
+        RUN_PART_RESTARTS.labels(part=part.name).inc()
+        log.warning("restarted %s (restart %d)", part.name, self.restarts[part.name])
+        return True
 
     async def stop(self) -> None:
         """Stop every started part in reverse start order, then release the lock."""
