@@ -86,10 +86,12 @@ def run(
 @app.command()
 def ingest(
     relay: Optional[str] = typer.Option(None, help="subscribeRepos relay URL (default: the live relay)."),
-    cursor: Optional[int] = typer.Option(None, help="Start from this seq instead of the stored cursor."),
+    jetstream: Optional[str] = typer.Option(None, help="Read this Jetstream instead, e.g. "
+                                            "wss://jetstream2.us-east.bsky.network/subscribe."),
+    cursor: Optional[int] = typer.Option(None, help="Start from this seq (Jetstream: time_us) instead of the stored cursor."),
     kafka: Optional[str] = typer.Option(None, help="kafka://host:port (default: CHORUS_KAFKA)."),
 ) -> None:
-    """Consume the firehose and publish normalized events to chorus.events."""
+    """Consume the firehose (or Jetstream) and publish normalized events to chorus.events."""
     from stream.config import bootstrap_servers
     from stream.ingest.service import IngestError, main
 
@@ -101,7 +103,10 @@ def ingest(
     except ConfigError as exc:
         fail(str(exc))
     try:
-        main(settings(relay=relay, kafka=kafka), relay=relay, cursor=cursor)
+        if relay and jetstream:
+            fail("give --relay or --jetstream, not both")
+        main(settings(relay=relay, kafka=kafka, jetstream=jetstream), relay=relay, cursor=cursor,
+             jetstream=jetstream)
     except IngestError as exc:
         fail(str(exc), 1)
 
@@ -186,8 +191,10 @@ def relay(
     rate: Optional[float] = typer.Option(None, help="Pace to this many frames (events) per second."),
     speed: Optional[float] = typer.Option(None, help="Pace by frame time at this multiple of real time."),
     start_us: Optional[int] = typer.Option(None, help="Synthetic: time of the first frame, us since epoch (default: now)."),
+    jetstream: bool = typer.Option(False, "--jetstream", help="Speak Jetstream v1 (JSON at /subscribe) "
+                                   "instead of subscribeRepos."),
 ) -> None:
-    """Serve a recording or a synthetic population as a subscribeRepos relay on loopback."""
+    """Serve a recording or a synthetic population as a subscribeRepos (or Jetstream) relay on loopback."""
     import asyncio
     import time
 
@@ -212,10 +219,12 @@ def relay(
         fail(str(exc))
 
     def ready(r) -> None:
-        typer.echo(f"chorus relay: serving {what} at {r.url} (last seq {r.source.last_seq})", err=True)
+        last = f"last seq {r.source.last_seq}" if not r.jetstream else "Jetstream v1, cursor = time_us"
+        typer.echo(f"chorus relay: serving {what} at {r.url} ({last})", err=True)
 
     try:
-        asyncio.run(run_relay(source, host=host, port=port, rate=rate, speed=speed, on_ready=ready))
+        asyncio.run(run_relay(source, host=host, port=port, rate=rate, speed=speed, on_ready=ready,
+                              protocol="jetstream" if jetstream else "firehose"))
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc}")
     except KeyboardInterrupt:

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
         "clock than this are rejected as poison records.",
     )
     relay: str = LIVE_RELAY
+    jetstream: str | None = Field(
+        default=None,
+        description="Jetstream v1 /subscribe URL for `chorus ingest` instead of the relay (unset: the relay).",
+    )
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     profile: Literal["default", "demo"] = "default"

@@ -80,7 +80,11 @@ def decode_frame(raw: bytes | str, received_us: int | None = None) -> Decoded:
 
     ``received_us``: when the ingester received it (us since the epoch); given, event times are
     clamped to it plus the tolerance (see the module docstring)."""
-    d = _decode(raw)
+    return clamp_times(_decode(raw), received_us)
+
+
+def clamp_times(d: Decoded, received_us: int | None) -> Decoded:
+    """Clamp ``d``'s event times to ``received_us`` + tolerance (:func:`normalize.event_time_us`)."""
     if received_us is not None and d.time_us is not None and d.events:
         t, clamped = nz.event_time_us(d.time_us, received_us)
         if clamped:
@@ -262,12 +266,12 @@ class _Car:
             raise nz.InvalidOp("record_depth") from None
         except ValueError as exc:
             raise nz.InvalidOp("record_utf8" if "UnicodeDecodeError" in str(exc) else "record_cbor") from None
-        if _too_deep(record, MAX_RECORD_DEPTH):
+        if too_deep(record, MAX_RECORD_DEPTH):
             raise nz.InvalidOp("record_depth")
         return record
 
 
-def _too_deep(obj: Any, limit: int) -> bool:
+def too_deep(obj: Any, limit: int) -> bool:
     """Whether maps/lists nest more than ``limit`` levels (iterative: no recursion on hostile input)."""
     stack = [(obj, 1)]
     while stack:

@@ -112,11 +112,14 @@ def _post_fields(record: dict) -> dict[str, Any]:
         raise InvalidOp("record_shape")
     if len(text) > MAX_TEXT_CHARS:
         raise InvalidOp("record_too_large")
+    _check_utf8(text)
     out: dict[str, Any] = {"text": text}
     langs = record.get("langs")
     if langs is not None:
         if not isinstance(langs, list) or not all(isinstance(x, str) for x in langs):
             raise InvalidOp("record_shape")
+        for x in langs:
+            _check_utf8(x)
         out["langs"] = langs
     reply = record.get("reply")
     if reply is not None:
@@ -135,6 +138,15 @@ def _post_fields(record: dict) -> dict[str, Any]:
     elif embed is not None:
         raise InvalidOp("record_shape")
     return out
+
+
+def _check_utf8(text: str) -> None:
+    """Strings from JSON can hold lone surrogates (``"\\ud800"``), which UTF-8 cannot carry."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidOp("record_utf8") from None
 
 
 def event(kind: str, did: str, collection: str, rkey: str, seq: int, time_us: int, /, **fields: Any) -> dict:

@@ -1,6 +1,8 @@
-"""Firehose reader: the SDK's subscribeRepos websocket client with chorus's reconnect policy.
+"""Source reader: the SDK's websocket clients with chorus's reconnect policy, firehose or Jetstream.
 
-:class:`FirehoseReader` wraps ``AsyncFirehoseSubscribeReposClient``: every dial resumes from
+:class:`FirehoseReader` wraps ``AsyncFirehoseSubscribeReposClient`` (or, for a Jetstream v1
+``/subscribe`` URL, the SDK's generic ``AsyncWebsocketClient`` with
+:func:`stream.ingest.jetstream.decode_message`; the seq is then Jetstream's ``time_us``): every dial resumes from
 ``resume_cursor()`` (the last cursor Kafka acknowledged), exponential backoff with jitter,
 ``FutureCursor`` -> reconnect live. Frames are decoded by :func:`stream.ingest.decode.decode_frame`
 (with their receive time, which bounds event times) and go to an async ``sink`` (the bounded queue
@@ -12,7 +14,7 @@ Sequence rules (README "Delivery"):
   resumes from the last *acknowledged* cursor, which can be behind what was already forwarded):
   dropped, counted in ``chorus_ingest_replayed_frames_total``.
 - **Reset**: a connection dialed with cursor C whose first frame carries seq S < C cannot be a
-  replay (a relay sends what follows the cursor it was given): the relay's numbering went back (a
+  replay (a relay sends what follows the cursor it was given; Jetstream what is at or after it): the relay's numbering went back (a
   new relay behind the same URL, a restore from a backup). So does a ``FutureCursor`` answer. Either
   is logged as an error and counted in ``chorus_ingest_seq_resets_total``, and ingest continues from
   the new numbering (S and what follows; live after ``FutureCursor``); the stored cursor follows
@@ -29,8 +31,10 @@ from typing import Any
 
 from atproto_firehose import AsyncFirehoseSubscribeReposClient
 from atproto_subscription import SubscriptionError
+from atproto_subscription.websocket import AsyncWebsocketClient
 
 from stream.ingest.decode import FRAME_TYPES, WS_MAX_BYTES, Decoded, decode_frame
+from stream.ingest.jetstream import REWIND_US, WANTED_COLLECTIONS, decode_message
 from stream.metrics import (INGEST_FRAMES, INGEST_FRAMES_INVALID, INGEST_REPLAYED, INGEST_SEQ_RESETS,
                             INGEST_TIME_CLAMPED)
 
@@ -60,32 +64,27 @@ class Backoff:
         self.attempt = 0
 
 
-class _Client(AsyncFirehoseSubscribeReposClient):
-    """The SDK client with chorus's frame decoding, size limit, resume cursor and backoff."""
+class _Policy:
+    """chorus's connection policy on top of an SDK websocket client (mixed in before it): size limit,
+    resume cursor on every dial, backoff with reset after a connection that delivered frames."""
 
-    def __init__(self, reader: "FirehoseReader", base_uri: str, recv_timeout: float):
-        super().__init__(params=None, base_uri=base_uri, recv_timeout=recv_timeout)
-        self._reader = reader
+    _reader: "FirehoseReader"
+
+    def _query(self, cursor: int | None) -> dict[str, Any]:
+        raise NotImplementedError
 
     def _get_connect_kwargs(self) -> dict[str, Any]:
         return {**super()._get_connect_kwargs(), "max_size": WS_MAX_BYTES}
 
     async def _before_connect(self) -> None:
         cursor = self._reader.dial_cursor()
-        self.update_params({} if cursor is None else {"cursor": cursor})
+        self.update_params(self._query(cursor))
         log.info("connecting to %s", self._websocket_uri)
         self._reader.connected(cursor)
 
-    def _decode_frame(self, raw_frame):
-        decoded = decode_frame(raw_frame, time.time_ns() // 1000)
-        if decoded.error is not None:
-            self._reader.count(decoded)
-            raise RelayError(*decoded.error)  # the SDK ends start() with it; the reader decides
-        return decoded
-
     def _get_reconnection_delay(self) -> float:
         delay = self._reader.backoff.next()
-        log.warning("firehose connection lost; reconnecting in %.2fs from cursor %s", delay,
+        log.warning("connection to %s lost; reconnecting in %.2fs from cursor %s", self._reader.relay, delay,
                     self._reader.dial_cursor(peek=True))
         return delay
 
@@ -96,18 +95,65 @@ class _Client(AsyncFirehoseSubscribeReposClient):
         self._reconnect_no = 1  # non-zero: the SDK sleeps _get_reconnection_delay() before dialing
 
 
+class _FirehoseClient(_Policy, AsyncFirehoseSubscribeReposClient):
+    """The SDK's subscribeRepos client with chorus's decoding and policy."""
+
+    def __init__(self, reader: "FirehoseReader", base_uri: str, recv_timeout: float):
+        super().__init__(params=None, base_uri=base_uri, recv_timeout=recv_timeout)
+        self._reader = reader
+
+    def _query(self, cursor: int | None) -> dict[str, Any]:
+        return {} if cursor is None else {"cursor": cursor}
+
+    def _decode_frame(self, raw_frame):
+        decoded = decode_frame(raw_frame, time.time_ns() // 1000)
+        if decoded.error is not None:
+            self._reader.count(decoded)
+            raise RelayError(*decoded.error)  # the SDK ends start() with it; the reader decides
+        return decoded
+
+
+class _JetstreamClient(_Policy, AsyncWebsocketClient):
+    """The SDK's reconnecting websocket client speaking Jetstream v1 (``/subscribe``, JSON text).
+
+    The SDK's own Jetstream client (``atproto_jetstream``) speaks only the newer v2 protocol."""
+
+    _error_class = SubscriptionError
+
+    def __init__(self, reader: "FirehoseReader", url: str, recv_timeout: float):
+        base, _, method = url.rstrip("/").rpartition("/")
+        super().__init__(method, base, None, recv_timeout, max_message_size_bytes=WS_MAX_BYTES)
+        self._reader = reader
+
+    def _query(self, cursor: int | None) -> dict[str, Any]:
+        query: dict[str, Any] = {"wantedCollections": list(WANTED_COLLECTIONS)}
+        if cursor is not None:
+            query["cursor"] = cursor
+        return query
+
+    def _decode_frame(self, raw_frame):
+        return decode_message(raw_frame, time.time_ns() // 1000)
+
+    def _handle_frame_decoding_error(self, exception: Exception) -> None:
+        raise exception  # decode_message never raises: this is the sink failing
+
+
 class FirehoseReader:
     """Reads a relay into ``sink`` (an async callable taking a :class:`Decoded` with a seq).
 
     ``resume_cursor()`` gives the cursor to dial with (the last one Kafka acknowledged, or None for
     live). Replays are dropped (counted in ``duplicates``) and resets followed (counted in
-    ``resets``): see the module docstring.
+    ``resets``): see the module docstring. ``jetstream=True``: ``relay`` is a Jetstream
+    ``/subscribe`` URL; positions are ``time_us``, and every dial rewinds the cursor by
+    ``jetstream.REWIND_US`` (Jetstream's documented advice for gapless resumption; the replayed
+    messages are dropped as replays).
     """
 
     def __init__(self, relay: str, sink: Callable[[Decoded], Awaitable[None]],
                  resume_cursor: Callable[[], int | None], recv_timeout: float = 30.0,
-                 backoff: Backoff | None = None):
+                 backoff: Backoff | None = None, jetstream: bool = False):
         self.relay = relay
+        self.jetstream = jetstream
         self.sink = sink
         self.resume_cursor = resume_cursor
         self.backoff = backoff or Backoff()
@@ -120,7 +166,7 @@ class FirehoseReader:
         self.frames = 0
         self.dialed: int | None = None  # cursor the current connection was dialed with
         self._first = False  # the current connection has not delivered a positioned frame yet
-        self._client = _Client(self, relay, recv_timeout)
+        self._client = (_JetstreamClient if jetstream else _FirehoseClient)(self, relay, recv_timeout)
         self._stopping = False
         self._frames = {t: INGEST_FRAMES.labels(t) for t in FRAME_TYPES}
         self._invalid: dict[str, Any] = {}
@@ -130,7 +176,10 @@ class FirehoseReader:
         if self.live_next:
             self.live_next = peek
             return None
-        return self.resume_cursor()
+        cursor = self.resume_cursor()
+        if cursor is not None and self.jetstream:
+            cursor = max(0, cursor - REWIND_US)
+        return cursor
 
     def connected(self, cursor: int | None) -> None:
         """A new connection is being dialed with ``cursor``."""

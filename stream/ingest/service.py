@@ -8,7 +8,10 @@ In-process use (``chorus run`` and tests)::
     await ing.stop()                        # stop reading, publish what is queued, save the cursor
     await task
 
-Start cursor: ``cursor`` argument (``--cursor``), else the stored cursor for this relay
+Source: a relay's subscribeRepos (``relay``, default ``Settings.relay``) or a Jetstream v1
+``/subscribe`` URL (``jetstream``, or ``Settings.jetstream``; positions are then ``time_us``).
+
+Start cursor: ``cursor`` argument (``--cursor``), else the stored cursor for this source URL
 (:mod:`stream.ingest.cursor`), else live. Afterwards the cursor advances only over seqs whose events
 Kafka acknowledged (:mod:`stream.ingest.publisher`), and every reconnect resumes from it.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import urllib.parse
 from typing import Any
 
 from aiokafka.errors import BrokerResponseError, KafkaError
@@ -54,15 +58,23 @@ def kafka_start_error(bootstrap: str, step: str, exc: BaseException, idempotence
 class Ingester:
     """Relay -> ``chorus.events``. ``queue_size`` bounds the frames held between reader and Kafka."""
 
-    def __init__(self, settings: Settings | None = None, *, relay: str | None = None,
+    def __init__(self, settings: Settings | None = None, *, relay: str | None = None, jetstream: str | None = None,
                  cursor: int | None = None, queue_size: int = 10_000, commit_interval: float = 0.5,
                  persist_cursor: bool = True, recv_timeout: float = 30.0,
                  backoff: Backoff | None = None, kafka_connect_timeout: float = 20.0,
                  producer_options: dict[str, Any] | None = None):
         self.settings = settings or Settings()
-        self.relay = relay or self.settings.relay
+        jetstream = jetstream or (None if relay else self.settings.jetstream)
+        if relay and jetstream:
+            raise IngestError("give a relay or a Jetstream URL, not both")
+        self.jetstream = jetstream is not None
+        self.relay = jetstream or relay or self.settings.relay
+        what = "Jetstream" if self.jetstream else "relay"
         if not self.relay.startswith(("ws://", "wss://")):
-            raise IngestError(f"relay URL must start with ws:// or wss:// (got {self.relay!r})")
+            raise IngestError(f"{what} URL must start with ws:// or wss:// (got {self.relay!r})")
+        if self.jetstream and urllib.parse.urlsplit(self.relay).query:
+            raise IngestError(f"give the Jetstream URL without a query (chorus sets wantedCollections and "
+                              f"cursor): {self.relay!r}")
         if cursor is not None and cursor < 0:
             raise IngestError(f"cursor must be >= 0 (got {cursor})")
         if not self.settings.kafka:
@@ -80,7 +92,7 @@ class Ingester:
         self.tracker = AckTracker(self.start_cursor)
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=queue_size)
         self.reader = FirehoseReader(self.relay, self.queue.put, lambda: self.tracker.cursor,
-                                     recv_timeout=recv_timeout, backoff=backoff)
+                                     recv_timeout=recv_timeout, backoff=backoff, jetstream=self.jetstream)
         self.reader.last_seq = self.start_cursor  # frames at or below it were published before
         self.committer = CursorCommitter(self.tracker, self.store, commit_interval)
         if cursor is not None:
@@ -127,7 +139,7 @@ class Ingester:
         await self._start_kafka()
         if self.start_cursor is not None:
             INGEST_CURSOR.set(self.start_cursor)
-        log.info("ingesting %s -> %s (%s), cursor %s", self.relay, TOPIC_EVENTS, self.bootstrap,
+        log.info("ingesting %s%s -> %s (%s), cursor %s", "Jetstream " if self.jetstream else "", self.relay, TOPIC_EVENTS, self.bootstrap,
                  "live" if self.start_cursor is None else self.start_cursor)
         tasks = [asyncio.create_task(c, name=n) for n, c in (
             ("publisher", self.publisher.run()), ("committer", self.committer.run()),
@@ -165,7 +177,8 @@ class Ingester:
         self._stop.set()
 
 
-def main(settings: Settings, relay: str | None = None, cursor: int | None = None) -> None:
+def main(settings: Settings, relay: str | None = None, cursor: int | None = None,
+         jetstream: str | None = None) -> None:
     """Blocking entry point of ``chorus ingest``: metrics endpoint, SIGINT/SIGTERM stop gracefully.
 
     Raises IngestError (one line) when it cannot start.
@@ -175,7 +188,7 @@ def main(settings: Settings, relay: str | None = None, cursor: int | None = None
     from stream import metrics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ingester = Ingester(settings, relay=relay, cursor=cursor)
+    ingester = Ingester(settings, relay=relay, cursor=cursor, jetstream=jetstream)
     try:
         metrics.serve(settings.metrics_host, settings.metrics_port)
     except OSError as exc:

@@ -4,9 +4,9 @@ Inputs, all turned into ``chorus.events`` values (dicts) by the live ingest code
 
 - a recording from ``chorus record`` (:func:`stream.sim.recording.read_recording` -> raw frames ->
   :func:`stream.ingest.decode.decode_frame`);
-- a Jetstream JSON-lines dump (:func:`jetstream_events`: commit/account lines mapped with
-  :mod:`stream.ingest.normalize`, the same field rules as the firehose; ``seq`` = Jetstream's cursor
-  ``time_us``; identity lines and unknown collections give no event; ``update`` ops are ignored);
+- a Jetstream JSON-lines dump (:func:`stream.ingest.jetstream.message_events`, the live Jetstream
+  reader's mapping: the firehose's field rules; ``seq`` = Jetstream's cursor ``time_us``; identity
+  lines and unknown collections give no event; ``update`` ops are ignored);
 - the synthetic population (:class:`stream.sim.synth.Population` frames -> ``decode_frame``).
 
 Processing is the live pipeline without Kafka, in one process and in event-time order: every
@@ -100,49 +100,9 @@ def synthetic_source(n: int, seed: int = 0, **population: Any) -> Source:
                   lambda s, step: _frame_events((d for _, _, d in pop.timed_frames()), s, step))
 
 
-def jetstream_events(obj: Any) -> list[dict]:
-    """One parsed Jetstream line -> chorus.events values (raises normalize.InvalidOp).
-
-    ``{did, time_us, kind: commit, commit: {operation, collection, rkey, record, cid}}``: create
-    -> post/like/repost/follow (fields by :func:`stream.ingest.normalize.record_fields`), delete ->
-    delete, update -> nothing. ``{kind: account, account: {active, status}}`` -> an account event.
-    ``seq`` is ``time_us`` (Jetstream's cursor; its commits carry no relay seq).
-    """
-    from stream.ingest import normalize as nz
-
-    if not isinstance(obj, dict):
-        raise nz.InvalidOp("frame_shape")
-    did, t, kind = obj.get("did"), obj.get("time_us"), obj.get("kind")
-    if type(t) is not int or t < 0:
-        raise nz.InvalidOp("frame_shape")
-    if not nz.is_did(did):
-        raise nz.InvalidOp("invalid_did")
-    if kind == "account":
-        acc = obj.get("account")
-        if not isinstance(acc, dict) or not isinstance(acc.get("active"), bool):
-            raise nz.InvalidOp("frame_shape")
-        status = acc.get("status")
-        return [nz.account_event(did, t, t, acc["active"], status if isinstance(status, str) else None)]
-    if kind != "commit":
-        return []  # identity (and anything newer): no event, as on the firehose
-    c = obj.get("commit")
-    if not isinstance(c, dict):
-        raise nz.InvalidOp("frame_shape")
-    collection, rkey = nz.split_path(f"{c.get('collection')}/{c.get('rkey')}")
-    ev_kind = nz.KINDS.get(collection)
-    if ev_kind is None:
-        return []
-    op = c.get("operation")
-    if op == "delete":
-        return [nz.event("delete", did, collection, rkey, t, t, collection=collection)]
-    if op == "create":
-        return [nz.event(ev_kind, did, collection, rkey, t, t, **nz.record_fields(collection, c.get("record")))]
-    return []
-
-
 def jetstream_source(path: str | Path) -> Source:
-    """A Jetstream JSON-lines dump (progress in bytes)."""
-    from stream.ingest.normalize import InvalidOp
+    """A Jetstream JSON-lines dump (progress in bytes; lines through the live reader's decoder)."""
+    from stream.ingest.jetstream import decode_message
 
     path = Path(path)
 
@@ -152,12 +112,10 @@ def jetstream_source(path: str | Path) -> Source:
                 step(len(line))
                 if not line.strip():
                     continue
-                try:
-                    yield from jetstream_events(json.loads(line))
-                except InvalidOp as exc:
-                    src.invalid[exc.reason] += 1
-                except ValueError:
-                    src.invalid["json"] += 1
+                d = decode_message(line)
+                for reason in d.invalid:
+                    src.invalid[reason] += 1
+                yield from d.events
 
     return Source(f"jetstream {path}", path.stat().st_size, "bytes", events)
 

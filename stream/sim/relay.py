@@ -20,6 +20,13 @@ frame (a synthetic or recorded source is consumed from its start), or at the hea
 ``live_tail=True`` (the live relay's behaviour). A client that falls more than ``retention``
 frames behind gets a ``ConsumerTooSlow`` error frame and is closed.
 
+Jetstream mode (``protocol="jetstream"``): the same log served as Jetstream v1 messages
+(:mod:`stream.sim.jetstream`) at ``ws://HOST:PORT/subscribe`` (``Relay.url``), with Jetstream's
+cursor rules: ``?cursor=TIME_US`` replays from that time inclusive; a cursor older than the oldest
+retained message starts there (no ``#info``); one ahead of the head tails live (no error);
+``wantedCollections`` (repeatable) filters commit messages; no error frames (a client that falls
+behind is disconnected).
+
 Test hooks: ``future_cursor="ignore"`` serves a cursor ahead of the head from the oldest retained
 frame without an error (a relay whose numbering restarted and that does not check cursors);
 ``drop_after=K`` aborts each connection (no close handshake, like a network failure)
@@ -49,6 +56,7 @@ from stream.sim.recording import METHOD, read_recording, scan_recording
 log = logging.getLogger(__name__)
 
 PATH = f"/xrpc/{METHOD}"
+JETSTREAM_PATH = "/subscribe"
 
 
 @dataclass
@@ -125,7 +133,8 @@ class Relay:
     def __init__(self, source, host: str = "127.0.0.1", port: int = 0, rate: float | None = None,
                  speed: float | None = None, retention: int = 100_000, live_tail: bool = False,
                  drop_after: int | None = None, max_drops: int | None = None,
-                 track_seqs: bool = False, chunk: int = 256, future_cursor: str = "error") -> None:
+                 track_seqs: bool = False, chunk: int = 256, future_cursor: str = "error",
+                 protocol: str = "firehose") -> None:
         if rate is not None and rate <= 0:
             raise ValueError(f"rate must be > 0 frames/s, got {rate}")
         if speed is not None and speed <= 0:
@@ -135,7 +144,15 @@ class Relay:
         if future_cursor not in ("error", "ignore"):
             raise ValueError(f"future_cursor must be 'error' or 'ignore', got {future_cursor!r}")
         self.future_cursor = future_cursor
+        if protocol not in ("firehose", "jetstream"):
+            raise ValueError(f"protocol must be 'firehose' or 'jetstream', got {protocol!r}")
+        self.jetstream = protocol == "jetstream"
+        self.path = JETSTREAM_PATH if self.jetstream else PATH
         self.source = as_source(source)
+        if self.jetstream:
+            from stream.sim.jetstream import jetstream_source
+
+            self.source = jetstream_source(self.source)
         self.host, self.port = host, port
         self.rate, self.speed = rate, speed
         self.retention, self.live_tail, self.chunk = retention, live_tail, chunk
@@ -159,7 +176,9 @@ class Relay:
 
     @property
     def url(self) -> str:
-        """Base URI for the atproto SDK: ``ws://host:port/xrpc``."""
+        """Base URI for the atproto SDK: ``ws://host:port/xrpc``; Jetstream: ``ws://host:port/subscribe``."""
+        if self.jetstream:
+            return f"ws://{self.host}:{self.port}{JETSTREAM_PATH}"
         return f"ws://{self.host}:{self.port}/xrpc"
 
     @property
@@ -283,14 +302,18 @@ class Relay:
         """(global index to stream from, #info name or None, error name or None) for a cursor."""
         if cursor is None:
             return (self.produced if self.live_tail else self._base), None, None
+        if self.jetstream:
+            cursor -= 1  # inclusive: time_us >= cursor is time_us > cursor - 1
         head = self.head_seq
         if head is None:  # nothing published yet: only "before the first frame" is not in the future
             head = (self.source.first_seq or 1) - 1
-        if cursor > head:
+        if cursor > head and (not self.jetstream or self.paced or self._exhausted):
+            if self.jetstream:
+                return self.produced, None, None  # Jetstream: a cursor from the future tails live
             return (self._base, None, None) if self.future_cursor == "ignore" else (0, None, "FutureCursor")
         oldest = self.oldest_seq
         if oldest is not None and cursor < oldest - 1:
-            return self._base, "OutdatedCursor", None
+            return self._base, None if self.jetstream else "OutdatedCursor", None
         # frames with seq > cursor: search the log, producing (unpaced) until we pass the cursor
         while True:
             idx = bisect.bisect_right(self._log, cursor, key=lambda e: e[0])
@@ -302,12 +325,14 @@ class Relay:
     # --- connections ---------------------------------------------------------------------------
     def _check_path(self, connection: ServerConnection, request: Request):
         path = urllib.parse.urlsplit(request.path).path
-        if path != PATH:
-            return connection.respond(404, f"not found: {path} (this relay serves {PATH})\n")
+        if path != self.path:
+            return connection.respond(404, f"not found: {path} (this relay serves {self.path})\n")
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
-        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(ws.request.path).query))
+        pairs = urllib.parse.parse_qsl(urllib.parse.urlsplit(ws.request.path).query)
+        query = dict(pairs)
+        wanted = {v for k, v in pairs if k == "wantedCollections"} or None
         report = ConnectionReport(next(self._ids), None, seqs=[] if self.track_seqs else None)
         self.connections.append(report)
         try:
@@ -316,7 +341,8 @@ class Relay:
                     report.cursor = int(query["cursor"])
                 except ValueError:
                     report.error = "InvalidRequest"
-                    await ws.send(error_frame("InvalidRequest", f"cursor must be an integer: {query['cursor']!r}"))
+                    if not self.jetstream:
+                        await ws.send(error_frame("InvalidRequest", f"cursor must be an integer: {query['cursor']!r}"))
                     await ws.close()
                     return
             pos, info, err = await self._start_index(report.cursor)
@@ -329,24 +355,30 @@ class Relay:
                 report.info.append(info)
                 await ws.send(info_frame(info, f"cursor {report.cursor} is older than the oldest retained seq "
                                                f"{self.oldest_seq}; streaming from there"))
-            await self._stream(ws, report, pos)
+            await self._stream(ws, report, pos, wanted if self.jetstream else None)
         except websockets.ConnectionClosed:
             pass
         finally:
             report.closed = True
 
-    async def _stream(self, ws: ServerConnection, report: ConnectionReport, pos: int) -> None:
+    async def _stream(self, ws: ServerConnection, report: ConnectionReport, pos: int,
+                      wanted: set[str] | None = None) -> None:
         while await self._available(pos):
             if pos < self._base:
                 report.error = "ConsumerTooSlow"
-                await ws.send(error_frame("ConsumerTooSlow", f"fell more than {self.retention} frames behind"))
+                if not self.jetstream:
+                    await ws.send(error_frame("ConsumerTooSlow", f"fell more than {self.retention} frames behind"))
                 await ws.close()
                 return
             end = self.produced
             while pos < end and pos >= self._base:
                 seq, _, data = self._log[pos - self._base]
-                await ws.send(data)
                 pos += 1
+                if self.jetstream:
+                    collection, data = data
+                    if wanted is not None and collection is not None and collection not in wanted:
+                        continue
+                await ws.send(data)
                 report.frames += 1
                 if report.first_seq is None:
                     report.first_seq = seq
@@ -363,9 +395,10 @@ class Relay:
 
 
 async def run_relay(source, host: str = "127.0.0.1", port: int = 0, rate: float | None = None,
-                    speed: float | None = None, on_ready: Callable[[Relay], None] | None = None) -> None:
+                    speed: float | None = None, on_ready: Callable[[Relay], None] | None = None,
+                    protocol: str = "firehose") -> None:
     """Serve until cancelled (the CLI's loop)."""
-    relay = Relay(source, host=host, port=port, rate=rate, speed=speed)
+    relay = Relay(source, host=host, port=port, rate=rate, speed=speed, protocol=protocol)
     async with relay:
         if on_ready is not None:
             on_ready(relay)
