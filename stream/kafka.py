@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
+from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
 
 from stream import metrics
+from stream.config import PROFILES
+from stream.topics import TopicSpec, describe_ms, ops_topic, registry
 
-from stream.schemas import TOPIC_EVENTS, TOPIC_GRAPH, TOPIC_PARTITIONS
-
-OPS_SUFFIX = "-ops"  # the worker's repartition topic is f"{app_id}-ops"
+log = logging.getLogger("chorus.kafka")
 
 
 def make_producer(bootstrap: str, idempotence: bool = True, **kw) -> AIOKafkaProducer:
@@ -32,33 +35,37 @@ def make_consumer(bootstrap: str, *topics: str, group_id: str | None = None, **k
     return AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=group_id, **opts)
 
 
+def _specs(topics: Iterable[TopicSpec] | Mapping[str, int] | None, window_s: int | None) -> list[TopicSpec]:
+    """TopicSpecs from specs, or from {name: partitions} (None: every topic) and a window."""
+    if topics is not None and not isinstance(topics, Mapping):
+        return list(topics)
+    reg = registry(SimpleNamespace(window=(window_s or PROFILES["default"][0], 0)))
+    if topics is None:
+        return list(reg.values())
+    out = []
+    for name, n in topics.items():
+        base = reg.get(name) or replace(reg[ops_topic()], name=name)  # another app id's ops topic
+        out.append(replace(base, partitions=n))
+    return out
+
+
 def topic_config(topic: str, window_s: int | None = None) -> dict[str, str]:
-    """The config chorus sets when it creates ``topic`` (existing topics are left alone).
-
-    chorus.graph keeps every record (``retention.ms=-1``): follows are not windowed and the
-    operator rebuilds the whole graph from it after a restart, so a broker-wide retention (the
-    compose file's 48 h, Kafka's default 7 days) must not delete old follows. chorus.events and the
-    worker's ops topic (``<app id>-ops``) hold 2 windows when the window is known (the worker
-    replays chorus.events on every rebalance, so its retention bounds replay time). Others: {}.
-    """
-    if topic == TOPIC_GRAPH:
-        return {"retention.ms": "-1"}
-    if window_s and (topic == TOPIC_EVENTS or topic.endswith(OPS_SUFFIX)):
-        return {"retention.ms": str(2 * int(window_s) * 1000)}
-    return {}
+    """The configs chorus sets when it creates ``topic`` (:mod:`stream.topics`)."""
+    return _specs({topic: 1}, window_s)[0].configs()
 
 
-async def ensure_topics(bootstrap: str, partitions: dict[str, int] | None = None,
+async def ensure_topics(bootstrap: str, topics: Iterable[TopicSpec] | Mapping[str, int] | None = None,
                         window_s: int | None = None) -> None:
-    """Create chorus topics that do not exist yet (replication factor 1), with
-    :func:`topic_config`."""
-    partitions = partitions or TOPIC_PARTITIONS
+    """Create the topics that do not exist yet (replication factor 1) with their registry configs
+    (:mod:`stream.topics`); existing topics are left as they are (see :func:`check_topics`).
+    ``topics``: specs (:func:`stream.topics.stage_topics`), or {name: partitions} with the
+    registry's configs for a ``window_s`` window (None: every topic; window: the default profile's)."""
+    specs = _specs(topics, window_s)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(t, n, 1, topic_configs=topic_config(t, window_s))
-               for t, n in partitions.items() if t not in existing]
+        new = [NewTopic(s.name, s.partitions, 1, topic_configs=s.configs()) for s in specs if s.name not in existing]
         if new:
             try:
                 await admin.create_topics(new)
@@ -68,7 +75,82 @@ async def ensure_topics(bootstrap: str, partitions: dict[str, int] | None = None
         await admin.close()
 
 
-log = logging.getLogger("chorus.kafka")
+# Topic configs whose Kafka default is what chorus wants (a broker that reports only configs set
+# explicitly, like the embedded one, leaves them out).
+KAFKA_DEFAULTS = {"cleanup.policy": "delete"}
+
+
+@dataclass
+class TopicCheck:
+    """What :func:`check_topics` found: ``partitions`` per existing topic, ``problems`` (one line
+    each: what is wrong and the command that fixes it on a live cluster), ``notes`` (what could
+    not be checked)."""
+
+    partitions: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+async def check_topics(bootstrap: str, specs: Iterable[TopicSpec], stage: str = "chorus") -> TopicCheck:
+    """Compare existing topics with the registry: partition count (metadata), and retention and
+    cleanup policy where the broker serves DescribeConfigs (else a note says they were not
+    checked). Logs each problem and note as one line; never raises for a mismatch."""
+    specs = list(specs)
+    out = TopicCheck()
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        present = [s for s in specs if s.name in existing]  # (describing a missing one may create it)
+        if not present:
+            return out
+        for t in await admin.describe_topics([s.name for s in present]):
+            if not t.get("error_code"):
+                out.partitions[t["topic"]] = len(t.get("partitions") or ())
+        configs: dict[str, dict[str, str]] = {}
+        try:
+            resources = [ConfigResource(ConfigResourceType.TOPIC, s.name) for s in present]
+            for response in await asyncio.wait_for(admin.describe_configs(resources), 30):
+                for r in response.to_object()["resources"]:
+                    if not r["error_code"]:
+                        configs[r["resource_name"]] = {e["config_names"]: e["config_value"]
+                                                       for e in r["config_entries"]}
+        except Exception as exc:  # noqa: BLE001 - brokers without DescribeConfigs: degrade to a note
+            out.notes.append(f"{stage}: the broker does not serve DescribeConfigs ({type(exc).__name__}); "
+                             "retention and cleanup policy not checked (kafka-configs.sh --describe "
+                             "--entity-type topics shows them)")
+    finally:
+        await admin.close()
+    host = bootstrap.split(",")[0]
+    for s in present:
+        n = out.partitions.get(s.name)
+        if n is not None and n != s.partitions:
+            fix = (f"kafka-topics.sh --bootstrap-server {host} --alter --topic {s.name} --partitions {s.partitions}"
+                   if n < s.partitions else f"recreate {s.name} with {s.partitions} partitions (Kafka cannot "
+                   "reduce them)")
+            out.problems.append(f"{stage}: topic {s.name} has {n} partition(s), chorus creates {s.partitions}; "
+                                f"chorus adapts to {n}; to change it: {fix}")
+        cfg = configs.get(s.name)
+        if cfg is None:
+            continue
+        for key, want in s.configs().items():
+            have = cfg.get(key, KAFKA_DEFAULTS.get(key))
+            if have == want:
+                continue
+            what = (f"is {have}" + (f" ({describe_ms(int(have))})" if key == "retention.ms" and
+                                     have.lstrip("-").isdigit() else "")) if have is not None else \
+                "is not set (the broker default applies)"
+            wanted = want + (f" ({describe_ms(int(want))}: {s.why})" if key == "retention.ms" else
+                             f" ({s.why})")
+            out.problems.append(f"{stage}: topic {s.name}: {key} {what}, chorus wants {wanted}; fix: "
+                                f"kafka-configs.sh --bootstrap-server {host} --alter --entity-type topics "
+                                f"--entity-name {s.name} --add-config {key}={want}")
+    for line in out.problems:
+        log.warning("%s", line)
+    for line in out.notes:
+        log.info("%s", line)
+    return out
+
 
 # (topic, key, value, partition or None, headers or None)
 Message = tuple[str, "bytes | None", bytes, "int | None", "list[tuple[str, bytes]] | None"]

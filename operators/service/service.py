@@ -302,7 +302,8 @@ class OperatorService:
     # --- Kafka loop -------------------------------------------------------------------------
     async def run(self) -> None:
         """Consume, recompute every hop, publish; returns after :meth:`stop`."""
-        from stream.kafka import ReliableSender, ensure_topics, make_consumer, make_producer
+        from stream.kafka import ReliableSender, check_topics, ensure_topics, make_consumer, make_producer
+        from stream.topics import stage_topics
 
         if not self.settings.kafka:
             raise ValueError("the operator needs Kafka: set CHORUS_KAFKA or pass --kafka kafka://host:port")
@@ -310,7 +311,9 @@ class OperatorService:
         log.info("operator: JAX device %s; indicators %s; hop %ss", jax.devices()[0],
                  ", ".join(s.name for s in self.specs), self.hop_s)
         timeout_ms = int(self.settings.kafka_request_timeout_s * 1000)
-        await ensure_topics(bootstrap)
+        specs = stage_topics("operator", self.settings)
+        await ensure_topics(bootstrap, specs)
+        await check_topics(bootstrap, specs, "operator")
         consumer = make_consumer(bootstrap, TOPIC_FEATURES, TOPIC_GRAPH, group_id=None,
                                  auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20,
                                  request_timeout_ms=timeout_ms)

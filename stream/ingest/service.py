@@ -29,10 +29,11 @@ from aiokafka.errors import BrokerResponseError, KafkaError
 from stream.config import ConfigError, Settings, bootstrap_servers
 from stream.ingest.cursor import CursorError, CursorStore
 from stream.ingest.reader import Backoff, FirehoseReader
-from stream.kafka import ensure_topics, make_producer
+from stream.kafka import check_topics, ensure_topics, make_producer
 from stream.metrics import INGEST_CURSOR
 from stream.ingest.publisher import AckTracker, CursorCommitter, Publisher
-from stream.schemas import TOPIC_EVENTS, TOPIC_PARTITIONS
+from stream.schemas import TOPIC_EVENTS
+from stream.topics import stage_topics
 
 log = logging.getLogger("chorus.ingest")
 
@@ -120,9 +121,9 @@ class Ingester:
         step = "create the topics"
         try:
             await asyncio.wait_for(
-                ensure_topics(self.bootstrap, {TOPIC_EVENTS: TOPIC_PARTITIONS[TOPIC_EVENTS]},
-                              window_s=self.settings.window[0]),
-                self._kafka_timeout)
+                ensure_topics(self.bootstrap, stage_topics("ingest", self.settings)), self._kafka_timeout)
+            await asyncio.wait_for(check_topics(self.bootstrap, stage_topics("ingest", self.settings), "ingest"),
+                                   self._kafka_timeout)
             step = "start the producer"
             await asyncio.wait_for(producer.start(), self._kafka_timeout)
         except (KafkaError, OSError, asyncio.TimeoutError) as exc:

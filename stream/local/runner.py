@@ -473,9 +473,10 @@ class Runner:
                 await self._start_part(broker)
                 self.kafka_url = broker.broker.url
             from stream.kafka import ensure_topics
+            from stream.topics import stage_topics
 
             try:
-                await asyncio.wait_for(ensure_topics(self.bootstrap, window_s=self.settings.window[0]), 60)
+                await asyncio.wait_for(ensure_topics(self.bootstrap, stage_topics("run", self.settings)), 60)
             except (OSError, TimeoutError, Exception) as exc:  # aiokafka raises its own errors
                 raise RunError(f"cannot reach Kafka at {self.kafka_url}: {exc!r}") from None
             relay = RelayPart(self.opts.synthetic, self.opts.seed, self.opts.rate,

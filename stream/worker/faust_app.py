@@ -57,14 +57,15 @@ from stream import metrics
 from stream.config import Settings, bootstrap_servers
 from stream.guard import RecordGuard
 from stream.kafka import ReliableSender
-from stream.schemas import TOPIC_DEAD_LETTER, TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH, TOPIC_PARTITIONS, Event, dumps
+from stream import topics as topic_registry
+from stream.schemas import TOPIC_DEAD_LETTER, TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH, Event, dumps
 from stream.worker.lexicon import Classifier, Lexicon
 from stream.worker.windows import BadEvent, WindowStore
 
 log = logging.getLogger("chorus.worker")
 
 RUN_MODE = "process"  # `chorus run` should start the worker as `python -m stream.cli worker`
-APP_ID = "chorus-worker"
+APP_ID = topic_registry.DEFAULT_APP_ID
 BATCH = 1000  # buffered ops or records that trigger a send
 FLUSH_S = 0.1  # the flusher's period: buffered outputs wait at most this long
 
@@ -222,7 +223,7 @@ class Pipeline:
 
 
 def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float | None = None,
-              rebalance_timeout_s: float = 5.0,
+              rebalance_timeout_s: float = 5.0, ops_partitions: int | None = None,
               app_class: type[faust.App] = faust_lean.App) -> tuple[faust.App, Pipeline]:
     """The Faust app (not started) and its pipeline, configured from ``settings``.
 
@@ -232,11 +233,14 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
     ``idle_flush_s``: close the current hop after this many seconds without input (default: the
     hop). ``rebalance_timeout_s``: how long the group coordinator waits for members to rejoin;
     the embedded broker holds a first join for about this long, so keep it short.
+    ``ops_partitions``: the ops topic's actual partition count when it already exists with another
+    count than the registry's (:func:`ensure_worker_topics`); ops are routed over that many.
     """
     if not settings.kafka:
         raise ValueError("the worker needs Kafka: set CHORUS_KAFKA or --kafka (kafka://host:port)")
-    partitions = TOPIC_PARTITIONS[TOPIC_EVENTS]
-    pipe = Pipeline(settings, partitions, f"{app_id}-ops")
+    partitions = topic_registry.partitions(settings, TOPIC_EVENTS)
+    n_ops = ops_partitions or topic_registry.partitions(settings, topic_registry.ops_topic(app_id))
+    pipe = Pipeline(settings, n_ops, topic_registry.ops_topic(app_id))
     idle_s = idle_flush_s if idle_flush_s is not None else float(settings.window[1])
     session_s = max(10.0, 2 * rebalance_timeout_s)
     app = app_class(
@@ -259,7 +263,7 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     # acks=False: input offsets are never committed, so every (re)start replays the retained input.
     events = app.topic(TOPIC_EVENTS, partitions=partitions, acks=False, **raw)
-    ops_topic = app.topic(f"{app_id}-ops", partitions=partitions, internal=True, **raw)
+    ops_topic = app.topic(topic_registry.ops_topic(app_id), partitions=n_ops, internal=True, **raw)
     ops_name = ops_topic.get_topic_name()
 
     async def send(topic, key, value, partition, headers):
@@ -399,14 +403,19 @@ async def replay(bootstrap: str, partitions: list[int], pipe: Pipeline, owned: s
         await consumer.stop()
 
 
-async def ensure_worker_topics(settings: Settings, app_id: str = APP_ID) -> None:
-    """Create chorus.events/features/graph and the ops topic if missing."""
-    from stream.kafka import ensure_topics
+async def ensure_worker_topics(settings: Settings, app_id: str = APP_ID) -> int | None:
+    """Create the worker's topics that are missing (:mod:`stream.topics`) and check the others
+    (one log line per mismatch); returns the ops topic's partition count when it exists with a
+    count other than the registry's (the worker then routes ops over that many), else None."""
+    from stream.kafka import check_topics, ensure_topics
 
-    n = TOPIC_PARTITIONS[TOPIC_EVENTS]
-    wanted = {t: TOPIC_PARTITIONS[t] for t in (TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH, TOPIC_DEAD_LETTER)}
-    await ensure_topics(bootstrap_servers(settings.kafka), {**wanted, f"{app_id}-ops": n},
-                        window_s=settings.window[0])
+    bootstrap = bootstrap_servers(settings.kafka)
+    specs = topic_registry.stage_topics("worker", settings, app_id)
+    await ensure_topics(bootstrap, specs)
+    found = await check_topics(bootstrap, specs, "worker")
+    ops = topic_registry.ops_topic(app_id)
+    n = found.partitions.get(ops)
+    return n if n and n != topic_registry.partitions(settings, ops) else None
 
 
 class Worker:
@@ -423,8 +432,8 @@ class Worker:
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
-        await ensure_worker_topics(self.settings, self.app_kw.get("app_id", APP_ID))
-        self.app, self.pipeline = build_app(self.settings, **self.app_kw)
+        n_ops = await ensure_worker_topics(self.settings, self.app_kw.get("app_id", APP_ID))
+        self.app, self.pipeline = build_app(self.settings, ops_partitions=n_ops, **self.app_kw)
         await self.app.start()
         try:
             await self._stop.wait()
@@ -443,10 +452,10 @@ def run_worker(settings: Settings, serve_metrics: bool = True, **app_kw: Any) ->
 
     install()
     try:
-        asyncio.run(asyncio.wait_for(ensure_worker_topics(settings, app_kw.get("app_id", APP_ID)), 60))
+        n_ops = asyncio.run(asyncio.wait_for(ensure_worker_topics(settings, app_kw.get("app_id", APP_ID)), 60))
     except Exception as exc:  # aiokafka raises its own error types
         raise ConnectionError(f"cannot reach Kafka at {settings.kafka}: {exc!r}") from None
-    app, _ = build_app(settings, **app_kw)
+    app, _ = build_app(settings, ops_partitions=n_ops, **app_kw)
     if serve_metrics:
         metrics.serve(settings.metrics_host, settings.metrics_port)
     ModeWorker(app, loglevel="WARNING", quiet=True).execute_from_commandline()

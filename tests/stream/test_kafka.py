@@ -1,42 +1,131 @@
-"""stream.kafka: topics are created with their retention configs.
+"""stream.kafka and stream.topics: every stage creates topics from one registry, and checks
+existing ones at start (one line per mismatch with its fix, never a crash).
 
-The embedded broker accepts CreateTopics with configs but does not serve DescribeConfigs, so the
-broker-side check is that creation with configs succeeds and the topics work; the configs
-themselves are checked on what ensure_topics sends.
-"""
+The embedded broker serves DescribeConfigs for the configs a topic was created with, so the
+configs are checked on the broker itself."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
-from stream.kafka import ensure_topics, make_consumer, topic_config
-from stream.schemas import TOPIC_ALERTS, TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import UnsupportedVersionError
+
+from stream.config import Settings
+from stream.kafka import check_topics, ensure_topics, make_consumer, topic_config
+from stream.schemas import TOPIC_ALERTS, TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_EVENTS, TOPIC_FEATURES, \
+    TOPIC_GRAPH
+from stream.topics import registry, stage_topics
 
 OPS = "chorus-worker-ops"
+DEMO = Settings(profile="demo")  # 600 s window
 
 
 def test_retention_per_topic():
-    def c(topic, window_s=600):
-        return topic_config(topic, window_s)
+    reg = registry(DEMO)
+    ms = {name: s.retention_ms for name, s in reg.items()}
+    assert ms == {TOPIC_EVENTS: 1_200_000, OPS: 1_200_000,  # two 600 s windows
+                  TOPIC_FEATURES: 7 * 86_400_000,
+                  TOPIC_GRAPH: -1,  # follows: keep them all
+                  TOPIC_ATTRIBUTIONS: 7 * 86_400_000, TOPIC_ALERTS: 30 * 86_400_000,
+                  TOPIC_DEAD_LETTER: 7 * 86_400_000}
+    assert {s.cleanup_policy for s in reg.values()} == {"delete"}  # compaction would drop graph edges
+    assert topic_config(TOPIC_EVENTS, 600) == topic_config(OPS, 600) == {"retention.ms": "1200000",
+                                                                         "cleanup.policy": "delete"}
+    assert topic_config(TOPIC_GRAPH) == {"retention.ms": "-1", "cleanup.policy": "delete"}
+    # every stage takes its topics from the same registry
+    for stage in ("ingest", "worker", "operator", "alerts"):
+        for s in stage_topics(stage, DEMO):
+            assert s == reg[s.name]
 
-    assert c(TOPIC_GRAPH) == c(TOPIC_GRAPH, None) == {"retention.ms": "-1"}  # follows: keep them all
-    assert c(TOPIC_EVENTS) == c(OPS) == {"retention.ms": "1200000"}  # two 600 s windows
-    assert c(TOPIC_FEATURES) == c(TOPIC_ALERTS) == {}  # the broker's default
-    assert c(TOPIC_EVENTS, None) == c(OPS, None) == {}  # window unknown: the broker's default
+
+async def describe(bootstrap, names):
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (resp,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
+        return {r["resource_name"]: {e["config_names"]: e["config_value"] for e in r["config_entries"]}
+                for r in resp.to_object()["resources"]}
+    finally:
+        await admin.close()
 
 
-def test_topics_with_configs_are_created_on_the_broker(fresh_broker):
-    wanted = {TOPIC_EVENTS: 2, TOPIC_GRAPH: 3, TOPIC_FEATURES: 2, OPS: 2}
-
+def test_topics_get_registry_settings_whoever_starts_first(fresh_broker):
+    """The operator first (it used to create chorus.events with no retention), then the worker."""
     async def go():
-        await ensure_topics(fresh_broker.bootstrap, wanted, window_s=600)
-        await ensure_topics(fresh_broker.bootstrap, wanted, window_s=600)  # idempotent
+        for stage in ("operator", "worker", "ingest"):
+            await ensure_topics(fresh_broker.bootstrap, stage_topics(stage, DEMO))
+            await ensure_topics(fresh_broker.bootstrap, stage_topics(stage, DEMO))  # idempotent
         consumer = make_consumer(fresh_broker.bootstrap)
         await consumer.start()
         try:
-            return {t: consumer.partitions_for_topic(t) for t in wanted} if await consumer.topics() else {}
+            await consumer.topics()
+            parts = {t: len(consumer.partitions_for_topic(t) or ()) for t in registry(DEMO)}
         finally:
             await consumer.stop()
+        configs = await describe(fresh_broker.bootstrap, list(registry(DEMO)))
+        found = await check_topics(fresh_broker.bootstrap, stage_topics("run", DEMO))
+        return parts, configs, found
 
-    parts = asyncio.run(go())
-    assert {t: len(p or ()) for t, p in parts.items()} == wanted
+    parts, configs, found = asyncio.run(go())
+    reg = registry(DEMO)
+    assert parts == {n: s.partitions for n, s in reg.items()}
+    assert configs == {n: s.configs() for n, s in reg.items()}
+    assert found.problems == [] and found.notes == []
+
+
+def test_premade_topics_with_other_settings_are_reported_with_the_fix(fresh_broker, caplog):
+    async def go():
+        admin = AIOKafkaAdminClient(bootstrap_servers=fresh_broker.bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(OPS, 1, 1),  # no configs: the broker default applies
+                                       NewTopic(TOPIC_EVENTS, 4, 1, topic_configs={"retention.ms": "172800000"}),
+                                       NewTopic(TOPIC_GRAPH, 4, 1, topic_configs={"retention.ms": "-1",
+                                                                                  "cleanup.policy": "compact"})])
+        finally:
+            await admin.close()
+        return await check_topics(fresh_broker.bootstrap, stage_topics("worker", DEMO), "worker")
+
+    with caplog.at_level(logging.WARNING, logger="chorus.kafka"):
+        found = asyncio.run(go())
+    host = fresh_broker.bootstrap
+    assert found.partitions[OPS] == 1
+    assert len(found.problems) == 4, found.problems
+    lines = "\n".join(found.problems)
+    assert (f"worker: topic {OPS} has 1 partition(s), chorus creates 4; chorus adapts to 1; to change it: "
+            f"kafka-topics.sh --bootstrap-server {host} --alter --topic {OPS} --partitions 4") in lines
+    assert (f"worker: topic {TOPIC_EVENTS}: retention.ms is 172800000 (2 d), chorus wants 1200000 (20 min: "
+            "the worker replays it on every assignment); fix: kafka-configs.sh --bootstrap-server "
+            f"{host} --alter --entity-type topics --entity-name {TOPIC_EVENTS} --add-config retention.ms=1200000"
+            ) in lines
+    assert f"topic {OPS}: retention.ms is not set (the broker default applies)" in lines
+    assert f"topic {TOPIC_GRAPH}: cleanup.policy is compact, chorus wants delete" in lines
+    assert [r.getMessage() for r in caplog.records if r.name == "chorus.kafka"] == found.problems
+
+
+def test_a_broker_without_describe_configs_degrades_to_a_note(fresh_broker, monkeypatch):
+    async def unsupported(self, *a, **kw):
+        raise UnsupportedVersionError()
+
+    monkeypatch.setattr(AIOKafkaAdminClient, "describe_configs", unsupported)
+    specs = stage_topics("operator", DEMO)
+
+    async def go():
+        await ensure_topics(fresh_broker.bootstrap, specs)
+        return await check_topics(fresh_broker.bootstrap, specs, "operator")
+
+    found = asyncio.run(go())
+    assert found.problems == [] and found.partitions == {s.name: s.partitions for s in specs}
+    assert len(found.notes) == 1 and "retention and cleanup policy not checked" in found.notes[0]
+
+
+@pytest.mark.parametrize("ms,text", [(-1, "forever"), (172_800_000, "2 d"), (1_200_000, "20 min"), (1500, "1500 ms")])
+def test_describe_ms(ms, text):
+    from stream.topics import describe_ms
+
+    assert describe_ms(ms) == text
