@@ -136,7 +136,10 @@ def _decode(raw: bytes | str) -> Decoded:
     if not protocol.is_did(msg.did):
         out.invalid.append("invalid_did")
     elif t == "#account":
-        out.events.append(nz.account_event(msg.did, seq, tus, bool(msg.active), msg.status))
+        try:
+            out.events.append(nz.account_event(msg.did, seq, tus, bool(msg.active), msg.status))
+        except nz.InvalidOp as exc:
+            out.invalid.append(exc.reason)
     return out
 
 

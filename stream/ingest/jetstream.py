@@ -90,8 +90,9 @@ def decode_message(raw: str | bytes, received_us: int | None = None) -> Decoded:
         return Decoded("invalid", invalid=["json"])
     if not isinstance(obj, dict):
         return Decoded("invalid", invalid=["json"])
-    t = obj.get("time_us")
-    out = Decoded(_TYPES.get(obj.get("kind"), "unknown"), seq=t if type(t) is int and t >= 0 else None)
+    t, kind = obj.get("time_us"), obj.get("kind")
+    out = Decoded(_TYPES.get(kind, "unknown") if isinstance(kind, str) else "unknown",
+                  seq=t if type(t) is int and t >= 0 else None)
     out.time_us = out.seq
     try:
         out.events = message_events(obj)

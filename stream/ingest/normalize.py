@@ -31,6 +31,7 @@ what is older than its window). The clamped ones are counted by the caller.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from stream.protocol import (EMBED_RECORD, EMBED_RECORD_WITH_MEDIA, FOLLOW, LIKE, POST, REPOST, InvalidSyntax,
@@ -38,6 +39,7 @@ from stream.protocol import (EMBED_RECORD, EMBED_RECORD_WITH_MEDIA, FOLLOW, LIKE
 
 KINDS = {POST: "post", LIKE: "like", REPOST: "repost", FOLLOW: "follow"}
 
+_STATUS = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # account status tokens
 MAX_TEXT_CHARS = 100_000  # generous: the lexicon allows 3,000 bytes; beyond this a record is garbage
 FUTURE_TOLERANCE_US = 60_000_000  # how far ahead of its receive time an event time may claim to be
 
@@ -161,8 +163,11 @@ def account_event(did: str, seq: int, time_us: int, active: bool, status: str | 
     """A ``kind="account"`` value: ``active=False`` retracts the account's activity downstream.
 
     ``uri`` is the repo URI ``at://DID`` and ``rkey`` is empty: account events are state (latest
-    seq wins), not records, so consumers must not dedupe them by URI.
+    seq wins), not records, so consumers must not dedupe them by URI. ``status`` must be a short
+    token (``deactivated``, ``takendown``, ...); anything else raises InvalidOp("frame_shape").
     """
+    if status is not None and _STATUS.fullmatch(status) is None:
+        raise InvalidOp("frame_shape")
     ev = {"v": 1, "kind": "account", "did": did, "rkey": "", "uri": f"at://{did}", "seq": seq,
           "time_us": time_us, "active": active}
     if status is not None:

@@ -89,3 +89,35 @@ def test_random_ops_and_records(ops, seq):
     d = decode_frame(raw)
     check(d, raw)
     assert d.seq == seq and len(d.events) + len(d.invalid) <= len(ops)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**64) | st.text(max_size=12)
+                           | st.floats(allow_nan=False, allow_infinity=False),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                           max_leaves=12)
+
+
+@FUZZ
+@given(st.fixed_dictionaries({}, optional={
+    "did": st.sampled_from([DID, "nope", 5]), "time_us": st.integers(-5, 2**64) | json_values,
+    "kind": st.sampled_from(["commit", "account", "identity", "other"]) | json_values,
+    "commit": st.fixed_dictionaries({}, optional={
+        "operation": st.sampled_from(["create", "delete", "update"]) | json_values,
+        "collection": collections | json_values, "rkey": st.text(max_size=6) | json_values,
+        "record": dag | st.fixed_dictionaries({"$type": collections, "text": json_values, "subject": json_values,
+                                               "langs": json_values, "reply": json_values, "embed": json_values}),
+    }) | json_values,
+    "account": json_values | st.fixed_dictionaries({"active": st.booleans(), "status": json_values}),
+}))
+def test_random_jetstream_messages(obj):
+    import json
+
+    from stream.ingest.jetstream import decode_message
+
+    raw = json.dumps(obj, default=lambda b: b.hex())
+    d = decode_message(raw)
+    assert d.type in FRAME_TYPES and all(isinstance(r, str) for r in d.invalid)
+    for ev in d.events:
+        Event.model_validate(ev)
+        assert is_did(ev["did"]) and ev["seq"] == ev["time_us"] == obj["time_us"]
+        json.dumps(ev, ensure_ascii=False).encode()  # publishable as UTF-8

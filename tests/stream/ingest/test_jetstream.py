@@ -117,6 +117,7 @@ def test_bad_messages_are_counted_by_reason():
         "[" * 100_000 + "]" * 100_000: "record_depth",
         line("commit", commit("create", F.POST, "3k", {"$type": F.POST, "text": "t" * 300_000})): "record_too_large",
         line("commit", commit("create", F.POST, "a/b", {"$type": F.POST, "text": "x"})): "op_shape",
+        line("account", {"active": False, "status": "\ud800 no such status"}): "frame_shape",
     }
     for raw, reason in cases.items():
         d = decode_message(raw)
