@@ -65,7 +65,7 @@ class Ingester:
                  backoff: Backoff | None = None, kafka_connect_timeout: float = 20.0,
                  producer_options: dict[str, Any] | None = None):
         self.settings = settings or Settings()
-        jetstream = jetstream or (None if relay else self.settings.jetstream)
+        jetstream = jetstream or (None if relay else self.settings.jetstream) or None  # "": unset
         if relay and jetstream:
             raise IngestError("give a relay or a Jetstream URL, not both")
         self.jetstream = jetstream is not None

@@ -259,3 +259,24 @@ def test_wanted_collections_are_what_chorus_reads():
     from stream.ingest.normalize import KINDS
 
     assert set(WANTED_COLLECTIONS) == set(KINDS)
+
+
+def test_empty_jetstream_setting_means_the_relay(tmp_path):
+    ing = Ingester(Settings(kafka="kafka://127.0.0.1:1", state_dir=tmp_path, jetstream=""), relay=None)
+    assert not ing.jetstream and ing.relay == Settings().relay
+
+
+def test_cli_relay_serves_jetstream(tmp_path):
+    """`chorus relay --jetstream --synthetic N` prints its /subscribe URL and serves JSON messages."""
+    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "relay", "--jetstream", "--synthetic", "60"],
+                            stderr=subprocess.PIPE, cwd=Path(__file__).parents[3], text=True)
+    try:
+        banner = proc.stderr.readline()
+        url = banner.split(" at ")[1].split()[0]
+        assert url.startswith("ws://127.0.0.1:") and url.endswith("/subscribe"), banner
+        got = asyncio.run(asyncio.wait_for(recv_all(f"{url}?wantedCollections={F.FOLLOW}", quiet=1.0), 30))
+        assert got and all(m["kind"] in ("commit", "account", "identity") for m in got)
+        assert {m["commit"]["collection"] for m in got if m["kind"] == "commit"} == {F.FOLLOW}
+    finally:
+        proc.terminate()
+        proc.wait(10)
