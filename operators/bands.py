@@ -119,12 +119,14 @@ class PanelComparison:
 
 
 def panel_comparison(
-    F, x, followers, k: int = 100, baseline=None, steps: int = 32, phi_full=None
+    F, x, followers, k: int = 100, baseline=None, steps: int = 32, phi_full=None,
+    rule: str = "gauss-legendre", phi_panel=None,
 ) -> PanelComparison:
     """Compare full-scale Aumann-Shapley with the panel's (attribution scaling bias).
 
-    phi_full: a precomputed full-scale attribution (N,) or (N, d) for the same F, x, baseline
-    and steps (saves one attribution); computed when None.
+    phi_full: a precomputed full-scale attribution (N,) or (N, d) for the same F, x, baseline,
+    steps and quadrature ``rule`` (saves one attribution); computed when None. phi_panel: the
+    same for the panel attribution (0 off the panel), e.g. computed on a smaller equivalent input.
     """
     xa = as_features(x)
     f = _followers(followers)
@@ -132,13 +134,15 @@ def panel_comparison(
         raise ValueError(f"followers has {f.size} entries but x has {xa.shape[0]} agents")
     b = resolve_baseline(F, xa, baseline)
     if phi_full is None:
-        phi_full = attribute(F, xa, b, steps=steps).phi
+        phi_full = attribute(F, xa, b, steps=steps, rule=rule).phi
     full = _per_agent(phi_full, f.size)
     panel = panel_agents(f, k)
     in_panel = np.zeros(f.size, bool)
     in_panel[panel] = True
-    mask = jnp.asarray(in_panel).reshape((-1,) + (1,) * (xa.ndim - 1))
-    phi_panel = _per_agent(attribute(F, jnp.where(mask, xa, b), b, steps=steps).phi)
+    if phi_panel is None:
+        mask = jnp.asarray(in_panel).reshape((-1,) + (1,) * (xa.ndim - 1))
+        phi_panel = attribute(F, jnp.where(mask, xa, b), b, steps=steps, rule=rule).phi
+    phi_panel = _per_agent(phi_panel, f.size)
 
     full_bands, panel_bands = band_shares(full, f), band_shares(phi_panel, f)
     tvd = 0.5 * sum(abs(full_bands[n] - panel_bands[n]) for n in full_bands)

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FollowGraph", "reach", "reach_naive", "LAYOUTS", "CHUNK", "MIN_CELLS", "bucket_widths", "pow2_at_least"]
+__all__ = ["FollowGraph", "GraphStack", "reach", "reach_naive", "LAYOUTS", "CHUNK", "MIN_CELLS", "bucket_widths", "pow2_at_least"]
 
 LAYOUTS = ("bucketed", "sorted")
 CHUNK = 256  # bucketed layout: rows wider than this are split into chunks of CHUNK
@@ -199,8 +199,18 @@ def _bucket_sum(v: jax.Array, tabs: tuple, big_cap: int) -> jax.Array:
     return jnp.concatenate([big] + [v[t].sum(axis=1) for t in tables])
 
 
+class LeafHolder:
+    """Pytree boilerplate: a subclass defines ``_set(leaves, aux)`` and ``tree_flatten``."""
+
+    @classmethod
+    def tree_unflatten(cls, aux, leaves):
+        obj = object.__new__(cls)
+        obj._set(leaves, aux)
+        return obj
+
+
 @jax.tree_util.register_pytree_node_class
-class FollowGraph:
+class FollowGraph(LeafHolder):
     """A directed follow graph, preprocessed (once, on the host) for the cascade kernel.
 
     ``FollowGraph(src, dst, n, layout="bucketed", capacities=None)``: edges ``src[k] -> dst[k]``
@@ -226,7 +236,7 @@ class FollowGraph:
         _check_ids(src, dst, n, "FollowGraph")
         if layout == "sorted":
             perm, pos_t = _degree_order(np.bincount(src, minlength=n))
-            _, pos_in = _degree_order(np.bincount(dst, minlength=n))
+            s_nodes, pos_in = _degree_order(np.bincount(dst, minlength=n))
             t_src, s_dst = _i32(pos_t)[src], _i32(pos_in)[dst]  # table position of src, S position of dst
             seg, val = _sorted_pairs(s_dst, t_src, n)
             fwd = (val, seg)
@@ -241,6 +251,8 @@ class FollowGraph:
             t_src, s_dst = _i32(bslot[src]), _i32(fslot[dst])
             fwd = _tables(s_dst, t_src, fspec, fill=t_b)   # S_s = sum lq[t_src]; lq[t_b] = 0
             bwd = _tables(t_src, s_dst, bspec, fill=t_f)   # G_t = sum exp(S)[s_dst]; exp(S)[t_f] = 0
+            s_nodes = np.full(t_f, -1, np.int64)
+            s_nodes[fslot[fslot >= 0]] = np.flatnonzero(fslot >= 0)
             perm = np.zeros(t_b, np.int64)
             has = bslot >= 0
             perm[bslot[has]] = np.flatnonzero(has)
@@ -249,6 +261,7 @@ class FollowGraph:
         del src, dst
         leaves = jax.tree_util.tree_map(jnp.asarray, (_i32(perm), _i32(pos_t), np.int32(n), fwd, bwd))
         self._set(leaves, (n, layout, int(t_src.size), caps))
+        self.s_nodes = s_nodes  # host only (not a leaf): S slot -> node, -1 for an unused slot
 
     def _set(self, leaves, aux):
         self.perm, self.pos, self.n_real, self.fwd, self.bwd = leaves
@@ -287,12 +300,6 @@ class FollowGraph:
         return ((self.perm, self.pos, self.n_real, self.fwd, self.bwd),
                 (self.n, self.layout, self.num_edges, self.capacities))
 
-    @classmethod
-    def tree_unflatten(cls, aux, leaves):
-        g = object.__new__(cls)
-        g._set(leaves, aux)
-        return g
-
     def __repr__(self) -> str:
         return f"FollowGraph(n={self.n}, edges={self.num_edges}, layout={self.layout!r})"
 
@@ -315,28 +322,116 @@ def _out_sum(g: FollowGraph, es: jax.Array) -> jax.Array:
     return jnp.concatenate([gt, jnp.zeros(1, es.dtype)])[g.pos]  # slot len(perm): no out-edge
 
 
-@jax.custom_vjp
-def _reach(g: FollowGraph, q: jax.Array) -> jax.Array:
-    return -jnp.sum(jnp.expm1(_log_survival(g, q)))
+def _reach_kernel(log_survival, out_sum):
+    """R(g, q) = -sum(expm1(S)) with the custom VJP dq = out_sum(g, exp(S)) / (1 - q), for a
+    layout's ``log_survival(g, q) -> S`` and ``out_sum(g, exp(S)) -> G`` (node order)."""
+
+    @jax.custom_vjp
+    def kernel(g, q):
+        return -jnp.sum(jnp.expm1(log_survival(g, q)))
+
+    def fwd(g, q):
+        s = log_survival(g, q)
+        return -jnp.sum(jnp.expm1(s)), (g, q, s)
+
+    def bwd(res, ct):
+        g, q, s = res
+        zero_g = jax.tree_util.tree_map(lambda a: np.zeros(np.shape(a), jax.dtypes.float0), g)
+        return zero_g, (ct * out_sum(g, jnp.exp(s))) / (1.0 - q)
+
+    kernel.defvjp(fwd, bwd)
+    return kernel
 
 
-def _reach_fwd(g, q):
-    s = _log_survival(g, q)
-    return -jnp.sum(jnp.expm1(s)), (g, q, s)
+_reach = _reach_kernel(_log_survival, _out_sum)
 
 
-def _reach_bwd(res, ct):
-    g, q, s = res
-    dq = (ct * _out_sum(g, jnp.exp(s))) / (1.0 - q)
-    zero_g = jax.tree_util.tree_map(lambda a: np.zeros(np.shape(a), jax.dtypes.float0), g)
-    return zero_g, dq
+@jax.tree_util.register_pytree_node_class
+class GraphStack(LeafHolder):
+    """A follow graph held as signed layers over the same nodes: a base layout plus small delta
+    layouts of added (sign +1) and removed (sign -1) edges, so a changed edge set costs a build of
+    the changes only, not of the whole layout.
+
+    ``GraphStack(base, deltas=(), signs=(), n_real=None)``: bucketed :class:`FollowGraph` s of the
+    same ``n`` (built with the same node capacity); ``signs`` (+1.0 or -1.0, static) per delta;
+    nodes >= ``n_real`` (default: the base's) are padding, as in ``FollowGraph.padded``. The edge
+    multiset is base + sum_p sign_p delta_p (a removed edge must be in base or an added layer).
+    Exact, since the log-survival is additive over edges:
+
+        S_j = sum_{layers p} sign_p sum_{i ->_p j} log1p(-q_i),   R = sum_j -expm1(S_j),
+        dR/dq_i = 1 / (1 - q_i) sum_p sign_p sum_{j: i ->_p j} exp(S_j)
+
+    (float rounding aside: an edge removed from the base adds and subtracts the same term). S is
+    assembled in node order: one gather of n from the base's slots, a scatter-add of each delta's
+    few slots. Leaves: the layers and the slot <-> node maps; static: n, signs.
+    """
+
+    def __init__(self, base: FollowGraph, deltas=(), signs=(), n_real: int | None = None):
+        deltas, signs = tuple(deltas), tuple(float(v) for v in signs)
+        if len(deltas) != len(signs) or any(v not in (1.0, -1.0) for v in signs):
+            raise ValueError("GraphStack: one sign (+1 or -1) per delta layer")
+        for g in (base,) + deltas:
+            if not isinstance(g, FollowGraph) or g.layout != "bucketed" or g.n != base.n:
+                raise ValueError("GraphStack: layers must be bucketed FollowGraphs with the same n")
+            if getattr(g, "s_nodes", None) is None:
+                raise ValueError("GraphStack: layers must be freshly built (host slot maps)")
+        n = base.n
+        slots = np.flatnonzero(base.s_nodes >= 0)
+        s_pos = np.full(n, base.s_nodes.size, np.int64)  # no base in-edge: the zero after the slots
+        s_pos[base.s_nodes[slots]] = slots
+
+        def snode(g):  # S slot -> node; unused slots -> the dummy entry n
+            return _i32(np.where(g.s_nodes >= 0, g.s_nodes, n))
+
+        n_real = base.n_real if n_real is None else jnp.asarray(int(n_real), jnp.int32)
+        leaves = (base, deltas, jnp.asarray(_i32(s_pos)), jnp.asarray(snode(base)),
+                  tuple(jnp.asarray(snode(g)) for g in deltas), n_real)
+        self._set(leaves, (n, signs))
+
+    def _set(self, leaves, aux):
+        self.base, self.deltas, self.s_pos, self.base_snode, self.delta_snode, self.n_real = leaves
+        self.n, self.signs = aux
+        self.layout = "stack"
+        self.num_edges = self.base.num_edges + sum(g.num_edges for g in self.deltas)
+
+    def tree_flatten(self):
+        return ((self.base, self.deltas, self.s_pos, self.base_snode, self.delta_snode, self.n_real),
+                (self.n, self.signs))
+
+    def __repr__(self) -> str:
+        return f"GraphStack(n={self.n}, base={self.base.num_edges}, deltas={[g.num_edges for g in self.deltas]})"
 
 
-_reach.defvjp(_reach_fwd, _reach_bwd)
+def _layer_sum(g: FollowGraph, v: jax.Array, tabs, side: int) -> jax.Array:
+    return _bucket_sum(jnp.concatenate([v, jnp.zeros(1, v.dtype)]), tabs, g.capacities[side][1])
 
 
-def reach(g: FollowGraph, q: jax.Array) -> jax.Array:
+def _stack_log_survival(st: GraphStack, q: jax.Array) -> jax.Array:
+    """S in node order, shape (n + 1,): the last entry is a dummy that stays 0."""
+    lq = jnp.log1p(-q)
+    sb = _layer_sum(st.base, lq[st.base.perm], st.base.fwd, 0)
+    s = jnp.concatenate([sb, jnp.zeros(2, sb.dtype)])[jnp.append(st.s_pos, sb.shape[0])]
+    for g, sign, snode in zip(st.deltas, st.signs, st.delta_snode):
+        s = s.at[snode].add(sign * _layer_sum(g, lq[g.perm], g.fwd, 0))
+    return s
+
+
+def _stack_out_sum(st: GraphStack, es: jax.Array) -> jax.Array:
+    """G_i = sum_p sign_p sum_{j: i ->_p j} exp(S_j), node order; es: exp(S) in node order (n + 1,)."""
+    gb = _layer_sum(st.base, es[st.base_snode], st.base.bwd, 1)
+    out = jnp.concatenate([gb, jnp.zeros(1, es.dtype)])[st.base.pos]
+    for g, sign, snode in zip(st.deltas, st.signs, st.delta_snode):
+        out = out.at[g.perm].add(sign * _layer_sum(g, es[snode], g.bwd, 1))
+    return out
+
+
+_reach_stack = _reach_kernel(_stack_log_survival, _stack_out_sum)
+
+
+def reach(g, q: jax.Array) -> jax.Array:
     """Expected cascade reach R = sum_j 1 - prod_{i->j}(1 - q_i); q: (g.n,) in [0, 1).
+
+    g: a :class:`FollowGraph`, a :class:`GraphStack` or an ``operators.sharded.ShardedGraph``.
 
     Differentiable in q with the custom VJP above (O(E) per call, no random scatter).
     Padding nodes (>= g.n_real) are treated as q = 0 and get zero gradient.
@@ -347,7 +442,11 @@ def reach(g: FollowGraph, q: jax.Array) -> jax.Array:
     if not jnp.issubdtype(q.dtype, jnp.floating):
         q = q.astype(jnp.result_type(float))
     q = jnp.where(jnp.arange(g.n) < g.n_real, q, jnp.zeros((), q.dtype))
-    return _reach(g, q)
+    if isinstance(g, GraphStack):
+        return _reach_stack(g, q)
+    if isinstance(g, FollowGraph):
+        return _reach(g, q)
+    return g.reach(q)  # a sharded graph brings its own kernel
 
 
 def reach_naive(src, dst, n: int, q: jax.Array) -> jax.Array:

@@ -179,12 +179,17 @@ def cascade_reach(g: FollowGraph, p: float = 0.05, column: int = 0) -> CascadeRe
 
     The graph's arrays are copied to the default device once, here, so repeated attributions
     do not re-transfer them."""
-    if not isinstance(g, FollowGraph):
-        raise ValueError(f"cascade_reach: g must be a FollowGraph, got {type(g).__name__}")
+    from operators.graph import GraphStack
+    from operators.sharded import ShardedGraph
+
+    if not isinstance(g, (FollowGraph, GraphStack, ShardedGraph)):
+        raise ValueError(f"cascade_reach: g must be a FollowGraph, GraphStack or ShardedGraph, got {type(g).__name__}")
     p = float(p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"cascade_reach: p must lie in [0, 1), got {p}")
-    return CascadeReach(jax.device_put(g), p, int(column))  # graph stays device-resident
+    if not isinstance(g, ShardedGraph):  # (a sharded graph is already placed on its devices)
+        g = jax.device_put(g)
+    return CascadeReach(g, p, int(column))  # graph stays device-resident
 
 
 def default_baseline(F: Callable, x, mask=None) -> jax.Array:

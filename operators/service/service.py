@@ -71,6 +71,7 @@ from operators import indicators as I
 from operators.service.alert_sink import AlertPublisher, load_rules
 from operators.service.alerts import AlertEngine
 from operators.attribution import attribute
+from operators.graph import pow2_at_least
 from operators.service.state import OperatorState
 
 log = logging.getLogger("chorus.operator")
@@ -141,16 +142,25 @@ def top_agents(phi: np.ndarray, k: int = TOP_K) -> list[tuple[int, float]]:
 
 class OperatorService:
     """``await OperatorService(settings).run()`` until ``await stop()``; or call
-    :meth:`apply_features` / :meth:`apply_edge` / :meth:`recompute` directly (no Kafka)."""
+    :meth:`apply_features` / :meth:`apply_edge` / :meth:`recompute` directly (no Kafka).
+
+    ``rule``: the quadrature rule (operators.quadrature). ``active_only`` (default): per topic,
+    cascade_reach runs on the follow graph restricted to edges out of the topic's active agents
+    (kept incrementally, ``OperatorState.active_graph``; its panel on the active panel members'
+    edges) and the graph-free indicators on the active rows only -- the same phi, R(x), R(b) as
+    the full inputs (agents with zero input are exact null players that move nothing on the path;
+    operators.subgraph). False: every indicator on the full graph and all rows (the reference).
+    """
 
     def __init__(self, settings: Settings | None = None, *, steps: int = 32, panel_k: int = 100,
-                 state: OperatorState | None = None, engine: AlertEngine | None = None):
+                 state: OperatorState | None = None, engine: AlertEngine | None = None,
+                 rule: str = "gauss-legendre", active_only: bool = True):
         self.settings = settings or Settings()
         unknown = [n for n in self.settings.indicators if n not in INDICATORS]
         if unknown:
             raise ValueError(f"unknown indicator(s) {', '.join(unknown)}; known: {', '.join(INDICATORS)}")
         self.specs = [INDICATORS[n] for n in self.settings.indicators]
-        self.steps, self.panel_k = steps, panel_k
+        self.steps, self.panel_k, self.rule, self.active_only = steps, panel_k, rule, active_only
         self.state = state or OperatorState()
         self.engine = engine or AlertEngine(load_rules(self.settings.alerts_file))
         self.hop_s = self.settings.window[1]
@@ -240,14 +250,10 @@ class OperatorService:
         st = self.state
         n = st.n_rows
         x, active = spec.inputs(x4)
-        F = spec.make(st)
-        b = I.default_baseline(F, x, active)
-        res = attribute(F, x, b, steps=self.steps)
-        phi_full = np.asarray(res.phi, dtype=np.float64)
-        phi_full = phi_full.reshape(phi_full.shape[0], -1).sum(axis=1)
+        F, b, res, phi_full, compact = self._full(topic, spec, x, active)
         phi, followers = phi_full[:n], st.followers[:n]
         bands = B.band_shares(phi, followers)
-        panel = self._panel(spec, F, x, b, phi_full, bands)
+        panel = self._panel(spec, F, x, b, phi_full, bands, active, compact)
         top = [{"did": st.dids[r], "share": s, "followers": int(followers[r])} for r, s in top_agents(phi)]
         return Attribution(
             topic=topic, indicator=spec.name, window_end=int(end), value=float(res.value),
@@ -255,22 +261,71 @@ class OperatorService:
             n_agents=int(jnp.sum(active)), bands=bands, panel=panel, top=top,
         )
 
-    def _panel(self, spec: IndicatorSpec, F, x, b, phi_full: np.ndarray, bands: dict[str, float]) -> dict:
+    def _full(self, topic: str, spec: IndicatorSpec, x, active):
+        """(F, baseline, Attribution, per-agent phi (C,) float64, compact) for one topic and
+        indicator. ``compact``: None, or (rows, F, x_c, b_c) when the attribution ran on the
+        active rows only (graph-free indicators with ``active_only``)."""
+        st = self.state
+        compact = None
+        if self.active_only and spec.panel is not None:  # graph indicator: the active subgraph
+            F = I.cascade_reach(st.active_graph(topic, np.asarray(active)), p=0.05)
+        else:
+            F = spec.make(st)
+        if self.active_only and spec.panel is None:
+            rows = np.flatnonzero(np.asarray(active)[: st.n_rows])
+            idx = np.full(pow2_at_least(rows.size + 1, 1024), st.capacity - 1, np.int64)  # last row: zeros
+            idx[: rows.size] = rows
+            idx = jnp.asarray(idx)
+            x_c, a_c = x[idx], active[idx]
+            b_c = I.default_baseline(F, x_c, a_c)
+            res = attribute(F, x_c, b_c, steps=self.steps, rule=self.rule)
+            phi_full = np.zeros(st.capacity)
+            phi_full[rows] = _per_agent(res.phi)[: rows.size]
+            b = I.default_baseline(F, x, active)
+            compact = (rows, idx, F, x_c, b_c)
+        else:
+            b = I.default_baseline(F, x, active)
+            res = attribute(F, x, b, steps=self.steps, rule=self.rule)
+            phi_full = _per_agent(res.phi)
+        return F, b, res, phi_full, compact
+
+    def agent_phi(self, topic: str, spec: IndicatorSpec) -> np.ndarray:
+        """Per-agent attribution (C,) of one topic and indicator, as the hop computes it."""
+        x, active = spec.inputs(self.state.features(topic).x)
+        return self._full(topic, spec, x, active)[3]
+
+    def _panel(self, spec: IndicatorSpec, F, x, b, phi_full: np.ndarray, bands: dict[str, float],
+               active=None, compact=None) -> dict:
         """Visibility-panel comparison (k, bands, tvd, spearman, rescale, rescale_residual).
 
         Runs on the padded arrays (no retrace); padding rows get followers -1 so they never enter
         the panel, and the band shares are taken over the real rows only. With ``spec.panel``
-        (cascade_reach: the follow graph restricted to edges out of the panel, exactly the same
-        panel attribution) F is replaced by the cheaper equivalent for the panel attribution.
+        (cascade_reach: the follow graph restricted to edges out of the panel -- with
+        ``active_only``, out of its active members -- exactly the same panel attribution) F is
+        replaced by the cheaper equivalent for the panel attribution; with ``compact`` the panel
+        attribution runs on the active rows only, as the full one did.
         """
         st = self.state
         n = st.n_rows
         k = max(1, min(self.panel_k, n))
         f_pad = np.full(st.capacity, -1, np.int64)
         f_pad[:n] = st.followers[:n]
+        phi_panel = None
         if spec.panel is not None:
-            F = spec.panel(st, B.panel_agents(f_pad, k))
-        pc = B.panel_comparison(F, x, f_pad, k=k, baseline=b, steps=self.steps, phi_full=phi_full)
+            rows = B.panel_agents(f_pad, k)
+            if self.active_only:
+                rows = rows[np.asarray(active)[rows]]
+            F = spec.panel(st, rows)
+        elif compact is not None:
+            rows, idx, F_c, x_c, b_c = compact
+            in_panel = np.zeros(st.capacity, bool)
+            in_panel[B.panel_agents(f_pad, k)] = True
+            mask = jnp.asarray(in_panel)[idx].reshape((-1,) + (1,) * (x_c.ndim - 1))
+            res = attribute(F_c, jnp.where(mask, x_c, b_c), b_c, steps=self.steps, rule=self.rule)
+            phi_panel = np.zeros(st.capacity)
+            phi_panel[rows] = _per_agent(res.phi)[: rows.size]
+        pc = B.panel_comparison(F, x, f_pad, k=k, baseline=b, steps=self.steps, phi_full=phi_full,
+                                rule=self.rule, phi_panel=phi_panel)
         panel_bands = B.band_shares(pc.phi_panel[:n], f_pad[:n])
         tvd = 0.5 * sum(abs(bands[name] - panel_bands[name]) for name in bands)
         return {"k": k, "bands": panel_bands, "tvd": float(tvd), "spearman": _finite(pc.spearman),
@@ -374,6 +429,12 @@ class OperatorService:
 
     async def stop(self) -> None:
         self._stopping.set()
+
+
+def _per_agent(phi) -> np.ndarray:
+    """phi (C,) or (C, d) summed over features, float64."""
+    phi = np.asarray(phi, dtype=np.float64)
+    return phi.reshape(phi.shape[0], -1).sum(axis=1)
 
 
 def _finite(v) -> float | None:

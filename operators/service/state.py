@@ -29,7 +29,8 @@ import numpy as np
 
 from stream.schemas import FEATURE_COLUMNS, Features, GraphEdge
 
-from operators.graph import FollowGraph, pow2_at_least
+from operators.graph import FollowGraph, GraphStack, pow2_at_least
+from operators.subgraph import ActiveSubgraph
 
 MIN_CAPACITY = 1024
 D = len(FEATURE_COLUMNS)
@@ -99,17 +100,37 @@ class EdgeSet:
             self._recent.clear()
 
     def _merge(self, keys, time, present) -> None:
-        keep = ~np.isin(self._keys, keys, assume_unique=True)
-        k = np.concatenate([self._keys[keep], keys])
-        order = np.argsort(k, kind="stable")
-        self._keys = k[order]
-        self._time = np.concatenate([self._time[keep], time])[order]
-        self._present = np.concatenate([self._present[keep], present])[order]
+        """Merge distinct ``keys`` (any order) into the sorted arrays: existing keys are updated
+        in place, new ones inserted (O(E) copies, no sort of the whole set)."""
+        if not self._keys.size:  # first load: one in-place sort, no index array
+            if np.all(time == time[:1]) and present.all():
+                keys = np.sort(keys)
+                self._keys, self._time, self._present = keys, time, present
+                return
+        order = np.argsort(keys, kind="stable")
+        keys, time, present = keys[order], time[order], present[order]
+        at = np.searchsorted(self._keys, keys)
+        hit = at < self._keys.size
+        hit[hit] = self._keys[at[hit]] == keys[hit]
+        self._time[at[hit]], self._present[at[hit]] = time[hit], present[hit]
+        new, at = ~hit, at[~hit]
+        self._keys = np.insert(self._keys, at, keys[new])
+        self._time = np.insert(self._time, at, time[new])
+        self._present = np.insert(self._present, at, present[new])
 
     def present(self) -> np.ndarray:
         """Keys of the present edges, sorted."""
         self.compact()
         return self._keys[self._present]
+
+    def out_edges(self, rows) -> np.ndarray:
+        """Present edge keys with source in ``rows`` (row indices), sorted by (src, dst)."""
+        self.compact()
+        rows = np.unique(np.asarray(rows, np.int64))
+        lo, hi = np.searchsorted(self._keys, rows << 32), np.searchsorted(self._keys, (rows + 1) << 32)
+        lens = hi - lo
+        idx = np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+        return self._keys[idx[self._present[idx]]]
 
 
 @dataclass(frozen=True)
@@ -146,6 +167,11 @@ class OperatorState:
         self._edges_version = 0                     # bumped whenever the edge set changes
         self._present: tuple[int, np.ndarray] | None = None  # (version, sorted present keys)
         self._panel_graph: tuple[tuple, FollowGraph] | None = None
+        self._subgraphs: dict[str, ActiveSubgraph] = {}  # topic -> active subgraph (cascade reach)
+        self._log_keys: list[int] = []              # edge changes since the oldest subgraph update
+        self._log_add: list[bool] = []
+        self._log_start = 0                         # absolute log position of _log_keys[0]
+        self._edges_epoch = 0                       # bumped by a bulk load: subgraphs rebuild
         self.window_end: int | None = None          # latest window_end seen in features
         self.changed_topics: set[str] = set()       # topics whose features changed since take_changed()
 
@@ -230,9 +256,13 @@ class OperatorState:
     def apply_edge(self, e: GraphEdge) -> bool:
         """Apply one chorus.graph value (idempotent); returns whether the edge set changed."""
         s, d = self.row(e.src), self.row(e.dst)
-        if self._edges.apply((s << 32) | d, e.time_us, e.op == "add"):
+        key = (s << 32) | d
+        if self._edges.apply(key, e.time_us, e.op == "add"):
             self._graph_dirty = True
             self._edges_version += 1
+            if self._subgraphs:
+                self._log_keys.append(key)
+                self._log_add.append(e.op == "add")
             return True
         return False
 
@@ -260,6 +290,7 @@ class OperatorState:
             self._edges.add_many((np.asarray(src, np.int64) << 32) | np.asarray(dst, np.int64))
             self._graph_dirty = True
             self._edges_version += 1
+            self._edges_epoch += 1
 
     def take_changed(self) -> set[str]:
         """Topics whose features changed since the last call (and clear the set)."""
@@ -314,15 +345,39 @@ class OperatorState:
         cached = self._panel_graph
         if cached is not None and cached[0] == key:
             return cached[1]
-        keys = self._present_keys()
-        lo, hi = np.searchsorted(keys, rows << 32), np.searchsorted(keys, (rows + 1) << 32)
-        sub = np.concatenate([keys[a:b] for a, b in zip(lo, hi)] + [np.empty(0, np.int64)])
+        sub = self._edges.out_edges(rows)
         prev = cached[1] if cached is not None else None
         e_cap = _pow2_at_least(sub.size, prev.num_edges if prev is not None else MIN_CAPACITY)
         g = FollowGraph.padded(sub >> 32, sub & 0xFFFFFFFF, max(self.n_rows, 1), self.capacity, e_cap,
                                capacities=prev.capacities if prev is not None else None)
         self._panel_graph = (key, g)
         return g
+
+    def active_graph(self, topic: str, active) -> GraphStack:
+        """The follow graph restricted to edges out of (a superset of) the agents ``active`` (bool,
+        (capacity,)) in ``topic``, kept incrementally (:class:`operators.subgraph.ActiveSubgraph`).
+
+        For cascade reach with the zero baseline this gives exactly the full graph's R(x), R(0) and
+        phi whenever every agent with x_i != 0 is active (module docstring of operators.subgraph).
+        """
+        sg = self._subgraphs.get(topic)
+        if sg is None:
+            sg = self._subgraphs[topic] = ActiveSubgraph(self._edges.out_edges)
+            sg.log_pos = self._log_start + len(self._log_keys)
+        a, b = sg.log_pos - self._log_start, len(self._log_keys)
+        keys = np.fromiter(self._log_keys[a:b], np.int64, b - a)
+        add = np.fromiter(self._log_add[a:b], bool, b - a)
+        g = sg.update(np.asarray(active, bool), keys, add, self._log_start + b, self.n_rows, self.capacity,
+                      self._edges_epoch)
+        drop = min(s.log_pos for s in self._subgraphs.values()) - self._log_start
+        if drop > 0:  # every subgraph has read these
+            del self._log_keys[:drop], self._log_add[:drop]
+            self._log_start += drop
+        return g
+
+    def subgraph(self, topic: str) -> ActiveSubgraph | None:
+        """The topic's :class:`ActiveSubgraph` (statistics: edges, base builds), None before use."""
+        return self._subgraphs.get(topic)
 
     def features(self, topic: str) -> TopicView:
         """Topic features on the device at (capacity, 4), after copying the changed rows."""

@@ -186,13 +186,10 @@ class Analyzer:
     def agent_attributions(self) -> list[dict]:
         """Per-agent attribution of the current (last) window, for every topic and indicator.
 
-        The service's inputs, indicator and baseline (its IndicatorSpec), attributed with
-        :func:`operators.attribute` at the service's ``steps``: the same phi its snapshot's bands
-        and top list are built from.
+        The service's own per-agent attribution (``OperatorService.agent_phi``): the same phi its
+        snapshot's bands and top list are built from.
         """
-        from operators import attribute
         from operators import bands as B
-        from operators import indicators as I
 
         svc = self.service
         st = svc.state
@@ -203,13 +200,8 @@ class Analyzer:
         band = B.band_of(followers)
         rows = []
         for topic in st.topics:
-            view = st.features(topic)
             for spec in svc.specs:
-                x, active = spec.inputs(view.x)
-                F = spec.make(st)
-                res = attribute(F, x, I.default_baseline(F, x, active), steps=svc.steps)
-                phi = np.asarray(res.phi, np.float64)
-                phi = phi.reshape(phi.shape[0], -1).sum(axis=1)[:n]
+                phi = svc.agent_phi(topic, spec)[:n]
                 total = float(phi.sum())
                 for r in np.flatnonzero(phi):
                     rows.append({"topic": topic, "indicator": spec.name, "window_end": int(end),

@@ -1,0 +1,115 @@
+"""Per-topic active subgraphs of the follow graph, kept up to date incrementally (pure numpy/JAX).
+
+Cascade reach with the zero baseline only ever sees q_i = p (1 - exp(-a x_i)) on the path
+b + a (x - b), a in [0, 1]: an agent with x_i = 0 has q_i = 0 at every node, so an edge i -> j
+adds log1p(0) = 0 to S_j and nothing to any phi. The edges out of the agents active in a topic
+(a superset: the *covered* agents) therefore give exactly R(x), R(0) and phi of the full graph,
+at a fraction of its edges (30 % of the agents active -> about 30 % of the edges).
+
+The subgraph is held as an :class:`operators.graph.GraphStack`: a base layout (all present edges
+out of the covered agents when it was built) plus two small layouts, the edges added to it since
+(+1) and removed from it (-1). At each update, from the global edge set's change log and the
+topic's current active mask:
+
+- an edge op (add/remove) whose source is covered goes into the added / removed layer (an add and
+  a later remove of the same edge cancel);
+- an agent that became active and is not covered becomes covered: its present out-edges join the
+  added layer (after the log, so nothing is counted twice);
+- an agent that became inactive stays covered (its edges add exactly 0).
+
+The base is rebuilt (covered := active) only when the delta layers exceed ``rebuild_delta`` of the
+base's edges, the edges out of covered-but-inactive agents exceed ``rebuild_stale`` of them, the
+node capacity changed or the edge set was reloaded. Layers keep their table capacities across
+rebuilds (growing by doubling), so the compiled programs keep their shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from operators.graph import FollowGraph, GraphStack, pow2_at_least
+
+__all__ = ["ActiveSubgraph", "MIN_EDGES"]
+
+MIN_EDGES = 1024  # smallest edge capacity of a layer
+
+
+def _layer(keys: np.ndarray, n_rows: int, capacity: int, prev: FollowGraph | None) -> FollowGraph:
+    """A padded bucketed layout of edges ``keys`` (src << 32 | dst), at least ``prev``'s sizes."""
+    e_cap = pow2_at_least(max(keys.size, 1), prev.num_edges if prev is not None else MIN_EDGES)
+    return FollowGraph.padded(keys >> 32, keys & 0xFFFFFFFF, max(n_rows, 1), capacity, e_cap,
+                              capacities=prev.capacities if prev is not None else None)
+
+
+class ActiveSubgraph:
+    """One topic's subgraph (see the module docstring). ``update(...)`` returns the GraphStack.
+
+    ``out_edges(rows) -> keys``: the present edges (src << 32 | dst, int64) out of ``rows``.
+    """
+
+    def __init__(self, out_edges: Callable[[np.ndarray], np.ndarray], rebuild_delta: float = 0.25,
+                 rebuild_stale: float = 0.5):
+        self.out_edges = out_edges
+        self.rebuild_delta, self.rebuild_stale = rebuild_delta, rebuild_stale
+        self.covered = np.zeros(0, bool)
+        self.plus = self.minus = np.empty(0, np.int64)
+        self.base_edges = 0
+        self.log_pos = 0        # absolute position in the owner's edge-change log
+        self.epoch = None       # the owner's (edge-set epoch, node capacity) at the last base build
+        self.builds = 0         # base builds so far (tests, benchmarks)
+        self._layers: list[FollowGraph | None] = [None, None, None]  # base, added, removed
+        self._stack: GraphStack | None = None
+        self._n_rows = -1
+        self._dirty = True
+
+    def update(self, active: np.ndarray, log_keys: np.ndarray, log_add: np.ndarray, log_end: int,
+               n_rows: int, capacity: int, epoch) -> GraphStack:
+        """The subgraph for the agents ``active`` (bool, (capacity,)) after the edge ops
+        ``log_keys``/``log_add`` (the log entries from ``self.log_pos`` to ``log_end``)."""
+        active = np.asarray(active, bool)
+        if self.epoch != (epoch, capacity):
+            self._rebuild(active, n_rows, capacity, epoch)
+        else:
+            cov = self.covered[log_keys >> 32]
+            new = np.flatnonzero(active & ~self.covered)
+            if cov.any() or new.size:
+                self.covered[new] = True
+                keys = np.concatenate([self.plus, self.minus, log_keys[cov], self.out_edges(new)])
+                sign = np.concatenate([np.ones(self.plus.size, np.int64), -np.ones(self.minus.size, np.int64),
+                                       np.where(log_add[cov], 1, -1), np.ones(keys.size - self.plus.size
+                                                                             - self.minus.size - cov.sum(), np.int64)])
+                uniq, inv = np.unique(keys, return_inverse=True)
+                net = np.bincount(inv, sign, minlength=uniq.size)
+                self.plus, self.minus = uniq[net > 0], uniq[net < 0]
+                self._dirty = True
+            stale = self.covered & ~active
+            big = self.rebuild_delta * max(self.base_edges, MIN_EDGES)
+            if (self.plus.size + self.minus.size > big
+                    or (stale.any() and self.out_edges(np.flatnonzero(stale)).size
+                        > self.rebuild_stale * max(self.base_edges, MIN_EDGES))):
+                self._rebuild(active, n_rows, capacity, epoch)
+        self.log_pos = log_end
+        if self._dirty or self._stack is None or self._n_rows != n_rows:
+            base, plus, minus = self._layers
+            plus, minus = _layer(self.plus, n_rows, capacity, plus), _layer(self.minus, n_rows, capacity, minus)
+            self._layers = [base, plus, minus]
+            self._stack = GraphStack(base, (plus, minus), (1.0, -1.0), n_real=max(n_rows, 1))
+            self._dirty, self._n_rows = False, n_rows
+        return self._stack
+
+    def _rebuild(self, active: np.ndarray, n_rows: int, capacity: int, epoch) -> None:
+        self.covered = active.copy()
+        keys = self.out_edges(np.flatnonzero(active))
+        same = self.epoch is not None and self.epoch[1] == capacity
+        prev = self._layers if same else [None, None, None]
+        self._layers = [_layer(keys, n_rows, capacity, prev[0]), prev[1], prev[2]]
+        self.base_edges = int(keys.size)
+        self.plus = self.minus = np.empty(0, np.int64)
+        self.epoch, self.builds, self._dirty = (epoch, capacity), self.builds + 1, True
+
+    @property
+    def num_edges(self) -> int:
+        """Edges in the layers: base + added + removed (the work per kernel pass)."""
+        return self.base_edges + int(self.plus.size + self.minus.size)
