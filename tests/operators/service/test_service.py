@@ -123,6 +123,54 @@ def test_polarization_on_heavy_tailed_agents_is_complete():
     assert sum(pol.bands.values()) == pytest.approx(1, abs=1e-6) and len(pol.top) == 10
 
 
+def test_active_only_hops_equal_the_full_graph_reference_across_hops():
+    """The default service (cascade_reach on each topic's active subgraph, polarization on the
+    active rows) publishes the same snapshots as the reference (full graph, all rows), hop after
+    hop, while agents go quiet or start posting and follows are added and removed."""
+    rng = np.random.default_rng(11)
+    n, topics = 300, ("a", "b")
+    dids = [f"did:{i}" for i in range(n)]
+    followers = (rng.pareto(1.2, n) * 10).astype(int)
+    settings = Settings(indicators=["cascade_reach", "polarization"])
+    fast = OperatorService(settings, steps=12, rule="gauss-legendre-graded")
+    ref = OperatorService(settings, steps=12, rule="gauss-legendre-graded", active_only=False)
+    pairs = {(int(s), int(d)) for s, d in zip(rng.integers(0, n, 4000), rng.integers(0, n, 4000)) if s != d}
+    t = 0
+    for hop in range(3):
+        end = 60 * (hop + 1)
+        for i in range(n):
+            vec = {}
+            for k, topic in enumerate(topics):
+                if rng.random() < 0.35:
+                    posts = float(1 + np.floor(rng.pareto(1.5)))
+                    vec[topic] = [posts, 1.0, posts * float(rng.uniform(-1, 1)), float(rng.integers(0, 3))]
+            f = Features(did=dids[i], window_end=end, followers=int(followers[i]), topics=vec)
+            fast.apply_features(f)
+            ref.apply_features(f)
+        ops = [("add", p) for p in list(pairs)[: 600 if hop == 0 else 60]]
+        if hop:
+            ops += [("remove", p) for p in rng.permutation(sorted(pairs))[:60].tolist()]
+        for op, (s, d) in ops:
+            t += 1
+            e = GraphEdge(op=op, src=dids[s], dst=dids[d], time_us=t)
+            fast.apply_edge(e)
+            ref.apply_edge(e)
+        got = {(x.topic, x.indicator): x for x in fast.recompute()}
+        want = {(x.topic, x.indicator): x for x in ref.recompute()}
+        assert got.keys() == want.keys() and len(got) == 4
+        for key, w in want.items():
+            g = got[key]
+            assert g.value == pytest.approx(w.value, rel=1e-5)
+            assert g.baseline_value == pytest.approx(w.baseline_value, rel=1e-5, abs=1e-6)
+            assert g.n_agents == w.n_agents
+            for band in w.bands:
+                assert g.bands[band] == pytest.approx(w.bands[band], abs=1e-5)
+                assert g.panel["bands"][band] == pytest.approx(w.panel["bands"][band], abs=1e-5)
+            assert g.panel["tvd"] == pytest.approx(w.panel["tvd"], abs=1e-5)
+            assert [e["did"] for e in g.top[:5]] == [e["did"] for e in w.top[:5]]
+    assert fast.state.subgraph("a").builds == 1  # the graph changed every hop; no full rebuild
+
+
 def test_unknown_indicator_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown indicator.*nope"):
         OperatorService(Settings(indicators=["nope"]))
