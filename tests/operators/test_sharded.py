@@ -21,8 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = r"""
 import json, sys
 import numpy as np, jax, jax.numpy as jnp
-sys.path.insert(0, "tests/operators")
-from conftest import random_graph
+from tests.helpers.operators_data import random_graph
 from operators import attribute, indicators
 from operators.graph import FollowGraph, reach
 from operators.sharded import ShardedGraph, node_mesh, shard_rows

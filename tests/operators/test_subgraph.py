@@ -14,10 +14,10 @@ import pytest
 
 from operators import attribute, indicators
 from operators.graph import FollowGraph, GraphStack, reach
-from operators.state import OperatorState
+from operators.service.state import OperatorState
 from stream.schemas import GraphEdge
 
-from conftest import random_graph
+from tests.helpers.operators_data import random_graph
 
 RTOL = 2e-5  # float32 rounding of sums in a different order, relative to max |phi|
 
