@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench prometheus clean
+.PHONY: run test check bench prometheus clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,13 @@ prometheus:
 run: $(STAMP)
 	$(BIN)/chorus run --profile demo
 
+# Everything (what CI runs, .ci/run).
 test: $(STAMP) prometheus
 	$(BIN)/python -m pytest tests
+
+# The inner loop: everything but the wall-clock system tests (tests/system/).
+check: $(STAMP) prometheus
+	$(BIN)/python -m pytest tests --ignore=tests/system
 
 bench: $(STAMP)
 	$(BIN)/chorus bench all --output BENCHMARKS.md

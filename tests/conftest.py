@@ -1,12 +1,25 @@
-"""Shared fixtures: a real embedded Kafka-protocol broker (Tansu) on loopback."""
+"""Shared fixtures: a real embedded Kafka-protocol broker (Tansu) on loopback.
+
+JAX runs on the CPU and keeps its compiled programs in a persistent cache
+(``.pytest_cache/jax-compilation-cache`` under the repository root unless
+``JAX_COMPILATION_CACHE_DIR`` is set): the tests and the ``chorus`` subprocesses they start
+(which inherit the environment) compile each attribution program once per shape, not once per
+process, and a second ``make check`` reuses the first one's. The cache holds XLA executables
+keyed by the program, the JAX version and the backend: a cached program is the one XLA would
+have built, so results do not change.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from stream.local.broker import EmbeddedBroker, free_port  # noqa: E402
 
@@ -21,7 +34,10 @@ def broker(tmp_path_factory):
 
 @pytest.fixture
 def fresh_broker(tmp_path):
-    """A broker of the test's own (for restart/ordering tests that need empty topics)."""
+    """A broker of the test's own, for tests whose code under test uses the contract topic names
+    (``chorus.events`` ...) and reads them from the beginning, or that freeze the broker. Starting
+    one costs about 0.1 s (Tansu, memory storage), so sharing the session broker would save
+    nothing measurable and would need a topic-name override in production code."""
     with EmbeddedBroker(log_path=tmp_path / "tansu.log") as b:
         yield b
 
