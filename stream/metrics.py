@@ -53,7 +53,25 @@ PANEL_RESCALE_RESIDUAL = Gauge(
     _TI,
 )
 TOP_SHARE = Gauge(
-    "chorus_attribution_top_share", "Attribution share of the top-10 agents.", _TI + ["rank", "did"]
+    "chorus_attribution_top_share", "Attribution share of the agent at each rank 1..10.", _TI + ["rank"]
+)
+TOP_AGENT = Gauge(
+    "chorus_attribution_top_agent_info",
+    "1 for the DID now at each rank 1..10 (series of DIDs that left the top 10 are removed); join "
+    "with chorus_attribution_top_share on (topic, indicator, rank).",
+    _TI + ["rank", "did"],
+)
+ATTRIBUTION_HEALTHY = Gauge(
+    "chorus_attribution_healthy",
+    "1 when the latest recompute of (topic, indicator) gave a finite result that was published, 0 "
+    "when it was skipped (its other chorus_attribution_* series are then removed).",
+    _TI,
+)
+ATTRIBUTION_SKIPPED = Counter(
+    "chorus_attribution_skipped",
+    "Recomputes whose result was not published: non_finite (NaN or infinite value, residual or "
+    "shares) or error (the computation raised).",
+    _TI + ["reason"],
 )
 RECOMPUTE_SECONDS = Histogram(
     "chorus_operator_recompute_seconds",

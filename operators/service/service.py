@@ -62,7 +62,7 @@ import numpy as np
 
 from stream import metrics as M
 from stream.config import Settings, bootstrap_servers
-from stream.guard import RecordGuard
+from stream.guard import RecordGuard, reason_of
 from stream.schemas import (TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_FEATURES, TOPIC_GRAPH, Attribution,
                             Features, GraphEdge)
 
@@ -170,7 +170,7 @@ class OperatorService:
         self._uses_graph = any(spec.name == "cascade_reach" for spec in self.specs)
         self._pending_since: float | None = None   # wall time of the first change since the last recompute
         self._last_recompute = float("-inf")       # wall time of the last recompute
-        self._top_labels: dict[tuple[str, str], set[tuple[str, str]]] = {}
+        self._series: dict[tuple[str, str], set[tuple]] = {}  # (topic, indicator) -> exported (gauge, labels)
         self._stopping = asyncio.Event()
         self.snapshots_published = 0
         self.guard = RecordGuard.from_settings("operator", self.settings)
@@ -230,13 +230,23 @@ class OperatorService:
                 t0 = time.perf_counter()
                 try:
                     snap = self._attribute(topic, spec, view.x, end)
-                except (ValueError, FloatingPointError) as exc:  # e.g. non-finite features: skip, keep serving
-                    log.error("skipping %s/%s at %s: %s", topic, spec.name, end, str(exc).splitlines()[0])
+                    _require_finite(snap)
+                except Exception as exc:  # noqa: BLE001 - skip this result, keep serving the others
+                    self._skip(topic, spec.name, end, exc)
                     continue
                 M.RECOMPUTE_SECONDS.labels(topic=topic, indicator=spec.name).observe(time.perf_counter() - t0)
                 self._export(snap)
                 snaps.append(snap)
         return snaps
+
+    def _skip(self, topic: str, indicator: str, end: int, exc: BaseException) -> None:
+        """A result that cannot be published: counted by reason, ``chorus_attribution_healthy`` 0,
+        and the pair's other series removed (a dashboard shows a gap, not the last good values)."""
+        reason = "non_finite" if isinstance(exc, NonFinite) or reason_of(exc) == "non_finite" else "error"
+        log.error("skipping %s/%s at %s (%s): %s", topic, indicator, end, reason, str(exc).splitlines()[0])
+        M.ATTRIBUTION_SKIPPED.labels(topic=topic, indicator=indicator, reason=reason).inc()
+        M.ATTRIBUTION_HEALTHY.labels(topic=topic, indicator=indicator).set(0)
+        self._retire((topic, indicator), set())
 
     def _expire_stale(self, end: int) -> None:
         """Expire every DID with features whose latest record ended at e <= end - window (see
@@ -250,6 +260,8 @@ class OperatorService:
         st = self.state
         n = st.n_rows
         x, active = spec.inputs(x4)
+        if not bool(jnp.isfinite(x).all()):
+            raise NonFinite(f"non-finite {spec.columns} in the state")
         F, b, res, phi_full, compact = self._full(topic, spec, x, active)
         phi, followers = phi_full[:n], st.followers[:n]
         bands = B.band_shares(phi, followers)
@@ -333,26 +345,33 @@ class OperatorService:
 
     # --- metrics ----------------------------------------------------------------------------
     def _export(self, s: Attribution) -> None:
-        lab = dict(topic=s.topic, indicator=s.indicator)
-        M.MACRO_VALUE.labels(**lab).set(s.value)
-        M.COMPLETENESS_RESIDUAL.labels(**lab).set(s.completeness_residual)
-        for band, share in s.bands.items():
-            M.BAND_SHARE.labels(**lab, band=band).set(share)
-        for band, share in s.panel.get("bands", {}).items():
-            M.PANEL_BAND_SHARE.labels(**lab, band=band).set(share)
-        for gauge, key in ((M.PANEL_TVD, "tvd"), (M.PANEL_SPEARMAN, "spearman"),
-                           (M.PANEL_RESCALE_RESIDUAL, "rescale_residual")):
-            v = s.panel.get(key)
-            gauge.labels(**lab).set(float("nan") if v is None else v)
-        now = {(str(rank), e["did"]) for rank, e in enumerate(s.top, 1)}
-        for rank, did in self._top_labels.get((s.topic, s.indicator), set()) - now:
+        """Set the pair's series; series of the previous export not set now (a rank no longer
+        filled, a DID that left the top 10, an undefined Spearman) are removed, never left frozen."""
+        key = (s.topic, s.indicator)
+        values: list[tuple[tuple, float]] = [((M.MACRO_VALUE, key), s.value),
+                                             ((M.COMPLETENESS_RESIDUAL, key), s.completeness_residual)]
+        values += [((M.BAND_SHARE, key + (band,)), share) for band, share in s.bands.items()]
+        values += [((M.PANEL_BAND_SHARE, key + (band,)), share) for band, share in s.panel.get("bands", {}).items()]
+        for gauge, name in ((M.PANEL_TVD, "tvd"), (M.PANEL_SPEARMAN, "spearman"),
+                            (M.PANEL_RESCALE_RESIDUAL, "rescale_residual")):
+            if s.panel.get(name) is not None:  # None: undefined (e.g. too few panel agents)
+                values.append(((gauge, key), s.panel[name]))
+        for rank, e in enumerate(s.top, 1):
+            values.append(((M.TOP_SHARE, key + (str(rank),)), e["share"]))
+            values.append(((M.TOP_AGENT, key + (str(rank), e["did"])), 1.0))
+        for (gauge, labels), v in values:
+            gauge.labels(*labels).set(v)
+        self._retire(key, {series for series, _ in values})
+        M.ATTRIBUTION_HEALTHY.labels(*key).set(1)
+
+    def _retire(self, key: tuple[str, str], keep: set[tuple]) -> None:
+        """Remove the pair's exported series that are not in ``keep``; ``keep`` becomes the set."""
+        for gauge, labels in self._series.get(key, set()) - keep:
             try:
-                M.TOP_SHARE.remove(s.topic, s.indicator, rank, did)
+                gauge.remove(*labels)
             except KeyError:
                 pass
-        for rank, e in enumerate(s.top, 1):
-            M.TOP_SHARE.labels(**lab, rank=str(rank), did=e["did"]).set(e["share"])
-        self._top_labels[(s.topic, s.indicator)] = now
+        self._series[key] = keep
 
     # --- Kafka loop -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -435,6 +454,20 @@ def _per_agent(phi) -> np.ndarray:
     """phi (C,) or (C, d) summed over features, float64."""
     phi = np.asarray(phi, dtype=np.float64)
     return phi.reshape(phi.shape[0], -1).sum(axis=1)
+
+
+class NonFinite(ValueError):
+    """A snapshot carries NaN or an infinity where a number is needed."""
+
+
+def _require_finite(s: Attribution) -> None:
+    """Raise :class:`NonFinite` unless every number a snapshot publishes is finite (value, baseline,
+    residual, shares, panel statistics; undefined panel statistics are None, not NaN)."""
+    nums = [s.value, s.baseline_value, s.completeness_residual, *s.bands.values(), *(e["share"] for e in s.top)]
+    nums += list(s.panel.get("bands", {}).values())
+    nums += [v for k, v in s.panel.items() if k != "bands" and isinstance(v, (int, float))]
+    if not np.all(np.isfinite(np.asarray(nums, np.float64))):
+        raise NonFinite(f"non-finite result (value {s.value}, residual {s.completeness_residual})")
 
 
 def _finite(v) -> float | None:

@@ -178,7 +178,8 @@ class CursorCommitter:
 
     def commit(self) -> None:
         cursor = self.tracker.cursor
-        INGEST_LAG.set(lag_seconds(self.tracker.cursor_time_us))
+        if self.tracker.cursor_time_us is not None:  # before the first ack the lag is unknown, not 0
+            INGEST_LAG.set(lag_seconds(self.tracker.cursor_time_us))
         if cursor is None or cursor == self.saved:
             return
         INGEST_CURSOR.set(cursor)

@@ -88,7 +88,7 @@ def test_dashboard_has_the_required_panels(path):
     assert top and top[0]["type"] == "table" and top[0]["targets"][0]["instant"], "top culprits: an instant table"
 
 
-def test_metric_names_exist_in_metrics_module_and_design():
+def test_metric_names_exist_in_metrics_module_and_readme():
     exported = exported_samples()
     exprs = [e for d in DASHBOARDS for _, e in dashboard_exprs(load_dashboard(d))]
     exprs += [q for d in DASHBOARDS for q in variable_queries(load_dashboard(d)).values()]
@@ -97,11 +97,10 @@ def test_metric_names_exist_in_metrics_module_and_design():
     assert {"chorus_attribution_top_share", "chorus_operator_recompute_seconds_bucket"} <= used  # parser sanity
     unknown = used - set(exported) - PROMETHEUS_BUILTINS
     assert not unknown, f"metrics not defined in stream/metrics.py: {sorted(unknown)}"
-    design = design_doc()
-    if design is not None:
-        text = design.read_text()
-        missing = {exported[n] for n in used if n in exported and exported[n] not in text}
-        assert not missing, f"metrics not named in DESIGN.md: {sorted(missing)}"
+    # README "Contracts" is the contract of record (it names additions to the design note, DESIGN.md)
+    text = (ROOT / "README.md").read_text()
+    missing = {exported[n] for n in used if n in exported and exported[n] not in text}
+    assert not missing, f"metrics not named in README.md: {sorted(missing)}"
 
 
 def test_metric_name_parser():
@@ -223,6 +222,71 @@ def test_alerts_fire_on_synthetic_series(tmp_path):
                 ],
             }
         ],
+    }
+    f = tmp_path / "rules_test.yml"
+    f.write_text(yaml.safe_dump(tests, sort_keys=False))
+    r = subprocess.run(["promtool", "test", "rules", str(f)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@promtool
+def test_nan_stale_and_outage_alerts(tmp_path):
+    """`promtool test rules` for the signals that used to go silent: a NaN residual (a NaN compared
+    with a threshold is false, so ChorusCompletenessResidualHigh cannot fire: the operator's own
+    chorus_attribution_healthy does), series gone stale (the operator removes a skipped pair's
+    series), records rejected as poison, and a stage that cannot reach Kafka."""
+    job = 'job="chorus", instance="op:9464"'
+
+    def pair(topic):
+        return f'topic="{topic}", indicator="i", {job}'
+
+    nan20 = " ".join(["NaN"] * 20)
+    tests = {
+        "rule_files": [str(RULES_YML)],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                # "nan": the residual turns NaN at minute 10 and the operator marks the pair skipped
+                {"series": f"chorus_attribution_macro_value{{{pair('nan')}}}", "values": "10x30"},
+                {"series": f"chorus_attribution_completeness_residual{{{pair('nan')}}}", "values": f"0.001x10 {nan20}"},
+                {"series": f"chorus_attribution_healthy{{{pair('nan')}}}", "values": "1x10 0x20"},
+                # "stale": the pair's series are removed at minute 10 (stale markers), healthy 0
+                {"series": f"chorus_attribution_macro_value{{{pair('stale')}}}", "values": "10x10 stale"},
+                {"series": f"chorus_attribution_completeness_residual{{{pair('stale')}}}", "values": "0.5x10 stale"},
+                {"series": f"chorus_attribution_healthy{{{pair('stale')}}}", "values": "1x10 0x20"},
+                # "ok": healthy throughout
+                {"series": f"chorus_attribution_macro_value{{{pair('ok')}}}", "values": "10x30"},
+                {"series": f"chorus_attribution_completeness_residual{{{pair('ok')}}}", "values": "0.001x30"},
+                {"series": f"chorus_attribution_healthy{{{pair('ok')}}}", "values": "1x30"},
+                {"series": f'chorus_kafka_unavailable{{stage="operator", {job}}}', "values": "0x10 1x20"},
+                {"series": f'chorus_kafka_unavailable{{stage="worker", job="chorus", instance="w:9464"}}',
+                 "values": "0x30"},
+                {"series": f'chorus_records_rejected_total{{topic="chorus.features", reason="type", {job}}}',
+                 "values": "0x10 5x20"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "9m", "alertname": "ChorusAttributionSkipped", "exp_alerts": []},
+                {"eval_time": "9m", "alertname": "ChorusKafkaUnavailable", "exp_alerts": []},
+                {"eval_time": "9m", "alertname": "ChorusRecordsRejected", "exp_alerts": []},
+                # the blind spot this alert covers: the NaN pair never fires ResidualHigh; the stale
+                # pair's residual (0.5 of 10 = 5 %) stops firing-to-be once its series is gone
+                {"eval_time": "25m", "alertname": "ChorusCompletenessResidualHigh", "exp_alerts": []},
+                {"eval_time": "25m", "alertname": "ChorusAttributionSkipped", "exp_alerts": [
+                    {"exp_labels": {"severity": "warning", "topic": t, "indicator": "i"},
+                     "exp_annotations": {"summary": f"{t}/i: attribution skipped (non-finite or failed result); "
+                                                    "see chorus_attribution_skipped_total"}}
+                    for t in ("nan", "stale")]},
+                {"eval_time": "25m", "alertname": "ChorusKafkaUnavailable", "exp_alerts": [
+                    {"exp_labels": {"severity": "critical", "stage": "operator", "instance": "op:9464"},
+                     "exp_annotations": {"summary": "chorus operator at op:9464 cannot deliver to Kafka"}}]},
+                {"eval_time": "15m", "alertname": "ChorusRecordsRejected", "exp_alerts": [
+                    {"exp_labels": {"severity": "warning", "topic": "chorus.features", "reason": "type"},
+                     "exp_annotations": {"summary": "chorus skipped invalid chorus.features records (type) in "
+                                                    "the last 10 minutes"}}]},
+                {"eval_time": "29m", "alertname": "ChorusRecordsRejected", "exp_alerts": []},  # none since
+            ],
+        }],
     }
     f = tmp_path / "rules_test.yml"
     f.write_text(yaml.safe_dump(tests, sort_keys=False))

@@ -98,16 +98,20 @@ def test_recompute_closed_forms_metrics_and_stale_top_labels():
     assert sample("chorus_attribution_macro_value", **lab) == pytest.approx(7)
     assert sample("chorus_attribution_band_share", **lab, band="bottom50") == pytest.approx(4 / 7)
     assert sample("chorus_attribution_panel_tvd", **lab) == pytest.approx(4 / 7)
-    assert sample("chorus_attribution_top_share", **lab, rank="1", did="did:C") == pytest.approx(4 / 7)
+    assert sample("chorus_attribution_top_share", **lab, rank="1") == pytest.approx(4 / 7)
+    assert sample("chorus_attribution_top_agent_info", **lab, rank="1", did="did:C") == 1
+    assert sample("chorus_attribution_healthy", **lab) == 1
     assert sample("chorus_operator_recompute_seconds_count", **lab) >= 1
     # next hop: C leaves the window -> its top label set disappears, A takes rank 1
     for f in features(120, HOP1[:2], expired=["did:C"]):
         svc.apply_features(f)
     vol = by_indicator(svc.recompute())["volume"]
     assert vol.window_end == 120 and vol.value == pytest.approx(3) and vol.n_agents == 2
-    assert sample("chorus_attribution_top_share", **lab, rank="1", did="did:C") is None
-    assert sample("chorus_attribution_top_share", **lab, rank="3", did="did:B") is None
-    assert sample("chorus_attribution_top_share", **lab, rank="1", did="did:A") == pytest.approx(2 / 3)
+    assert sample("chorus_attribution_top_agent_info", **lab, rank="1", did="did:C") is None
+    assert sample("chorus_attribution_top_agent_info", **lab, rank="3", did="did:B") is None
+    assert sample("chorus_attribution_top_share", **lab, rank="3") is None  # two agents left: no rank 3
+    assert sample("chorus_attribution_top_share", **lab, rank="1") == pytest.approx(2 / 3)
+    assert sample("chorus_attribution_top_agent_info", **lab, rank="1", did="did:A") == 1
 
 
 def test_polarization_on_heavy_tailed_agents_is_complete():
