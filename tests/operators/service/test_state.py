@@ -13,12 +13,15 @@ from operators.service.state import MIN_CAPACITY, OperatorState
 from stream.schemas import Features, GraphEdge
 
 
+# The state's own logic, on records built without the schema's checks (short ids, a short vector):
+# what a consumer accepts is tested with the schemas (tests/operators/service/test_service_poison.py).
 def feat(did, end, topics=None, followers=0, expired=None):
-    return Features(did=did, window_end=end, followers=followers, topics=topics or {}, expired=expired)
+    return Features.model_construct(did=did, window_end=end, followers=followers, topics=topics or {},
+                                    expired=expired)
 
 
 def edge(op, src, dst, t):
-    return GraphEdge(op=op, src=src, dst=dst, time_us=t)
+    return GraphEdge.model_construct(op=op, src=src, dst=dst, time_us=t)
 
 
 def test_latest_features_per_did_win_and_replace_every_topic():
