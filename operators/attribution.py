@@ -33,7 +33,8 @@ import numpy as np
 
 from operators.quadrature import nodes_weights
 
-__all__ = ["Attribution", "attribute", "split_callable", "join_callable", "float_dtype", "trace_count"]
+__all__ = ["Attribution", "attribute", "relative_residual", "split_callable", "join_callable", "float_dtype",
+           "trace_count"]
 
 _TRACES = 0
 ACCELERATOR_NODE_BATCH = 8  # node_batch default off CPU: fastest on one H100 (BENCHMARKS.md)
@@ -46,6 +47,21 @@ class Attribution(NamedTuple):
     value: jax.Array  # F(x)
     baseline_value: jax.Array  # F(b)
     delta: jax.Array  # completeness residual: phi.sum() - (value - baseline_value)
+
+
+def relative_residual(delta: float, value: float, baseline_value: float) -> float:
+    """The completeness residual relative to the change it accounts for, dimensionless:
+
+        |delta| / max(|F(x) - F(b)|, 1e-6 max(|F(x)|, |F(b)|), 1e-12)
+
+    ``delta`` = sum(phi) - (F(x) - F(b)). The denominator is F's change, floored at a millionth
+    of F's magnitude (and at 1e-12 absolute): when F barely moved, the residual is judged against
+    what float32 can resolve of F itself, not against a vanishing difference that would make any
+    rounding look like a failure. NaN when delta is NaN. Scalars (Python floats) in, float out;
+    the one definition of the health check the alert rule, the console and the reports share.
+    """
+    scale = max(abs(value - baseline_value), 1e-6 * max(abs(value), abs(baseline_value)), 1e-12)
+    return abs(delta) / scale
 
 
 def float_dtype():

@@ -9,7 +9,8 @@ Rules, each evaluated per ``(topic, indicator)`` on every :class:`stream.schemas
   hops (shares are fractions of total attribution, so the shift is in share units, 0..1 per band).
 - ``panel_disagreement``: full-vs-panel band-share total-variation distance ``tvd >= min_tvd``.
 - ``completeness_residual``: relative completeness residual (:func:`relative_residual`)
-  ``|sum(phi) - (F(x) - F(b))| / |F(x) - F(b)|`` above ``tolerance``.
+  ``|sum(phi) - (F(x) - F(b))| / |F(x) - F(b)|`` (the denominator floored at 1e-6 |F|, see
+  :func:`operators.attribution.relative_residual`) above ``tolerance``.
 
 Dedup and cooldown, per key ``(rule, topic, indicator)``:
 
@@ -33,6 +34,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from operators import attribution
 from stream.schemas import Alert, Attribution
 
 Severity = Literal["info", "warning", "critical"]
@@ -233,9 +235,8 @@ def _panel_disagreement(rule: Rule, snap: Attribution, prev: Attribution | None)
 
 
 def relative_residual(snap: Attribution) -> float:
-    """|delta| / max(|F(x) - F(b)|, 1e-6 max(|F(x)|, |F(b)|), 1e-12): relative completeness residual."""
-    scale = max(abs(snap.value - snap.baseline_value), 1e-6 * max(abs(snap.value), abs(snap.baseline_value)), 1e-12)
-    return abs(snap.completeness_residual) / scale
+    """The snapshot's relative completeness residual (:func:`operators.attribution.relative_residual`)."""
+    return attribution.relative_residual(snap.completeness_residual, snap.value, snap.baseline_value)
 
 
 def _completeness_residual(rule: Rule, snap: Attribution, prev: Attribution | None):

@@ -24,6 +24,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from operators import attribution
 from stream.schemas import TOPIC_ATTRIBUTIONS, Attribution
 
 log = logging.getLogger("chorus.console")
@@ -84,9 +85,8 @@ def _short(did: str, n: int = 18) -> str:
 
 
 def relative_residual(v: dict[str, Any]) -> float:
-    """|completeness residual| / max(|F(x) - F(b)|, tiny): the health check, dimensionless."""
-    scale = abs(v["value"] - v["baseline_value"])
-    return abs(v["completeness_residual"]) / max(scale, 1e-300)
+    """A snapshot value's relative completeness residual (:func:`operators.attribution.relative_residual`)."""
+    return attribution.relative_residual(v["completeness_residual"], v["value"], v["baseline_value"])
 
 
 def status_line(st: Status) -> str:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from operators import attribute, indicators as I, shapley
-from operators.attribution import trace_count
+from operators.attribution import relative_residual, trace_count
 from operators.graph import FollowGraph
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -310,3 +310,12 @@ def test_errors():
 
     with pytest.raises(ValueError, match="hashable"):
         attribute(Unhashable(), x)
+
+
+def test_relative_residual_is_against_the_change_floored_at_the_magnitude():
+    assert relative_residual(1e-3, 3.0, 1.0) == pytest.approx(5e-4)  # |delta| / |F(x) - F(b)|
+    assert relative_residual(-1e-3, 1.0, 3.0) == pytest.approx(5e-4)
+    # F did not move: judged against a millionth of |F|, not against 0
+    assert relative_residual(1.0, 1e6, 1e6) == pytest.approx(1.0)
+    assert relative_residual(0.0, 0.0, 0.0) == 0.0 and relative_residual(1e-12, 0.0, 0.0) == pytest.approx(1.0)
+    assert np.isnan(relative_residual(float("nan"), 1.0, 0.0))
