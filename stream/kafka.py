@@ -35,6 +35,51 @@ def make_consumer(bootstrap: str, *topics: str, group_id: str | None = None, **k
     return AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=group_id, **opts)
 
 
+class ReadToEnd:
+    """Reading partitions to their end: from where the consumer stands (the beginning, after
+    :meth:`open`) up to the end offsets they had when :meth:`open` ran, so records published
+    meanwhile are left for later. Used wherever chorus reads what a topic holds now: the worker's
+    replay of ``chorus.events`` and `chorus report` on ``chorus.attributions``.
+
+    ``await ReadToEnd.open(consumer, tps)`` (a started consumer with no subscription: it assigns
+    ``tps`` and seeks to their beginning), then ``await fetch(...)`` until :attr:`pending` is empty.
+    """
+
+    def __init__(self, consumer: AIOKafkaConsumer, ends: Mapping[Any, int]):
+        self.consumer = consumer
+        self.ends = dict(ends)  # TopicPartition -> end offset at open()
+        self.pending = {tp for tp, end in self.ends.items() if end > 0}
+
+    @classmethod
+    async def open(cls, consumer: AIOKafkaConsumer, tps: Iterable[Any]) -> "ReadToEnd":
+        tps = list(tps)
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        return cls(consumer, ends)
+
+    async def fetch(self, *tps: Any, timeout_ms: int = 500, max_records: int | None = None) -> dict[Any, list]:
+        """One fetch from the pending partitions among ``tps`` (default: every pending one):
+        {TopicPartition: records before its end offset}. A partition whose position reached its
+        end leaves :attr:`pending` (and is not fetched)."""
+        for tp in tps or list(self.pending):
+            if tp in self.pending and await self.consumer.position(tp) >= self.ends[tp]:
+                self.pending.discard(tp)
+        wanted = [tp for tp in (tps or self.pending) if tp in self.pending]
+        if not wanted:
+            return {}
+        batch = await self.consumer.getmany(*wanted, timeout_ms=timeout_ms, max_records=max_records)
+        out = {}
+        for tp, records in batch.items():
+            end = self.ends[tp]
+            kept = [r for r in records if r.offset < end]
+            if len(kept) < len(records):
+                self.pending.discard(tp)
+            if kept:
+                out[tp] = kept
+        return out
+
+
 def _specs(topics: Iterable[TopicSpec] | Mapping[str, int] | None, window_s: int | None) -> list[TopicSpec]:
     """TopicSpecs from specs, or from {name: partitions} (None: every topic) and a window."""
     if topics is not None and not isinstance(topics, Mapping):

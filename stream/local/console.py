@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from operators import attribution
+from stream.display import percent, shorten
 from stream.schemas import TOPIC_ATTRIBUTIONS, Attribution
 
 log = logging.getLogger("chorus.console")
@@ -77,11 +78,7 @@ class Snapshots:
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:5.1f}%"
-
-
-def _short(did: str, n: int = 18) -> str:
-    return did if len(did) <= n else did[: n - 1] + "…"
+    return percent(x, digits=1, width=5)
 
 
 def relative_residual(v: dict[str, Any]) -> float:
@@ -127,7 +124,7 @@ def topic_panel(topic: str, values: list[dict[str, Any]], agents: float | None, 
     for v in values:
         top = v.get("top", [])[:top_n]
         if top:
-            culprits = ", ".join(f"{_short(t['did'])} {_pct(t['share']).strip()}" for t in top)
+            culprits = ", ".join(f"{shorten(t['did'], 18)} {_pct(t['share']).strip()}" for t in top)
             parts.append(Text(f"top {v['indicator']}: {culprits}", overflow="fold"))
     window_end = max(v["window_end"] for v in values)
     stamp = time.strftime("%H:%M:%S", time.localtime(window_end))

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from datetime import datetime, timezone
 from typing import TextIO
 
 from stream.config import Settings
+from stream.display import utc_stamp
 from stream.guard import RecordGuard
 from stream.kafka import ensure_topics, make_consumer
 from stream.schemas import TOPIC_ALERTS, Alert
@@ -21,7 +21,7 @@ from stream.schemas import TOPIC_ALERTS, Alert
 
 def format_alert(a: Alert) -> str:
     """One readable line: time, severity, rule, summary, then the evidence's scalar fields."""
-    when = datetime.fromtimestamp(a.window_end, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    when = utc_stamp(a.window_end)
     scalars = " ".join(f"{k}={_fmt(v)}" for k, v in a.evidence.items() if isinstance(v, (int, float, str)))
     return f"{when} {a.severity.upper():8} {a.rule:22} {a.summary}" + (f"  [{scalars}]" if scalars else "")
 

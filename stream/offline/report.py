@@ -39,6 +39,7 @@ from typing import Iterable
 
 import numpy as np
 
+from stream.display import percent, shorten, utc_stamp
 from stream.schemas import TOPIC_ATTRIBUTIONS, Attribution
 
 DPI = 110
@@ -70,7 +71,7 @@ async def fetch_snapshots(bootstrap: str, since: int | None = None, until: int |
     """
     from stream.config import Settings
     from stream.guard import RecordGuard
-    from stream.kafka import make_consumer
+    from stream.kafka import ReadToEnd, make_consumer
 
     guard = RecordGuard.from_settings("report", Settings())
     consumer = make_consumer(bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
@@ -86,9 +87,7 @@ async def fetch_snapshots(bootstrap: str, since: int | None = None, until: int |
         from aiokafka import TopicPartition
 
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        end = await consumer.end_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
+        reader = await ReadToEnd.open(consumer, tps)
         if since is not None:
             starts = await consumer.offsets_for_times({tp: max(0, (since - 3600) * 1000) for tp in tps})
             for tp, ot in starts.items():
@@ -96,20 +95,11 @@ async def fetch_snapshots(bootstrap: str, since: int | None = None, until: int |
                     consumer.seek(tp, ot.offset)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        pending = {tp for tp in tps if end[tp] > 0}
-        while pending:
-            for tp in list(pending):
-                if await consumer.position(tp) >= end[tp]:
-                    pending.discard(tp)
-            if not pending:
-                break
+        while reader.pending:
             if loop.time() > deadline:
                 raise ReportError(f"timed out reading {topic} from {bootstrap}")
-            batch = await consumer.getmany(*pending, timeout_ms=500, max_records=10000)
-            for tp, msgs in batch.items():
+            for tp, msgs in (await reader.fetch(timeout_ms=500, max_records=10000)).items():
                 for m in msgs:
-                    if m.offset >= end[tp]:
-                        continue
                     snap = guard.parse(Attribution, tp.topic, tp.partition, m.offset, m.value, m.key)
                     if snap is not None:  # else rejected, counted and logged, like every consumer
                         out.append(snap)
@@ -172,9 +162,6 @@ def _when(t: int) -> datetime:
     return datetime.fromtimestamp(t, timezone.utc).replace(tzinfo=None)
 
 
-def _stamp(t: int) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-
 
 def _grid(plt, n: int, width: float = 5.2, height: float = 3.4):
     cols = min(n, 3)
@@ -197,10 +184,6 @@ def _time_axis(fig, ax) -> None:
 
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(ax.xaxis.get_major_locator()))
     ax.set_xlabel("window end (UTC)")
-
-
-def _short(did: str, n: int = 22) -> str:
-    return did if len(did) <= n else did[: n - 1] + "…"
 
 
 def fig_bands(plt, series: dict[str, list[Attribution]], indicator: str, path: Path) -> Path:
@@ -234,7 +217,7 @@ def fig_panel(plt, focus: dict[str, Attribution], indicator: str, path: Path) ->
         ax.set_xlabel("follower band (top %)")
         ax.set_ylabel("share of attribution (%)")
         tvd = s.panel.get("tvd")
-        ax.set_title(f"{topic} @ {_stamp(s.window_end)}" + (f"\nTVD {tvd:.3f}" if tvd is not None else ""))
+        ax.set_title(f"{topic} @ {utc_stamp(s.window_end)}" + (f"\nTVD {tvd:.3f}" if tvd is not None else ""))
         ax.axhline(0, color="black", lw=0.6)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -261,11 +244,11 @@ def fig_top(plt, focus: dict[str, Attribution], indicator: str, path: Path) -> P
     fig, axes = _grid(plt, len(topics), width=6.4, height=3.8)
     for ax, topic in zip(axes, topics):
         top = focus[topic].top
-        labels = [f"{_short(e['did'])} ({e.get('followers', 0):,} fol.)" for e in top][::-1]
+        labels = [f"{shorten(e['did'], 22)} ({e.get('followers', 0):,} fol.)" for e in top][::-1]
         ax.barh(np.arange(len(top)), [100 * e["share"] for e in top][::-1], color="tab:red")
         ax.set_yticks(np.arange(len(top)), labels, fontsize=7)
         ax.set_xlabel("share of attribution (%)")
-        ax.set_title(f"{topic} @ {_stamp(focus[topic].window_end)}")
+        ax.set_title(f"{topic} @ {utc_stamp(focus[topic].window_end)}")
         if not top:
             ax.text(0.5, 0.5, "no positive contributors", ha="center", transform=ax.transAxes)
         ax.grid(axis="x", alpha=0.3)
@@ -302,7 +285,7 @@ class Report:
 
 
 def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
+    return percent(v, digits=2, missing="n/a")
 
 
 def _num(v: float | None, fmt: str = ".4f") -> str:
@@ -360,7 +343,7 @@ def _markdown(snaps, at, ginis, figures, indicators, source) -> str:
     lines = ["# chorus attribution report", ""]
     if source:
         lines.append(f"Source: {source}  ")
-    lines += [f"Windows: {len(ends)}, window ends {_stamp(ends[0])} to {_stamp(ends[-1])}; "
+    lines += [f"Windows: {len(ends)}, window ends {utc_stamp(ends[0])} to {utc_stamp(ends[-1])}; "
               f"{len(snaps)} snapshots; topics {', '.join(sorted({s.topic for s in snaps}))}; "
               f"indicators {', '.join(indicators)}.", ""]
     for ind in indicators:
@@ -374,7 +357,7 @@ def _markdown(snaps, at, ginis, figures, indicators, source) -> str:
             p = s.panel
             top = s.top[0] if s.top else None
             lines.append(
-                f"| {topic} | {_stamp(s.window_end)} | {s.value + 0.0:.6g} | {s.baseline_value + 0.0:.6g} | "
+                f"| {topic} | {utc_stamp(s.window_end)} | {s.value + 0.0:.6g} | {s.baseline_value + 0.0:.6g} | "
                 f"{s.completeness_residual:.3g} | {s.n_agents} | {_num(p.get('tvd'))} | {_num(p.get('spearman'))} | "
                 f"{_num(p.get('rescale'), '.4g')} | {_num(p.get('rescale_residual'))} | {ginis[(topic, ind)]:.4f} | "
                 f"{top['did'] if top else 'n/a'} | {_pct(top['share']) if top else 'n/a'} | "
@@ -389,7 +372,7 @@ def _markdown(snaps, at, ginis, figures, indicators, source) -> str:
             withtvd = [s for s in snaps if s.indicator == ind and s.topic == topic and s.panel.get("tvd") is not None]
             if withtvd:
                 peak = max(withtvd, key=lambda s: s.panel["tvd"])
-                lines.append(f"| {topic} | {peak.panel['tvd']:.4f} | {_stamp(peak.window_end)} |")
+                lines.append(f"| {topic} | {peak.panel['tvd']:.4f} | {utc_stamp(peak.window_end)} |")
         lines.append("")
         captions = {"bands": "Band shares over time", "panel": "Full scale vs visibility panel",
                     "lorenz": "Lorenz curve", "top": "Top culprits", "scaling": "Scaling bias over time"}

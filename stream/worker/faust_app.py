@@ -355,7 +355,7 @@ async def replay(bootstrap: str, partitions: list[int], pipe: Pipeline, owned: s
     """
     from aiokafka import TopicPartition
 
-    from stream.kafka import make_consumer
+    from stream.kafka import ReadToEnd, make_consumer
 
     if not partitions:
         return {}
@@ -363,22 +363,14 @@ async def replay(bootstrap: str, partitions: list[int], pipe: Pipeline, owned: s
     consumer = make_consumer(bootstrap, group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
+        reader = await ReadToEnd.open(consumer, tps)
+        ends = {tp.partition: off for tp, off in reader.ends.items()}
         buffers: dict[int, deque] = {p: deque() for p in partitions}
-        done = {p: False for p in partitions}
 
         async def refill(p: int) -> None:
             tp = TopicPartition(TOPIC_EVENTS, p)
-            while not buffers[p] and not done[p]:
-                if await consumer.position(tp) >= ends[p]:
-                    done[p] = True
-                    break
-                for m in (await consumer.getmany(tp, timeout_ms=1000, max_records=fetch)).get(tp, []):
-                    if m.offset >= ends[p]:
-                        done[p] = True
-                        break
+            while not buffers[p] and tp in reader.pending:
+                for m in (await reader.fetch(tp, timeout_ms=1000, max_records=fetch)).get(tp, []):
                     ev = pipe.parse_event(m.value, p, m.offset)  # None: rejected and counted
                     if ev is not None:
                         buffers[p].append((ev["time_us"], ev))
@@ -450,7 +442,7 @@ def run_worker(settings: Settings, serve_metrics: bool = True, **app_kw: Any) ->
 
     from stream.process import install
 
-    install()
+    install(settings.uvloop)
     try:
         n_ops = asyncio.run(asyncio.wait_for(ensure_worker_topics(settings, app_kw.get("app_id", APP_ID)), 60))
     except Exception as exc:  # aiokafka raises its own error types

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import UnsupportedVersionError
 
 from stream.config import Settings
-from stream.kafka import check_topics, ensure_topics, make_consumer, topic_config
+from stream.kafka import ReadToEnd, check_topics, ensure_topics, make_consumer, make_producer, topic_config
 from stream.schemas import TOPIC_ALERTS, TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_EVENTS, TOPIC_FEATURES, \
     TOPIC_GRAPH
 from stream.topics import registry, stage_topics
@@ -129,3 +130,36 @@ def test_describe_ms(ms, text):
     from stream.topics import describe_ms
 
     assert describe_ms(ms) == text
+
+
+def test_read_to_end_stops_at_the_end_offsets_of_open(broker):
+    """Records published after open() are not read; empty partitions are done at once."""
+    from aiokafka import TopicPartition
+
+    topic = f"test-read-to-end-{uuid.uuid4().hex[:8]}"
+
+    async def go():
+        await ensure_topics(broker.bootstrap, {topic: 3})
+        producer = make_producer(broker.bootstrap, idempotence=False)
+        await producer.start()
+        consumer = make_consumer(broker.bootstrap, group_id=None, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            for i in range(7):
+                await producer.send_and_wait(topic, str(i).encode(), partition=i % 2)  # partition 2 stays empty
+            tps = [TopicPartition(topic, p) for p in range(3)]
+            reader = await ReadToEnd.open(consumer, tps)
+            assert reader.ends == {tps[0]: 4, tps[1]: 3, tps[2]: 0}
+            assert reader.pending == {tps[0], tps[1]}
+            for i in range(7, 10):
+                await producer.send_and_wait(topic, str(i).encode(), partition=i % 2)
+            got = {0: [], 1: []}
+            while reader.pending:
+                for tp, records in (await reader.fetch(timeout_ms=200, max_records=2)).items():
+                    got[tp.partition] += [int(r.value) for r in records]
+            return got
+        finally:
+            await consumer.stop()
+            await producer.stop()
+
+    assert asyncio.run(go()) == {0: [0, 2, 4, 6], 1: [1, 3, 5]}

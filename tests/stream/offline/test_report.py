@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from stream.offline import analyze as az
 from stream.offline import report as rp
 from stream.cli import app
+from stream.display import utc_stamp
 from stream.kafka import ensure_topics, make_producer
 
 pytestmark = pytest.mark.timeout(240)
@@ -98,7 +99,7 @@ def test_report_from_snapshot_file(analyzed, tmp_path):
         assert {row[0] for row in main} == {t for t, i in focus if i == ind}
         for row in main:
             s = focus[(row[0], ind)]
-            assert row[1] == rp._stamp(s.window_end)
+            assert row[1] == utc_stamp(s.window_end)
             assert float(row[2]) == pytest.approx(s.value, rel=1e-5)
             assert float(row[3]) == pytest.approx(s.baseline_value, rel=1e-5, abs=1e-9)
             assert float(row[4]) == pytest.approx(s.completeness_residual, rel=1e-2, abs=1e-12)
@@ -121,7 +122,7 @@ def test_report_from_snapshot_file(analyzed, tmp_path):
         for row in table(body, "| topic | peak TVD"):
             series = [s for s in snaps if s.topic == row[0] and s.indicator == ind]
             peak = max(series, key=lambda s: s.panel["tvd"])
-            assert float(row[1]) == pytest.approx(peak.panel["tvd"], abs=5e-5) and row[2] == rp._stamp(peak.window_end)
+            assert float(row[1]) == pytest.approx(peak.panel["tvd"], abs=5e-5) and row[2] == utc_stamp(peak.window_end)
 
 
 def test_band_level_lorenz_without_agents(analyzed, tmp_path):
@@ -166,11 +167,11 @@ def test_report_from_kafka_time_range(analyzed, broker, tmp_path):
 
     out = tmp_path / "kreport"
     r = CliRunner().invoke(app, ["report", "--kafka", broker.url, "--topic", topic, "--since", str(since),
-                                 "--until", rp._stamp(until).replace(" ", "T"), "-o", str(out)])
+                                 "--until", utc_stamp(until).replace(" ", "T"), "-o", str(out)])
     assert r.exit_code == 0, r.output
     text = (out / "summary.md").read_text()
     check_figures(out, text)
-    assert f"window ends {rp._stamp(since)} to {rp._stamp(until)}" in text
+    assert f"window ends {utc_stamp(since)} to {utc_stamp(until)}" in text
 
 
 def test_report_cli_errors(tmp_path):
