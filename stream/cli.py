@@ -36,8 +36,10 @@ def settings(**overrides) -> Settings:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        field = ".".join(str(p) for p in err.get("loc", ()))
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if not field:  # a rule across settings (window and hop)
+            fail(f"invalid settings: {msg}")
         fail(f"invalid setting {field} (flag --{field.replace('_', '-')} or CHORUS_{field.upper()}): {msg}")
     except ConfigError as exc:
         fail(str(exc))
@@ -65,10 +67,6 @@ def run(
     from stream.local.runner import run as run_all
 
     s = settings(profile=profile, kafka=kafka, metrics_port=metrics_port)
-    try:
-        s.window
-    except ConfigError as exc:
-        fail(str(exc))
     log_dir = Path(s.state_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(filename=log_dir / "run.log", level=logging.INFO,
@@ -123,7 +121,6 @@ def worker(
     if not s.kafka:
         fail("the worker needs Kafka: set CHORUS_KAFKA or pass --kafka kafka://host:port")
     try:
-        s.window
         from stream.worker.lexicon import Lexicon
 
         Lexicon.load(s.topics_file)
@@ -163,7 +160,6 @@ def operator(
         fail("the operator needs Kafka: pass --kafka kafka://host:port or set CHORUS_KAFKA")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        s.window
         svc = OperatorService(s, steps=steps, panel_k=panel_k)
     except (ConfigError, AlertConfigError, ValueError) as exc:
         fail(str(exc).splitlines()[0])
@@ -348,7 +344,6 @@ def analyze(
         fail("give an input file or --synthetic N (one of them)")
     s = settings(profile=profile, window_s=window, hop_s=hop, indicators=indicator or None, topics_file=topics_file)
     try:
-        s.window
         Lexicon.load(s.topics_file)
         for path in (out, agents):
             if path is not None:
@@ -363,7 +358,7 @@ def analyze(
                          progress=not no_progress)
     except ValueError as exc:  # e.g. an unknown indicator
         fail(str(exc).splitlines()[0])
-    meta = {"source": source.name, "window_s": s.window[0], "hop_s": s.window[1], "steps": steps,
+    meta = {"source": source.name, "window_s": s.window_s, "hop_s": s.hop_s, "steps": steps,
             "panel_k": panel_k, "indicators": s.indicators, "events": res.events, "hops": res.hops}
     try:
         n = az.write_snapshots(out, res.snapshots, meta)
@@ -391,8 +386,8 @@ def report(
 ) -> None:
     """Figures and a Markdown summary from a snapshot file or chorus.attributions."""
     import asyncio
-    from datetime import datetime, timezone
 
+    from stream.display import parse_time_s
     from stream.offline import analyze as az
     from stream.offline import report as rp
     from stream.config import bootstrap_servers
@@ -401,14 +396,9 @@ def report(
         if value is None:
             return None
         try:
-            return int(float(value))
-        except ValueError:
-            pass
-        try:
-            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            return parse_time_s(value)
         except ValueError:
             fail(f"{flag} must be unix seconds or an ISO 8601 time, got {value!r}")
-        return int((dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp())
 
     lo, hi, at = when(since, "--since"), when(until, "--until"), when(focus, "--focus")
     url = kafka or (settings().kafka if snapshots is None else None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LIVE_RELAY = "wss://bsky.network/xrpc"
@@ -58,12 +58,23 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     profile: Literal["default", "demo"] = "default"
-    window_s: int | None = Field(default=None, gt=0, description="Window length, seconds.")
-    hop_s: int | None = Field(default=None, gt=0, description="Hop (slide) length, seconds.")
+    window_s: int | None = Field(
+        default=None, gt=0,
+        description="Window length, seconds; unset: the profile's. Always set once Settings is built.",
+    )
+    hop_s: int | None = Field(
+        default=None, gt=0,
+        description="Hop (slide) length, seconds; unset: the profile's. Always set once Settings is built.",
+    )
     state_dir: Path = Path.home() / ".local" / "state" / "chorus"
     topics_file: Path | None = None
     alerts_file: Path | None = None
     indicators: list[str] = ["cascade_reach", "polarization"]
+    uvloop: bool = Field(
+        default=True,
+        description="Run `chorus ingest` and `chorus worker` on uvloop where it is installed "
+        "(stream.process); false: the standard asyncio loop.",
+    )
 
     @field_validator("kafka")
     @classmethod
@@ -74,15 +85,20 @@ class Settings(BaseSettings):
             bootstrap_servers(v)  # raises ConfigError on a malformed URL
         return v
 
+    @model_validator(mode="after")
+    def _resolve_window(self) -> "Settings":
+        """window_s and hop_s: the profile's where not given; the window a multiple of the hop."""
+        w, h = PROFILES[self.profile]
+        w, h = self.window_s or w, self.hop_s or h
+        if h > w or w % h:
+            raise ValueError(f"window ({w}s) must be a positive multiple of hop ({h}s)")
+        self.window_s, self.hop_s = w, h
+        return self
+
     @property
     def window(self) -> tuple[int, int]:
-        """(window seconds, hop seconds) after applying the profile and overrides."""
-        w, h = PROFILES[self.profile]
-        w = self.window_s or w
-        h = self.hop_s or h
-        if h > w or w % h:
-            raise ConfigError(f"window ({w}s) must be a positive multiple of hop ({h}s)")
-        return w, h
+        """(window_s, hop_s), resolved and checked when the settings were built."""
+        return self.window_s, self.hop_s
 
 
 def bootstrap_servers(url: str) -> str:

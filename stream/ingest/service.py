@@ -204,5 +204,5 @@ def main(settings: Settings, relay: str | None = None, cursor: int | None = None
 
     from stream.process import install
 
-    install()
+    install(settings.uvloop)
     asyncio.run(_run())

@@ -1,0 +1,43 @@
+"""stream.config: every setting has one default, window and hop are resolved and checked when
+Settings is built, and a bad value is a one-line `chorus: error`."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from stream import process
+from stream.cli import app
+from stream.config import PROFILES, Settings
+
+
+def test_window_and_hop_resolved_from_the_profile_when_built(monkeypatch):
+    for name in ("CHORUS_PROFILE", "CHORUS_WINDOW_S", "CHORUS_HOP_S"):
+        monkeypatch.delenv(name, raising=False)
+    assert (Settings().window_s, Settings().hop_s) == PROFILES["default"] == (21_600, 60)
+    assert Settings(profile="demo").window == (600, 10)
+    assert Settings(profile="demo", hop_s=5).window == (600, 5)
+    monkeypatch.setenv("CHORUS_HOP_S", "30")
+    assert Settings(profile="demo").window == (600, 30)
+    for window_s, hop_s in ((7, 5), (5, 10)):
+        with pytest.raises(ValidationError, match="positive multiple of hop"):
+            Settings(window_s=window_s, hop_s=hop_s)
+    monkeypatch.setenv("CHORUS_HOP_S", "7")
+    with pytest.raises(ValidationError, match=r"window \(21600s\) must be a positive multiple of hop \(7s\)"):
+        Settings()
+
+
+def test_bad_window_is_a_one_line_error(tmp_path):
+    r = CliRunner().invoke(app, ["analyze", "--synthetic", "100", "--window", "7", "--hop", "5",
+                                 "-o", str(tmp_path / "x.jsonl")])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and lines == ["chorus: error: invalid settings: window (7s) must be a positive "
+                                          "multiple of hop (5s)"], r.output
+
+
+def test_event_loop_setting(monkeypatch):
+    assert Settings().uvloop is True
+    monkeypatch.setenv("CHORUS_UVLOOP", "0")
+    assert Settings().uvloop is False
+    assert process.install(Settings().uvloop) == "asyncio"
