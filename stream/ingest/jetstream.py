@@ -29,7 +29,7 @@ import json
 from typing import Any
 
 from stream import protocol
-from stream.ingest import normalize as nz
+from stream.ingest import normalize
 from stream.ingest.decode import MAX_RECORD_BYTES, MAX_RECORD_DEPTH, Decoded, clamp_times, too_deep
 
 WANTED_COLLECTIONS = protocol.COLLECTIONS  # what chorus asks Jetstream for (wantedCollections)
@@ -40,35 +40,35 @@ _TYPES = {"commit": "#commit", "account": "#account", "identity": "#identity"}
 def message_events(obj: Any) -> list[dict]:
     """One parsed Jetstream message -> chorus.events values (raises normalize.InvalidOp)."""
     if not isinstance(obj, dict):
-        raise nz.InvalidOp("json")
+        raise normalize.InvalidOp("json")
     did, t, kind = obj.get("did"), obj.get("time_us"), obj.get("kind")
     if type(t) is not int or t < 0:
-        raise nz.InvalidOp("frame_shape")
+        raise normalize.InvalidOp("frame_shape")
     if not protocol.is_did(did):
-        raise nz.InvalidOp("invalid_did")
+        raise normalize.InvalidOp("invalid_did")
     if kind == "account":
         acc = obj.get("account")
         if not isinstance(acc, dict) or not isinstance(acc.get("active"), bool):
-            raise nz.InvalidOp("frame_shape")
+            raise normalize.InvalidOp("frame_shape")
         status = acc.get("status")
-        return [nz.account_event(did, t, t, acc["active"], status if isinstance(status, str) else None)]
+        return [normalize.account_event(did, t, t, acc["active"], status if isinstance(status, str) else None)]
     if kind != "commit":
         return []  # identity (and anything newer): no event, as on the firehose
     c = obj.get("commit")
     if not isinstance(c, dict):
-        raise nz.InvalidOp("frame_shape")
-    collection, rkey = nz.split_path(f"{c.get('collection')}/{c.get('rkey')}")
-    ev_kind = nz.KINDS.get(collection)
+        raise normalize.InvalidOp("frame_shape")
+    collection, rkey = normalize.split_path(f"{c.get('collection')}/{c.get('rkey')}")
+    ev_kind = normalize.KINDS.get(collection)
     if ev_kind is None:
         return []
     op = c.get("operation")
     if op == "delete":
-        return [nz.event("delete", did, collection, rkey, t, t, collection=collection)]
+        return [normalize.event("delete", did, collection, rkey, t, t, collection=collection)]
     if op == "create":
         record = c.get("record")
         if too_deep(record, MAX_RECORD_DEPTH):
-            raise nz.InvalidOp("record_depth")
-        return [nz.event(ev_kind, did, collection, rkey, t, t, **nz.record_fields(collection, record))]
+            raise normalize.InvalidOp("record_depth")
+        return [normalize.event(ev_kind, did, collection, rkey, t, t, **normalize.record_fields(collection, record))]
     return []
 
 
@@ -96,7 +96,7 @@ def decode_message(raw: str | bytes, received_us: int | None = None) -> Decoded:
     out.time_us = out.seq
     try:
         out.events = message_events(obj)
-    except nz.InvalidOp as exc:
+    except normalize.InvalidOp as exc:
         out.invalid.append(exc.reason)
         if exc.reason == "frame_shape":
             out.type = "invalid"

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from operators import attribute, indicators as I, shapley
+from operators import attribute, indicators, shapley
 from operators.attribution import relative_residual, trace_count
 from operators.graph import FollowGraph
 
@@ -19,12 +19,12 @@ evaluate = jax.jit(lambda F, z: F(z))  # F(z) outside attribute (an indicator is
 
 def all_indicators(g):
     return [
-        I.volume(0),
-        I.volume(3),
-        I.polarization(0, 2),
-        I.concentration(1),
-        I.cascade_reach(g, p=0.05, column=0),
-        I.cascade_reach(g, p=0.3, column=1),
+        indicators.volume(0),
+        indicators.volume(3),
+        indicators.polarization(0, 2),
+        indicators.concentration(1),
+        indicators.cascade_reach(g, p=0.05, column=0),
+        indicators.cascade_reach(g, p=0.3, column=1),
     ]
 
 
@@ -37,7 +37,7 @@ def test_completeness_every_indicator_float32_steps32(graph, rng):
     for F in all_indicators(g):
         res = attribute(F, x, steps=32)
         assert res.phi.dtype == jnp.float32 and res.phi.shape == x.shape
-        b = np.asarray(I.default_baseline(F, x))
+        b = np.asarray(indicators.default_baseline(F, x))
         fx, fb = float(evaluate(F, x)), float(evaluate(F, b))
         gap = fx - fb
         assert abs(gap) > 1e-3, F
@@ -50,7 +50,7 @@ def test_completeness_every_indicator_float32_steps32(graph, rng):
 def test_float64_under_x64(rng):
     x = heavy_features(rng, 30)
     with jax.enable_x64(True):
-        res = attribute(I.polarization(0, 2), x, steps=32)
+        res = attribute(indicators.polarization(0, 2), x, steps=32)
         assert res.phi.dtype == jnp.float64
         assert abs(float(res.delta)) <= 1e-12 * abs(float(res.value - res.baseline_value))
 
@@ -123,7 +123,7 @@ def test_symmetry_permutation_equivariance_and_twins(rng):
     x = heavy_features(rng, 25)
     x[3] = x[7]
     perm = rng.permutation(25)
-    for F in (I.volume(1), I.polarization(0, 2), I.concentration(1)):
+    for F in (indicators.volume(1), indicators.polarization(0, 2), indicators.concentration(1)):
         phi = np.asarray(attribute(F, x).phi)
         np.testing.assert_array_equal(phi[3], phi[7])
         np.testing.assert_allclose(np.asarray(attribute(F, x[perm]).phi), phi[perm], rtol=1e-4, atol=1e-7)
@@ -133,7 +133,7 @@ def test_symmetry_cascade_twins():
     # 0 and 1 are both followed by 2 and 3; 4 follows 0 only, 5 follows 1 only
     g = FollowGraph([0, 0, 1, 1, 0, 1, 2], [2, 3, 2, 3, 4, 5, 3], 6)
     x = np.array([1.5, 1.5, 0.7, 2.0, 0.3, 0.9])
-    phi = np.asarray(attribute(I.cascade_reach(g, p=0.4), x).phi)
+    phi = np.asarray(attribute(indicators.cascade_reach(g, p=0.4), x).phi)
     assert phi[0] == pytest.approx(phi[1], rel=1e-6) and phi[0] > 0
 
 
@@ -142,14 +142,14 @@ def test_null_players(graph, rng):
     x = heavy_features(rng, g.n)
     nobody_follows = np.flatnonzero(followers == 0)
     assert nobody_follows.size > 5
-    phi = np.asarray(attribute(I.cascade_reach(g), x).phi)
+    phi = np.asarray(attribute(indicators.cascade_reach(g), x).phi)
     assert not phi[nobody_follows].any()  # exactly 0 though their features are not
     assert phi[followers > 0, 0].min() > 0
     x[4] = 0.0
-    for F in (I.volume(0), I.cascade_reach(g, column=1)):  # zero baseline: zero-feature agent
+    for F in (indicators.volume(0), indicators.cascade_reach(g, column=1)):  # zero baseline: zero-feature agent
         assert not np.asarray(attribute(F, x).phi)[4].any()
-    for F in (I.polarization(0, 2), I.concentration(1)):  # mean baseline: agent at the mean
-        b = np.asarray(I.default_baseline(F, x))
+    for F in (indicators.polarization(0, 2), indicators.concentration(1)):  # mean baseline: agent at the mean
+        b = np.asarray(indicators.default_baseline(F, x))
         x2 = x.copy()
         x2[9] = b[9]
         phi = np.asarray(attribute(F, x2, b).phi)
@@ -161,7 +161,7 @@ def test_linearity(graph, rng):
     g = graph[0]
     x = heavy_features(rng, g.n)
     b = np.broadcast_to(x.mean(axis=0), x.shape) * 0.5
-    F, G = I.cascade_reach(g, p=0.2, column=1), I.polarization(0, 2)
+    F, G = indicators.cascade_reach(g, p=0.2, column=1), indicators.polarization(0, 2)
     both = attribute(lambda z: 2.0 * F(z) - 3.0 * G(z), x, b).phi
     np.testing.assert_allclose(both, 2.0 * attribute(F, x, b).phi - 3.0 * attribute(G, x, b).phi, rtol=1e-4, atol=1e-6)
 
@@ -194,7 +194,7 @@ def test_quadratic_form_property(x, seed):
 def test_volume_property(x, data):
     b = data.draw(arrays(np.float64, x.shape, elements=st.floats(-1e3, 1e3)))
     col = data.draw(st.integers(0, x.shape[1] - 1))
-    phi = np.asarray(attribute(I.volume(col), x, b, steps=1).phi)
+    phi = np.asarray(attribute(indicators.volume(col), x, b, steps=1).phi)
     expected = np.zeros_like(x)
     expected[:, col] = x[:, col] - b[:, col]
     np.testing.assert_allclose(phi, expected, rtol=1e-6, atol=1e-3)
@@ -209,7 +209,7 @@ def test_graded_rule_converges_faster_on_cascade_reach(graph, rng):
     Gauss-Legendre, and it stays complete."""
     g = graph[0]
     x = heavy_features(rng, g.n) * np.array([20.0, 1, 1, 1])  # posts up to the thousands
-    F = I.cascade_reach(g, p=0.05, column=0)
+    F = indicators.cascade_reach(g, p=0.05, column=0)
     ref = np.asarray(attribute(F, x, steps=128).phi[:, 0], np.float64)
     err = {r: np.abs(np.asarray(attribute(F, x, steps=12, rule=r).phi[:, 0]) - ref).max() / np.abs(ref).max()
            for r in ("gauss-legendre", "gauss-legendre-graded")}
@@ -226,7 +226,7 @@ def test_node_batch_same_attribution(graph, rng, node_batch):
     """Evaluating k nodes per pass (k a divisor of steps or not, or above it) is the same sum."""
     g = graph[0]
     x = heavy_features(rng, g.n)
-    for F in (I.cascade_reach(g, p=0.05, column=0), I.polarization(0, 2)):
+    for F in (indicators.cascade_reach(g, p=0.05, column=0), indicators.polarization(0, 2)):
         one = attribute(F, x, steps=16)
         many = attribute(F, x, steps=16, node_batch=node_batch)
         scale = float(np.abs(np.asarray(one.phi)).max())
@@ -247,10 +247,10 @@ def test_node_batch_midpoint_closed_form(rng):
 
 
 def test_same_shapes_do_not_recompile(rng):
-    F = I.polarization(0, 2)
+    F = indicators.polarization(0, 2)
     attribute(F, heavy_features(rng, 33))
     before = trace_count()
-    attribute(I.polarization(0, 2), heavy_features(rng, 33))  # new but equal indicator object
+    attribute(indicators.polarization(0, 2), heavy_features(rng, 33))  # new but equal indicator object
     assert trace_count() == before
     attribute(F, heavy_features(rng, 34))
     assert trace_count() == before + 1
@@ -261,9 +261,9 @@ def test_changed_graph_same_shape_no_recompile_new_answer(rng):
     x = heavy_features(rng, n)
     s1, d1 = random_graph(rng, n, e)
     s2, d2 = random_graph(rng, n, e)
-    r1 = attribute(I.cascade_reach(FollowGraph(s1, d1, n), p=0.2), x)
+    r1 = attribute(indicators.cascade_reach(FollowGraph(s1, d1, n), p=0.2), x)
     before = trace_count()
-    r2 = attribute(I.cascade_reach(FollowGraph(s2, d2, n), p=0.2), x)
+    r2 = attribute(indicators.cascade_reach(FollowGraph(s2, d2, n), p=0.2), x)
     assert trace_count() == before  # the graph is an argument, not a baked-in constant
     q = 0.2 * (1 - np.exp(-x[:, 0]))
     assert float(r2.value) == pytest.approx(reach_reference(s2, d2, n, q), rel=1e-5)
@@ -285,20 +285,20 @@ def test_errors():
     with pytest.raises(ValueError, match="floating"):
         attribute(lambda z: jnp.sum(z > 0), x)
     with pytest.raises(ValueError, match="finite"):
-        attribute(I.volume(), np.array([[1.0, np.nan]] * 4))
+        attribute(indicators.volume(), np.array([[1.0, np.nan]] * 4))
     with pytest.raises(ValueError, match="finite"):
-        attribute(I.volume(), x, np.full((4, 2), np.inf))
+        attribute(indicators.volume(), x, np.full((4, 2), np.inf))
     with pytest.raises(ValueError, match="baseline shape"):
-        attribute(I.volume(), x, np.zeros((4, 3)))
+        attribute(indicators.volume(), x, np.zeros((4, 3)))
     with pytest.raises(ValueError, match="steps"):
-        attribute(I.volume(), x, steps=0)
+        attribute(indicators.volume(), x, steps=0)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="node_batch"):
-            attribute(I.volume(), x, node_batch=bad)
+            attribute(indicators.volume(), x, node_batch=bad)
     with pytest.raises(ValueError, match="unknown quadrature rule"):
-        attribute(I.volume(), x, rule="trapezoid")
+        attribute(indicators.volume(), x, rule="trapezoid")
     with pytest.raises(ValueError, match=r"\(N,\) or \(N, d\)"):
-        attribute(I.volume(), np.ones((2, 2, 2)))
+        attribute(indicators.volume(), np.ones((2, 2, 2)))
     with pytest.raises(ValueError, match="callable"):
         attribute(3.0, x)
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from operators import bands, indicators as I
+from operators import bands, indicators
 from operators.graph import FollowGraph
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -81,7 +81,7 @@ def _features_and_followers(rng, n):
 
 def test_linear_indicator_reconciles_with_one_rescale(rng):
     x, f = _features_and_followers(rng, 300)
-    res = bands.panel_comparison(I.volume(1), x, f, k=30)
+    res = bands.panel_comparison(indicators.volume(1), x, f, k=30)
     panel = bands.panel_agents(f, 30)
     np.testing.assert_array_equal(res.panel, panel)
     off = np.setdiff1d(np.arange(300), panel)
@@ -118,7 +118,7 @@ def test_cascade_reach_leaves_a_residual(rng):
     src, dst = random_graph(rng, n, 2000)  # dense: panel members share many followers
     followers = np.bincount(src, minlength=n)
     x = heavy_features(rng, n, 1)
-    res = bands.panel_comparison(I.cascade_reach(FollowGraph(src, dst, n), p=0.5), x, followers, k=10)
+    res = bands.panel_comparison(indicators.cascade_reach(FollowGraph(src, dst, n), p=0.5), x, followers, k=10)
     assert res.rescale_residual > 0.1
     assert not res.phi_panel[np.setdiff1d(np.arange(n), res.panel)].any()
     assert abs(sum(res.bands.values()) - 1.0) < 1e-9
@@ -126,7 +126,7 @@ def test_cascade_reach_leaves_a_residual(rng):
 
 def test_full_panel_is_the_full_attribution(rng):
     x, f = _features_and_followers(rng, 50)
-    res = bands.panel_comparison(I.concentration(1), x, f, k=50)
+    res = bands.panel_comparison(indicators.concentration(1), x, f, k=50)
     assert res.tvd < 1e-6 and res.rescale_residual < 1e-5
     assert res.rescale == pytest.approx(1.0, rel=1e-5)
 
@@ -134,7 +134,7 @@ def test_full_panel_is_the_full_attribution(rng):
 def test_precomputed_phi_full_and_errors(rng):
     x, f = _features_and_followers(rng, 40)
     phi = np.ones(40)
-    res = bands.panel_comparison(I.volume(0), x, f, k=5, phi_full=phi)
+    res = bands.panel_comparison(indicators.volume(0), x, f, k=5, phi_full=phi)
     np.testing.assert_array_equal(res.phi_full, phi)
     with pytest.raises(ValueError, match="followers has 39"):
-        bands.panel_comparison(I.volume(0), x, f[:39])
+        bands.panel_comparison(indicators.volume(0), x, f[:39])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tests.helpers.operators_data import heavy_features, random_graph
 
-from operators import indicators as I, shapley
+from operators import indicators, shapley
 from operators.graph import FollowGraph
 
 
@@ -31,7 +31,7 @@ def test_additive_game_rows_are_players(rng):
 
 def test_exact_efficiency_and_default_baseline(rng):
     x = heavy_features(rng, 8)
-    F = I.concentration(1)  # scale-invariant: default baseline = population mean
+    F = indicators.concentration(1)  # scale-invariant: default baseline = population mean
     b = np.broadcast_to(x.mean(axis=0), x.shape)
     phi = shapley.exact(F, x)
     assert phi.sum() == pytest.approx(float(F(x)) - float(F(b)), rel=1e-4)
@@ -43,9 +43,9 @@ def _games(rng):
     g = FollowGraph(src, dst, n)
     c = rng.uniform(0.5, 1.5, n)
     return [
-        (I.cascade_reach(g, p=0.6), heavy_features(rng, n, 1)),
+        (indicators.cascade_reach(g, p=0.6), heavy_features(rng, n, 1)),
         (jax.tree_util.Partial(_cubic, jnp.asarray(c)), rng.uniform(0, 2, n)),
-        (I.polarization(0, 2), heavy_features(rng, n, 3)),
+        (indicators.polarization(0, 2), heavy_features(rng, n, 3)),
     ]
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream.sim import frames as F
+from stream.sim import frames as sim_frames
 from stream.ingest.decode import FRAME_TYPES, decode_frame
 from stream.ingest.normalize import is_did
 from stream.schemas import Event
@@ -23,7 +23,7 @@ scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.tex
            | st.binary(max_size=40) | st.floats(allow_nan=False, allow_infinity=False))
 dag = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
                    max_leaves=12)
-collections = st.sampled_from([F.POST, F.LIKE, F.REPOST, F.FOLLOW, "app.bsky.actor.profile", "x"])
+collections = st.sampled_from([sim_frames.POST, sim_frames.LIKE, sim_frames.REPOST, sim_frames.FOLLOW, "app.bsky.actor.profile", "x"])
 
 
 def check(d, raw: bytes) -> None:
@@ -44,10 +44,10 @@ def test_arbitrary_bytes(raw):
 
 def _valid_frame(seq: int, text: str) -> bytes:
     t = T0 + seq % 10**9
-    ops = [F.Op("create", F.POST, "3p", F.post_record(text, t, ["en"])),
-           F.Op("create", F.LIKE, "3l", F.like_record(F.strong_ref(f"at://{DID}/{F.POST}/3p", "c"), t)),
-           F.Op("delete", F.FOLLOW, "3f")]
-    return F.commit_frame(seq, DID, ops, t)
+    ops = [sim_frames.Op("create", sim_frames.POST, "3p", sim_frames.post_record(text, t, ["en"])),
+           sim_frames.Op("create", sim_frames.LIKE, "3l", sim_frames.like_record(sim_frames.strong_ref(f"at://{DID}/{sim_frames.POST}/3p", "c"), t)),
+           sim_frames.Op("delete", sim_frames.FOLLOW, "3f")]
+    return sim_frames.commit_frame(seq, DID, ops, t)
 
 
 @FUZZ
@@ -84,8 +84,8 @@ def test_random_bodies(t, body):
                                "embed": dag})), max_size=6),
        st.integers(0, 2**63 - 1))
 def test_random_ops_and_records(ops, seq):
-    wire = [F.Op(a, c, r, rec if a != "delete" and isinstance(rec, dict) else None) for a, c, r, rec in ops]
-    raw = F.commit_frame(seq, DID, wire, T0)
+    wire = [sim_frames.Op(a, c, r, rec if a != "delete" and isinstance(rec, dict) else None) for a, c, r, rec in ops]
+    raw = sim_frames.commit_frame(seq, DID, wire, T0)
     d = decode_frame(raw)
     check(d, raw)
     assert d.seq == seq and len(d.events) + len(d.invalid) <= len(ops)

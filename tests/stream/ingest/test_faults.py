@@ -32,7 +32,7 @@ from stream.ingest.normalize import FUTURE_TOLERANCE_US
 from stream.ingest.reader import Backoff, FirehoseReader
 from stream.ingest.service import Ingester
 from stream.local.broker import free_port
-from stream.sim import frames as F
+from stream.sim import frames as sim_frames
 from stream.sim.relay import FrameSource, Relay
 from stream.worker.windows import WindowStore
 
@@ -50,12 +50,12 @@ def metric(name: str, **labels) -> float:
 
 def post(seq: int, t: int | None = None, did: str = DID) -> tuple[int, int, bytes]:
     t = T0 + seq if t is None else t
-    return seq, t, F.commit_frame(seq, did, [F.Op("create", F.POST, f"3p{seq}", F.post_record(f"p{seq}", t))], t)
+    return seq, t, sim_frames.commit_frame(seq, did, [sim_frames.Op("create", sim_frames.POST, f"3p{seq}", sim_frames.post_record(f"p{seq}", t))], t)
 
 
 def expected_post(seq: int, t: int | None = None) -> dict:
     t = T0 + seq if t is None else t
-    return {"v": 1, "kind": "post", "did": DID, "rkey": f"3p{seq}", "uri": f"at://{DID}/{F.POST}/3p{seq}",
+    return {"v": 1, "kind": "post", "did": DID, "rkey": f"3p{seq}", "uri": f"at://{DID}/{sim_frames.POST}/3p{seq}",
             "seq": seq, "time_us": t, "text": f"p{seq}"}
 
 
@@ -180,45 +180,45 @@ def test_replays_within_a_connection_are_dropped_and_counted():
 # --- 2. one op, one fate ---------------------------------------------------------------------------
 
 def _with_blocks(frame: bytes, blocks) -> bytes:
-    header, body = F.split_frame(frame)
+    header, body = sim_frames.split_frame(frame)
     return libipld.encode_dag_cbor(header) + libipld.encode_dag_cbor(body | {"blocks": blocks})
 
 
-def _delete_event(seq: int, rkey: str = "3kdel", collection: str = F.LIKE) -> dict:
+def _delete_event(seq: int, rkey: str = "3kdel", collection: str = sim_frames.LIKE) -> dict:
     return {"v": 1, "kind": "delete", "did": DID, "rkey": rkey, "uri": f"at://{DID}/{collection}/{rkey}",
             "seq": seq, "time_us": T0, "collection": collection}
 
 
-CREATE = F.Op("create", F.POST, "3kpost", F.post_record("lost", T0))
-DELETE = F.Op("delete", F.LIKE, "3kdel")
+CREATE = sim_frames.Op("create", sim_frames.POST, "3kpost", sim_frames.post_record("lost", T0))
+DELETE = sim_frames.Op("delete", sim_frames.LIKE, "3kdel")
 
 
 @pytest.mark.parametrize("blocks, reason", [
     (b"", "car"),  # an empty CAR
     (None, "car"),  # no CAR at all
     (b"\x05junk!", "car"),  # not a CAR
-    (F.encode_car([F.cid_of(b"\xa0")], []), "missing_block"),  # header only: the root block is missing
+    (sim_frames.encode_car([sim_frames.cid_of(b"\xa0")], []), "missing_block"),  # header only: the root block is missing
 ])
 @pytest.mark.parametrize("order", ["create_first", "delete_first"])
 def test_delete_survives_any_car(blocks, reason, order):
     ops = [CREATE, DELETE] if order == "create_first" else [DELETE, CREATE]
-    d = decode_frame(_with_blocks(F.commit_frame(7, DID, ops, T0), blocks))
+    d = decode_frame(_with_blocks(sim_frames.commit_frame(7, DID, ops, T0), blocks))
     assert d.events == [_delete_event(7)]
     assert d.invalid == [reason]
 
 
 def test_car_without_root_block_still_yields_its_records():
-    rec = F.post_record("kept", T0)
-    cid, data = F.encode_record(rec)
-    car = F.encode_car([F.cid_of(b"commit block that is not there")], [(cid, data)])
-    d = decode_frame(_with_blocks(F.commit_frame(8, DID, [F.Op("create", F.POST, "3kpost", rec), DELETE], T0), car))
+    rec = sim_frames.post_record("kept", T0)
+    cid, data = sim_frames.encode_record(rec)
+    car = sim_frames.encode_car([sim_frames.cid_of(b"commit block that is not there")], [(cid, data)])
+    d = decode_frame(_with_blocks(sim_frames.commit_frame(8, DID, [sim_frames.Op("create", sim_frames.POST, "3kpost", rec), DELETE], T0), car))
     assert d.invalid == []
-    assert d.events == [{"v": 1, "kind": "post", "did": DID, "rkey": "3kpost", "uri": f"at://{DID}/{F.POST}/3kpost",
+    assert d.events == [{"v": 1, "kind": "post", "did": DID, "rkey": "3kpost", "uri": f"at://{DID}/{sim_frames.POST}/3kpost",
                          "seq": 8, "time_us": T0, "text": "kept"}, _delete_event(8)]
 
 
 def _post_block(text: str = "zz~~", **extra) -> bytes:
-    return libipld.encode_dag_cbor(F.post_record(text, T0) | extra)
+    return libipld.encode_dag_cbor(sim_frames.post_record(text, T0) | extra)
 
 
 def _nest(levels: int):
@@ -230,39 +230,39 @@ def _nest(levels: int):
 
 
 def test_each_bad_record_is_skipped_by_reason_and_the_rest_kept():
-    good_post = F.post_record("fine", T0)
-    like = F.like_record(F.strong_ref(f"at://{OTHER}/{F.POST}/3kliked", "bafyc"), T0)
+    good_post = sim_frames.post_record("fine", T0)
+    like = sim_frames.like_record(sim_frames.strong_ref(f"at://{OTHER}/{sim_frames.POST}/3kliked", "bafyc"), T0)
     utf8 = _post_block(x=0).replace(b"\x64zz~~", b"\x64zz\xff\xfe")
     hugely_deep = _post_block(x=0).replace(b"\x61x\x00", b"\x61x" + b"\x81" * 50_000 + b"\x00")
     ops = [
-        F.Op("create", F.POST, "3k1", good_post),
-        F.Op("create", F.POST, "3k2", utf8),
-        F.Op("create", F.POST, "3k3", F.post_record("deep", T0) | {"x": _nest(MAX_RECORD_DEPTH)}),
-        F.Op("create", F.POST, "3k4", hugely_deep),
-        F.Op("create", F.POST, "3k5", F.post_record("big", T0) | {"x": "y" * 270_000}),
-        F.Op("create", F.POST, "3k6", F.post_record("t" * 100_001, T0)),
-        F.Op("create", F.POST, "3k7", b"\xff\xff not dag-cbor"),
+        sim_frames.Op("create", sim_frames.POST, "3k1", good_post),
+        sim_frames.Op("create", sim_frames.POST, "3k2", utf8),
+        sim_frames.Op("create", sim_frames.POST, "3k3", sim_frames.post_record("deep", T0) | {"x": _nest(MAX_RECORD_DEPTH)}),
+        sim_frames.Op("create", sim_frames.POST, "3k4", hugely_deep),
+        sim_frames.Op("create", sim_frames.POST, "3k5", sim_frames.post_record("big", T0) | {"x": "y" * 270_000}),
+        sim_frames.Op("create", sim_frames.POST, "3k6", sim_frames.post_record("t" * 100_001, T0)),
+        sim_frames.Op("create", sim_frames.POST, "3k7", b"\xff\xff not dag-cbor"),
         DELETE,
-        F.Op("create", F.LIKE, "3k8", like),
-        F.Op("create", F.POST, "3k9", F.post_record("deep enough", T0) | {"x": _nest(MAX_RECORD_DEPTH - 1)}),
+        sim_frames.Op("create", sim_frames.LIKE, "3k8", like),
+        sim_frames.Op("create", sim_frames.POST, "3k9", sim_frames.post_record("deep enough", T0) | {"x": _nest(MAX_RECORD_DEPTH - 1)}),
     ]
-    d = decode_frame(F.commit_frame(9, DID, ops, T0))
+    d = decode_frame(sim_frames.commit_frame(9, DID, ops, T0))
     assert d.invalid == ["record_utf8", "record_depth", "record_depth", "record_too_large", "record_too_large",
                          "record_cbor"]
     base = {"v": 1, "did": DID, "seq": 9, "time_us": T0}
     assert d.events == [
-        {**base, "kind": "post", "rkey": "3k1", "uri": f"at://{DID}/{F.POST}/3k1", "text": "fine"},
+        {**base, "kind": "post", "rkey": "3k1", "uri": f"at://{DID}/{sim_frames.POST}/3k1", "text": "fine"},
         _delete_event(9),
-        {**base, "kind": "like", "rkey": "3k8", "uri": f"at://{DID}/{F.LIKE}/3k8",
-         "subject_uri": f"at://{OTHER}/{F.POST}/3kliked", "subject_did": OTHER},
-        {**base, "kind": "post", "rkey": "3k9", "uri": f"at://{DID}/{F.POST}/3k9", "text": "deep enough"},
+        {**base, "kind": "like", "rkey": "3k8", "uri": f"at://{DID}/{sim_frames.LIKE}/3k8",
+         "subject_uri": f"at://{OTHER}/{sim_frames.POST}/3kliked", "subject_did": OTHER},
+        {**base, "kind": "post", "rkey": "3k9", "uri": f"at://{DID}/{sim_frames.POST}/3k9", "text": "deep enough"},
     ]
 
 
 def test_truncated_car_keeps_the_blocks_before_the_cut():
-    a, b = F.post_record("first", T0), F.post_record("second " * 40, T0)
-    frame = F.commit_frame(10, DID, [F.Op("create", F.POST, "3ka", a), F.Op("create", F.POST, "3kb", b), DELETE], T0)
-    car = F.split_frame(frame)[1]["blocks"]
+    a, b = sim_frames.post_record("first", T0), sim_frames.post_record("second " * 40, T0)
+    frame = sim_frames.commit_frame(10, DID, [sim_frames.Op("create", sim_frames.POST, "3ka", a), sim_frames.Op("create", sim_frames.POST, "3kb", b), DELETE], T0)
+    car = sim_frames.split_frame(frame)[1]["blocks"]
     d = decode_frame(_with_blocks(frame, car[:-20]))  # the last block (b's) is cut short
     assert [e["rkey"] for e in d.events] == ["3ka", "3kdel"] and d.invalid == ["car"]
 
@@ -280,7 +280,7 @@ def test_future_commit_time_is_clamped_to_receive_time():
     past = decode_frame(post(3, now - H48_US)[2], received_us=now)
     assert within.events[0]["time_us"] == now + FUTURE_TOLERANCE_US and within.clamped == 0
     assert past.events[0]["time_us"] == now - H48_US and past.clamped == 0  # replays are legitimately old
-    acct = decode_frame(F.account_frame(4, DID, False, "deleted", time_us=now + H48_US), received_us=now)
+    acct = decode_frame(sim_frames.account_frame(4, DID, False, "deleted", time_us=now + H48_US), received_us=now)
     assert acct.events[0]["time_us"] == now + FUTURE_TOLERANCE_US and acct.clamped == 1
 
 
@@ -330,7 +330,7 @@ def vectors(name: str) -> list[str]:
 
 
 def _like_of(uri: str, seq: int = 11) -> bytes:
-    return F.commit_frame(seq, DID, [F.Op("create", F.LIKE, "3klike", F.like_record(F.strong_ref(uri, "bafyc"), T0))], T0)
+    return sim_frames.commit_frame(seq, DID, [sim_frames.Op("create", sim_frames.LIKE, "3klike", sim_frames.like_record(sim_frames.strong_ref(uri, "bafyc"), T0))], T0)
 
 
 def test_invalid_interop_at_uris_are_rejected_as_like_subjects():
@@ -341,8 +341,8 @@ def test_invalid_interop_at_uris_are_rejected_as_like_subjects():
         d = decode_frame(_like_of(uri))
         assert d.events == [] and d.invalid == ["at_uri"], uri[:80]
     # the ones the issue named, by kind
-    for uri in [f"at://{DID}/com.atproto.feed_post", f"at://{DID}/{F.POST}/..", f"at://{DID}/{F.POST}/%zz",
-                f"at://{DID}/{F.POST}/3k#frag", f"at://{DID}/{F.POST}/3k/extra", f"at://{DID}/{F.POST}/" + "o" * 8000]:
+    for uri in [f"at://{DID}/com.atproto.feed_post", f"at://{DID}/{sim_frames.POST}/..", f"at://{DID}/{sim_frames.POST}/%zz",
+                f"at://{DID}/{sim_frames.POST}/3k#frag", f"at://{DID}/{sim_frames.POST}/3k/extra", f"at://{DID}/{sim_frames.POST}/" + "o" * 8000]:
         assert decode_frame(_like_of(uri)).invalid == ["at_uri"], uri[:80]
     assert metric("chorus_ingest_frames_invalid_total", reason="at_uri") == before  # decode only counts in the reader
 
@@ -361,22 +361,22 @@ def test_valid_interop_at_uris_are_accepted_as_like_subjects():
 
 
 def test_reply_and_quote_references_follow_the_same_rule():
-    ok = F.strong_ref(f"at://{OTHER}/{F.POST}/3kok", "bafyc")
-    bad = F.strong_ref(f"at://{OTHER}/{F.POST}/..", "bafyc")
-    ops = [F.Op("create", F.POST, "3k1", F.post_record("r", T0, reply=(ok, bad))),
-           F.Op("create", F.POST, "3k2", F.post_record("q", T0, quote=bad)),
-           F.Op("create", F.REPOST, "3k3", F.repost_record(bad, T0)),
-           F.Op("create", F.POST, "3k4", F.post_record("fine", T0, reply=(ok, ok), quote=ok))]
-    d = decode_frame(F.commit_frame(12, DID, ops, T0))
+    ok = sim_frames.strong_ref(f"at://{OTHER}/{sim_frames.POST}/3kok", "bafyc")
+    bad = sim_frames.strong_ref(f"at://{OTHER}/{sim_frames.POST}/..", "bafyc")
+    ops = [sim_frames.Op("create", sim_frames.POST, "3k1", sim_frames.post_record("r", T0, reply=(ok, bad))),
+           sim_frames.Op("create", sim_frames.POST, "3k2", sim_frames.post_record("q", T0, quote=bad)),
+           sim_frames.Op("create", sim_frames.REPOST, "3k3", sim_frames.repost_record(bad, T0)),
+           sim_frames.Op("create", sim_frames.POST, "3k4", sim_frames.post_record("fine", T0, reply=(ok, ok), quote=ok))]
+    d = decode_frame(sim_frames.commit_frame(12, DID, ops, T0))
     assert d.invalid == ["at_uri"] * 3 and [e["rkey"] for e in d.events] == ["3k4"]
 
 
 def test_op_paths_use_the_record_key_rules():
     for rkey in vectors("recordkey_syntax_valid.txt"):
-        d = decode_frame(F.commit_frame(13, DID, [F.Op("delete", F.POST, rkey)], T0))
+        d = decode_frame(sim_frames.commit_frame(13, DID, [sim_frames.Op("delete", sim_frames.POST, rkey)], T0))
         assert [e["rkey"] for e in d.events] == [rkey]
     for rkey in vectors("recordkey_syntax_invalid.txt"):
-        d = decode_frame(F.commit_frame(13, DID, [F.Op("delete", F.POST, rkey)], T0))
+        d = decode_frame(sim_frames.commit_frame(13, DID, [sim_frames.Op("delete", sim_frames.POST, rkey)], T0))
         assert d.events == [] and d.invalid == ["op_shape"], rkey[:40]
 
 
@@ -393,7 +393,7 @@ def test_protocol_syntax_matches_the_interop_vectors(kind, check):
 
 def test_protocol_accepts_dids_the_sdk_uri_regex_refuses():
     for did in ("did:web:localhost%3A8080", "did:method:a:b", "did:plc:a_b"):
-        assert protocol.parse_at_uri(f"at://{did}/{F.POST}/3k") == (did, F.POST, "3k")
+        assert protocol.parse_at_uri(f"at://{did}/{sim_frames.POST}/3k") == (did, sim_frames.POST, "3k")
     assert not protocol.is_did("did:web:bad%zz")
 
 
@@ -417,8 +417,8 @@ def test_car_split_agrees_with_libipld_on_every_commit():
     from stream.ingest.decode import car_sections
     from stream.sim.synth import Population
 
-    cars = [F.split_frame(f)[1]["blocks"] for _, _, f in Population(60, seed=2).timed_frames()
-            if F.split_frame(f)[0].get("t") == "#commit"]
+    cars = [sim_frames.split_frame(f)[1]["blocks"] for _, _, f in Population(60, seed=2).timed_frames()
+            if sim_frames.split_frame(f)[0].get("t") == "#commit"]
     for car in cars:
         index, complete = car_sections(car)
         assert complete
@@ -428,7 +428,7 @@ def test_car_split_agrees_with_libipld_on_every_commit():
     rec = libipld.encode_dag_cbor({"a": [1, {"b": "c"}]})
     raw_cid = bytes([0x01, 0x55, 0x12, 0x20]) + bytes(range(32))  # CIDv1, raw codec
     v0_cid = bytes([0x12, 0x20]) + bytes(range(32, 64))  # CIDv0
-    blocks = [(F.cid_of(rec), rec), (raw_cid, b"raw bytes"), (v0_cid, b"\x00" * 300)]
-    car = F.encode_car([F.cid_of(rec)], blocks)
+    blocks = [(sim_frames.cid_of(rec), rec), (raw_cid, b"raw bytes"), (v0_cid, b"\x00" * 300)]
+    car = sim_frames.encode_car([sim_frames.cid_of(rec)], blocks)
     index, complete = car_sections(car)
     assert complete and {cid: car[a:b] for cid, (a, b) in index.items()} == dict(blocks)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from stream.sim import frames as F
+from stream.sim import frames as sim_frames
 from stream.local.broker import free_port
 from stream.config import Settings
 from stream.ingest.cursor import CursorError, CursorStore
@@ -116,23 +116,23 @@ def fast_backoff() -> Backoff:
 
 def test_decode_commit_ops_to_events():
     t = T0 + 123_456
-    root = F.strong_ref(f"at://{OTHER}/{F.POST}/3root", "bafyroot")
-    parent = F.strong_ref(f"at://{OTHER}/{F.POST}/3parent", "bafyparent")
-    quoted = F.strong_ref(f"at://{OTHER}/{F.POST}/3quoted", "bafyq")
-    media_quote = {"$type": F.POST, "text": "media quote", "createdAt": F.iso_time(t),
+    root = sim_frames.strong_ref(f"at://{OTHER}/{sim_frames.POST}/3root", "bafyroot")
+    parent = sim_frames.strong_ref(f"at://{OTHER}/{sim_frames.POST}/3parent", "bafyparent")
+    quoted = sim_frames.strong_ref(f"at://{OTHER}/{sim_frames.POST}/3quoted", "bafyq")
+    media_quote = {"$type": sim_frames.POST, "text": "media quote", "createdAt": sim_frames.iso_time(t),
                    "embed": {"$type": "app.bsky.embed.recordWithMedia",
                              "record": {"record": quoted}, "media": {"$type": "app.bsky.embed.images", "images": []}}}
     ops = [
-        F.Op("create", F.POST, "3post", F.post_record("héllo 🌍 world", t, ["en", "fr"], reply=(root, parent), quote=quoted)),
-        F.Op("create", F.POST, "3media", media_quote),
-        F.Op("create", F.LIKE, "3like", F.like_record(parent, t)),
-        F.Op("create", F.REPOST, "3repost", F.repost_record(quoted, t)),
-        F.Op("create", F.FOLLOW, "3follow", F.follow_record(OTHER, t)),
-        F.Op("delete", F.LIKE, "3gone"),
-        F.Op("update", F.POST, "3post", F.post_record("edited", t)),  # updates are ignored
-        F.Op("create", "app.bsky.actor.profile", "self", {"$type": "app.bsky.actor.profile"}),  # other collection
+        sim_frames.Op("create", sim_frames.POST, "3post", sim_frames.post_record("héllo 🌍 world", t, ["en", "fr"], reply=(root, parent), quote=quoted)),
+        sim_frames.Op("create", sim_frames.POST, "3media", media_quote),
+        sim_frames.Op("create", sim_frames.LIKE, "3like", sim_frames.like_record(parent, t)),
+        sim_frames.Op("create", sim_frames.REPOST, "3repost", sim_frames.repost_record(quoted, t)),
+        sim_frames.Op("create", sim_frames.FOLLOW, "3follow", sim_frames.follow_record(OTHER, t)),
+        sim_frames.Op("delete", sim_frames.LIKE, "3gone"),
+        sim_frames.Op("update", sim_frames.POST, "3post", sim_frames.post_record("edited", t)),  # updates are ignored
+        sim_frames.Op("create", "app.bsky.actor.profile", "self", {"$type": "app.bsky.actor.profile"}),  # other collection
     ]
-    d = decode_frame(F.commit_frame(BIG_SEQ, DID, ops, t))
+    d = decode_frame(sim_frames.commit_frame(BIG_SEQ, DID, ops, t))
     assert (d.type, d.seq, d.time_us, d.invalid) == ("#commit", BIG_SEQ, t, [])
     base = {"v": 1, "did": DID, "seq": BIG_SEQ, "time_us": t}
 
@@ -140,36 +140,36 @@ def test_decode_commit_ops_to_events():
         return f"at://{DID}/{coll}/{rkey}"
 
     assert d.events == [
-        {**base, "kind": "post", "rkey": "3post", "uri": uri(F.POST, "3post"), "text": "héllo 🌍 world",
+        {**base, "kind": "post", "rkey": "3post", "uri": uri(sim_frames.POST, "3post"), "text": "héllo 🌍 world",
          "langs": ["en", "fr"], "reply_parent": parent["uri"], "reply_root": root["uri"], "quote_uri": quoted["uri"]},
-        {**base, "kind": "post", "rkey": "3media", "uri": uri(F.POST, "3media"), "text": "media quote",
+        {**base, "kind": "post", "rkey": "3media", "uri": uri(sim_frames.POST, "3media"), "text": "media quote",
          "quote_uri": quoted["uri"]},
-        {**base, "kind": "like", "rkey": "3like", "uri": uri(F.LIKE, "3like"), "subject_uri": parent["uri"],
+        {**base, "kind": "like", "rkey": "3like", "uri": uri(sim_frames.LIKE, "3like"), "subject_uri": parent["uri"],
          "subject_did": OTHER},
-        {**base, "kind": "repost", "rkey": "3repost", "uri": uri(F.REPOST, "3repost"), "subject_uri": quoted["uri"],
+        {**base, "kind": "repost", "rkey": "3repost", "uri": uri(sim_frames.REPOST, "3repost"), "subject_uri": quoted["uri"],
          "subject_did": OTHER},
-        {**base, "kind": "follow", "rkey": "3follow", "uri": uri(F.FOLLOW, "3follow"), "subject_did": OTHER},
-        {**base, "kind": "delete", "rkey": "3gone", "uri": uri(F.LIKE, "3gone"), "collection": F.LIKE},
+        {**base, "kind": "follow", "rkey": "3follow", "uri": uri(sim_frames.FOLLOW, "3follow"), "subject_did": OTHER},
+        {**base, "kind": "delete", "rkey": "3gone", "uri": uri(sim_frames.LIKE, "3gone"), "collection": sim_frames.LIKE},
     ]
     for ev in d.events:
         Event.model_validate(ev)
 
 
 def test_decode_other_frame_types():
-    acct = decode_frame(F.account_frame(BIG_SEQ, DID, False, "deleted", time_us=T0))
+    acct = decode_frame(sim_frames.account_frame(BIG_SEQ, DID, False, "deleted", time_us=T0))
     assert acct.type == "#account" and acct.seq == BIG_SEQ
     assert acct.events == [{"v": 1, "kind": "account", "did": DID, "rkey": "", "uri": f"at://{DID}",
                             "seq": BIG_SEQ, "time_us": T0, "active": False, "status": "deleted"}]
     Event.model_validate(acct.events[0])
-    back = decode_frame(F.account_frame(5, DID, True, time_us=T0))
+    back = decode_frame(sim_frames.account_frame(5, DID, True, time_us=T0))
     assert back.events[0]["active"] is True and "status" not in back.events[0]
-    ident = decode_frame(F.identity_frame(6, DID, "alice.test", time_us=T0))
+    ident = decode_frame(sim_frames.identity_frame(6, DID, "alice.test", time_us=T0))
     assert (ident.type, ident.seq, ident.events, ident.invalid) == ("#identity", 6, [], [])
-    sync = decode_frame(F.sync_frame(7, DID, time_us=T0))
+    sync = decode_frame(sim_frames.sync_frame(7, DID, time_us=T0))
     assert (sync.type, sync.seq, sync.events) == ("#sync", 7, [])
-    info = decode_frame(F.info_frame("OutdatedCursor", "too old"))
+    info = decode_frame(sim_frames.info_frame("OutdatedCursor", "too old"))
     assert (info.type, info.seq, info.info) == ("#info", None, ("OutdatedCursor", "too old"))
-    err = decode_frame(F.error_frame("FutureCursor", "ahead"))
+    err = decode_frame(sim_frames.error_frame("FutureCursor", "ahead"))
     assert (err.type, err.error) == ("error", ("FutureCursor", "ahead"))
 
 
@@ -183,7 +183,7 @@ BAD_REASONS = {
 
 
 def test_decode_bad_frames_counted_by_reason():
-    bad = F.bad_frames(seq=9)
+    bad = sim_frames.bad_frames(seq=9)
     assert set(BAD_REASONS) | {"unknown_type"} == set(bad)
     for name, reason in BAD_REASONS.items():
         d = decode_frame(bad[name])
@@ -192,12 +192,12 @@ def test_decode_bad_frames_counted_by_reason():
     assert (unknown.type, unknown.events, unknown.invalid) == ("unknown", [], [])
     # op-level problems skip the op, keep the rest of the commit
     t = T0
-    ops = [F.Op("create", F.FOLLOW, "3a", F.follow_record("not-a-did", t)),
-           F.Op("create", F.LIKE, "3b", F.like_record(F.strong_ref("at://alice.test/app.bsky.feed.post/1", "c"), t)),
-           F.Op("create", F.LIKE, "3c", F.like_record(F.strong_ref("https://x/y", "c"), t)),
-           F.Op("create", F.POST, "bad/rkey", F.post_record("x", t)),
-           F.Op("create", F.POST, "3ok", F.post_record("fine", t))]
-    d = decode_frame(F.commit_frame(10, DID, ops, t))
+    ops = [sim_frames.Op("create", sim_frames.FOLLOW, "3a", sim_frames.follow_record("not-a-did", t)),
+           sim_frames.Op("create", sim_frames.LIKE, "3b", sim_frames.like_record(sim_frames.strong_ref("at://alice.test/app.bsky.feed.post/1", "c"), t)),
+           sim_frames.Op("create", sim_frames.LIKE, "3c", sim_frames.like_record(sim_frames.strong_ref("https://x/y", "c"), t)),
+           sim_frames.Op("create", sim_frames.POST, "bad/rkey", sim_frames.post_record("x", t)),
+           sim_frames.Op("create", sim_frames.POST, "3ok", sim_frames.post_record("fine", t))]
+    d = decode_frame(sim_frames.commit_frame(10, DID, ops, t))
     assert d.invalid == ["invalid_did", "uri_handle", "at_uri", "op_shape"]
     assert [e["rkey"] for e in d.events] == ["3ok"]
     assert decode_frame("text frame").invalid == ["header"]
@@ -240,10 +240,10 @@ def test_population_end_to_end_exact(fresh_broker, tmp_path):
     pop = Population(100, seed=3)
     good = list(pop.timed_frames())
     last = good[-1][0]
-    names = sorted(F.bad_frames())
-    items = good + [(last + 1 + i, good[-1][1], F.bad_frames(seq=last + 1 + i, time_us=good[-1][1])[name])
+    names = sorted(sim_frames.bad_frames())
+    items = good + [(last + 1 + i, good[-1][1], sim_frames.bad_frames(seq=last + 1 + i, time_us=good[-1][1])[name])
                     for i, name in enumerate(names)]
-    tail = F.commit_frame(last + 100, DID, [F.Op("create", F.POST, "3tail", F.post_record("tail", T0))], T0)
+    tail = sim_frames.commit_frame(last + 100, DID, [sim_frames.Op("create", sim_frames.POST, "3tail", sim_frames.post_record("tail", T0))], T0)
     items.append((last + 100, T0, tail))
     before = {r: metric("chorus_ingest_frames_invalid_total", reason=r) for r in BAD_REASONS.values()}
     unknown_before = metric("chorus_ingest_frames_total", type="unknown")
@@ -260,7 +260,7 @@ def test_population_end_to_end_exact(fresh_broker, tmp_path):
     assert ing.reader.duplicates == 0
     assert CursorStore(tmp_path / "state", ing.relay).load() == last + 100
     expected = population_truth(pop)
-    expected[canon({"kind": "post", "did": DID, "rkey": "3tail", "uri": f"at://{DID}/{F.POST}/3tail",
+    expected[canon({"kind": "post", "did": DID, "rkey": "3tail", "uri": f"at://{DID}/{sim_frames.POST}/3tail",
                     "seq": last + 100, "time_us": T0, "text": "tail"})] += 1
     n_acct = pop.expected()["account"]
     values = asyncio.run(consume_all(fresh_broker.bootstrap, sum(expected.values()) + n_acct))
@@ -305,7 +305,7 @@ def test_relay_drops_connection_reconnects_without_loss(fresh_broker, tmp_path):
 
 
 def test_future_cursor_restarts_live(fresh_broker, tmp_path):
-    frames = [(s, T0 + s, F.commit_frame(s, DID, [F.Op("create", F.POST, f"3p{s}", F.post_record(f"p{s}", T0 + s))],
+    frames = [(s, T0 + s, sim_frames.commit_frame(s, DID, [sim_frames.Op("create", sim_frames.POST, f"3p{s}", sim_frames.post_record(f"p{s}", T0 + s))],
                                          T0 + s)) for s in range(1, 41)]
 
     async def main():
@@ -496,7 +496,7 @@ def test_consumer_too_slow_reconnects_from_acknowledged_cursor(fresh_broker, tmp
     import websockets
     from websockets.asyncio.server import serve
 
-    frames = {s: F.commit_frame(s, DID, [F.Op("create", F.POST, f"3p{s}", F.post_record(f"p{s}", T0 + s))], T0 + s)
+    frames = {s: sim_frames.commit_frame(s, DID, [sim_frames.Op("create", sim_frames.POST, f"3p{s}", sim_frames.post_record(f"p{s}", T0 + s))], T0 + s)
               for s in range(1, 31)}
     cursors: list[int | None] = []
 
@@ -509,7 +509,7 @@ def test_consumer_too_slow_reconnects_from_acknowledged_cursor(fresh_broker, tmp
             if len(cursors) == 1:
                 for s in range(first, 16):
                     await ws.send(frames[s])
-                await ws.send(F.error_frame("ConsumerTooSlow", "you are too slow"))
+                await ws.send(sim_frames.error_frame("ConsumerTooSlow", "you are too slow"))
                 await ws.close()
                 return
             for s in range(first, 31):

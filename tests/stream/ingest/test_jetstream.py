@@ -23,7 +23,7 @@ from stream.config import Settings
 from stream.ingest.jetstream import REWIND_US, WANTED_COLLECTIONS, decode_message
 from stream.ingest.reader import Backoff
 from stream.ingest.service import Ingester, IngestError
-from stream.sim import frames as F
+from stream.sim import frames as sim_frames
 from stream.sim.jetstream import jetstream_items
 from stream.sim.relay import FrameSource, Relay
 from stream.sim.synth import Population
@@ -51,7 +51,7 @@ def test_real_shaped_messages_decode_to_the_expected_events():
     """Messages shaped like Jetstream's documented examples (facets, an image embed with a blob
     link, a quote with media) map to the firehose's events, field for field."""
     subject = {"uri": f"at://{OTHER}/app.bsky.feed.post/3l3pte3p2e325", "cid": "bafyreigh"}
-    post = {"$type": F.POST, "createdAt": "2024-09-09T19:46:02.102Z", "langs": ["en"],
+    post = {"$type": sim_frames.POST, "createdAt": "2024-09-09T19:46:02.102Z", "langs": ["en"],
             "text": "who's up for #atproto 🦋",
             "facets": [{"features": [{"$type": "app.bsky.richtext.facet#tag", "tag": "atproto"}],
                         "index": {"byteStart": 12, "byteEnd": 20}}],
@@ -61,15 +61,15 @@ def test_real_shaped_messages_decode_to_the_expected_events():
                           {"alt": "", "image": {"$type": "blob", "ref": {"$link": "bafkreibj"},
                                                 "mimeType": "image/jpeg", "size": 1000}}]}}}
     msgs = [
-        line("commit", commit("create", F.POST, "3l3qo2vuowo2b", post)),
-        line("commit", commit("create", F.LIKE, "3l3qo2vv2fy2b", {"$type": F.LIKE, "subject": subject,
+        line("commit", commit("create", sim_frames.POST, "3l3qo2vuowo2b", post)),
+        line("commit", commit("create", sim_frames.LIKE, "3l3qo2vv2fy2b", {"$type": sim_frames.LIKE, "subject": subject,
                                                                    "createdAt": "2024-09-09T19:46:02Z"})),
-        line("commit", commit("create", F.REPOST, "3l3qo2vvk4i2b", {"$type": F.REPOST, "subject": subject,
+        line("commit", commit("create", sim_frames.REPOST, "3l3qo2vvk4i2b", {"$type": sim_frames.REPOST, "subject": subject,
                                                                      "createdAt": "2024-09-09T19:46:02Z"})),
-        line("commit", commit("create", F.FOLLOW, "3l3qo2vvvzk2b", {"$type": F.FOLLOW, "subject": OTHER,
+        line("commit", commit("create", sim_frames.FOLLOW, "3l3qo2vvvzk2b", {"$type": sim_frames.FOLLOW, "subject": OTHER,
                                                                      "createdAt": "2024-09-09T19:46:02Z"})),
-        line("commit", commit("delete", F.LIKE, "3l3qo2vw2sm2b")),
-        line("commit", commit("update", F.POST, "3l3qo2vuowo2b", post)),  # ignored
+        line("commit", commit("delete", sim_frames.LIKE, "3l3qo2vw2sm2b")),
+        line("commit", commit("update", sim_frames.POST, "3l3qo2vuowo2b", post)),  # ignored
         line("commit", commit("create", "app.bsky.actor.profile", "self", {"$type": "app.bsky.actor.profile"})),
         line("identity", {"did": DID, "handle": "alice.bsky.social", "seq": 1409752997,
                           "time": "2024-09-05T06:11:04.870Z"}),
@@ -79,17 +79,17 @@ def test_real_shaped_messages_decode_to_the_expected_events():
     base = {"v": 1, "did": DID, "seq": T, "time_us": T}
     uri = lambda c, r: f"at://{DID}/{c}/{r}"  # noqa: E731
     expected = [
-        [{**base, "kind": "post", "rkey": "3l3qo2vuowo2b", "uri": uri(F.POST, "3l3qo2vuowo2b"),
+        [{**base, "kind": "post", "rkey": "3l3qo2vuowo2b", "uri": uri(sim_frames.POST, "3l3qo2vuowo2b"),
           "text": "who's up for #atproto 🦋", "langs": ["en"], "reply_parent": subject["uri"],
           "reply_root": subject["uri"], "quote_uri": subject["uri"]}],
-        [{**base, "kind": "like", "rkey": "3l3qo2vv2fy2b", "uri": uri(F.LIKE, "3l3qo2vv2fy2b"),
+        [{**base, "kind": "like", "rkey": "3l3qo2vv2fy2b", "uri": uri(sim_frames.LIKE, "3l3qo2vv2fy2b"),
           "subject_uri": subject["uri"], "subject_did": OTHER}],
-        [{**base, "kind": "repost", "rkey": "3l3qo2vvk4i2b", "uri": uri(F.REPOST, "3l3qo2vvk4i2b"),
+        [{**base, "kind": "repost", "rkey": "3l3qo2vvk4i2b", "uri": uri(sim_frames.REPOST, "3l3qo2vvk4i2b"),
           "subject_uri": subject["uri"], "subject_did": OTHER}],
-        [{**base, "kind": "follow", "rkey": "3l3qo2vvvzk2b", "uri": uri(F.FOLLOW, "3l3qo2vvvzk2b"),
+        [{**base, "kind": "follow", "rkey": "3l3qo2vvvzk2b", "uri": uri(sim_frames.FOLLOW, "3l3qo2vvvzk2b"),
           "subject_did": OTHER}],
-        [{**base, "kind": "delete", "rkey": "3l3qo2vw2sm2b", "uri": uri(F.LIKE, "3l3qo2vw2sm2b"),
-          "collection": F.LIKE}],
+        [{**base, "kind": "delete", "rkey": "3l3qo2vw2sm2b", "uri": uri(sim_frames.LIKE, "3l3qo2vw2sm2b"),
+          "collection": sim_frames.LIKE}],
         [], [], [],
         [{**base, "kind": "account", "rkey": "", "uri": f"at://{DID}", "active": False, "status": "deactivated"}],
     ]
@@ -107,16 +107,16 @@ def test_bad_messages_are_counted_by_reason():
         "not json": "json",
         "[1, 2]": "json",
         json.dumps({"did": DID, "time_us": "soon", "kind": "commit", "commit": {}}): "frame_shape",
-        line("commit", commit("create", F.POST, "3k", {"$type": F.POST, "text": "x"}), did="alice"): "invalid_did",
+        line("commit", commit("create", sim_frames.POST, "3k", {"$type": sim_frames.POST, "text": "x"}), did="alice"): "invalid_did",
         '{"did": "%s", "time_us": %d, "kind": "commit", "commit": {"rev": "r", "operation": "create", '
         '"collection": "%s", "rkey": "3k", "record": {"$type": "%s", "text": "\\ud800"}}}'
-        % (DID, T, F.POST, F.POST): "record_utf8",
-        line("commit", commit("create", F.LIKE, "3k", {"$type": F.LIKE, "subject": {
-            "uri": f"at://{OTHER}/{F.POST}/..", "cid": "c"}})): "at_uri",
-        line("commit", commit("create", F.POST, "3k", {"$type": F.POST, "text": "d", "x": deep})): "record_depth",
+        % (DID, T, sim_frames.POST, sim_frames.POST): "record_utf8",
+        line("commit", commit("create", sim_frames.LIKE, "3k", {"$type": sim_frames.LIKE, "subject": {
+            "uri": f"at://{OTHER}/{sim_frames.POST}/..", "cid": "c"}})): "at_uri",
+        line("commit", commit("create", sim_frames.POST, "3k", {"$type": sim_frames.POST, "text": "d", "x": deep})): "record_depth",
         "[" * 100_000 + "]" * 100_000: "record_depth",
-        line("commit", commit("create", F.POST, "3k", {"$type": F.POST, "text": "t" * 300_000})): "record_too_large",
-        line("commit", commit("create", F.POST, "a/b", {"$type": F.POST, "text": "x"})): "op_shape",
+        line("commit", commit("create", sim_frames.POST, "3k", {"$type": sim_frames.POST, "text": "t" * 300_000})): "record_too_large",
+        line("commit", commit("create", sim_frames.POST, "a/b", {"$type": sim_frames.POST, "text": "x"})): "op_shape",
         line("account", {"active": False, "status": "\ud800 no such status"}): "frame_shape",
     }
     for raw, reason in cases.items():
@@ -125,7 +125,7 @@ def test_bad_messages_are_counted_by_reason():
 
 
 def test_future_time_is_clamped_like_the_firehose():
-    d = decode_message(line("commit", commit("delete", F.LIKE, "3k"), t=T + 48 * 3600 * 10**6), received_us=T)
+    d = decode_message(line("commit", commit("delete", sim_frames.LIKE, "3k"), t=T + 48 * 3600 * 10**6), received_us=T)
     assert d.seq == T + 48 * 3600 * 10**6  # the cursor stays Jetstream's
     assert d.events[0]["time_us"] == T + 60 * 10**6 and d.clamped == 1
 
@@ -136,10 +136,10 @@ def posts(n: int) -> list[tuple[int, int, bytes]]:
     out = []
     for s in range(1, n + 1):
         t = T + s * 1000
-        coll = F.LIKE if s % 3 == 0 else F.POST
-        rec = (F.like_record(F.strong_ref(f"at://{OTHER}/{F.POST}/3k", "c"), t) if coll == F.LIKE
-               else F.post_record(f"p{s}", t))
-        out.append((s, t, F.commit_frame(s, DID, [F.Op("create", coll, f"3k{s}", rec)], t)))
+        coll = sim_frames.LIKE if s % 3 == 0 else sim_frames.POST
+        rec = (sim_frames.like_record(sim_frames.strong_ref(f"at://{OTHER}/{sim_frames.POST}/3k", "c"), t) if coll == sim_frames.LIKE
+               else sim_frames.post_record(f"p{s}", t))
+        out.append((s, t, sim_frames.commit_frame(s, DID, [sim_frames.Op("create", coll, f"3k{s}", rec)], t)))
     return out
 
 
@@ -160,7 +160,7 @@ def test_relay_serves_jetstream_cursor_and_collection_rules():
         async with Relay(FrameSource(lambda: iter(items), 1, 12), protocol="jetstream") as relay:
             assert relay.url.endswith("/subscribe")
             everything = await recv_all(relay.url)
-            likes = await recv_all(f"{relay.url}?wantedCollections={F.LIKE}")
+            likes = await recv_all(f"{relay.url}?wantedCollections={sim_frames.LIKE}")
             t5 = everything[4]["time_us"]
             from5 = await recv_all(f"{relay.url}?cursor={t5}")  # inclusive
             old = await recv_all(f"{relay.url}?cursor=1")
@@ -179,8 +179,8 @@ def test_relay_serves_jetstream_cursor_and_collection_rules():
 
 def test_messages_of_one_commit_get_unique_increasing_times():
     t = T
-    ops = [F.Op("create", F.FOLLOW, f"3f{i}", F.follow_record(OTHER, t)) for i in range(3)]
-    frames = [(1, t, F.commit_frame(1, DID, ops, t)), (2, t + 1, F.commit_frame(2, DID, ops[:1], t + 1))]
+    ops = [sim_frames.Op("create", sim_frames.FOLLOW, f"3f{i}", sim_frames.follow_record(OTHER, t)) for i in range(3)]
+    frames = [(1, t, sim_frames.commit_frame(1, DID, ops, t)), (2, t + 1, sim_frames.commit_frame(2, DID, ops[:1], t + 1))]
     assert [i[0] for i in jetstream_items(frames)] == [t, t + 1, t + 2, t + 3]
 
 
@@ -274,9 +274,9 @@ def test_cli_relay_serves_jetstream(tmp_path):
         banner = proc.stderr.readline()
         url = banner.split(" at ")[1].split()[0]
         assert url.startswith("ws://127.0.0.1:") and url.endswith("/subscribe"), banner
-        got = asyncio.run(asyncio.wait_for(recv_all(f"{url}?wantedCollections={F.FOLLOW}", quiet=1.0), 30))
+        got = asyncio.run(asyncio.wait_for(recv_all(f"{url}?wantedCollections={sim_frames.FOLLOW}", quiet=1.0), 30))
         assert got and all(m["kind"] in ("commit", "account", "identity") for m in got)
-        assert {m["commit"]["collection"] for m in got if m["kind"] == "commit"} == {F.FOLLOW}
+        assert {m["commit"]["collection"] for m in got if m["kind"] == "commit"} == {sim_frames.FOLLOW}
     finally:
         proc.terminate()
         proc.wait(10)
