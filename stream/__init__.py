@@ -10,7 +10,9 @@ Stages, one subpackage each:
 - :mod:`stream.offline`: offline tools (`chorus analyze`, `chorus report`, `chorus alerts`).
 
 Shared by every stage, at this level: ``cli`` (the `chorus` command), ``config`` (settings),
-``schemas`` (topic names and record schemas), ``kafka`` (client factories, topic creation),
+``schemas`` (topic names and record schemas), ``topics`` (the topic registry: partitions,
+retention, cleanup policy), ``kafka`` (client factories, topic creation and checks, delivery through
+broker outages), ``guard`` (consumer-side record validation: poison records refused and counted),
 ``metrics`` (every Prometheus metric), ``process`` (event loop and process setup), ``protocol``
 (AT Protocol rules: identifier syntax, collection NSIDs, times, limits).
 """
