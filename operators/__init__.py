@@ -4,6 +4,6 @@
 """
 
 from operators import bands, indicators, quadrature, shapley
-from operators.attribution import Attribution, attribute
+from operators.attribution import Attribution, NonFiniteError, attribute
 
-__all__ = ["Attribution", "attribute", "bands", "indicators", "quadrature", "shapley"]
+__all__ = ["Attribution", "NonFiniteError", "attribute", "bands", "indicators", "quadrature", "shapley"]

@@ -9,6 +9,10 @@ baseline of F when None, as in operators.attribute). Shapley value of agent i:
 v(prefix + i) - v(prefix) over random permutations drawn in antithetic pairs (a permutation and
 its reverse), evaluating F on batches of prefix inputs with ``vmap``. F is a black box here: it
 is evaluated, never differentiated. Results are float64 numpy arrays of shape (N,).
+
+Both raise :class:`operators.attribution.NonFiniteError` (a ValueError) when x or the baseline
+holds NaN/inf, when F(x) (all agents) or F(b) (none) is not finite, when F is not finite on some
+coalition (the first few are named), or when some agents' phi is not finite.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from operators.attribution import (
+    NonFiniteError,
     as_features,
+    check_finite_phi,
     check_scalar,
     join_callable,
     resolve_baseline,
@@ -45,8 +51,22 @@ def _prepare(F: Callable, x, baseline):
     x = as_features(x)
     b = resolve_baseline(F, x, baseline)
     if not bool(jnp.isfinite(x).all() & jnp.isfinite(b).all()):
-        raise ValueError("x and baseline must be finite (found NaN or inf)")
+        raise NonFiniteError("x and baseline must be finite (found NaN or inf)")
     return static, dyn, x, b
+
+
+def _check_values(v: np.ndarray, bits: np.ndarray) -> None:
+    """Raise NonFiniteError naming F(b) (empty coalition), F(x) (all) or other coalitions."""
+    bad = ~np.isfinite(v)
+    if not bad.any():
+        return
+    empty, full = ~bits.any(axis=1), bits.all(axis=1)
+    if (bad & empty).any():
+        raise NonFiniteError(f"F(b) (the baseline value) is not finite ({v[bad & empty][0]})")
+    if (bad & full).any():
+        raise NonFiniteError(f"F(x) is not finite ({v[bad & full][0]})")
+    where = [sorted(int(i) for i in np.flatnonzero(row)) for row in bits[bad][:3]]
+    raise NonFiniteError(f"F is not finite on {int(bad.sum())} coalition(s), e.g. agents {where}")
 
 
 @partial(jax.jit, static_argnums=0)
@@ -72,12 +92,14 @@ def exact(F: Callable, x, baseline=None) -> np.ndarray:
             for s in range(0, len(bits), chunk)
         ]
     ).astype(np.float64)
+    _check_values(v, bits.astype(bool))
     size = bits.sum(axis=1)
     weight = np.array([factorial(s) * factorial(n - s - 1) / factorial(n) for s in range(n)])
     phi = np.empty(n)
     for i in range(n):
         without = coalitions[bits[:, i] == 0]
         phi[i] = np.sum(weight[size[without]] * (v[without | (1 << i)] - v[without]))
+    check_finite_phi(phi)
     return phi
 
 
@@ -119,6 +141,8 @@ def sampled(
         raise ValueError(f"permutations must be even and >= 4 (antithetic pairs), got {permutations}")
     static, dyn, x, b = _prepare(F, x, baseline)
     n, per_prefix = x.shape[0], max(1, x.size)
+    ends = np.array([[False] * n, [True] * n])
+    _check_values(np.asarray(_coalition_values(static, dyn, x, b, jnp.asarray(ends)), np.float64), ends)
     pairs = permutations // 2
     prefix_batch = int(batch_size) if batch_size else max(1, _BATCH_ELEMENTS // per_prefix)
     if prefix_batch < 1:
@@ -136,4 +160,6 @@ def sampled(
             for s in range(0, len(ranks), chunk)
         ]
     )[:pairs].astype(np.float64)
-    return est.mean(axis=0), est.std(axis=0, ddof=1) / np.sqrt(pairs)
+    phi = est.mean(axis=0)
+    check_finite_phi(phi, hint=" (F is not finite on some permutation prefix)")
+    return phi, est.std(axis=0, ddof=1) / np.sqrt(pairs)
