@@ -7,13 +7,41 @@ floor(lo N) <= r_i < floor(hi N) (the last band takes the rest). DEFAULT_BANDS: 
 0.1-1%, 1-10%, 10-50%, bottom 50%. With distinct counts the band sizes are exact (N = 1000: 1,
 9, 90, 400, 500); with ties or small N a band can be empty or wider than nominal.
 
-Band share = sum of phi over the band / sum of phi over all agents (per-agent phi: an (N, d)
-attribution is summed over features). Shares sum to 1 and can be negative or above 1 when phi
-has mixed signs; when sum(phi) == 0 every share is 0.
+Band shares with mixed signs. Per-agent phi (an (N, d) attribution summed over features) can have
+both signs (polarization: an agent pulling toward the mean lowers P). Shares of sum(phi) are then
+unbounded (they reach +-500 when the total nearly cancels) and meaningless when it cancels. chorus
+splits the mass instead: P+ = sum_i max(phi_i, 0), P- = sum_i max(-phi_i, 0), A = P+ + P- (the
+absolute attribution mass), and per band b the positive and negative mass pos_b, neg_b.
 
-Visibility panel = the k agents with most followers (ties broken by lower index). Panel
-attribution = Aumann-Shapley of F evaluated on the panel alone: input z = x on panel rows and
-the baseline b elsewhere, attributed from b (so non-panel agents get exactly 0).
+- ``band_mass``: pos_b / P+ and neg_b / P- (each a distribution over bands, in [0, 1], sum 1;
+  all 0 when that mass is 0), plus P+ and P-.
+- ``band_shares``: the net share (pos_b - neg_b) / A, in [-1, 1]; the shares sum to
+  (P+ - P-) / A; with phi >= 0 everywhere this is the plain share sum_b phi / sum phi; all 0
+  when phi == 0.
+- ``band_distribution``: the (sign, band) distribution [pos_b; neg_b] / A (sums to 1), and
+  ``band_tvd`` the total-variation distance between two of them, 1/2 sum |p - q| in [0, 1]
+  (nan when either attribution is all zero).
+
+Visibility panel = the k agents with most followers (ties broken by lower index). Panel (or any
+subset S) attribution = Aumann-Shapley of F evaluated on S alone: input z = x on S's rows and the
+baseline b elsewhere, attributed from b (so agents outside S get exactly 0).
+
+What the comparison measures (the attribution scaling bias). On the members of S, the panel
+attribution p and the full-scale attribution f differ in scale (F's level depends on everyone)
+and, when agents *interact*, in pattern. The best single rescale c* = <f, p> / <p, p> and its
+relative residual ||f - c* p|| / ||f|| separate the two: for an additive F = sum_i g_i(x_i)
+(linear or not, e.g. sum(log1p(x))) phi_i depends on agent i alone, so p = f on S and the
+residual is 0 (c* = 1); it is positive only when agents interact (cascade reach: shared
+followers; polarization: the common mean). Spearman's rho compares the ranks on S.
+
+The band comparison (TVD) is only informative when S spans several bands: the top-100 panel of a
+population over 100,000 lies in the top 0.1% band, so its TVD is 1 minus the full-scale top-band
+share whatever F is (``PanelComparison.tvd`` is then nan). ``visibility_sample`` draws a
+convenience-like sample instead: Poisson sampling with inclusion probability rising with
+followers, pi_i = min(1, c (1 + followers_i)^exponent), c such that sum pi = size. Its TVD mixes
+that selection bias (present for a linear F too) with the scaling bias; the residual does not.
+
+Non-finite phi raises :class:`operators.attribution.NonFiniteError` naming the agents.
 """
 
 from __future__ import annotations
@@ -24,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.stats import spearmanr
 
-from operators.attribution import as_features, attribute, resolve_baseline
+from operators.attribution import as_features, attribute, check_finite_phi, resolve_baseline
 
 __all__ = [
     "DEFAULT_BANDS",
@@ -32,9 +60,15 @@ __all__ = [
     "band_index",
     "band_of",
     "band_shares",
+    "band_mass",
+    "BandMass",
+    "band_distribution",
+    "band_tvd",
     "PanelComparison",
     "panel_agents",
     "panel_comparison",
+    "visibility_sample",
+    "rescale_fit",
 ]
 
 # (name, lo, hi): fractions of the population from the top
@@ -82,17 +116,64 @@ def _per_agent(phi, n: int | None = None) -> np.ndarray:
         p = p.sum(axis=1)
     if p.ndim != 1 or (n is not None and p.shape[0] != n):
         raise ValueError(f"phi must have shape (N,) or (N, d) with N = {n}, got {np.shape(phi)}")
+    check_finite_phi(p)
     return p
 
 
-def band_shares(phi, followers, bands=DEFAULT_BANDS) -> dict[str, float]:
-    """{band name: sum of phi in band / sum of phi}, in band order (all 0 when sum(phi) == 0)."""
+def _signed_mass(phi, followers, bands) -> np.ndarray:
+    """(2, len(bands)): positive and negative attribution mass per band."""
     f = _followers(followers)
     p = _per_agent(phi, f.size)
-    sums = np.bincount(band_index(f, bands), weights=p, minlength=len(bands))
-    total = p.sum()
-    shares = sums / total if total != 0 else np.zeros(len(bands))
-    return {name: float(s) for (name, _, _), s in zip(bands, shares)}
+    idx = band_index(f, bands)
+    return np.stack([np.bincount(idx, weights=np.maximum(p, 0), minlength=len(bands)),
+                     np.bincount(idx, weights=np.maximum(-p, 0), minlength=len(bands))])
+
+
+def _named(bands, values) -> dict[str, float]:
+    return {name: float(v) for (name, _, _), v in zip(bands, values)}
+
+
+def band_distribution(phi, followers, bands=DEFAULT_BANDS) -> np.ndarray:
+    """(2, len(bands)) array [pos_b; neg_b] / A: the (sign, band) distribution of |phi| (sums to
+    1; all 0 when phi == 0). See the module docstring."""
+    mass = _signed_mass(phi, followers, bands)
+    total = mass.sum()
+    return mass / total if total > 0 else np.zeros_like(mass)
+
+
+def band_tvd(p: np.ndarray, q: np.ndarray) -> float:
+    """Total-variation distance 1/2 sum |p - q| of two :func:`band_distribution` arrays, in [0, 1];
+    nan when either is all zero (an all-zero attribution has no distribution)."""
+    if not np.any(p) or not np.any(q):
+        return float("nan")
+    return float(0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum())
+
+
+def band_shares(phi, followers, bands=DEFAULT_BANDS) -> dict[str, float]:
+    """{band name: (pos_b - neg_b) / (P+ + P-)}, in band order: the net share of the absolute
+    attribution mass, in [-1, 1] (the plain share of sum(phi) when phi >= 0; all 0 when phi == 0).
+
+    Raises ValueError for mismatched shapes, NonFiniteError naming agents whose phi is NaN/inf."""
+    dist = band_distribution(phi, followers, bands)
+    return _named(bands, dist[0] - dist[1])
+
+
+@dataclass(frozen=True)
+class BandMass:
+    """Positive and negative attribution mass, each as shares over bands (see module docstring)."""
+
+    positive: dict[str, float]  # pos_b / P+ (all 0 when P+ == 0)
+    negative: dict[str, float]  # neg_b / P- (all 0 when P- == 0)
+    positive_mass: float  # P+ = sum max(phi, 0)
+    negative_mass: float  # P- = sum max(-phi, 0)
+
+
+def band_mass(phi, followers, bands=DEFAULT_BANDS) -> BandMass:
+    """Positive and negative mass of phi per band, as shares of P+ and P- (each sums to 1 or 0)."""
+    mass = _signed_mass(phi, followers, bands)
+    tot = mass.sum(axis=1)
+    shares = [m / t if t > 0 else np.zeros_like(m) for m, t in zip(mass, tot)]
+    return BandMass(_named(bands, shares[0]), _named(bands, shares[1]), float(tot[0]), float(tot[1]))
 
 
 def panel_agents(followers, k: int = 100) -> np.ndarray:
@@ -103,30 +184,80 @@ def panel_agents(followers, k: int = 100) -> np.ndarray:
     return np.argsort(-f, kind="stable")[: min(int(k), f.size)]
 
 
+def visibility_sample(followers, size: int, seed: int = 0, exponent: float = 1.0,
+                      eligible=None) -> tuple[np.ndarray, np.ndarray]:
+    """A visibility-biased Poisson sample: (sorted member indices, inclusion probabilities (N,)).
+
+    pi_i = min(1, c (1 + max(followers_i, 0))^exponent) with c chosen (bisection) so that
+    sum pi = min(size, #eligible); each agent is drawn independently with probability pi_i
+    (numpy ``default_rng(seed)``), so the sample spans bands with more weight on the visible.
+    ``eligible`` (bool, (N,)): agents that may be drawn (pi = 0 elsewhere); default all.
+    """
+    f = _followers(followers).astype(np.float64)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size must be an integer >= 1, got {size!r}")
+    ok = np.ones(f.size, bool) if eligible is None else np.asarray(eligible, bool)
+    if ok.shape != f.shape:
+        raise ValueError(f"eligible has shape {ok.shape}, expected {f.shape}")
+    weight = np.where(ok, (1.0 + np.maximum(f, 0.0)) ** float(exponent), 0.0)
+    target = float(min(int(size), int(ok.sum())))
+    lo, hi = 0.0, 1.0
+    while np.minimum(1.0, hi * weight).sum() < target:
+        hi *= 2.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if np.minimum(1.0, mid * weight).sum() < target else (lo, mid)
+    pi = np.minimum(1.0, hi * weight)
+    members = np.flatnonzero(np.random.default_rng(seed).random(f.size) < pi)
+    return members, pi
+
+
 @dataclass(frozen=True)
 class PanelComparison:
-    """Full-scale attribution vs the visibility panel's (see the module docstring)."""
+    """Full-scale attribution vs a panel's (see the module docstring)."""
 
-    panel: np.ndarray  # agent indices of the panel, most followers first
+    panel: np.ndarray  # agent indices of the panel (top-k: most followers first)
     bands: dict[str, float]  # band shares of the panel attribution
     full_bands: dict[str, float]  # band shares of the full-scale attribution
-    tvd: float  # 1/2 sum_band |full share - panel share|
+    tvd: float  # band_tvd(full, panel); nan unless the panel spans >= 2 bands (informative)
     spearman: float  # rank correlation of phi_full vs phi_panel on panel members (nan if undefined)
     rescale: float  # c* = argmin_c ||phi_full[P] - c phi_panel[P]|| = <f, p> / <p, p> (0 if p = 0)
     rescale_residual: float  # ||phi_full[P] - c* phi_panel[P]|| / ||phi_full[P]|| (0 if f = 0)
     phi_full: np.ndarray  # per-agent full-scale attribution (N,)
     phi_panel: np.ndarray  # per-agent panel attribution (N,), 0 off the panel
+    bands_spanned: int = 0  # distinct bands among the panel members
+
+    @property
+    def informative(self) -> bool:
+        """Whether the band comparison says anything (the panel spans at least two bands)."""
+        return self.bands_spanned >= 2
+
+
+def rescale_fit(full: np.ndarray, panel: np.ndarray) -> tuple[float, float, float]:
+    """(c*, relative residual, Spearman rho) of full vs panel attributions on the panel members."""
+    if full.size > 1 and np.ptp(full) > 0 and np.ptp(panel) > 0:
+        rho = float(spearmanr(full, panel).statistic)
+    else:
+        rho = float("nan")
+    pp = float(panel @ panel)
+    c = float(full @ panel) / pp if pp > 0 else 0.0
+    f_norm = float(np.linalg.norm(full))
+    resid = float(np.linalg.norm(full - c * panel)) / f_norm if f_norm > 0 else 0.0
+    return c, resid, rho
 
 
 def panel_comparison(
     F, x, followers, k: int = 100, baseline=None, steps: int = 32, phi_full=None,
-    rule: str = "gauss-legendre", phi_panel=None,
+    rule: str = "gauss-legendre", members=None, phi_panel=None,
 ) -> PanelComparison:
-    """Compare full-scale Aumann-Shapley with the panel's (attribution scaling bias).
+    """Compare full-scale Aumann-Shapley with a panel's (attribution scaling bias).
 
-    phi_full: a precomputed full-scale attribution (N,) or (N, d) for the same F, x, baseline,
-    steps and quadrature ``rule`` (saves one attribution); computed when None. phi_panel: the
-    same for the panel attribution (0 off the panel), e.g. computed on a smaller equivalent input.
+    Panel: the top-k by followers, or ``members`` (agent indices, e.g. a
+    :func:`visibility_sample`). phi_full: a precomputed full-scale attribution (N,) or (N, d)
+    for the same F, x, baseline (saves one attribution); computed with ``steps``/``rule`` when
+    None. Raises ValueError for mismatched shapes and NonFiniteError (naming F(x), F(b) or the
+    agents) when an attribution is not finite. phi_panel: a precomputed panel attribution (0 off
+    the panel), e.g. computed on a smaller equivalent input.
     """
     xa = as_features(x)
     f = _followers(followers)
@@ -136,7 +267,12 @@ def panel_comparison(
     if phi_full is None:
         phi_full = attribute(F, xa, b, steps=steps, rule=rule).phi
     full = _per_agent(phi_full, f.size)
-    panel = panel_agents(f, k)
+    if members is None:
+        panel = panel_agents(f, k)
+    else:
+        panel = np.asarray(members, dtype=np.int64).reshape(-1)
+        if panel.size and (panel.min() < 0 or panel.max() >= f.size):
+            raise ValueError(f"members must be agent indices in [0, {f.size})")
     in_panel = np.zeros(f.size, bool)
     in_panel[panel] = True
     if phi_panel is None:
@@ -144,15 +280,8 @@ def panel_comparison(
         phi_panel = attribute(F, jnp.where(mask, xa, b), b, steps=steps, rule=rule).phi
     phi_panel = _per_agent(phi_panel, f.size)
 
-    full_bands, panel_bands = band_shares(full, f), band_shares(phi_panel, f)
-    tvd = 0.5 * sum(abs(full_bands[n] - panel_bands[n]) for n in full_bands)
-    fp, pp = full[panel], phi_panel[panel]
-    if fp.size > 1 and np.ptp(fp) > 0 and np.ptp(pp) > 0:
-        rho = float(spearmanr(fp, pp).statistic)
-    else:
-        rho = float("nan")
-    pp_norm2 = float(pp @ pp)
-    c = float(fp @ pp) / pp_norm2 if pp_norm2 > 0 else 0.0
-    f_norm = float(np.linalg.norm(fp))
-    resid = float(np.linalg.norm(fp - c * pp)) / f_norm if f_norm > 0 else 0.0
-    return PanelComparison(panel, panel_bands, full_bands, float(tvd), rho, c, resid, full, phi_panel)
+    spanned = int(np.unique(band_index(f)[panel]).size)
+    tvd = band_tvd(band_distribution(full, f), band_distribution(phi_panel, f)) if spanned >= 2 else float("nan")
+    c, resid, rho = rescale_fit(full[panel], phi_panel[panel])
+    return PanelComparison(panel, band_shares(phi_panel, f), band_shares(full, f), tvd, rho, c, resid,
+                           full, phi_panel, spanned)

@@ -4,8 +4,17 @@ Each indicator is a small frozen dataclass registered as a JAX pytree: array fie
 graph) are pytree leaves and travel through ``jax.jit`` as arguments; configuration (columns,
 p) is static. Call it on x of shape (N, d) (or (N,) when it reads one column). ``.name`` names it;
 ``.scale_invariant`` says whether F(c x) = F(x), in which case the zero baseline is useless (F is
-constant along the ray from 0) and :func:`default_baseline` puts every agent at the population
-mean instead.
+constant along the ray from 0) and :func:`default_baseline` puts every *active* agent (``.active(x)``:
+one with a post, or with engagement) at the mean of the active agents and leaves inactive agents
+where they are (baseline = x, exact null players). The library (``attribute(F, x)``) and the
+operator service use this same rule, so adding agents with no activity changes nobody's
+attribution.
+
+What raises: calling an indicator on an x without the configured column raises ValueError;
+``operators.attribute`` raises NonFiniteError when F or its gradient is not finite (none of these
+indicators produces one on finite, non-negative input). Limits: at kinks and ties of F (none in
+these indicators for positive input; a user's max/abs/sort) the straight-line attribution depends
+on how F is written, and the quadrature error estimate cannot see a kink between its nodes.
 
 Axioms of the attribution (operators.attribute) that hold *exactly* for every indicator:
 linearity in F, symmetry (agents with equal features and baselines get equal phi when F is
@@ -95,10 +104,13 @@ class Polarization:
     Agents with w_i == 0 carry no stance mass and contribute 0 (no division by zero, finite
     gradients); P = 0 when W == 0. Smooth wherever every w_i > 0.
 
-    Scale-invariant (P(c x) = P(x), c > 0): default baseline = every agent at the population
-    mean (w_bar, s_bar), where P(b) = 0; then sum(phi) = P(x). Efficiency up to quadrature
-    error; symmetry, linearity, null player exact. A zero-feature agent is *not* a null player
-    under this baseline (it moves away from the mean); an agent at the mean is.
+    Scale-invariant (P(c x) = P(x), c > 0): default baseline = every posting agent (w_i > 0,
+    :meth:`active`) at the posting agents' mean (w_bar, s_bar), where P(b) = 0, and every agent
+    with no post at its own x (it carries no stance mass, so it is a null player, phi = 0);
+    then sum(phi) = P(x). Why: the population mean over everyone would move non-posters away
+    from 0 along the path and give them attribution (30 % of P with 70 % non-posters), and
+    adding non-posters would change the others' attributions; under this rule neither happens.
+    Efficiency up to quadrature error; symmetry, linearity, null player exact.
     """
 
     weight_col: int = 0
@@ -115,15 +127,20 @@ class Polarization:
         m = jnp.where(pos, s / jnp.where(pos, w, 1), mu)
         return _safe_div(jnp.sum(jnp.where(pos, w * (m - mu) ** 2, 0)), total)
 
+    def active(self, x: jax.Array) -> jax.Array:
+        """Agents with a post (w_i > 0), bool (N,): the ones the default baseline moves."""
+        return _column(x, self.weight_col, self.name) > 0
+
 
 @_indicator("column")
 class Concentration:
     """Herfindahl-Hirschman index of shares H(x) = sum_i (y_i / Y)^2, y = x[:, column] >= 0.
 
     Y = sum_i y_i; H = 0 when Y == 0. Default column 1 = engagement (attention concentration).
-    Scale-invariant (H(c x) = H(x)): default baseline = every agent at the population mean,
-    where H(b) = 1/N (perfect equality); then sum(phi) = H(x) - 1/N. Efficiency up to quadrature
-    error; symmetry, linearity, null player exact.
+    Scale-invariant (H(c x) = H(x)): default baseline = every agent with y_i > 0
+    (:meth:`active`) at their mean, the others at their own x (null players), where H(b) = 1/M
+    for M active agents (perfect equality among them); then sum(phi) = H(x) - 1/M. Efficiency up
+    to quadrature error; symmetry, linearity, null player exact.
     """
 
     column: int = 1
@@ -134,6 +151,10 @@ class Concentration:
         y = _column(x, self.column, self.name)
         total = jnp.sum(y)
         return _safe_div(jnp.sum(y * y), total * total)
+
+    def active(self, x: jax.Array) -> jax.Array:
+        """Agents with y_i > 0, bool (N,): the ones the default baseline moves."""
+        return _column(x, self.column, self.name) > 0
 
 
 @_indicator("p", "column")
@@ -193,21 +214,24 @@ def cascade_reach(g: FollowGraph, p: float = 0.05, column: int = 0) -> CascadeRe
 
 
 def default_baseline(F: Callable, x, mask=None) -> jax.Array:
-    """The baseline ``attribute`` uses when none is given.
+    """The baseline ``attribute`` uses when none is given (the operator service uses it too).
 
-    Zeros, unless F is scale-invariant (``F.scale_invariant``): then every agent at the
-    population mean (column means over rows). ``mask`` (bool, (N,)) marks real agents in a
-    padded x: means are taken over them only, and padding rows get baseline = x (so they are
-    exact null players).
+    Zeros, unless F is scale-invariant (``F.scale_invariant``): then every active agent
+    (``F.active(x)`` when F defines it, else every agent; and ``mask``) at the mean of the
+    active agents (column means), and every other agent at its own x, so it is an exact null
+    player and appending inactive agents changes no one's attribution. ``mask`` (bool, (N,))
+    marks real agents in a padded x (padding rows are never active). Raises ValueError when
+    mask does not have one entry per agent.
     """
     x = jnp.asarray(x)
     if not getattr(F, "scale_invariant", False):
         return jnp.zeros_like(x)
-    if mask is None:
-        return jnp.broadcast_to(jnp.mean(x, axis=0), x.shape)
-    m = jnp.asarray(mask, dtype=bool)
+    m = jnp.ones(x.shape[:1], bool) if mask is None else jnp.asarray(mask, dtype=bool)
     if m.shape != x.shape[:1]:
         raise ValueError(f"mask shape {m.shape} does not match the number of agents {x.shape[0]}")
+    active = getattr(F, "active", None)
+    if callable(active):
+        m = m & active(x)
     mb = m.reshape(m.shape + (1,) * (x.ndim - 1))
     mean = jnp.sum(jnp.where(mb, x, 0), axis=0) / jnp.maximum(jnp.sum(m), 1)
     return jnp.where(mb, mean, x)
