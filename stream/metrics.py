@@ -73,6 +73,24 @@ ATTRIBUTION_SKIPPED = Counter(
     "shares) or error (the computation raised).",
     _TI + ["reason"],
 )
+ERROR_ESTIMATE = Gauge(
+    "chorus_attribution_error_estimate",
+    "Largest per-agent quadrature error estimate, relative to max |phi| (embedded rule).",
+    _TI,
+)
+QUADRATURE_NODES = Gauge(
+    "chorus_attribution_quadrature_nodes", "Quadrature nodes of the last attribution (the rung chosen).", _TI
+)
+SAMPLE_TVD = Gauge(
+    "chorus_attribution_sample_tvd",
+    "Band total-variation distance full vs the visibility-biased sample's attribution.",
+    _TI,
+)
+SNAPSHOTS_SKIPPED = Counter(
+    "chorus_operator_snapshots_skipped",
+    "Attribution snapshots not published (non_finite: NaN/inf in features, F or phi; invalid).",
+    ["indicator", "reason"],
+)
 RECOMPUTE_SECONDS = Histogram(
     "chorus_operator_recompute_seconds",
     "Wall time of one attribution recompute (one topic, one indicator).",

@@ -184,6 +184,10 @@ class Attribution(_Value):
     bands: dict[str, Finite]
     panel: dict[str, Any]
     top: list[dict[str, Any]]
+    # quadrature and its per-agent error estimate: {rule, steps, max, relative, tolerance, agents_over}
+    error: dict[str, Any] = Field(default_factory=dict)
+    # positive and negative attribution mass per band: {positive, negative, positive_mass, negative_mass}
+    band_mass: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("window_end")
     @classmethod

@@ -7,10 +7,19 @@ Rules, each evaluated per ``(topic, indicator)`` on every :class:`stream.schemas
   reference (nothing is "new" without a previous hop).
 - ``band_shift``: some band's share moved by ``|s_t - s_{t-1}| >= min_shift`` between consecutive
   hops (shares are fractions of total attribution, so the shift is in share units, 0..1 per band).
-- ``panel_disagreement``: full-vs-panel band-share total-variation distance ``tvd >= min_tvd``.
+- ``panel_disagreement``: the attribution scaling bias on the visibility panel: the relative
+  residual of the best single rescale of the panel's attribution to the full-scale one on the
+  panel members, ``panel.rescale_residual >= min_rescale_residual``. Zero (silent) for any F
+  without interactions between agents (volume, any sum of per-agent terms); positive when agents
+  interact (shared followers, a common mean). The band TVD is not used: a top-k panel at large N
+  lies in one band, where the TVD says nothing about F.
 - ``completeness_residual``: relative completeness residual (:func:`relative_residual`)
   ``|sum(phi) - (F(x) - F(b))| / |F(x) - F(b)|`` (the denominator floored at 1e-6 |F|, see
-  :func:`operators.attribution.relative_residual`) above ``tolerance``.
+  :func:`operators.attribution.relative_residual`) above ``tolerance``. It certifies the sum
+  only: per-agent errors of opposite signs cancel in it.
+- ``attribution_error``: the largest per-agent quadrature error estimate relative to max |phi|
+  (``error.relative``) above ``tolerance``: some agent's phi is not known to that accuracy even
+  at the operator's largest rule.
 
 Dedup and cooldown, per key ``(rule, topic, indicator)``:
 
@@ -38,7 +47,7 @@ from operators import attribution
 from stream.schemas import Alert, Attribution
 
 Severity = Literal["info", "warning", "critical"]
-RULE_NAMES = ("new_top_culprit", "band_shift", "panel_disagreement", "completeness_residual")
+RULE_NAMES = ("new_top_culprit", "band_shift", "panel_disagreement", "completeness_residual", "attribution_error")
 _SEVERITIES = ("info", "warning", "critical")
 
 
@@ -54,19 +63,23 @@ class Rule:
     enabled: bool = True
 
 
+PANEL_RESIDUAL_DEFAULT = 0.10  # see operators/data/alerts.yaml for the measurement behind it
+
 # Threshold key each rule takes in the config file (a readable alias of ``threshold``).
 THRESHOLD_KEYS = {
     "new_top_culprit": "min_share",
     "band_shift": "min_shift",
-    "panel_disagreement": "min_tvd",
+    "panel_disagreement": "min_rescale_residual",
     "completeness_residual": "tolerance",
+    "attribution_error": "tolerance",
 }
 
 DEFAULT_RULES: dict[str, Rule] = {
     "new_top_culprit": Rule("new_top_culprit", 0.05, "warning"),
     "band_shift": Rule("band_shift", 0.10, "warning"),
-    "panel_disagreement": Rule("panel_disagreement", 0.30, "info"),
+    "panel_disagreement": Rule("panel_disagreement", PANEL_RESIDUAL_DEFAULT, "info"),
     "completeness_residual": Rule("completeness_residual", 1e-3, "critical"),
+    "attribution_error": Rule("attribution_error", 1e-3, "warning"),
 }
 
 
@@ -224,14 +237,16 @@ def _band_shift(rule: Rule, snap: Attribution, prev: Attribution | None):
 
 
 def _panel_disagreement(rule: Rule, snap: Attribution, prev: Attribution | None):
-    tvd = snap.panel.get("tvd")
-    if tvd is None or not math.isfinite(float(tvd)) or float(tvd) < rule.threshold:
+    resid = snap.panel.get("rescale_residual")
+    if resid is None or not math.isfinite(float(resid)) or float(resid) < rule.threshold:
         return None
-    evidence = {"tvd": float(tvd), "full_bands": dict(snap.bands), "panel_bands": dict(snap.panel.get("bands", {}))}
-    for k in ("spearman", "rescale", "rescale_residual", "k"):
+    evidence = {"rescale_residual": float(resid), "full_bands": dict(snap.bands),
+                "panel_bands": dict(snap.panel.get("bands", {}))}
+    for k in ("rescale", "spearman", "tvd", "k", "bands_spanned"):
         if k in snap.panel:
             evidence[k] = snap.panel[k]
-    return "level", f"full vs visibility-panel band shares disagree (TVD {float(tvd):.3f})", evidence
+    return "level", (f"no single rescale reconciles the visibility panel with full scale "
+                     f"(residual {float(resid):.3f}, rescale {float(snap.panel.get('rescale') or 0):.3g})"), evidence
 
 
 def relative_residual(snap: Attribution) -> float:
@@ -248,9 +263,19 @@ def _completeness_residual(rule: Rule, snap: Attribution, prev: Attribution | No
         "baseline_value": snap.baseline_value, "n_agents": snap.n_agents}
 
 
+def _attribution_error(rule: Rule, snap: Attribution, prev: Attribution | None):
+    error = getattr(snap, "error", None) or {}
+    rel = error.get("relative")
+    if rel is None or (math.isfinite(float(rel)) and float(rel) <= rule.threshold):
+        return None
+    return "level", (f"per-agent error estimate {float(rel):.2e} of max |phi| above tolerance "
+                     f"({error.get('rule')}, {error.get('steps')} nodes)"), dict(error)
+
+
 _CHECKS = {
     "new_top_culprit": _new_top_culprit,
     "band_shift": _band_shift,
     "panel_disagreement": _panel_disagreement,
     "completeness_residual": _completeness_residual,
+    "attribution_error": _attribution_error,
 }

@@ -16,10 +16,34 @@ Indicator inputs (feature columns: posts, engagement, stance_sum, reposts), see 
   = every posting agent at the topic's mean (agents with no post are padding-like null players).
 - ``volume``: posts; zero baseline.  ``concentration``: engagement received; baseline = the mean
   over agents with engagement.
+  The baselines are ``indicators.default_baseline`` (the library's rule): the same numbers as
+  ``attribute(F, x)`` on the real rows, and agents with no activity change nobody's attribution.
+
+Quadrature (per topic and indicator, ``rule=None``, the default): each indicator has a ladder of
+Gauss-Kronrod rules (``IndicatorSpec.ladder``: node counts 3, 5, 9, 17, 33, 65; graded toward the
+baseline for cascade_reach), capped at ``steps`` nodes. Each hop starts at the rung the previous
+hop ended on and climbs until the largest per-agent error estimate (``Attribution.error`` summed
+over the indicator's columns) is within ``tolerance`` (the ``attribution_error`` alert's, default
+1e-3) of max |phi|: the cheapest rung that meets it. When a rung beats the tolerance by 100x the
+next hop tries one rung lower. The snapshot's ``error`` says which rule and nodes were used and
+how large the estimate is; if even the top rung misses the tolerance the snapshot is published
+anyway and the ``attribution_error`` alert fires. A fixed ``rule`` (a reference) uses ``steps``
+nodes of it and still publishes its error estimate.
 
 Per-agent attribution phi_i is summed over the indicator's input columns. ``share_i = phi_i /
 sum(phi)``; the top 10 are the agents with the largest positive share (largest contribution in the
-direction F moved; agents with zero or opposite contribution are never listed). Bands are follower percentiles over every agent in state (each DID seen in features or
+direction F moved; agents with zero or opposite contribution are never listed), each with its phi
+and its error estimate. Band shares are ``bands.band_shares`` (net shares of the absolute mass,
+bounded with mixed signs), with ``band_mass`` (positive and negative mass per band) alongside.
+
+Panel (``panel`` field): the top-``panel_k`` visibility panel's attribution against the full one on
+the panel members: best single rescale, its relative residual (zero unless agents interact: the
+attribution scaling bias; the ``panel_disagreement`` alert), Spearman's rho; the band TVD only when
+the panel spans two or more bands (else null). ``panel.sample``: the same for a visibility-biased
+sample (``bands.visibility_sample``, ``panel_k`` agents expected, inclusion probability
+proportional to 1 + followers, seed 0), which spans bands, so its TVD is informative.
+
+Bands are follower percentiles over every agent in state (each DID seen in features or
 graph), so they are the same across topics and indicators. ``n_agents`` counts the agents the
 indicator sees as active (non-zero input).
 
@@ -70,13 +94,17 @@ from operators import bands as B
 from operators import indicators as I
 from operators.service.alert_sink import AlertPublisher, load_rules
 from operators.service.alerts import AlertEngine
-from operators.attribution import attribute
+from operators.attribution import NonFiniteError, attribute
 from operators.graph import pow2_at_least
 from operators.service.state import OperatorState
 
 log = logging.getLogger("chorus.operator")
 
 TOP_K = 10
+KRONROD_STEPS = (3, 5, 9, 17, 33, 65)  # the ladder's node counts (2n + 1)
+START_STEPS = 17  # the first hop's rung
+STEP_DOWN_MARGIN = 100.0  # an estimate this far below tolerance tries one rung lower next hop
+SAMPLE_FACTOR = 1  # visibility sample size = SAMPLE_FACTOR * panel_k (expected): the panel's budget
 
 
 # --- indicator specs: inputs from the (C, 4) feature matrix, and the indicator itself -----------
@@ -113,12 +141,15 @@ class IndicatorSpec:
     # ``panel(state, rows) -> F'``: an indicator equal to F whenever only ``rows`` differ from the
     # zero baseline (the panel attribution), cheaper to evaluate; None: F itself
     panel: Callable[[OperatorState, np.ndarray], Callable] | None = None
+    # the quadrature ladder, cheapest first: (rule, steps)
+    ladder: tuple[tuple[str, int], ...] = tuple(("gauss-kronrod", k) for k in KRONROD_STEPS)
 
 
 INDICATORS: dict[str, IndicatorSpec] = {
     "cascade_reach": IndicatorSpec("cascade_reach", _activity,
                                    lambda st: I.cascade_reach(st.graph(), p=0.05), "posts + reposts",
-                                   lambda st, rows: I.cascade_reach(st.panel_graph(rows), p=0.05)),
+                                   lambda st, rows: I.cascade_reach(st.panel_graph(rows), p=0.05),
+                                   tuple(("gauss-kronrod-graded", k) for k in KRONROD_STEPS)),
     "polarization": IndicatorSpec("polarization", _posts_stance,
                                   lambda st: I.polarization(weight_col=0, stance_col=1),
                                   "weight = posts, stance = stance_sum"),
@@ -144,7 +175,9 @@ class OperatorService:
     """``await OperatorService(settings).run()`` until ``await stop()``; or call
     :meth:`apply_features` / :meth:`apply_edge` / :meth:`recompute` directly (no Kafka).
 
-    ``rule``: the quadrature rule (operators.quadrature). ``active_only`` (default): per topic,
+    ``rule``: None (default) picks each indicator's Gauss-Kronrod rung per hop (module docstring,
+    "Quadrature"; ``steps`` caps the nodes, ``tolerance`` overrides the attribution_error
+    alert's); a rule name (operators.quadrature) uses it with ``steps`` nodes. ``active_only`` (default): per topic,
     cascade_reach runs on the follow graph restricted to edges out of the topic's active agents
     (kept incrementally, ``OperatorState.active_graph``; its panel on the active panel members'
     edges) and the graph-free indicators on the active rows only -- the same phi, R(x), R(b) as
@@ -152,9 +185,9 @@ class OperatorService:
     operators.subgraph). False: every indicator on the full graph and all rows (the reference).
     """
 
-    def __init__(self, settings: Settings | None = None, *, steps: int = 32, panel_k: int = 100,
+    def __init__(self, settings: Settings | None = None, *, steps: int = 65, panel_k: int = 100,
                  state: OperatorState | None = None, engine: AlertEngine | None = None,
-                 rule: str = "gauss-legendre", active_only: bool = True):
+                 rule: str | None = None, active_only: bool = True, tolerance: float | None = None):
         self.settings = settings or Settings()
         unknown = [n for n in self.settings.indicators if n not in INDICATORS]
         if unknown:
@@ -163,6 +196,10 @@ class OperatorService:
         self.steps, self.panel_k, self.rule, self.active_only = steps, panel_k, rule, active_only
         self.state = state or OperatorState()
         self.engine = engine or AlertEngine(load_rules(self.settings.alerts_file))
+        # per-agent error target, relative to max |phi|: the attribution_error alert's tolerance
+        self.tolerance = float(tolerance if tolerance is not None else self.engine.rules["attribution_error"].threshold)
+        self._rung: dict[tuple[str, str], int] = {}  # (topic, indicator) -> ladder index to start at
+        self.last_quadrature: dict[tuple[str, str], tuple[str, int]] = {}  # (topic, indicator) -> (rule, steps)
         self.hop_s = self.settings.window[1]
         self.last_end: int | None = None          # window_end of the last recompute
         self.window_s = self.settings.window[0]
@@ -242,7 +279,8 @@ class OperatorService:
     def _skip(self, topic: str, indicator: str, end: int, exc: BaseException) -> None:
         """A result that cannot be published: counted by reason, ``chorus_attribution_healthy`` 0,
         and the pair's other series removed (a dashboard shows a gap, not the last good values)."""
-        reason = "non_finite" if isinstance(exc, NonFinite) or reason_of(exc) == "non_finite" else "error"
+        reason = ("non_finite" if isinstance(exc, (NonFinite, NonFiniteError)) or reason_of(exc) == "non_finite"
+                  else "error")
         log.error("skipping %s/%s at %s (%s): %s", topic, indicator, end, reason, str(exc).splitlines()[0])
         M.ATTRIBUTION_SKIPPED.labels(topic=topic, indicator=indicator, reason=reason).inc()
         M.ATTRIBUTION_HEALTHY.labels(topic=topic, indicator=indicator).set(0)
@@ -262,21 +300,65 @@ class OperatorService:
         x, active = spec.inputs(x4)
         if not bool(jnp.isfinite(x).all()):
             raise NonFinite(f"non-finite {spec.columns} in the state")
-        F, b, res, phi_full, compact = self._full(topic, spec, x, active)
+        F, b, res, phi_full, compact, err_full, error = self._full(topic, spec, x, active)
         phi, followers = phi_full[:n], st.followers[:n]
         bands = B.band_shares(phi, followers)
-        panel = self._panel(spec, F, x, b, phi_full, bands, active, compact)
-        top = [{"did": st.dids[r], "share": s, "followers": int(followers[r])} for r, s in top_agents(phi)]
+        mass = B.band_mass(phi, followers)
+        panel = self._panel(spec, F, x, b, phi_full, active, compact, error)
+        top = [{"did": st.dids[r], "share": s, "followers": int(followers[r]), "phi": float(phi[r]),
+                "error": float(err_full[r])} for r, s in top_agents(phi)]
         return Attribution(
             topic=topic, indicator=spec.name, window_end=int(end), value=float(res.value),
             baseline_value=float(res.baseline_value), completeness_residual=float(res.delta),
-            n_agents=int(jnp.sum(active)), bands=bands, panel=panel, top=top,
+            n_agents=int(jnp.sum(active)), bands=bands, panel=panel, top=top, error=error,
+            band_mass={"positive": mass.positive, "negative": mass.negative,
+                       "positive_mass": mass.positive_mass, "negative_mass": mass.negative_mass},
         )
 
-    def _full(self, topic: str, spec: IndicatorSpec, x, active):
-        """(F, baseline, Attribution, per-agent phi (C,) float64, compact) for one topic and
-        indicator. ``compact``: None, or (rows, F, x_c, b_c) when the attribution ran on the
-        active rows only (graph-free indicators with ``active_only``)."""
+    def ladder(self, spec: IndicatorSpec) -> tuple[tuple[str, int], ...]:
+        """The (rule, steps) rungs this service may use for ``spec``: its ladder within ``steps``
+        nodes (at least the cheapest rung), or the one fixed ``rule``."""
+        if self.rule is not None:
+            return ((self.rule, self.steps),)
+        return tuple(r for r in spec.ladder if r[1] <= self.steps) or spec.ladder[:1]
+
+    @staticmethod
+    def _start(ladder) -> int:
+        return max([i for i, (_, k) in enumerate(ladder) if k <= START_STEPS] or [0])
+
+    def _converged(self, topic: str, spec: IndicatorSpec, F, x, b, n: int, quadrature=None):
+        """Attribute on the cheapest rung whose per-agent error estimate (first ``n`` rows: the
+        real agents) meets the tolerance, starting from the last hop's rung (module docstring,
+        "Quadrature"). ``quadrature``: (rule, steps) to use as is (no search, no state change).
+        Returns (Attribution, per-agent error (rows,), the snapshot's error dict)."""
+        key = (topic, spec.name)
+        if quadrature is not None:
+            rule, steps = quadrature
+            res = attribute(F, x, b, steps=steps, rule=rule)
+            err = _per_agent(res.error)
+            return res, err, {"rule": rule, "steps": steps}
+        ladder = self.ladder(spec)
+        i = min(self._rung.get(key, self._start(ladder)), len(ladder) - 1)
+        while True:
+            rule, steps = ladder[i]
+            res = attribute(F, x, b, steps=steps, rule=rule)
+            err = _per_agent(res.error)
+            scale = float(np.abs(_per_agent(res.phi)[:n]).max()) if n else 0.0
+            worst = float(err[:n].max()) if n else 0.0
+            if worst <= self.tolerance * scale or i == len(ladder) - 1:
+                break
+            i += 1
+        self._rung[key] = i - 1 if i > 0 and worst * STEP_DOWN_MARGIN <= self.tolerance * scale else i
+        self.last_quadrature[key] = (rule, steps)
+        return res, err, {"rule": rule, "steps": steps, "max": worst,
+                          "relative": worst / scale if scale > 0 else 0.0, "tolerance": self.tolerance,
+                          "agents_over": int(np.sum(err[:n] > self.tolerance * scale))}
+
+    def _full(self, topic: str, spec: IndicatorSpec, x, active, quadrature=None):
+        """(F, baseline, Attribution, per-agent phi (C,) float64, compact, per-agent error estimate
+        (C,), the snapshot's error dict) for one topic and indicator. ``compact``: None, or (rows,
+        F, x_c, b_c) when the attribution ran on the active rows only (graph-free indicators with
+        ``active_only``)."""
         st = self.state
         compact = None
         if self.active_only and spec.panel is not None:  # graph indicator: the active subgraph
@@ -290,58 +372,77 @@ class OperatorService:
             idx = jnp.asarray(idx)
             x_c, a_c = x[idx], active[idx]
             b_c = I.default_baseline(F, x_c, a_c)
-            res = attribute(F, x_c, b_c, steps=self.steps, rule=self.rule)
-            phi_full = np.zeros(st.capacity)
+            res, err_c, error = self._converged(topic, spec, F, x_c, b_c, rows.size, quadrature)
+            phi_full, err_full = np.zeros(st.capacity), np.zeros(st.capacity)
             phi_full[rows] = _per_agent(res.phi)[: rows.size]
+            err_full[rows] = err_c[: rows.size]
             b = I.default_baseline(F, x, active)
             compact = (rows, idx, F, x_c, b_c)
         else:
             b = I.default_baseline(F, x, active)
-            res = attribute(F, x, b, steps=self.steps, rule=self.rule)
+            res, err_full, error = self._converged(topic, spec, F, x, b, st.n_rows, quadrature)
             phi_full = _per_agent(res.phi)
-        return F, b, res, phi_full, compact
+        return F, b, res, phi_full, compact, err_full, error
 
     def agent_phi(self, topic: str, spec: IndicatorSpec) -> np.ndarray:
-        """Per-agent attribution (C,) of one topic and indicator, as the hop computes it."""
+        """Per-agent attribution (C,) of one topic and indicator, as the last hop computed it (the
+        same rule and nodes)."""
         x, active = spec.inputs(self.state.features(topic).x)
-        return self._full(topic, spec, x, active)[3]
+        return self._full(topic, spec, x, active, self.last_quadrature.get((topic, spec.name)))[3]
 
-    def _panel(self, spec: IndicatorSpec, F, x, b, phi_full: np.ndarray, bands: dict[str, float],
-               active=None, compact=None) -> dict:
-        """Visibility-panel comparison (k, bands, tvd, spearman, rescale, rescale_residual).
+    def _panel(self, spec: IndicatorSpec, F, x, b, phi_full: np.ndarray, active=None, compact=None,
+               error=None) -> dict:
+        """Visibility-panel comparison (k, bands, tvd, spearman, rescale, rescale_residual,
+        bands_spanned) and the same for the visibility sample (``sample``).
 
         Runs on the padded arrays (no retrace); padding rows get followers -1 so they never enter
-        the panel, and the band shares are taken over the real rows only. With ``spec.panel``
-        (cascade_reach: the follow graph restricted to edges out of the panel -- with
-        ``active_only``, out of its active members -- exactly the same panel attribution) F is
-        replaced by the cheaper equivalent for the panel attribution; with ``compact`` the panel
-        attribution runs on the active rows only, as the full one did.
+        the panel or the sample, and band shares are taken over the real rows only. Members'
+        attributions (:meth:`_members_phi`) use the full attribution's rule and nodes.
         """
         st = self.state
         n = st.n_rows
         k = max(1, min(self.panel_k, n))
         f_pad = np.full(st.capacity, -1, np.int64)
         f_pad[:n] = st.followers[:n]
-        phi_panel = None
-        if spec.panel is not None:
-            rows = B.panel_agents(f_pad, k)
-            if self.active_only:
-                rows = rows[np.asarray(active)[rows]]
-            F = spec.panel(st, rows)
-        elif compact is not None:
+        sample, _ = B.visibility_sample(f_pad, SAMPLE_FACTOR * k, seed=0, eligible=np.arange(st.capacity) < n)
+        out = {}
+        for name, members in (("panel", B.panel_agents(f_pad, k)), ("sample", sample)):
+            phi_panel = self._members_phi(spec, F, x, b, members, active, compact, error)
+            pc = B.panel_comparison(F, x, f_pad, members=members, baseline=b, phi_full=phi_full,
+                                    phi_panel=phi_panel)
+            # band comparison over the real rows (padding is never a member and has phi = 0)
+            tvd = (B.band_tvd(B.band_distribution(phi_full[:n], f_pad[:n]),
+                              B.band_distribution(pc.phi_panel[:n], f_pad[:n])) if pc.informative else None)
+            out[name] = {"k": int(members.size), "bands": B.band_shares(pc.phi_panel[:n], f_pad[:n]),
+                         "tvd": None if tvd is None else _finite(tvd), "spearman": _finite(pc.spearman),
+                         "rescale": _finite(pc.rescale), "rescale_residual": _finite(pc.rescale_residual),
+                         "bands_spanned": pc.bands_spanned}
+        return {**out["panel"], "sample": out["sample"]}
+
+    def _members_phi(self, spec: IndicatorSpec, F, x, b, members: np.ndarray, active, compact,
+                     error) -> np.ndarray:
+        """Per-agent attribution (C,) of F on ``members`` alone (the others at the baseline).
+
+        With ``spec.panel`` (cascade_reach: the follow graph restricted to edges out of the members
+        -- with ``active_only``, out of the active ones -- exactly the same attribution) F is
+        replaced by the cheaper equivalent; with ``compact`` it runs on the active rows only, as
+        the full one did."""
+        st = self.state
+        rule, steps = error["rule"], error["steps"]
+        in_set = np.zeros(st.capacity, bool)
+        in_set[members] = True
+        if compact is not None:
             rows, idx, F_c, x_c, b_c = compact
-            in_panel = np.zeros(st.capacity, bool)
-            in_panel[B.panel_agents(f_pad, k)] = True
-            mask = jnp.asarray(in_panel)[idx].reshape((-1,) + (1,) * (x_c.ndim - 1))
-            res = attribute(F_c, jnp.where(mask, x_c, b_c), b_c, steps=self.steps, rule=self.rule)
-            phi_panel = np.zeros(st.capacity)
-            phi_panel[rows] = _per_agent(res.phi)[: rows.size]
-        pc = B.panel_comparison(F, x, f_pad, k=k, baseline=b, steps=self.steps, phi_full=phi_full,
-                                rule=self.rule, phi_panel=phi_panel)
-        panel_bands = B.band_shares(pc.phi_panel[:n], f_pad[:n])
-        tvd = 0.5 * sum(abs(bands[name] - panel_bands[name]) for name in bands)
-        return {"k": k, "bands": panel_bands, "tvd": float(tvd), "spearman": _finite(pc.spearman),
-                "rescale": _finite(pc.rescale), "rescale_residual": _finite(pc.rescale_residual)}
+            mask = jnp.asarray(in_set)[idx].reshape((-1,) + (1,) * (x_c.ndim - 1))
+            res = attribute(F_c, jnp.where(mask, x_c, b_c), b_c, steps=steps, rule=rule)
+            phi = np.zeros(st.capacity)
+            phi[rows] = _per_agent(res.phi)[: rows.size]
+            return phi
+        if spec.panel is not None:
+            rows = members[np.asarray(active)[members]] if self.active_only else members
+            F = spec.panel(st, rows)
+        mask = jnp.asarray(in_set).reshape((-1,) + (1,) * (x.ndim - 1))
+        return _per_agent(attribute(F, jnp.where(mask, x, b), b, steps=steps, rule=rule).phi)
 
     # --- metrics ----------------------------------------------------------------------------
     def _export(self, s: Attribution) -> None:
@@ -356,6 +457,10 @@ class OperatorService:
                             (M.PANEL_RESCALE_RESIDUAL, "rescale_residual")):
             if s.panel.get(name) is not None:  # None: undefined (e.g. too few panel agents)
                 values.append(((gauge, key), s.panel[name]))
+        if (s.panel.get("sample") or {}).get("tvd") is not None:
+            values.append(((M.SAMPLE_TVD, key), s.panel["sample"]["tvd"]))
+        if s.error:
+            values += [((M.ERROR_ESTIMATE, key), s.error["relative"]), ((M.QUADRATURE_NODES, key), s.error["steps"])]
         for rank, e in enumerate(s.top, 1):
             values.append(((M.TOP_SHARE, key + (str(rank),)), e["share"]))
             values.append(((M.TOP_AGENT, key + (str(rank), e["did"])), 1.0))

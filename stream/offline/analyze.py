@@ -141,7 +141,7 @@ class Analyzer:
     ``feed(event)`` returns the snapshots of a hop the event closed; ``finish()`` those of the last.
     """
 
-    def __init__(self, settings: Settings, *, steps: int = 32, panel_k: int = 100,
+    def __init__(self, settings: Settings, *, steps: int = 65, panel_k: int = 100,
                  classifier: Callable | None = None):
         from operators.service.service import OperatorService
 
@@ -219,7 +219,7 @@ class AnalyzeResult:
     invalid: dict[str, int]
 
 
-def analyze(source: Source, settings: Settings, *, steps: int = 32, panel_k: int = 100,
+def analyze(source: Source, settings: Settings, *, steps: int = 65, panel_k: int = 100,
             agents: bool = False, progress: bool = True) -> AnalyzeResult:
     """Run the pipeline over ``source`` as fast as it goes (a rich progress bar when ``progress``)."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,

@@ -12,15 +12,16 @@ BANDS = ("top0.1", "0.1-1", "1-10", "10-50", "bottom50")
 
 
 def snap(end, top=(), bands=(0.2, 0.2, 0.2, 0.2, 0.2), panel_bands=None, tvd=None, value=1.0,
-         base=0.0, delta=0.0, topic="t", indicator="polarization") -> Attribution:
+         base=0.0, delta=0.0, topic="t", indicator="polarization", residual=0.01, error=None) -> Attribution:
     bands = dict(zip(BANDS, bands))
     pb = dict(zip(BANDS, panel_bands)) if panel_bands else dict(bands)
     if tvd is None:
         tvd = 0.5 * sum(abs(bands[b] - pb[b]) for b in BANDS)
     return Attribution(topic=topic, indicator=indicator, window_end=end, value=value, baseline_value=base,
                        completeness_residual=delta, n_agents=100, bands=bands,
-                       panel={"bands": pb, "tvd": tvd, "spearman": 0.5, "rescale": 1.0, "rescale_residual": 0.1},
-                       top=[{"did": d, "share": s, "followers": 1} for d, s in top])
+                       panel={"bands": pb, "tvd": tvd, "spearman": 0.5, "rescale": 1.0,
+                              "rescale_residual": residual},
+                       top=[{"did": d, "share": s, "followers": 1} for d, s in top], error=error or {})
 
 
 def only(rule, cooldown=100.0, **threshold):
@@ -67,8 +68,8 @@ def test_band_shift_between_hops():
 
 
 def test_panel_disagreement_dedups_while_ongoing_and_respects_cooldown():
-    eng = only("panel_disagreement", cooldown=100.0, min_tvd=0.3)
-    far = dict(panel_bands=(0.9, 0.1, 0.0, 0.0, 0.0))  # TVD = 0.7
+    eng = only("panel_disagreement", cooldown=100.0, min_rescale_residual=0.1)
+    far = dict(residual=0.4)  # no single rescale reconciles the panel
     fired = [len(eng.evaluate(snap(t, **far))) for t in (0, 60, 120, 180, 240)]
     assert fired == [1, 0, 0, 0, 0]                      # ongoing condition: one alert
     assert eng.evaluate(snap(300)) == []                 # cleared
@@ -90,13 +91,31 @@ def test_cooldown_per_key_and_independent_keys():
 
 
 def test_replayed_or_stale_snapshots_are_ignored():
-    eng = only("panel_disagreement", cooldown=0.0, min_tvd=0.3)
-    far = dict(panel_bands=(0.9, 0.1, 0.0, 0.0, 0.0))
+    eng = only("panel_disagreement", cooldown=0.0, min_rescale_residual=0.1)
+    far = dict(residual=0.4)
     first = eng.evaluate(snap(60, **far))
     assert len(first) == 1
     assert eng.evaluate(snap(60, **far)) == [] and eng.evaluate(snap(0, **far)) == []
     # a fresh engine fed the same snapshot gives the same id (subscribers dedupe by id)
-    assert only("panel_disagreement", cooldown=0.0, min_tvd=0.3).evaluate(snap(60, **far))[0].id == first[0].id
+    assert only("panel_disagreement", cooldown=0.0, min_rescale_residual=0.1).evaluate(snap(60, **far))[0].id == first[0].id
+
+
+def test_panel_disagreement_ignores_band_tvd():
+    """A top-k panel in one band has TVD ~ 1 for any F (volume too): no alert without a residual."""
+    eng = only("panel_disagreement", cooldown=0.0, min_rescale_residual=0.1)
+    assert eng.evaluate(snap(0, panel_bands=(1.0, 0, 0, 0, 0), residual=0.0)) == []
+    out = eng.evaluate(snap(60, residual=0.25))
+    assert len(out) == 1 and out[0].evidence["rescale_residual"] == 0.25 and out[0].evidence["threshold"] == 0.1
+
+
+def test_attribution_error_tolerance():
+    eng = only("attribution_error", tolerance=1e-3)
+    ok = {"rule": "gauss-kronrod", "steps": 17, "max": 1e-5, "relative": 5e-4, "tolerance": 1e-3}
+    assert eng.evaluate(snap(0, error=ok)) == [] and eng.evaluate(snap(30)) == []  # no estimate: silent
+    out = eng.evaluate(snap(60, error={**ok, "steps": 65, "relative": 4e-3}))
+    assert len(out) == 1 and out[0].evidence["relative"] == 4e-3 and "65 nodes" in out[0].summary
+    fresh = only("attribution_error", tolerance=1e-3)
+    assert fresh.evaluate(snap(90, error={**ok, "relative": float("nan")}))  # NaN is never fine
 
 
 def test_completeness_residual_relative_tolerance():

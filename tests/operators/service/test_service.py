@@ -116,7 +116,7 @@ def test_recompute_closed_forms_metrics_and_stale_top_labels():
 
 def test_polarization_on_heavy_tailed_agents_is_complete():
     rng = np.random.default_rng(7)
-    svc = OperatorService(Settings(indicators=["polarization"]), steps=32)
+    svc = OperatorService(Settings(indicators=["polarization"]))  # steps: up to 65 nodes
     for i in range(400):
         posts = float(1 + rng.pareto(1.5)) if i % 4 else 0.0
         svc.apply_features(Features(did=f"did:{i}", window_end=60, followers=int(rng.pareto(1.2) * 10),
@@ -124,7 +124,60 @@ def test_polarization_on_heavy_tailed_agents_is_complete():
     (pol,) = svc.recompute()
     assert pol.n_agents == 300  # agents without posts carry no stance mass
     assert abs(pol.completeness_residual) <= 1e-4 * abs(pol.value - pol.baseline_value)
-    assert sum(pol.bands.values()) == pytest.approx(1, abs=1e-6) and len(pol.top) == 10
+    # mixed signs: net shares of the absolute mass, sum = (P+ - P-) / (P+ + P-), each in [-1, 1]
+    m = pol.band_mass
+    assert sum(pol.bands.values()) == pytest.approx(
+        (m["positive_mass"] - m["negative_mass"]) / (m["positive_mass"] + m["negative_mass"]), abs=1e-6)
+    assert all(-1 <= v <= 1 for v in pol.bands.values()) and len(pol.top) == 10
+    assert sum(m["positive"].values()) == pytest.approx(1) and sum(m["negative"].values()) == pytest.approx(1)
+    # the per-agent error estimate met the tolerance with the cheapest rung that does
+    assert pol.error["relative"] <= svc.tolerance == 1e-3
+    assert pol.error["rule"] == "gauss-kronrod" and pol.error["steps"] in (3, 5, 9, 17, 33)
+    assert all(e["error"] <= 1e-3 * max(abs(e["phi"]) for e in pol.top) for e in pol.top)
+
+
+def test_service_and_library_agree_and_ignore_inactive_agents():
+    """One baseline rule: the service's polarization equals attribute(F, x) on the real rows, and
+    agents with no post (and padding) get exactly 0."""
+    from operators import attribute, indicators as I
+
+    rng = np.random.default_rng(8)
+    svc = OperatorService(Settings(indicators=["polarization"]))
+    rows = []
+    for i in range(300):
+        posts = float(rng.integers(1, 6)) if i % 3 else 0.0
+        stance = posts * float(rng.uniform(-1, 1))
+        rows.append((posts, stance))
+        svc.apply_features(Features(did=f"did:{i}", window_end=60, followers=i,
+                                    topics={"t": [posts, 0.0, stance, 0.0]} if posts else {}))
+    (pol,) = svc.recompute()
+    x = np.array(rows)
+    lib = attribute(I.polarization(), x, steps=pol.error["steps"], rule=pol.error["rule"])
+    phi = np.asarray(lib.phi).sum(axis=1)
+    assert pol.value == pytest.approx(float(lib.value), rel=1e-5)
+    by_did = {e["did"]: e["phi"] for e in pol.top}
+    for did, v in by_did.items():
+        assert v == pytest.approx(phi[int(did.split(":")[1])], rel=1e-4, abs=1e-7)
+    assert not phi[x[:, 0] == 0].any()
+
+
+def test_non_finite_snapshot_is_skipped_and_counted(monkeypatch):
+    """An indicator whose F(b) is -inf (log at the zero baseline): the snapshot is skipped, the
+    reason counted, the other indicators still published."""
+    import jax.numpy as jnp
+
+    from operators import service as S
+
+    log_volume = S.IndicatorSpec("log_volume", S._posts, lambda st: (lambda z: jnp.sum(jnp.log(z))), "posts")
+    monkeypatch.setitem(S.INDICATORS, "log_volume", log_volume)
+    svc = OperatorService(Settings(indicators=["log_volume", "volume"]))
+    lab = dict(indicator="log_volume", reason="non_finite")
+    before = sample("chorus_operator_snapshots_skipped_total", **lab) or 0.0
+    svc.apply_features(Features(did="did:a", window_end=60, followers=1, topics={"t": [2.0, 0.0, 0.0, 0.0]}))
+    snaps = svc.recompute()
+    assert [s.indicator for s in snaps] == ["volume"]
+    assert sample("chorus_operator_snapshots_skipped_total", **lab) == before + 1
+
 
 
 def test_active_only_hops_equal_the_full_graph_reference_across_hops():
