@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_graph
+from tests.helpers.operators_data import random_graph
 
 from operators import NonFiniteError, attribute, bands, indicators as I, shapley
 from operators.graph import FollowGraph

@@ -166,7 +166,7 @@ def test_non_finite_snapshot_is_skipped_and_counted(monkeypatch):
     reason counted, the other indicators still published."""
     import jax.numpy as jnp
 
-    from operators import service as S
+    from operators.service import service as S
 
     log_volume = S.IndicatorSpec("log_volume", S._posts, lambda st: (lambda z: jnp.sum(jnp.log(z))), "posts")
     monkeypatch.setitem(S.INDICATORS, "log_volume", log_volume)
