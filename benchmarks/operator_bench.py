@@ -50,7 +50,8 @@ TARGET_RSS_GB = 1.5
 NB = ACCELERATOR_NODE_BATCH
 REF_STEPS = 256  # the converged Aumann-Shapley integral the equal-accuracy search is measured against
 RULES_COMPARED = ("gauss-legendre", "gauss-legendre-graded")
-SHAPLEY = ((1_000, 16), (4_000, 8), (8_000, 8))  # (N, permutations per round)
+SHAPLEY = ((1_000, 16), (4_000, 8), (8_000, 8), (16_000, 8))  # (N, permutations per round)
+TARGET_SHAPLEY_N = 16_000  # the ratio grows with N; the target is stated at this N (issue 15)
 QUICK_SHAPLEY = ((300, 16), (1_000, 16))
 
 
@@ -409,7 +410,7 @@ def run(quick: bool = False, sizes=None, log=print) -> str:
 
     by_n = {r["n"]: r for r in rows}
     top = by_n.get(TARGET_N)
-    shap4 = [s for s in shap if s["n"] == 4_000]
+    shap4 = [s for s in shap if s["n"] == TARGET_SHAPLEY_N]
     mem_top = [m for m in mem if m["n"] == TARGET_N]
     md += ["", "Targets:", "", "| target | measured | status |", "|---|---|---|"]
     if top:
@@ -426,14 +427,14 @@ def run(quick: bool = False, sizes=None, log=print) -> str:
     else:
         md.append(f"| cascade_reach speedup at {TARGET_N:,} agents | not run (sizes {', '.join(map(str, sizes))}) | n/a |")
     for s4 in shap4:
-        md.append(f"| sampled / Aumann-Shapley time at N = 4,000, equal accuracy: >= {TARGET_SHAPLEY_RATIO:.0e} "
+        md.append(f"| sampled / Aumann-Shapley time at N = {TARGET_SHAPLEY_N:,}, equal accuracy: >= {TARGET_SHAPLEY_RATIO:.0e} "
                   f"| {s4['ratio_eq']:.2e} ({s4['rule_eq']}, {s4['steps_eq']} nodes; ideal-cost bound "
                   f"{s4['ideal_ratio_eq']:.2e}); at {STEPS} Gauss-Legendre nodes {s4['ratio']:.2e} "
                   f"| {_status(s4['ratio_eq'] >= TARGET_SHAPLEY_RATIO)} |")
     if not shap4:
-        md.append("| sampled / Aumann-Shapley ratio at N = 4,000 | not run (quick) | n/a |")
+        md.append(f"| sampled / Aumann-Shapley ratio at N = {TARGET_SHAPLEY_N:,} | not run (quick) | n/a |")
     for s in shap:
-        if s["n"] > 4_000:  # how the ratio scales with N (information, not a target)
+        if s["n"] != TARGET_SHAPLEY_N:  # how the ratio scales with N (information, not a target)
             md.append(f"| (info) the same ratio at N = {s['n']:,} | {s['ratio_eq']:.2e} ({s['rule_eq']}, "
                       f"{s['steps_eq']} nodes); at {STEPS} Gauss-Legendre nodes {s['ratio']:.2e} | info |")
     for m in mem_top:

@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 
 # Options shared by `chorus operator` and `chorus analyze` (the same operator settings).
 INDICATOR_OPTION = typer.Option(None, help="Indicator (repeatable; default cascade_reach and polarization).")
-STEPS_OPTION = typer.Option(32, min=1, help="Quadrature nodes of the path integral.")
+STEPS_OPTION = typer.Option(65, min=1, help="Most quadrature nodes per attribution: the operator picks the cheapest Gauss-Kronrod rule (3..65 nodes) whose per-agent error estimate meets the attribution_error tolerance.")
 PANEL_K_OPTION = typer.Option(100, min=1, help="Visibility panel size (accounts with most followers).")
 
 

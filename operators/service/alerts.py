@@ -63,7 +63,7 @@ class Rule:
     enabled: bool = True
 
 
-PANEL_RESIDUAL_DEFAULT = 0.10  # see operators/data/alerts.yaml for the measurement behind it
+PANEL_RESIDUAL_DEFAULT = 0.20  # see operators/data/alerts.yaml for the measurement behind it
 
 # Threshold key each rule takes in the config file (a readable alias of ``threshold``).
 THRESHOLD_KEYS = {

@@ -92,6 +92,11 @@ def status_line(st: Status) -> str:
     return f"ingest {st.rate:7.1f} ev/s  events {st.events_total:.0f}  lag {lag}  window agents {agents:.0f}"
 
 
+def _num(v) -> float:
+    """A published number that may be null (e.g. an uninformative panel TVD) as a float (nan)."""
+    return float("nan") if v is None else float(v)
+
+
 def snapshot_line(v: dict[str, Any]) -> str:
     """One plain line per snapshot: band shares full | panel, residual, tvd, top culprit."""
     bands = " ".join(f"{b}={_pct(s).strip()}|{_pct(v['panel'].get('bands', {}).get(b)).strip()}"
@@ -99,7 +104,7 @@ def snapshot_line(v: dict[str, Any]) -> str:
     top = v["top"][0] if v.get("top") else None
     culprit = f" top={top['did']}:{_pct(top['share']).strip()}" if top else ""
     return (f"[{v['window_end']}] {v['topic']}/{v['indicator']}: F={v['value']:.4g} "
-            f"n={v['n_agents']} bands(full|panel) {bands} tvd={v['panel'].get('tvd', float('nan')):.3f} "
+            f"n={v['n_agents']} bands(full|panel) {bands} tvd={_num(v['panel'].get('tvd')):.3f} "
             f"residual={relative_residual(v):.1e}{culprit}")
 
 
@@ -118,7 +123,7 @@ def topic_panel(topic: str, values: list[dict[str, Any]], agents: float | None, 
         for v in values:
             row += [_pct(v["bands"].get(b)), _pct(v["panel"].get("bands", {}).get(b))]
         table.add_row(*row)
-    table.add_row(*(["TVD"] + sum(([f"{v['panel'].get('tvd', float('nan')):.3f}", ""] for v in values), [])))
+    table.add_row(*(["TVD"] + sum(([f"{_num(v['panel'].get('tvd')):.3f}", ""] for v in values), [])))
     table.add_row(*(["residual"] + sum(([f"{relative_residual(v):.1e}", ""] for v in values), [])))
     parts: list[Any] = [table]
     for v in values:

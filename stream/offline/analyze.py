@@ -26,7 +26,9 @@ Snapshot file (:func:`write_snapshots` / :func:`read_snapshots`), chosen by exte
 - ``.jsonl`` / ``.ndjson`` / ``.json``: one ``chorus.attributions`` value per line, exactly the
   Kafka message value;
 - ``.parquet``: one row per (window_end, topic, indicator); scalar fields as columns, the nested
-  ``bands``, ``panel`` and ``top`` as JSON strings (``bands_json``, ``panel_json``, ``top_json``),
+  ``bands``, ``panel``, ``top``, ``error`` and ``band_mass`` as JSON strings (``bands_json``,
+  ``panel_json``, ``top_json``, ``error_json``, ``band_mass_json``; files without the last two
+  read as empty),
   plus flat copies ``panel_tvd``, ``panel_spearman``, ``panel_rescale``, ``panel_rescale_residual``
   for convenience; the run's settings as JSON under the schema metadata key ``chorus``.
 
@@ -261,7 +263,7 @@ def _kind(path: Path) -> str:
     raise AnalyzeError(f"{path}: unknown file type {suffix or '(none)'!r}; use .parquet or .jsonl")
 
 
-_NESTED = ("bands", "panel", "top")
+_NESTED = ("bands", "panel", "top", "error", "band_mass")
 _PANEL_FLAT = ("tvd", "spearman", "rescale", "rescale_residual")
 
 
@@ -330,7 +332,7 @@ def read_snapshots(path: str | Path) -> list[Attribution]:
     for row in _read_rows(path):
         if "bands_json" in row:
             row = {k: v for k, v in row.items() if not k.startswith("panel_") and not k.endswith("_json")} | {
-                k: json.loads(row[f"{k}_json"]) for k in _NESTED}
+                k: json.loads(row[f"{k}_json"]) for k in _NESTED if row.get(f"{k}_json") not in (None, "null")}
         try:
             out.append(Attribution.model_validate(row))
         except ValueError as exc:
