@@ -86,11 +86,6 @@ SAMPLE_TVD = Gauge(
     "Band total-variation distance full vs the visibility-biased sample's attribution.",
     _TI,
 )
-SNAPSHOTS_SKIPPED = Counter(
-    "chorus_operator_snapshots_skipped",
-    "Attribution snapshots not published (non_finite: NaN/inf in features, F or phi; invalid).",
-    ["indicator", "reason"],
-)
 RECOMPUTE_SECONDS = Histogram(
     "chorus_operator_recompute_seconds",
     "Wall time of one attribution recompute (one topic, one indicator).",

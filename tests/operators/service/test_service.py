@@ -171,12 +171,12 @@ def test_non_finite_snapshot_is_skipped_and_counted(monkeypatch):
     log_volume = S.IndicatorSpec("log_volume", S._posts, lambda st: (lambda z: jnp.sum(jnp.log(z))), "posts")
     monkeypatch.setitem(S.INDICATORS, "log_volume", log_volume)
     svc = OperatorService(Settings(indicators=["log_volume", "volume"]))
-    lab = dict(indicator="log_volume", reason="non_finite")
-    before = sample("chorus_operator_snapshots_skipped_total", **lab) or 0.0
+    lab = dict(topic="t", indicator="log_volume", reason="non_finite")
+    before = sample("chorus_attribution_skipped_total", **lab) or 0.0
     svc.apply_features(Features(did="did:a", window_end=60, followers=1, topics={"t": [2.0, 0.0, 0.0, 0.0]}))
     snaps = svc.recompute()
     assert [s.indicator for s in snaps] == ["volume"]
-    assert sample("chorus_operator_snapshots_skipped_total", **lab) == before + 1
+    assert sample("chorus_attribution_skipped_total", **lab) == before + 1
 
 
 
