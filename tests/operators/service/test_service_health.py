@@ -14,6 +14,7 @@ from stream.metrics import BAND_SHARE, TOP_SHARE
 from stream.schemas import Features
 
 GOOD = {"did:A": [2, 0, 0.5, 0], "did:B": [1, 0, -0.5, 0], "did:C": [4, 0, 0.0, 0]}
+FOLLOWERS = {"did:A": 30, "did:B": 20, "did:C": 10}  # distinct: the 2-agent panel spans two bands (a TVD)
 
 
 def sample(name, **labels):
@@ -29,7 +30,7 @@ def series(name, **labels):
 def feed(svc, end, topics, scale=1):
     for did, vec in GOOD.items():
         vec = [v * scale for v in vec]
-        svc.apply_features(Features(did=did, window_end=end, followers=10, topics={t: vec for t in topics}))
+        svc.apply_features(Features(did=did, window_end=end, followers=FOLLOWERS[did], topics={t: vec for t in topics}))
 
 
 def test_a_non_finite_result_is_skipped_counted_and_its_series_removed():
