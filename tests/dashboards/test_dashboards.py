@@ -159,7 +159,7 @@ def test_promtool_check_rules():
 def test_rules_cover_the_required_alerts():
     names = {r["alert"] for r in alert_rules()}
     assert {"ChorusIngestStalled", "ChorusIngestLagHigh", "ChorusCompletenessResidualHigh",
-            "ChorusRecomputeSlowerThanHop"} <= names
+            "ChorusRecomputeSlowerThanHop", "ChorusAttributionErrorHigh"} <= names
     for r in alert_rules():
         signal_query(r["expr"])  # every rule is `<signal> <op> <number>`
         assert r["labels"]["severity"] in {"warning", "critical"} and r["annotations"]["summary"]
@@ -193,6 +193,7 @@ def test_alerts_fire_on_synthetic_series(tmp_path):
                     {"series": 'chorus_ingest_lag_seconds{job="chorus", instance="in:9464"}', "values": "5x10 300x20"},
                     {"series": f"chorus_attribution_macro_value{{{lbl}}}", "values": "10x30"},
                     {"series": f"chorus_attribution_completeness_residual{{{lbl}}}", "values": "0.001x10 -0.5x20"},
+                    {"series": f"chorus_attribution_error_estimate{{{lbl}}}", "values": "0.0002x10 0.02x20"},
                     # 30 s of recompute per 60 s minute, then 60 s per minute
                     {"series": f"chorus_operator_recompute_seconds_sum{{{lbl}}}", "values": "0+30x10 300+60x20"},
                     {"series": 'up{job="chorus", instance="in:9464", component="ingest"}', "values": "1x10 0x20"},
@@ -201,6 +202,7 @@ def test_alerts_fire_on_synthetic_series(tmp_path):
                     {"eval_time": "9m", "alertname": "ChorusIngestStalled", "exp_alerts": []},
                     {"eval_time": "9m", "alertname": "ChorusIngestLagHigh", "exp_alerts": []},
                     {"eval_time": "9m", "alertname": "ChorusCompletenessResidualHigh", "exp_alerts": []},
+                    {"eval_time": "9m", "alertname": "ChorusAttributionErrorHigh", "exp_alerts": []},
                     {"eval_time": "9m", "alertname": "ChorusRecomputeSlowerThanHop", "exp_alerts": []},
                     {"eval_time": "9m", "alertname": "ChorusTargetDown", "exp_alerts": []},
                     {"eval_time": "25m", "alertname": "ChorusIngestStalled", "exp_alerts": [
@@ -209,6 +211,9 @@ def test_alerts_fire_on_synthetic_series(tmp_path):
                     {"eval_time": "25m", "alertname": "ChorusIngestLagHigh", "exp_alerts": [
                         {"exp_labels": {"severity": "warning"},
                          "exp_annotations": {"summary": "chorus ingest is 5m 0s behind the firehose"}}]},
+                    {"eval_time": "25m", "alertname": "ChorusAttributionErrorHigh", "exp_alerts": [
+                        {"exp_labels": {"severity": "warning", "topic": "t", "indicator": "i"},
+                         "exp_annotations": {"summary": "t/i: per-agent attribution error 2% of max |phi|"}}]},
                     {"eval_time": "25m", "alertname": "ChorusCompletenessResidualHigh", "exp_alerts": [
                         {"exp_labels": {"severity": "warning", "topic": "t", "indicator": "i"},
                          "exp_annotations": {"summary": "t/i: completeness residual 5% of F(x)"}}]},
