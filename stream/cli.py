@@ -15,6 +15,7 @@ import typer
 from pydantic import ValidationError
 
 from stream.config import ConfigError, Settings
+from stream.process import is_kafka_error, kafka_error_line, run_service, setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
@@ -55,13 +56,14 @@ def run(
     synthetic: int = typer.Option(5000, min=50, help="Accounts in the synthetic population the local relay serves."),
     seed: int = typer.Option(0, help="Seed of the synthetic population."),
     rate: float = typer.Option(50.0, min=0.1, help="Mean synthetic activity, events per second."),
+    speed: float = typer.Option(1.0, min=0.01, help="Event time per wall-clock second of the synthetic relay "
+                                "(1: live; more replays the same events faster, lag then means nothing)."),
     duration: Optional[float] = typer.Option(None, min=0.0, help="Stop by itself after this many seconds."),
     metrics_port: Optional[int] = typer.Option(None, help="Metrics port (default 9464; 0 = any free port)."),
     no_console: bool = typer.Option(False, "--no-console", help="No live view: print only the start and stop lines."),
 ) -> None:
     """Everything in one process tree on the embedded default, with a live console view."""
     import asyncio
-    import logging
 
     from stream.local.runner import RunError, RunOptions
     from stream.local.runner import run as run_all
@@ -69,9 +71,9 @@ def run(
     s = settings(profile=profile, kafka=kafka, metrics_port=metrics_port)
     log_dir = Path(s.state_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(filename=log_dir / "run.log", level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    opts = RunOptions(synthetic=synthetic, seed=seed, rate=rate, console=not no_console, log_dir=log_dir)
+    setup_logging(log_dir / "run.log")
+    opts = RunOptions(synthetic=synthetic, seed=seed, rate=rate, speed=speed, console=not no_console,
+                      log_dir=log_dir)
     try:
         code = asyncio.run(run_all(s, opts, duration))
     except RunError as exc:
@@ -145,10 +147,6 @@ def operator(
     metrics_port: Optional[int] = typer.Option(None, help="Metrics port (default 9464)."),
 ) -> None:
     """Operator service: device-resident state, Aumann-Shapley every hop, metrics, alerts."""
-    import asyncio
-    import logging
-    import signal
-
     from operators.service.alerts import AlertConfigError
     from operators.service.service import OperatorService
 
@@ -158,7 +156,7 @@ def operator(
                  metrics_port=metrics_port)
     if not s.kafka:
         fail("the operator needs Kafka: pass --kafka kafka://host:port or set CHORUS_KAFKA")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         svc = OperatorService(s, steps=steps, panel_k=panel_k)
     except (ConfigError, AlertConfigError, ValueError) as exc:
@@ -168,13 +166,8 @@ def operator(
     except OSError as exc:
         fail(f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: {exc.strerror or exc}", code=1)
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(svc.stop()))
-        await svc.run()
-
-    asyncio.run(main())
+    # The standard loop: the operator's time goes to JAX, not to the event loop.
+    run_service(svc.run, svc.stop, use_uvloop=False)
 
 
 @app.command()
@@ -282,10 +275,10 @@ def alerts(
     except KeyboardInterrupt:
         pass
     except (OSError, ConnectionError) as exc:
-        fail(f"cannot read chorus.alerts from {url}: {exc}", code=1)
-    except Exception as exc:  # aiokafka's KafkaConnectionError and friends
-        if type(exc).__module__.startswith("aiokafka"):
-            fail(f"cannot read chorus.alerts from {url}: {exc!r}", code=1)
+        fail(kafka_error_line(url, exc, "read chorus.alerts"), code=1)
+    except Exception as exc:
+        if is_kafka_error(exc):
+            fail(kafka_error_line(url, exc, "read chorus.alerts"), code=1)
         raise
 
 
@@ -416,9 +409,9 @@ def report(
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot write the report: {exc}", code=1)
-    except Exception as exc:  # aiokafka's KafkaConnectionError and friends
-        if type(exc).__module__.startswith("aiokafka"):
-            fail(f"cannot read {topic} from {url}: {exc!r}", code=1)
+    except Exception as exc:
+        if is_kafka_error(exc):
+            fail(kafka_error_line(url, exc, f"read {topic}"), code=1)
         raise
     typer.echo(f"chorus report: {len(rep.figures)} figures and {rep.summary}", err=True)
 

@@ -1,15 +1,37 @@
-"""The asyncio event loop for chorus processes: uvloop where it is installed.
+"""Process setup shared by every chorus command: logging, the event loop, signals, one-line errors.
 
-The ingester and the Faust worker spend most of their CPU in the event loop (one Kafka message
-per event); uvloop runs the same asyncio code on libuv. Measured on the 2-core CI VM, worker
-benchmark (stock faust.App), 50k events, live: median 5,956 vs 4,940 events per CPU-second; ingest benchmark,
-end to end: 7,099-7,175 vs 4,383-7,357 events/s (3 runs each, interleaved). Set
-``CHORUS_UVLOOP=0`` (``Settings.uvloop``) to keep the default asyncio loop.
+- :func:`setup_logging`: one log format for every stage (stderr, or a file for `chorus run`).
+- :func:`install`: the asyncio event loop, uvloop where installed (``Settings.uvloop``).
+- :func:`run_service`: a stage's blocking entry: the loop, SIGINT/SIGTERM asking the service to
+  stop (it then finishes its work in order), ``asyncio.run``.
+- :func:`is_kafka_error` / :func:`kafka_error_line`: which failures mean "Kafka cannot be reached"
+  and the one line (``chorus: error: cannot reach Kafka ...``) the command prints for them.
+
+Event loop: the ingester and the Faust worker spend most of their CPU in the event loop (one
+Kafka message per event); uvloop runs the same asyncio code on libuv. Measured on the 2-core CI
+VM, worker benchmark (stock faust.App), 50k events, live: median 5,956 vs 4,940 events per
+CPU-second; ingest benchmark, end to end: 7,099-7,175 vs 4,383-7,357 events/s (3 runs each,
+interleaved). Set ``CHORUS_UVLOOP=0`` (``Settings.uvloop``) to keep the default asyncio loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
+
+T = TypeVar("T")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def setup_logging(filename: str | Path | None = None, level: int = logging.INFO) -> None:
+    """Log records of ``level`` and above as ``time LEVEL logger: message`` to stderr, or
+    appended to ``filename``."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, filename=filename)
 
 
 def install(use_uvloop: bool = True) -> str:
@@ -23,3 +45,49 @@ def install(use_uvloop: bool = True) -> str:
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return "uvloop"
+
+
+def on_stop_signals(stop: Callable[[], Any]) -> Callable[[], None]:
+    """In the running loop, SIGINT and SIGTERM call ``stop()`` (a coroutine it returns is
+    scheduled); returns the function that removes the handlers again."""
+    loop = asyncio.get_running_loop()
+
+    def handler() -> None:
+        result = stop()
+        if asyncio.iscoroutine(result):
+            asyncio.ensure_future(result)
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, handler)
+
+    def remove() -> None:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+    return remove
+
+
+def run_service(main: Callable[[], Awaitable[T]], stop: Callable[[], Any], use_uvloop: bool = True) -> T:
+    """Run ``main()`` to its end on the chosen event loop, with SIGINT/SIGTERM calling ``stop()``
+    (which makes ``main`` return after a clean shutdown). Blocking; returns what ``main`` returns."""
+    install(use_uvloop)
+
+    async def _main() -> T:
+        on_stop_signals(stop)
+        return await main()
+
+    return asyncio.run(_main())
+
+
+def is_kafka_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says Kafka could not be reached or refused a request: aiokafka's own
+    error types (``KafkaError``, ``KafkaConnectionError``, ...), which are not OSErrors."""
+    from aiokafka.errors import KafkaError
+
+    return isinstance(exc, KafkaError) or type(exc).__module__.startswith("aiokafka")
+
+
+def kafka_error_line(url: str | None, exc: BaseException, doing: str = "") -> str:
+    """The one line for a Kafka failure: ``cannot reach Kafka at URL[ (could not DOING)]: detail``."""
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"cannot reach Kafka at {url}" + (f" (could not {doing})" if doing else "") + f": {detail}"

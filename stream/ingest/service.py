@@ -31,6 +31,7 @@ from stream.ingest.cursor import CursorError, CursorStore
 from stream.ingest.reader import Backoff, FirehoseReader
 from stream.kafka import check_topics, ensure_topics, make_producer
 from stream.metrics import INGEST_CURSOR
+from stream.process import kafka_error_line, run_service, setup_logging
 from stream.ingest.publisher import AckTracker, CursorCommitter, Publisher
 from stream.schemas import TOPIC_EVENTS
 from stream.topics import stage_topics
@@ -48,12 +49,11 @@ def kafka_start_error(bootstrap: str, step: str, exc: BaseException, idempotence
     A broker that *answered* with an error while an idempotent producer started (the InitProducerId
     request) most likely lacks idempotent producers (the embedded Tansu broker does), so the line says
     so and how to turn idempotence off, instead of calling Kafka unreachable."""
-    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if idempotence and step == "start the producer" and isinstance(exc, BrokerResponseError):
         return (f"Kafka at {bootstrap} refused an idempotent producer ({type(exc).__name__} on InitProducerId): "
                 "the broker may not support idempotent producers; set CHORUS_KAFKA_IDEMPOTENCE=false to "
                 "produce without idempotence")
-    return f"cannot reach Kafka at {bootstrap} (could not {step}): {detail}"
+    return kafka_error_line(bootstrap, exc, step)
 
 
 class Ingester:
@@ -184,11 +184,9 @@ def main(settings: Settings, relay: str | None = None, cursor: int | None = None
 
     Raises IngestError (one line) when it cannot start.
     """
-    import signal
-
     from stream import metrics
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     ingester = Ingester(settings, relay=relay, cursor=cursor, jetstream=jetstream)
     try:
         metrics.serve(settings.metrics_host, settings.metrics_port)
@@ -196,13 +194,4 @@ def main(settings: Settings, relay: str | None = None, cursor: int | None = None
         raise IngestError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: "
                           f"{exc.strerror or exc}") from None
 
-    async def _run() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, ingester._stop.set)
-        await ingester.run()
-
-    from stream.process import install
-
-    install(settings.uvloop)
-    asyncio.run(_run())
+    run_service(ingester.run, ingester.stop, use_uvloop=settings.uvloop)

@@ -24,7 +24,6 @@ import fcntl
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from stream.local.broker import EmbeddedBroker, free_port
+from stream.process import kafka_error_line, on_stop_signals
 from stream.config import Settings, bootstrap_servers
 
 log = logging.getLogger("chorus.run")
@@ -328,18 +328,22 @@ class BrokerPart:
 class RelayPart:
     """The synthetic relay: a seeded ``synth.Population`` served as subscribeRepos frames.
 
-    Event time runs at wall-clock speed from ``start_time_us`` (default: now), so lag and windows
-    mean what they mean live. The activity span is ``events_per_account * n / rate`` seconds (about
-    ``rate`` events/s on average), after a ``follow_span_s`` burst that builds the follow graph.
+    Event time runs at ``speed`` x wall-clock speed from ``start_time_us`` (default: now); at
+    speed 1 (the default) lag and windows mean what they mean live, faster replays the same
+    events in less wall time (lag is then negative). The activity span is ``events_per_account * n
+    / rate`` seconds of event time (about ``rate`` events/s on average), after a ``follow_span_s``
+    burst that builds the follow graph.
     """
 
     name = "relay"
     EVENTS_PER_ACCOUNT = 4.0
 
     def __init__(self, accounts: int, seed: int, rate: float, host: str = "127.0.0.1",
-                 start_time_us: int | None = None, follow_span_s: float = 10.0):
+                 start_time_us: int | None = None, follow_span_s: float = 10.0, speed: float = 1.0):
+        if speed <= 0:
+            raise ValueError(f"speed must be > 0, got {speed}")
         self.accounts, self.seed, self.rate, self.host = accounts, seed, rate, host
-        self.start_time_us, self.follow_span_s = start_time_us, follow_span_s
+        self.start_time_us, self.follow_span_s, self.speed = start_time_us, follow_span_s, speed
         self.population: Any = None
         self.relay: Any = None
 
@@ -357,7 +361,7 @@ class RelayPart:
         start = self.start_time_us if self.start_time_us is not None else time.time_ns() // 1000
         self.start_time_us = start
         source = FrameSource.from_population(self.population, start_time_us=start)
-        self.relay = Relay(source, self.host, 0, speed=1.0)
+        self.relay = Relay(source, self.host, 0, speed=self.speed)
         await self.relay.start()
 
     @property
@@ -381,7 +385,8 @@ class RunOptions:
 
     synthetic: int = 5000          # synthetic accounts
     seed: int = 0
-    rate: float = 50.0             # mean synthetic activity, events per second
+    rate: float = 50.0             # mean synthetic activity, events per second of event time
+    speed: float = 1.0             # event time per wall-clock time of the synthetic relay
     start_time_us: int | None = None  # event time of the first frame (None: now)
     console: bool = True
     worker: str = "auto"           # "process", "inline" or "auto" (what stream.worker.faust_app supports)
@@ -478,9 +483,9 @@ class Runner:
             try:
                 await asyncio.wait_for(ensure_topics(self.bootstrap, stage_topics("run", self.settings)), 60)
             except (OSError, TimeoutError, Exception) as exc:  # aiokafka raises its own errors
-                raise RunError(f"cannot reach Kafka at {self.kafka_url}: {exc!r}") from None
+                raise RunError(kafka_error_line(self.kafka_url, exc, "create the topics")) from None
             relay = RelayPart(self.opts.synthetic, self.opts.seed, self.opts.rate,
-                              start_time_us=self.opts.start_time_us)
+                              start_time_us=self.opts.start_time_us, speed=self.opts.speed)
             await self._start_part(relay)
             self.relay_url = relay.url
             await self._start_part(self._operator_part())
@@ -493,7 +498,8 @@ class Runner:
             self.lock.write({"pid": os.getpid(), "kafka": self.kafka_url, "metrics": self.metrics.url,
                              "relay": self.relay_url, "started": time.time(),
                              "synthetic": {"accounts": relay.accounts, "seed": relay.seed,
-                                           "rate": relay.rate, "start_time_us": relay.start_time_us}})
+                                           "rate": relay.rate, "speed": relay.speed,
+                                           "start_time_us": relay.start_time_us}})
         except BaseException:
             await self.stop()
             raise
@@ -615,9 +621,7 @@ async def run(settings: Settings, options: RunOptions, duration: float | None = 
     Returns the process exit code (0 clean, 1 a part died).
     """
     runner = Runner(settings, options)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, runner.request_stop)
+    remove_handlers = on_stop_signals(runner.request_stop)
     try:
         await runner.start()
         w, h = settings.window
@@ -626,8 +630,7 @@ async def run(settings: Settings, options: RunOptions, duration: float | None = 
         await runner.wait(duration)
     finally:
         await runner.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        remove_handlers()
     if runner.failed:
         announce(f"chorus run: stopped because {runner.failed}")
         return 1

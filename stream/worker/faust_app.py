@@ -440,13 +440,13 @@ def run_worker(settings: Settings, serve_metrics: bool = True, **app_kw: Any) ->
     """Blocking entry point for ``chorus worker``: metrics endpoint + a Faust worker (signals)."""
     from mode import Worker as ModeWorker
 
-    from stream.process import install
+    from stream.process import install, kafka_error_line
 
     install(settings.uvloop)
     try:
         n_ops = asyncio.run(asyncio.wait_for(ensure_worker_topics(settings, app_kw.get("app_id", APP_ID)), 60))
     except Exception as exc:  # aiokafka raises its own error types
-        raise ConnectionError(f"cannot reach Kafka at {settings.kafka}: {exc!r}") from None
+        raise ConnectionError(kafka_error_line(settings.kafka, exc, "create the worker's topics")) from None
     app, _ = build_app(settings, ops_partitions=n_ops, **app_kw)
     if serve_metrics:
         metrics.serve(settings.metrics_host, settings.metrics_port)
