@@ -35,7 +35,7 @@ LOG_FIRST = 10
 LOG_EVERY = 1000
 MAX_DEAD_LETTERS = 10_000  # kept in memory between publishes; beyond: counted, logged, dropped
 REASONS = ("json", "shape", "missing_field", "unknown_field", "type", "non_finite", "out_of_range",
-           "time_ahead", "processing_error")
+           "time_ahead", "processing_error", "format")
 
 _BY_ERROR = {
     "json_invalid": "json", "json_type": "json", "model_type": "shape", "model_attributes_type": "shape",

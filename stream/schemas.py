@@ -136,7 +136,8 @@ class Features(_Value):
 
     did: Did
     window_end: UnixS
-    followers: Annotated[int, Field(ge=0, le=MAX_COUNT)]
+    # no longer sent (follower counts come from chorus.graph, held by the operator); ignored
+    followers: Annotated[int, Field(ge=0, le=MAX_COUNT)] | None = None
     # [posts, engagement, stance_sum, reposts]: counts >= 0, every value finite
     topics: Annotated[dict[Annotated[str, Field(max_length=256)],
                            Annotated[list[Bounded], Field(min_length=4, max_length=4)]], Field(max_length=4096)]
@@ -157,17 +158,40 @@ class Features(_Value):
 
 
 class GraphEdge(_Value):
-    """A follow edge change (chorus.graph, key = follower DID): src is followed by dst."""
+    """A follow edge change (chorus.graph): ``src`` is followed by ``dst`` through the follow
+    record ``uri`` (``at://dst/app.bsky.graph.follow/rkey``).
 
-    op: Literal["add", "remove"]
-    src: Did
+    Key = the record URI (it identifies the edge, so a compacted topic keeps the last op of every
+    edge), or ``dst`` for a purge. ``add`` carries src, dst, uri; ``remove`` carries dst and uri
+    (a firehose delete names only the record; src is then absent and resolved by the consumer
+    from the record's add) or src and dst; ``purge`` (dst's account is gone) removes every edge
+    dst follows with, as of ``time_us``. Records written before ``uri`` existed carry src and dst
+    only (key = dst) and stay valid.
+    """
+
+    op: Literal["add", "remove", "purge"]
+    src: Did | None = None
     dst: Did
     time_us: TimeUs
+    uri: AtUri | None = None
 
     @field_validator("time_us")
     @classmethod
     def _time_not_ahead(cls, v: int, info: ValidationInfo) -> int:
         return _not_ahead(v, info, "max_time_s", 1e6)
+
+    @model_validator(mode="after")
+    def _op_fields(self) -> "GraphEdge":
+        if self.op == "add" and not self.src:
+            raise PydanticCustomError("op_fields", "an add needs src", {})
+        if self.op == "remove" and not (self.src or self.uri):
+            raise PydanticCustomError("op_fields", "a remove needs src or uri", {})
+        return self
+
+
+def graph_key(edge: dict[str, Any]) -> bytes:
+    """The chorus.graph key of an edge value: its record URI, else the follower DID."""
+    return (edge.get("uri") or edge["dst"]).encode()
 
 
 class Attribution(_Value):

@@ -254,6 +254,7 @@ class OperatorService:
         if end is None:
             return []
         self._expire_stale(end)
+        st.settle()
         changed = st.take_changed()
         if self._graph_changed:
             changed |= set(st.topics)
@@ -291,8 +292,7 @@ class OperatorService:
         "Stale records" in the module docstring). O(rows) numpy per call."""
         st = self.state
         for r in st.stale_rows(end - self.window_s):
-            st.apply_features(Features(did=st.dids[r], window_end=st.last_end(r),
-                                       followers=int(st.followers[r]), topics={}, expired=True))
+            st.apply_features(Features(did=st.dids[r], window_end=st.last_end(r), topics={}, expired=True))
 
     def _attribute(self, topic: str, spec: IndicatorSpec, x4: jax.Array, end: int) -> Attribution:
         st = self.state

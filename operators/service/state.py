@@ -13,7 +13,14 @@ beginning after a restart rebuilds exactly the same state:
   applied for that DID is ignored). A message replaces that DID's vector in every topic: topics it
   does not list become zero; ``expired`` zeroes them all.
 - Graph edges: add/remove are set operations on ``(src, dst)``; an op older (``time_us``) than the
-  last op applied to the same edge is ignored (:class:`EdgeSet`, compact numpy storage).
+  last op applied to the same edge is ignored (:class:`EdgeSet`, compact numpy storage). A remove
+  may name only the follow record (``uri``, what a firehose delete carries): the record -> edge
+  index (:class:`RecordIndex`) resolves it; an unknown record is ignored. A ``purge`` (an account
+  is gone) removes every edge the account follows with, unless a later op re-added it; purges
+  are applied in one vectorized pass before the graph or the follower counts are next read.
+- Followers: the in-degree of each row in the present edge set (``followers[src]`` counts the
+  edges ``src -> *``), kept up to date with every change: the one source of follower counts for
+  bands and panel. (The ``followers`` field of old ``chorus.features`` records is ignored.)
 
 Features live on the host (the source of truth) and on the default JAX device; changed rows are
 copied to the device in one scatter per topic and hop (padded to a power-of-two batch).
@@ -118,6 +125,20 @@ class EdgeSet:
         self._time = np.insert(self._time, at, time[new])
         self._present = np.insert(self._present, at, present[new])
 
+    def purge(self, rows: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Remove the present edges ``* -> rows[i]`` whose last op is at or before ``times[i]``
+        (sorted ``rows``); returns their keys."""
+        self.compact()
+        order = np.argsort(rows)
+        rows, times = rows[order], times[order]
+        dst = self._keys & 0xFFFFFFFF
+        i = np.clip(np.searchsorted(rows, dst), 0, rows.size - 1)
+        hit = self._present & (rows[i] == dst) & (self._time <= times[i])
+        self._present[hit] = False
+        self._time[hit] = times[i][hit]
+        self.count -= int(hit.sum())
+        return self._keys[hit]
+
     def present(self) -> np.ndarray:
         """Keys of the present edges, sorted."""
         self.compact()
@@ -131,6 +152,52 @@ class EdgeSet:
         lens = hi - lo
         idx = np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
         return self._keys[idx[self._present[idx]]]
+
+
+class RecordIndex:
+    """Follow record key (:func:`stream.worker.table.key_of` of the record URI) -> edge key,
+    16 bytes per record: recent entries in a dict, merged into sorted numpy arrays."""
+
+    MERGE_AT = 1 << 20
+
+    def __init__(self):
+        self._keys = np.empty(0, np.int64)
+        self._edges = np.empty(0, np.int64)
+        self._recent: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        self.compact()
+        return int(self._keys.size)
+
+    def get(self, rec: int) -> int | None:
+        hit = self._recent.get(rec)
+        if hit is None and self._keys.size:
+            i = int(np.searchsorted(self._keys, rec))
+            if i < self._keys.size and self._keys[i] == rec:
+                hit = int(self._edges[i])
+        return hit
+
+    def put(self, rec: int, edge: int) -> None:
+        self._recent[rec] = edge
+        if len(self._recent) >= self.MERGE_AT:
+            self.compact()
+
+    def compact(self) -> None:
+        if self._recent:
+            keys = np.fromiter(self._recent, np.int64, len(self._recent))
+            edges = np.fromiter(self._recent.values(), np.int64, len(self._recent))
+            self._recent.clear()
+            self.put_many(keys, edges)
+
+    def put_many(self, keys: np.ndarray, edges: np.ndarray) -> None:
+        keep = ~np.isin(self._keys, keys)
+        k = np.concatenate([self._keys[keep], keys])
+        order = np.argsort(k, kind="stable")
+        self._keys, self._edges = k[order], np.concatenate([self._edges[keep], edges])[order]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        self.compact()
+        return self._keys, self._edges
 
 
 @dataclass(frozen=True)
@@ -162,6 +229,9 @@ class OperatorState:
         self._device: dict[str, jax.Array] = {}     # topic -> (C, D) on the default device
         self._pending: dict[str, set[int]] = {}     # topic -> rows changed since the last upload
         self._edges = EdgeSet()
+        self._records = RecordIndex()               # follow record key -> edge key
+        self._purges: dict[int, int] = {}           # row -> time_us of a pending purge
+        self.edge_ops_ignored = 0                   # removes of unknown records
         self._graph: FollowGraph | None = None
         self._graph_dirty = True
         self._edges_version = 0                     # bumped whenever the edge set changes
@@ -224,7 +294,6 @@ class OperatorState:
         if f.window_end < self._last_end[r]:
             return False
         self._last_end[r] = f.window_end
-        self.followers[r] = max(int(f.followers), 0)
         if self.window_end is None or f.window_end > self.window_end:
             self.window_end = f.window_end
         topics = {} if f.expired else f.topics
@@ -254,10 +323,30 @@ class OperatorState:
         self.changed_topics.add(topic)
 
     def apply_edge(self, e: GraphEdge) -> bool:
-        """Apply one chorus.graph value (idempotent); returns whether the edge set changed."""
-        s, d = self.row(e.src), self.row(e.dst)
-        key = (s << 32) | d
-        if self._edges.apply(key, e.time_us, e.op == "add"):
+        """Apply one chorus.graph value (idempotent); returns whether the edge set changed (a
+        purge returns True when it is queued; it is applied by :meth:`settle`)."""
+        from stream.worker.table import key_of
+
+        d = self.row(e.dst)
+        if e.op == "purge":
+            self._purges[d] = max(self._purges.get(d, e.time_us), e.time_us)
+            return True
+        rec = key_of(e.uri) if e.uri else None
+        if e.op == "add" and not e.src:
+            self.edge_ops_ignored += 1
+            return False
+        if e.src:
+            key = (self.row(e.src) << 32) | d
+            if rec is not None and e.op == "add":
+                self._records.put(rec, key)
+        else:  # a remove that names only the record
+            key = self._records.get(rec) if rec is not None else None
+            if key is None or key & 0xFFFFFFFF != d:
+                self.edge_ops_ignored += 1
+                return False
+        present = e.op == "add"
+        if self._edges.apply(key, e.time_us, present):
+            self.followers[key >> 32] += 1 if present else -1
             self._graph_dirty = True
             self._edges_version += 1
             if self._subgraphs:
@@ -265,6 +354,23 @@ class OperatorState:
                 self._log_add.append(e.op == "add")
             return True
         return False
+
+    def settle(self) -> None:
+        """Apply the queued purges: every present edge into a purged row whose last op is not
+        newer than the purge is removed (one pass over the edge set)."""
+        if not self._purges:
+            return
+        rows = np.fromiter(self._purges, np.int64, len(self._purges))
+        times = np.fromiter(self._purges.values(), np.int64, len(self._purges))
+        self._purges.clear()
+        removed = self._edges.purge(rows, times)
+        if removed.size:
+            np.subtract.at(self.followers, removed >> 32, 1)
+            self._graph_dirty = True
+            self._edges_version += 1
+            if self._subgraphs:
+                self._log_keys.extend(removed.tolist())
+                self._log_add.extend([False] * removed.size)
 
     def load(self, dids: list[str], followers: np.ndarray, features: dict[str, np.ndarray],
              window_end: int, src: np.ndarray | None = None, dst: np.ndarray | None = None) -> None:
@@ -279,7 +385,8 @@ class OperatorState:
         self.dids = list(dids)
         if n + 1 > self.capacity:
             self._grow(_pow2_at_least(n + 1, self.capacity))
-        self.followers[:n] = followers
+        # with edges, followers are their in-degree (the graph is the one source of truth)
+        self.followers[:n] = followers if src is None else np.bincount(np.asarray(src, np.int64), minlength=n)[:n]
         self._last_end[:n] = window_end
         for t, x in features.items():
             h = self._host[t] = np.zeros((self.capacity, D), np.float32)
@@ -308,6 +415,7 @@ class OperatorState:
 
     def _present_keys(self) -> np.ndarray:
         """Present edge keys ``src << 32 | dst``, sorted (cached until the edge set changes)."""
+        self.settle()
         if self._present is None or self._present[0] != self._edges_version:
             self._present = (self._edges_version, self._edges.present())
         return self._present[1]

@@ -169,8 +169,8 @@ class Analyzer:
         except (BadEvent, ValueError, KeyError, TypeError):  # as the worker: skip, count
             self.invalid_events += 1
         # The worker publishes an event's edges before the owners close the hop it opens.
-        for op, src, dst, te in edges:
-            self.service.apply_edge(GraphEdge(op=op, src=src, dst=dst, time_us=te))
+        for op, src, dst, te, uri in edges:
+            self.service.apply_edge(GraphEdge(op=op, src=src, dst=dst, time_us=te, uri=uri))
         return self._hop(records) if store.closed != before else []
 
     def finish(self) -> list[Attribution]:

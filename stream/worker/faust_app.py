@@ -3,10 +3,12 @@
 Two agents (concurrency 1 each, faust-streaming #606) share one :class:`stream.worker.windows.WindowStore`:
 
   ``authors``  consumes chorus.events (key = author DID): dedupe, deletes, classification
-               (``WindowStore.ingest``); publishes follow edges to chorus.graph (key = follower);
+               (``WindowStore.ingest``); passes follow edges through to chorus.graph (key = the
+               follow record URI, :func:`stream.schemas.graph_key`);
                re-keys the resulting ops by their owner DID onto the repartition topic
-               ``<app id>-ops``: one Kafka message per (flush, partition) holding a JSON list of
-               ops (a flush every 1000 ops or 0.1 s), partition = CRC-32(owner DID) mod partitions.
+               ``<app id>-ops``: one Kafka message per (flush, partition) holding the ops
+               (:func:`encode_ops`; a flush every 1000 ops or 0.1 s), partition = CRC-32(owner
+               DID) mod partitions.
   ``owners``   consumes ``<app id>-ops``: ``WindowStore.apply``; follow-ups go back to the ops topic.
 
 So every DID's author state and feature state live on whichever worker holds that DID's partition,
@@ -58,7 +60,7 @@ from stream.config import Settings, bootstrap_servers
 from stream.guard import RecordGuard
 from stream.kafka import ReliableSender
 from stream import topics as topic_registry
-from stream.schemas import TOPIC_DEAD_LETTER, TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH, Event, dumps
+from stream.schemas import TOPIC_DEAD_LETTER, TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH, Event, dumps, graph_key
 from stream.worker.lexicon import Classifier, Lexicon
 from stream.worker.windows import BadEvent, WindowStore
 
@@ -68,6 +70,33 @@ RUN_MODE = "process"  # `chorus run` should start the worker as `python -m strea
 APP_ID = topic_registry.DEFAULT_APP_ID
 BATCH = 1000  # buffered ops or records that trigger a send
 FLUSH_S = 0.1  # the flusher's period: buffered outputs wait at most this long
+
+
+OPS_FORMAT = 2  # 1: a bare JSON list of ops with record URIs (before record keys)
+
+
+def encode_ops(ops: list) -> bytes:
+    """One ops message: ``{"v": OPS_FORMAT, "ops": [...]}`` (ops as in WindowStore.apply)."""
+    return json.dumps({"v": OPS_FORMAT, "ops": ops}, separators=(",", ":")).encode()
+
+
+def decode_ops(raw: bytes) -> list | None:
+    """The ops of a message from :func:`encode_ops`; None for any other format."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(value, dict) and value.get("v") == OPS_FORMAT and isinstance(value.get("ops"), list):
+        return value["ops"]
+    return None
+
+
+def edge_message(edge: tuple) -> tuple[bytes, bytes]:
+    """(key, value) of the chorus.graph message for a store edge ``(op, src, dst, time_us, uri)``."""
+    op, src, dst, t, uri = edge
+    value = {k: v for k, v in (("op", op), ("src", src), ("dst", dst), ("time_us", t), ("uri", uri))
+             if v not in ("", None)}
+    return graph_key(value), dumps(value)
 
 
 class Pipeline:
@@ -168,17 +197,16 @@ class Pipeline:
         self._tick(ev["time_us"])
 
     def on_ops(self, raw: bytes, partition: int = -1, offset: int = -1) -> None:
-        """One ops message (a JSON list of ops) from the repartition topic; an op that does not
-        fit (``[code: str, owner: str, time_us: int, ...]``) or fails is rejected, not raised."""
+        """One ops message (:func:`encode_ops`) from the repartition topic; an op that does not
+        fit (``[code: str, owner: str, time_us: int, ...]``) or fails is rejected, not raised. A
+        message of another format (a worker of an older version) is rejected as ``format``: the
+        replay of chorus.events regenerates its ops."""
         self.last_input = time.monotonic()
         store = self.store
-        try:
-            ops = json.loads(raw)
-            if not isinstance(ops, list):
-                raise BadEvent("ops message is not a JSON list")
-        except (ValueError, TypeError) as exc:
-            self.guard.reject(self.ops_topic, partition, offset, exc, value=raw,
-                              reason="shape" if isinstance(exc, BadEvent) else "json")
+        ops = decode_ops(raw)
+        if ops is None:
+            self.guard.reject(self.ops_topic, partition, offset,
+                              BadEvent(f"not an ops message of format {OPS_FORMAT}"), value=raw, reason="format")
             return
         for op in ops:
             try:
@@ -276,9 +304,8 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
     async def publish() -> None:
         records, edges, ops = pipe.drain()
         pipe.records += len(records)
-        out: list = [(ops_name, b"%d" % p, json.dumps(batch).encode(), p, None) for p, batch in ops.items()]
-        out += [(TOPIC_GRAPH, dst.encode(), dumps({"op": op, "src": src, "dst": dst, "time_us": t}), None, None)
-                for op, src, dst, t in edges]
+        out: list = [(ops_name, b"%d" % p, encode_ops(batch), p, None) for p, batch in ops.items()]
+        out += [(TOPIC_GRAPH, *edge_message(edge), None, None) for edge in edges]
         out += [(TOPIC_FEATURES, rec["did"].encode(), dumps(rec), None, None) for rec in records]
         out += [(TOPIC_DEAD_LETTER, k, v, None, h) for k, v, h in pipe.guard.take_dead_letters()]
         await sender.send(out)

@@ -12,45 +12,81 @@ Per user and topic the feature vector is ``[posts, engagement, stance_sum, repos
               from the post -> topic table, which holds posts of the current window only),
   stance_sum  sum of the VADER compound scores of the user's posts in the topic,
   reposts     the user's reposts of topic posts (credited in the reposted post's topics).
-Each contribution lands in the bucket of the event that made it. Every user keeps one small dict
-per touched bucket plus running totals; a global ring maps bucket -> what to subtract when that
-bucket leaves the window, so the cost per event is O(topics of the post), independent of n.
+Each contribution lands in the bucket of the event that made it.
 
-Two stages make the state partitionable by DID (see stream/app.py):
+Memory layout (about 80 bytes per held event, BENCHMARKS.md; independent of n and h):
+  - account DIDs are interned to int ids (``_ids``; ids no longer referenced are recycled);
+  - record URIs are kept as 63-bit BLAKE2b keys (:func:`stream.worker.table.key_of`) in compact
+    int64 hash tables (:class:`stream.worker.table.HashTable`): the author's record registry
+    (``records``: kind, bucket, subject), the owner's topic posts (``posts``), the engagement it
+    was credited (``credits``) and its reposts of topic posts (``made``). Entries expire lazily:
+    an entry whose bucket left the window reads as absent and is dropped when its table fills;
+  - contributions are appended to per-bucket columnar arrays (id, topic mask, packed deltas)
+    and summed into a dense (ids, topics, 4) totals array; when a bucket leaves the window its
+    columns are subtracted in one vectorized pass. So the cost per event is O(topics of the post),
+    independent of n, and per held event a few table slots plus 12 bytes.
+Follow records are not kept: a follow passes through as a graph edge (``chorus.graph``), its
+deletion as a removal by record URI; follower counts live with the graph (the operator).
+
+Two stages make the state partitionable by DID (see stream/worker/faust_app.py):
   ``ingest(event)``  runs where the *author* lives: dedupe by record URI (a registry of the
-                     author's records in the window; follows are kept for good), resolves deletes
-                     to what the record created, classifies posts, and returns ops for owners;
-  ``apply(op)``      runs where the op's *owner* (``op[1]``) lives: updates features, the post
-                     table, follower counts; it may return follow-up ops (repost -> reposter).
+                     author's records in the window), resolves deletes to what the record
+                     created, classifies posts, and returns ops for owners and graph edges;
+  ``apply(op)``      runs where the op's *owner* (``op[1]``) lives: updates features and the post
+                     table; it may return follow-up ops (repost -> reposter).
 ``process(event)`` runs both stages locally (one process owning every DID).
 
 Every op is idempotent (keyed by record URI), so a replay of the input may re-send ops safely.
 Deletes retract what the deleted record created: a post's own posts/stance and the engagement it
 gave as a reply/quote (engagement *received* from other people's records stays, but the post
 leaves the post table so later engagement credits nothing); a like/repost its engagement credit
-(and the reposter's repost credit); a follow its edge and follower count. An ``account`` event
-with ``active=False`` retracts every record of the account in the registry and clears its state.
-Engagement for a post not (yet) in the table waits ``grace_hops`` hops (cross-partition
-reordering), then is dropped; so does engagement of a post outside every topic. The other way
-round, a post that left the window stays findable for ``grace_hops`` more hops (``_User.gone``):
-engagement that arrives after the clock expired the post, but whose own bucket b still held it
-(post bucket > b - n), is credited as it would have been in time order.
+(and the reposter's repost credit); a follow its edge (downstream). An ``account`` event with
+``active=False`` retracts every record of the account in the registry, clears its state and
+removes the edges it follows with (a ``purge`` edge op). Engagement for a post not (yet) in the
+table waits ``grace_hops`` hops (cross-partition reordering), then is dropped; so does engagement
+of a post outside every topic. The other way round, a post that left the window stays findable
+for ``grace_hops`` more hops: engagement that arrives after the clock expired the post, but whose
+own bucket b still held it (post bucket > b - n), is credited as it would have been in time order.
+Engagement is credited only to the owner of the post it names (a subject DID that does not own
+the subject URI credits nothing).
 
 Emission: ``advance(time_us)`` closes the hop ``cur`` when the clock enters a later bucket and
-returns at most one record per changed user (changed since its last record), or an expiry record
+returns at most one record per changed user (changed since its last record; topics in name order), or an expiry record
 (``expired=True``, no topics) for a user that left the window. ``flush()`` closes the current hop
 early (idle input); a hop is closed once, and later changes go out with the next hop.
+
+Checkpoints: :meth:`WindowStore.to_arrays` / :meth:`WindowStore.from_arrays` (the whole state as
+named numpy arrays, format :data:`STATE_FORMAT`); see stream/worker/checkpoint.py.
 """
 
 from __future__ import annotations
 
+import json
+from array import array
 from collections import deque
+from hashlib import blake2b
 from typing import Any, Callable
 
+import numba
+import numpy as np
+
 from stream.worker.lexicon import STANCE_SCALE
+from stream.worker.table import HashTable, key_of
 
 Op = tuple  # (code, owner DID, time_us, ...): see apply()
 POSTS, ENG, STANCE, REPOSTS = range(4)
+STATE_FORMAT = 2  # version of to_arrays(); 1 was the dict-of-objects store (never checkpointed)
+
+LIKE, REPOST, REPLY, QUOTE = range(4)  # engagement labels (ops carry the code)
+LABELS = ("like", "repost", "reply", "quote")
+_POST, _LIKE, _REPOST, _X = 1, 2, 3, 4  # record kinds in the registry (_X: deleted, a tombstone)
+FOLLOW_PATH = "/app.bsky.graph.follow/"
+MAX_TOPICS = 31
+_M32 = 0xFFFFFFFF
+_B31 = (1 << 31) - 1
+_BASE_MARGIN = 1 << 20  # buckets kept below the first bucket seen (relative bucket >= 0)
+_STANCE_OFF = 1 << 20
+_S_OFF = 1 << 14  # packed stance delta offset in a contribution code
 
 
 class BadEvent(ValueError):
@@ -59,44 +95,61 @@ class BadEvent(ValueError):
 
 def did_of(uri: str) -> str:
     """The repository DID of an AT-URI ``at://DID/collection/rkey``."""
-    if not uri.startswith("at://"):
+    if not isinstance(uri, str) or not uri.startswith("at://"):
         raise BadEvent(f"not an AT-URI: {uri!r}")
     return uri[5:].split("/", 1)[0]
 
 
-class _User:
-    __slots__ = ("buckets", "totals", "posts", "credits", "made", "gone", "last")
+# --- numba kernels over the dense totals -------------------------------------------------------
+
+@numba.njit(cache=True, nogil=True)
+def _add(tot, agents, uid, mask, p, e, s, r):
+    """tot[uid, t] += (p, e, s, r) for every topic bit t of mask; agents[t] counts present users
+    (posts, engagement or reposts non-zero)."""
+    for t in range(tot.shape[1]):
+        if (mask >> t) & 1:
+            before = tot[uid, t, 0] != 0 or tot[uid, t, 1] != 0 or tot[uid, t, 3] != 0
+            tot[uid, t, 0] += p
+            tot[uid, t, 1] += e
+            tot[uid, t, 2] += s
+            tot[uid, t, 3] += r
+            after = tot[uid, t, 0] != 0 or tot[uid, t, 1] != 0 or tot[uid, t, 3] != 0
+            if before != after:
+                agents[t] += 1 if after else -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _subtract_rows(tot, agents, uids, masks, codes):
+    """Subtract one bucket's contribution columns (rows with uid < 0 were purged)."""
+    for k in range(uids.shape[0]):
+        uid = uids[k]
+        if uid < 0:
+            continue
+        c = codes[k]
+        p = (c & 3) - 1
+        e = ((c >> 2) & 3) - 1
+        r = ((c >> 4) & 3) - 1
+        s = (c >> 6) - 16384
+        _add(tot, agents, uid, masks[k], -p, -e, -s, -r)
+
+
+class _Rows:
+    """One bucket's contributions, columnar: owner id, topic mask, packed (p, e, r, s) deltas."""
+
+    __slots__ = ("uid", "mask", "code")
 
     def __init__(self) -> None:
-        self.buckets: dict[int, dict[str, list[int]]] = {}  # bucket -> topic -> vec
-        self.totals: dict[str, list[int]] = {}  # topic -> vec summed over live buckets
-        self.posts: dict[str, tuple] = {}  # topic post uri -> (bucket, topics, stance_e4)
-        self.credits: dict[str, tuple] = {}  # engagement key -> (bucket, topics, label, actor)
-        self.made: dict[str, tuple] = {}  # repost uri -> (bucket, topics)
-        self.gone: dict[str, tuple] = {}  # topic post uri that left the window -> as in posts
-        self.last: tuple | None = None  # (topics, followers) last emitted; None: none/expired
+        self.uid, self.mask, self.code = array("i"), array("i"), array("i")
 
-    def empty(self) -> bool:
-        return not (self.buckets or self.posts or self.credits or self.made or self.gone)
-
-
-class _Hop:
-    """What leaves the window with one bucket."""
-
-    __slots__ = ("owners", "records", "posts", "credits", "made", "pending", "gone")
-
-    def __init__(self) -> None:
-        self.owners: set[str] = set()
-        self.records: list[tuple] = []
-        self.posts: list[tuple] = []
-        self.credits: list[tuple] = []
-        self.made: list[tuple] = []
-        self.pending: list[tuple] = []
-        self.gone: list[tuple] = []  # (owner, post uri, post bucket): forget the expired post
+    @property
+    def nbytes(self) -> int:
+        return 12 * len(self.uid)
 
 
 class WindowStore:
     """The rolling-window feature store. ``classify(text) -> (topics, stance_e4)`` for posts."""
+
+    GC_MIN = 1 << 16  # recycle unreferenced ids once this many more are interned than were live
 
     def __init__(self, window_s: int, hop_s: int, classify: Callable[[str | None], tuple],
                  grace_hops: int = 2):
@@ -104,20 +157,35 @@ class WindowStore:
             raise ValueError(f"window ({window_s}s) must be a positive multiple of hop ({hop_s}s)")
         self.window_s, self.hop_s = window_s, hop_s
         self.n = window_s // hop_s
+        if self.n >= _BASE_MARGIN:
+            raise ValueError(f"a window of {self.n} hops is too long (at most {_BASE_MARGIN - 1})")
         self.hop_us = hop_s * 1_000_000
         self.grace = min(max(grace_hops, 0), self.n)
         self.classify = classify
         self.cur: int | None = None  # clock: newest bucket
         self.closed: int | None = None  # newest hop already emitted
-        self.users: dict[str, _User] = {}
-        self.follows: dict[str, set[str]] = {}  # followed DID -> follow-record URIs
-        self.records: dict[str, dict[str, tuple]] = {}  # author -> uri -> (kind, bucket, data)
-        self.pending: dict[str, dict[str, tuple]] = {}  # subject uri -> key -> (owner, t, label, actor)
-        self.agents: dict[str, int] = {}  # topic -> users present in the window
-        self.dirty: set[str] = set()
+        self._base: int | None = None  # buckets are stored relative to this
+        self._ids: dict[str, int] = {}
+        self._dids: list[str | None] = []
+        self._free: list[int] = []
+        self._gc_live = 0
+        self.ids_recycled = 0
+        self._topics: list[str] = []
+        self._bit: dict[str, int] = {}
+        self._tot = np.zeros((1024, 0, 4), np.int64)  # id -> topic -> [posts, eng, stance_e4, reposts]
+        self._agents = np.zeros(MAX_TOPICS, np.int64)
+        self._last = np.zeros(1024, np.int64)  # id -> digest of its last record; 0: none/expired
+        self.records = HashTable(3, live=self._live_record)  # key -> meta, reply subject key, aux
+        self.posts = HashTable(2, live=self._live_post)  # key -> owner|bucket, mask|stance
+        self.credits = HashTable(2, live=self._live_owned)  # key -> owner|bucket, mask|label|actor
+        self.made = HashTable(2, live=self._live_owned)  # key -> owner|bucket, mask
+        self._quote: dict[int, tuple[int, int, int]] = {}  # post key -> (subject id, subject key, credit key)
+        self.pending: dict[int, dict[int, tuple]] = {}  # subject key -> key -> (owner, t, label, actor)
+        self._pending_ring: dict[int, list[tuple]] = {}
+        self._rows: dict[int, _Rows] = {}
+        self._held: dict[int, int] = {}  # bucket -> registry entries made in it (held events)
+        self.dirty: set[int] = set()
         self.stats = {"events": 0, "duplicate": 0, "late": 0, "ops": 0}
-        self._ring: dict[int, _Hop] = {}
-        self._ring_lo = 0  # every ring index below this has been expired
 
     # -- time ------------------------------------------------------------------------------
 
@@ -131,18 +199,32 @@ class WindowStore:
     def _late(self, b: int) -> bool:
         return self.cur is not None and b <= self.cur - self.n
 
-    def _hop(self, index: int) -> _Hop:
-        h = self._ring.get(index)
-        if h is None:
-            h = self._ring[index] = _Hop()
-        return h
+    def _rel(self, b: int) -> int:
+        if self._base is None:
+            self._base = b - _BASE_MARGIN
+        return min(max(b - self._base, 0), _B31)
+
+    def _lo_rel(self) -> int:
+        """Relative bucket of the oldest bucket still in the window (entries below are dead)."""
+        if self.cur is None or self._base is None:
+            return -(1 << 62)
+        return self.cur - self.n + 1 - self._base
+
+    def _live_record(self, a: np.ndarray) -> np.ndarray:
+        return ((a[:, 1] >> 3) & _B31) >= self._lo_rel()
+
+    def _live_post(self, a: np.ndarray) -> np.ndarray:  # a post stays findable `grace` hops
+        return (a[:, 1] >> 32) + self.grace >= self._lo_rel()
+
+    def _live_owned(self, a: np.ndarray) -> np.ndarray:
+        return (a[:, 1] >> 32) >= self._lo_rel()
 
     def advance(self, time_us: int) -> list[dict]:
         """Move the clock to ``time_us``; returns the records of the hop closed by the move."""
         c = time_us // self.hop_us
-        if self.cur is None:  # ingest() may have filled the ring before the first advance
+        if self.cur is None:  # ingest() may have filled the store before the first advance
+            self._rel(c)
             self.cur = c
-            self._ring_lo = min([c - self.n + 1, *self._ring])
             return []
         if c <= self.cur:
             return []
@@ -158,217 +240,251 @@ class WindowStore:
         return self._close()
 
     def _expire(self, limit: int) -> None:
-        """Drop every ring index <= limit (their buckets left the window)."""
-        if limit < self._ring_lo:
-            return
-        if limit - self._ring_lo < 4 * len(self._ring) + 64:
-            indices = [i for i in range(self._ring_lo, limit + 1) if i in self._ring]
-        else:
-            indices = sorted(i for i in self._ring if i <= limit)
-        self._ring_lo = limit + 1
-        users, records, pending = self.users, self.records, self.pending
-        for i in indices:
-            h = self._ring.pop(i)
-            for owner in h.owners:
-                u = users.get(owner)
-                vecs = u.buckets.pop(i, None) if u else None
-                if vecs:
-                    for topic, v in vecs.items():
-                        self._total(u, owner, topic, -v[0], -v[1], -v[2], -v[3])
-            for author, uri, b in h.records:
-                recs = records.get(author)
-                if recs and (rec := recs.get(uri)) and rec[1] == b:
-                    del recs[uri]
-                    if not recs:
-                        del records[author]
-            for attr, entries in (("posts", h.posts), ("credits", h.credits), ("made", h.made)):
-                for owner, key, b in entries:
-                    u = users.get(owner)
-                    table = getattr(u, attr) if u else None
-                    if table and (e := table.get(key)) and e[0] == b:
-                        del table[key]
-                        self.dirty.add(owner)  # may now be empty: let _close drop it
-                        if attr == "posts" and b + self.grace > limit:  # keep it grace hops
-                            u.gone[key] = e
-                            self._hop(b + self.grace).gone.append((owner, key, b))
-            for owner, key, b in h.gone:
-                u = users.get(owner)
-                if u and (e := u.gone.get(key)) and e[0] == b:
-                    del u.gone[key]
-                    self.dirty.add(owner)
-            for s_uri, key, t in h.pending:
-                p = pending.get(s_uri)
+        """Subtract every bucket <= limit (they left the window); drop its pending engagement."""
+        for b in sorted(b for b in self._rows if b <= limit):
+            rows = self._rows.pop(b)
+            if len(rows.uid):
+                uids = np.frombuffer(rows.uid, np.int32)
+                _subtract_rows(self._tot, self._agents, uids, np.frombuffer(rows.mask, np.int32),
+                               np.frombuffer(rows.code, np.int32))
+                self.dirty.update(np.unique(uids[uids >= 0]).tolist())
+        for b in [b for b in self._held if b <= limit]:
+            del self._held[b]
+        pending = self.pending
+        for i in sorted(i for i in self._pending_ring if i <= limit):
+            for s_key, key, t in self._pending_ring.pop(i):
+                p = pending.get(s_key)
                 if p and (e := p.get(key)) and e[1] == t:
                     del p[key]
                     if not p:
-                        del pending[s_uri]
+                        del pending[s_key]
 
     def _close(self) -> list[dict]:
         """Emit the changed users of hop ``cur`` (window_end = (cur+1)*hop)."""
         self.closed = self.cur
         end = (self.cur + 1) * self.hop_s
         out = []
-        users, follows = self.users, self.follows
-        for did in self.dirty:
-            u = users.get(did)
-            if u is None:
+        tot, last, dids, names = self._tot, self._last, self._dids, self._topics
+        for uid in self.dirty:
+            did = dids[uid]
+            if did is None:
                 continue
-            topics = {t: [v[POSTS], v[ENG], v[STANCE] / STANCE_SCALE, v[REPOSTS]]
-                      for t, v in u.totals.items()}
-            if topics:
-                state = (topics, len(follows.get(did, ())))
-                if u.last != state:
-                    u.last = state
-                    out.append({"did": did, "window_end": end, "followers": state[1], "topics": topics})
-            else:
-                if u.last is not None:
-                    u.last = None
-                    out.append({"did": did, "window_end": end, "followers": len(follows.get(did, ())),
-                                "topics": {}, "expired": True})
-                if u.empty():
-                    del users[did]
+            row = tot[uid]
+            present = np.flatnonzero(row[:, 0] | row[:, 1] | row[:, 3])
+            if present.size:
+                vals = row[present].tolist()
+                digest = int.from_bytes(blake2b(row[present].tobytes() + present.tobytes(),
+                                                digest_size=8).digest(), "little") >> 1 or 1
+                if last[uid] != digest:
+                    last[uid] = digest
+                    topics = dict(sorted((names[t], [v[POSTS], v[ENG], v[STANCE] / STANCE_SCALE, v[REPOSTS]])
+                                         for t, v in zip(present.tolist(), vals)))
+                    out.append({"did": did, "window_end": end, "topics": topics})
+            elif last[uid] != 0:
+                last[uid] = 0
+                out.append({"did": did, "window_end": end, "topics": {}, "expired": True})
         self.dirty.clear()
+        if len(self._ids) > 2 * self._gc_live + self.GC_MIN:
+            self.gc()
         return out
 
-    # -- feature arithmetic ----------------------------------------------------------------
+    # -- ids, topics, contributions ----------------------------------------------------------
 
-    def _user(self, did: str) -> _User:
-        u = self.users.get(did)
-        if u is None:
-            u = self.users[did] = _User()
-        return u
+    def _id(self, did: str) -> int:
+        i = self._ids.get(did)
+        if i is None:
+            if self._free:
+                i = self._free.pop()
+                self._dids[i] = did
+            else:
+                i = len(self._dids)
+                self._dids.append(did)
+                if i >= self._last.size:
+                    self._grow_ids(2 * self._last.size)
+            self._ids[did] = i
+        return i
 
-    def _add(self, u: _User, owner: str, b: int, topics, p: int, e: int, s: int, r: int) -> None:
-        vecs = u.buckets.get(b)
-        if vecs is None:
-            vecs = u.buckets[b] = {}
-            self._hop(b).owners.add(owner)
-        for topic in topics:
-            v = vecs.get(topic)
-            if v is None:
-                v = vecs[topic] = [0, 0, 0, 0]
-            v[0] += p
-            v[1] += e
-            v[2] += s
-            v[3] += r
-            self._total(u, owner, topic, p, e, s, r)
+    def _grow_ids(self, cap: int) -> None:
+        tot = np.zeros((cap, self._tot.shape[1], 4), np.int64)
+        tot[: self._tot.shape[0]] = self._tot
+        last = np.zeros(cap, np.int64)
+        last[: self._last.size] = self._last
+        self._tot, self._last = tot, last
 
-    def _total(self, u: _User, owner: str, topic: str, p: int, e: int, s: int, r: int) -> None:
-        tot = u.totals.get(topic)
-        if tot is None:
-            tot = u.totals[topic] = [0, 0, 0, 0]
-            self.agents[topic] = self.agents.get(topic, 0) + 1
-        tot[0] += p
-        tot[1] += e
-        tot[2] += s
-        tot[3] += r
-        if not (tot[0] or tot[1] or tot[3]):  # counts are >= 0; stance only comes with posts
-            del u.totals[topic]
-            self.agents[topic] -= 1
-        self.dirty.add(owner)
+    def _mask(self, topics) -> int:
+        m = 0
+        for t in topics:
+            bit = self._bit.get(t)
+            if bit is None:
+                if not isinstance(t, str):
+                    raise BadEvent(f"topic {t!r} is not a string")
+                bit = len(self._topics)
+                if bit >= MAX_TOPICS:
+                    raise ValueError(f"at most {MAX_TOPICS} topics")
+                self._topics.append(t)
+                self._bit[t] = bit
+                tot = np.zeros((self._tot.shape[0], bit + 1, 4), np.int64)
+                tot[:, :bit] = self._tot
+                self._tot = tot
+            m |= 1 << bit
+        return m
+
+    def _names(self, mask: int) -> list[str]:
+        return [t for i, t in enumerate(self._topics) if (mask >> i) & 1]
+
+    def _add(self, uid: int, b: int, mask: int, p: int, e: int, s: int, r: int) -> None:
+        rows = self._rows.get(b)
+        if rows is None:
+            rows = self._rows[b] = _Rows()
+        rows.uid.append(uid)
+        rows.mask.append(mask)
+        rows.code.append((p + 1) | (e + 1) << 2 | (r + 1) << 4 | (s + _S_OFF) << 6)
+        _add(self._tot, self._agents, uid, mask, p, e, s, r)
+        self.dirty.add(uid)
+
+    @property
+    def agents(self) -> dict[str, int]:
+        """topic -> users present in the window (posts, engagement or reposts non-zero)."""
+        return {t: int(self._agents[i]) for i, t in enumerate(self._topics)}
 
     # -- stage 1: the author's side --------------------------------------------------------
 
     def ingest(self, ev: dict[str, Any]) -> tuple[list[Op], list[tuple]]:
-        """One chorus.events value (a dict) -> (ops for owners, graph edges (op, src, dst, t))."""
+        """One chorus.events value (a dict) -> (ops for owners, graph edges).
+
+        Edges are ``(op, src, dst, time_us, record uri)``: ``("add", followed, follower, t, uri)``
+        for a follow, ``("remove", "", follower, t, uri)`` for a deleted follow record (the
+        record URI identifies the edge), ``("purge", "", did, t, None)`` when an account is gone.
+        """
         self.stats["events"] += 1
         try:
             kind, did, uri, t = ev["kind"], ev["did"], ev["uri"], int(ev["time_us"])
         except (KeyError, TypeError, ValueError):
             raise BadEvent("event lacks kind/did/uri/time_us") from None
+        if not isinstance(did, str) or not isinstance(uri, str):
+            raise BadEvent("did and uri must be strings")
         b = t // self.hop_us
         if kind == "delete":
-            return self._retract(did, uri, t)
+            if FOLLOW_PATH in uri:
+                return [], [("remove", "", did, t, uri)]
+            return self._retract(did, key_of(uri), t)
         if kind == "account":
             if ev.get("active") is False:
                 return self._retract_account(did, t)
             return [], []
-        if kind != "follow" and self._late(b):
+        if kind == "follow":
+            s_did = ev.get("subject_did")
+            if not s_did or not isinstance(s_did, str):
+                raise BadEvent("follow without subject_did")
+            return [], [("add", s_did, did, t, uri)]
+        if self._late(b):
             self.stats["late"] += 1
             return [], []
-        recs = self.records.get(did)
-        if recs is None:
-            recs = self.records[did] = {}
-        if uri in recs:
+        key = key_of(uri)
+        i = self.records.slot(key)
+        if i >= 0 and ((int(self.records.a[i, 1]) >> 3) & _B31) >= self._lo_rel():
             self.stats["duplicate"] += 1
             return [], []
         if kind == "post":
             topics, stance = self.classify(ev.get("text"))
-            subjects = []
-            for s_uri, label in ((ev.get("reply_parent"), "reply"), (ev.get("quote_uri"), "quote")):
-                if s_uri and all(s_uri != s[1] for s in subjects):
-                    subjects.append((did_of(s_uri), s_uri, uri if label == "reply" else uri + "#q", label))
-            recs[uri] = ("post", b, (tuple(subjects), bool(topics)))
-            ops = [("post", did, t, uri, topics, stance)] if topics else []
-            ops += [("eng", s_did, t, s_uri, key, label, did) for s_did, s_uri, key, label in subjects]
+            reply, quote = ev.get("reply_parent"), ev.get("quote_uri")
+            r_did = did_of(reply) if reply else None
+            q_did = did_of(quote) if quote and quote != reply else None
+            rel = self._rel(b)
+            aid = self._id(did)
+            meta = _POST | rel << 3 | ((self._id(r_did) + 1) << 34 if r_did else 0)
+            r_key = key_of(reply) if r_did else 0
+            ops: list[Op] = [("post", did, t, key, list(topics), stance)] if topics else []
+            if r_did:
+                ops.append(("eng", r_did, t, r_key, key, REPLY, did))
+            if q_did:
+                q_key, qc_key = key_of(quote), key_of(uri + "#q")
+                self._quote[key] = (self._id(q_did), q_key, qc_key)
+                ops.append(("eng", q_did, t, q_key, qc_key, QUOTE, did))
+            self.records.put(key, (meta, r_key, aid | bool(topics) << 32 | bool(q_did) << 33))
         elif kind in ("like", "repost"):
             s_uri = ev.get("subject_uri")
             if not s_uri:
                 raise BadEvent(f"{kind} without subject_uri")
             s_did = ev.get("subject_did") or did_of(s_uri)
-            recs[uri] = (kind, b, ((s_did, s_uri, uri, kind),))
-            ops = [("eng", s_did, t, s_uri, uri, kind, did)]
-        elif kind == "follow":
-            s_did = ev.get("subject_did")
-            if not s_did:
-                raise BadEvent("follow without subject_did")
-            recs[uri] = ("follow", None, s_did)  # the graph is not windowed: no expiry
-            return [("follow", s_did, t, uri, 1)], [("add", s_did, did, t)]
+            if not isinstance(s_did, str) or not isinstance(s_uri, str):
+                raise BadEvent(f"{kind} subject must be strings")
+            s_key = key_of(s_uri)
+            rel = self._rel(b)
+            code, label = (_LIKE, LIKE) if kind == "like" else (_REPOST, REPOST)
+            self.records.put(key, (code | rel << 3 | (self._id(s_did) + 1) << 34, s_key, self._id(did)))
+            ops = [("eng", s_did, t, s_key, key, label, did)]
         else:
             raise BadEvent(f"unknown event kind {kind!r}")
-        self._hop(b).records.append((did, uri, b))
+        self._held[b] = self._held.get(b, 0) + 1
         return ops, []
 
-    def _retract(self, did: str, uri: str, t: int) -> tuple[list[Op], list[tuple]]:
-        recs = self.records.get(did)
-        rec = recs.get(uri) if recs else None
-        if rec is None or rec[0] == "x":  # unknown, expired or already deleted
-            if rec is not None:
-                self.stats["duplicate"] += 1
+    def _retract(self, did: str, key: int, t: int) -> tuple[list[Op], list[tuple]]:
+        recs = self.records
+        i = recs.slot(key)
+        if i < 0:
             return [], []
-        kind, _, data = rec
+        meta, s_key, aux = recs.a[i, 1:].tolist()
+        if ((meta >> 3) & _B31) < self._lo_rel():  # expired
+            return [], []
+        kind = meta & 7
+        if kind == _X:  # already deleted
+            self.stats["duplicate"] += 1
+            return [], []
         ops: list[Op] = []
-        edges: list[tuple] = []
-        if kind == "follow":
-            ops.append(("follow", data, t, uri, -1))
-            edges.append(("remove", data, did, t))
-        elif kind == "post":
-            subjects, has_topics = data
-            if has_topics:
-                ops.append(("unpost", did, t, uri))
-            ops += [("uneng", s_did, t, s_uri, key) for s_did, s_uri, key, _ in subjects]
+        sid = (meta >> 34) - 1
+        if kind == _POST:
+            if (aux >> 32) & 1:
+                ops.append(("unpost", did, t, key))
+            if sid >= 0:
+                ops.append(("uneng", self._dids[sid], t, s_key, key))
+            q = self._quote.pop(key, None) if (aux >> 33) & 1 else None
+            if q is not None:
+                ops.append(("uneng", self._dids[q[0]], t, q[1], q[2]))
         else:
-            s_did, s_uri, key, _ = data[0]
-            ops.append(("uneng", s_did, t, s_uri, key))
+            ops.append(("uneng", self._dids[sid], t, s_key, key))
         # Tombstone for one window, so a re-delivered create is not counted again.
-        b = max(t // self.hop_us, self._ring_lo)
-        recs[uri] = ("x", b, None)
-        self._hop(b).records.append((did, uri, b))
-        return ops, edges
+        b = t // self.hop_us
+        if self.cur is not None:
+            b = max(b, self.cur - self.n + 1)
+        recs.put(key, (_X | self._rel(b) << 3, 0, aux & _M32))
+        self._held[b] = self._held.get(b, 0) + 1
+        return ops, []
 
     def _retract_account(self, did: str, t: int) -> tuple[list[Op], list[tuple]]:
         ops: list[Op] = []
-        edges: list[tuple] = []
-        for uri, rec in list(self.records.get(did, {}).items()):
-            if rec[0] == "x":
-                continue
-            o, e = self._retract(did, uri, t)
-            ops += o
-            edges += e
+        aid = self._ids.get(did)
+        if aid is not None:
+            a = self.records.a
+            mine = (a[:, 0] != 0) & ((a[:, 3] & _M32) == aid) & self._live_record(a) & ((a[:, 1] & 7) != _X)
+            for key in a[mine, 0].tolist():
+                ops += self._retract(did, key, t)[0]
         ops.append(("purge", did, t))
-        return ops, edges
+        return ops, [("purge", "", did, t, None)]
 
     # -- stage 2: the owner's side ---------------------------------------------------------
+
+    def _owned(self, table: HashTable, key: int, owner: str, live_rel: int) -> int:
+        """Slot of ``key`` in ``table`` if owned by ``owner`` with bucket >= live_rel, else -1."""
+        i = table.slot(key)
+        if i < 0:
+            return -1
+        meta = int(table.a[i, 1])
+        if (meta >> 32) < live_rel or self._ids.get(owner) != meta & _M32:
+            return -1
+        return i
 
     def apply(self, op: Op) -> list[Op]:
         """Apply one op at its owner (``op[1]``); returns follow-up ops for other owners.
 
-        ("post", owner, t, uri, topics, stance_e4)    a topic post by owner
-        ("unpost", owner, t, uri)                     its deletion
-        ("eng", owner, t, subject_uri, key, label, actor)  engagement with owner's post
-        ("uneng", owner, t, subject_uri, key)         its retraction
+        Record keys are :func:`stream.worker.table.key_of` of the record URI; labels 0..3 =
+        like, repost, reply, quote (:data:`LABELS`).
+
+        ("post", owner, t, key, topics, stance_e4)    a topic post by owner
+        ("unpost", owner, t, key)                     its deletion
+        ("eng", owner, t, subject_key, key, label, actor)  engagement with owner's post
+        ("uneng", owner, t, subject_key, key)         its retraction
         ("made", owner, t, key, topics) / ("unmade", owner, t, key)  owner's repost of a topic post
-        ("follow", owner, t, follow_uri, +1 | -1)     owner gained / lost a follower
         ("tick", "", t)                               no-op: carries time to every partition
         ("purge", owner, t)                           owner's account is gone: clear its state
         """
@@ -378,111 +494,165 @@ class WindowStore:
         if code == "post":
             if self._late(b):
                 return []
-            uri, topics, stance = op[3], tuple(op[4]), op[5]
-            u = self._user(owner)
-            if uri in u.posts:
+            key, topics, stance = op[3], op[4], int(op[5])
+            if self._owned(self.posts, key, owner, self._lo_rel()) >= 0:
                 return []
-            u.posts[uri] = (b, topics, stance)
-            self._hop(b).posts.append((owner, uri, b))
-            self._add(u, owner, b, topics, 1, 0, stance, 0)
+            uid = self._id(owner)
+            mask = self._mask(topics)
+            stance = min(max(stance, -STANCE_SCALE), STANCE_SCALE)
+            self.posts.put(key, (uid | self._rel(b) << 32, mask | (stance + _STANCE_OFF) << 32))
+            self._add(uid, b, mask, 1, 0, stance, 0)
             out: list[Op] = []
-            for key, (_, et, label, actor) in self.pending.pop(uri, {}).items():
-                out += self._credit(owner, u, (b, topics), key, et, label, actor)
+            for k, (_, et, label, actor) in self.pending.pop(key, {}).items():
+                out += self._credit(uid, mask, k, et, label, actor)
             return out
         if code == "eng":
-            s_uri, key, label, actor = op[3], op[4], op[5], op[6]
+            s_key, key, label, actor = op[3], op[4], op[5], op[6]
             if self._late(b):
                 return []
-            u = self.users.get(owner)
-            post = u.posts.get(s_uri) if u else None
-            if post is None and u is not None and (g := u.gone.get(s_uri)) and g[0] > b - self.n:
-                post = g  # expired by a clock that ran ahead; in time order it was still here
-            if post is None:
+            lo = self._lo_rel()
+            # in the table, or gone (left the window <= grace hops ago) but in this event's window
+            i = self._owned(self.posts, s_key, owner, lo - self.grace)
+            if i >= 0:
+                pb = int(self.posts.a[i, 1]) >> 32
+                if pb < lo and pb <= self._rel(b) - self.n:
+                    i = -1
+            if i < 0:
                 index = b + self.grace - self.n
-                if index >= self._ring_lo:
-                    self.pending.setdefault(s_uri, {})[key] = (owner, t, label, actor)
-                    self._hop(index).pending.append((s_uri, key, t))
+                if self.cur is None or index > self.cur - self.n:
+                    self.pending.setdefault(s_key, {})[key] = (owner, t, label, actor)
+                    self._pending_ring.setdefault(index, []).append((s_key, key, t))
                 return []
-            return self._credit(owner, u, post, key, t, label, actor)
+            mask = int(self.posts.a[i, 2]) & _M32
+            return self._credit(self._ids[owner], mask, key, t, label, actor)
         if code == "uneng":
-            s_uri, key = op[3], op[4]
-            p = self.pending.get(s_uri)
+            s_key, key = op[3], op[4]
+            p = self.pending.get(s_key)
             if p and key in p:
                 del p[key]
                 if not p:
-                    del self.pending[s_uri]
+                    del self.pending[s_key]
                 return []
-            u = self.users.get(owner)
-            c = u.credits.pop(key, None) if u else None
-            if c is None:
+            i = self._owned(self.credits, key, owner, self._lo_rel())
+            if i < 0:
                 return []
-            cb, topics, label, actor = c
-            self._add(u, owner, cb, topics, 0, -1, 0, 0)
-            return [("unmade", actor, t, key)] if label == "repost" else []
+            meta, aux = self.credits.a[i, 1:].tolist()
+            self.credits.delete_slot(i)
+            self._add(meta & _M32, (meta >> 32) + self._base, aux & _M32, 0, -1, 0, 0)
+            actor = (aux >> 34) - 1
+            return [("unmade", self._dids[actor], t, key)] if (aux >> 32) & 3 == REPOST and actor >= 0 else []
         if code == "made":
-            key, topics = op[3], tuple(op[4])
+            key, topics = op[3], op[4]
             if self._late(b):
                 return []
-            u = self._user(owner)
-            if key not in u.made:
-                u.made[key] = (b, topics)
-                self._hop(b).made.append((owner, key, b))
-                self._add(u, owner, b, topics, 0, 0, 0, 1)
+            if self._owned(self.made, key, owner, self._lo_rel()) < 0:
+                uid = self._id(owner)
+                mask = self._mask(topics)
+                self.made.put(key, (uid | self._rel(b) << 32, mask))
+                self._add(uid, b, mask, 0, 0, 0, 1)
             return []
         if code == "unmade":
-            u = self.users.get(owner)
-            m = u.made.pop(op[3], None) if u else None
-            if m is not None:
-                self._add(u, owner, m[0], m[1], 0, 0, 0, -1)
+            i = self._owned(self.made, op[3], owner, self._lo_rel())
+            if i >= 0:
+                meta, mask = self.made.a[i, 1:].tolist()
+                self.made.delete_slot(i)
+                self._add(meta & _M32, (meta >> 32) + self._base, mask, 0, 0, 0, -1)
             return []
         if code == "unpost":
-            u = self.users.get(owner)
-            post = u.posts.pop(op[3], None) if u else None
-            if post is not None:
-                pb, topics, stance = post
-                self._add(u, owner, pb, topics, -1, 0, -stance, 0)
-            return []
-        if code == "follow":  # idempotent: followers are a set of follow-record URIs
-            fs = self.follows.get(owner)
-            if op[4] > 0:
-                if fs is None:
-                    fs = self.follows[owner] = set()
-                fs.add(op[3])
-            elif fs:
-                fs.discard(op[3])
-                if not fs:
-                    del self.follows[owner]
-            if owner in self.users:
-                self.dirty.add(owner)
+            i = self._owned(self.posts, op[3], owner, self._lo_rel())
+            if i >= 0:
+                meta, aux = self.posts.a[i, 1:].tolist()
+                self.posts.delete_slot(i)
+                stance = (aux >> 32) - _STANCE_OFF
+                self._add(meta & _M32, (meta >> 32) + self._base, aux & _M32, -1, 0, -stance, 0)
             return []
         if code == "tick":  # time moved elsewhere (advance() already ran)
             return []
         if code == "purge":
-            u = self.users.get(owner)
-            if u is not None:
-                for vecs in u.buckets.values():
-                    for topic, v in vecs.items():
-                        self._total(u, owner, topic, -v[0], -v[1], -v[2], -v[3])
-                u.buckets.clear()
-                u.posts.clear()
-                u.credits.clear()
-                u.made.clear()
-                u.gone.clear()
-                self.dirty.add(owner)
+            self._purge(owner)
             return []
         raise BadEvent(f"unknown op {code!r}")
 
-    def _credit(self, owner: str, u: _User, post: tuple, key: str, t: int, label: str,
-                actor: str) -> list[Op]:
+    def _credit(self, uid: int, mask: int, key: int, t: int, label: int, actor: str) -> list[Op]:
         """Credit one engagement (at its own time) in the subject post's topics."""
         b = t // self.hop_us
-        if key in u.credits or self._late(b):
+        if self._late(b):
             return []
-        topics = post[1]
-        u.credits[key] = (b, topics, label, actor)
-        self._hop(b).credits.append((owner, key, b))
-        self._add(u, owner, b, topics, 0, 1, 0, 0)
-        return [("made", actor, t, key, topics)] if label == "repost" else []
+        i = self.credits.slot(key)
+        if i >= 0 and (int(self.credits.a[i, 1]) >> 32) >= self._lo_rel():
+            return []
+        actor_id = self._id(actor) if label == REPOST else -1
+        self.credits.put(key, (uid | self._rel(b) << 32, mask | label << 32 | (actor_id + 1) << 34))
+        self._add(uid, b, mask, 0, 1, 0, 0)
+        return [("made", actor, t, key, self._names(mask))] if label == REPOST else []
+
+    def _purge(self, owner: str) -> None:
+        """Clear every contribution and table entry of ``owner`` (its account is gone)."""
+        uid = self._ids.get(owner)
+        if uid is None:
+            return
+        row = self._tot[uid]
+        for t in np.flatnonzero(row[:, 0] | row[:, 1] | row[:, 3]).tolist():
+            self._agents[t] -= 1
+        row[:] = 0
+        for rows in self._rows.values():  # its rows must not be subtracted again at expiry
+            u = np.frombuffer(rows.uid, np.int32)
+            u[u == uid] = -1
+        for table in (self.posts, self.credits, self.made):
+            a = table.a
+            for key in a[(a[:, 0] != 0) & ((a[:, 1] & _M32) == uid), 0].tolist():
+                table.pop(key)
+        self.dirty.add(uid)
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    def gc(self) -> None:
+        """Recycle the ids of DIDs no live state refers to (run when ids pile up)."""
+        n = len(self._dids)
+        ref = np.zeros(n, bool)
+        ref |= self._tot[:n].any(axis=(1, 2)) | (self._last[:n] != 0)
+        a = self.records.a
+        live = (a[:, 0] != 0) & self._live_record(a)
+        if self._quote:
+            keys = set(a[live, 0].tolist())
+            self._quote = {k: q for k, q in self._quote.items() if k in keys}
+        sid = (a[live, 1] >> 34) - 1
+        ref[sid[sid >= 0]] = True
+        ref[a[live, 3] & _M32] = True
+        for table in (self.posts, self.credits, self.made):
+            a = table.a
+            live = (a[:, 0] != 0) & table.live(a)
+            ref[a[live, 1] & _M32] = True
+            if table is self.credits:
+                actor = (a[live, 2] >> 34) - 1
+                ref[actor[actor >= 0]] = True
+        for q in self._quote.values():
+            ref[q[0]] = True
+        for rows in self._rows.values():
+            u = np.frombuffer(rows.uid, np.int32)
+            ref[u[u >= 0]] = True
+        if self.dirty:
+            ref[list(self.dirty)] = True
+        dids, ids = self._dids, self._ids
+        for i in np.flatnonzero(~ref).tolist():
+            did = dids[i]
+            if did is not None:
+                del ids[did]
+                dids[i] = None
+                self._free.append(i)
+                self.ids_recycled += 1
+        self._gc_live = len(ids)
+
+    def held_events(self) -> int:
+        """Registry entries (events and deletions) of the buckets in the window."""
+        return sum(self._held.values())
+
+    def state_bytes(self) -> int:
+        """Bytes held by the state's arrays (tables, totals, columns); Python objects estimated."""
+        arrays = (self._tot.nbytes + self._last.nbytes + self.records.nbytes + self.posts.nbytes
+                  + self.credits.nbytes + self.made.nbytes + sum(r.nbytes for r in self._rows.values()))
+        objects = 120 * len(self._ids) + 200 * (len(self._quote) + len(self.pending))
+        return arrays + objects
 
     # -- both stages in one process -----------------------------------------------------------
 
@@ -505,3 +675,137 @@ class WindowStore:
             else:
                 remote.append(op)
         return remote
+
+    # -- views (tests, metrics) --------------------------------------------------------------
+
+    @property
+    def users(self) -> "_Users":
+        """DID -> a read-only view of that user's state (``totals``, ``gone``); a DID is in it
+        while any state refers to it."""
+        return _Users(self)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The whole state as named numpy arrays (copies; format :data:`STATE_FORMAT`)."""
+        rows_b = sorted(self._rows)
+        rows = [self._rows[b] for b in rows_b]
+        dids = [(d or "").encode() for d in self._dids]
+        scalars = {"format": STATE_FORMAT, "window_s": self.window_s, "hop_s": self.hop_s,
+                   "grace": self.grace, "cur": self.cur, "closed": self.closed, "base": self._base,
+                   "gc_live": self._gc_live, "topics": self._topics, "stats": self.stats,
+                   "free": self._free, "dirty": sorted(self.dirty),
+                   "held": sorted(self._held.items()),
+                   "quote": [[k, *q] for k, q in self._quote.items()],
+                   "pending": [[s, k, *v] for s, p in self.pending.items() for k, v in p.items()],
+                   "pending_ring": [[i, *e] for i, es in self._pending_ring.items() for e in es]}
+        n = len(self._dids)
+        return {
+            "meta": np.frombuffer(json.dumps(scalars).encode(), np.uint8).copy(),
+            "dids": np.frombuffer(b"".join(dids), np.uint8).copy(),
+            "did_len": np.array([len(d) for d in dids], np.int32),
+            "tot": self._tot[:n].copy(), "last": self._last[:n].copy(),
+            "records": self.records.a.copy(), "posts": self.posts.a.copy(),
+            "credits": self.credits.a.copy(), "made": self.made.a.copy(),
+            "rows_bucket": np.array(rows_b, np.int64),
+            "rows_len": np.array([len(r.uid) for r in rows], np.int64),
+            "rows_uid": np.concatenate([np.frombuffer(r.uid, np.int32) for r in rows] or [np.empty(0, np.int32)]),
+            "rows_mask": np.concatenate([np.frombuffer(r.mask, np.int32) for r in rows] or [np.empty(0, np.int32)]),
+            "rows_code": np.concatenate([np.frombuffer(r.code, np.int32) for r in rows] or [np.empty(0, np.int32)]),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], classify: Callable, *,
+                    window_s: int | None = None, hop_s: int | None = None) -> "WindowStore":
+        """Rebuild a store from :meth:`to_arrays`. Raises ValueError when the format is not
+        :data:`STATE_FORMAT` or the window/hop differ from ``window_s``/``hop_s`` (if given)."""
+        meta = json.loads(bytes(arrays["meta"]))
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"window state format {meta.get('format')!r}, this chorus reads {STATE_FORMAT}")
+        if (window_s, hop_s) != (None, None) and (meta["window_s"], meta["hop_s"]) != (window_s, hop_s):
+            raise ValueError(f"window state is for a {meta['window_s']} s window / {meta['hop_s']} s hop, "
+                             f"not {window_s} s / {hop_s} s")
+        s = cls(meta["window_s"], meta["hop_s"], classify, meta["grace"])
+        s.cur, s.closed, s._base, s._gc_live = meta["cur"], meta["closed"], meta["base"], meta["gc_live"]
+        s._topics = list(meta["topics"])
+        s._bit = {t: i for i, t in enumerate(s._topics)}
+        s.stats = dict(meta["stats"])
+        blob, ends = bytes(arrays["dids"]), np.cumsum(arrays["did_len"]).tolist()
+        dids = [blob[a:b].decode() for a, b in zip([0, *ends[:-1]], ends)]
+        free = set(meta["free"])
+        s._dids = [None if i in free else d for i, d in enumerate(dids)]
+        s._ids = {d: i for i, d in enumerate(s._dids) if d is not None}
+        s._free = list(meta["free"])
+        n = len(s._dids)
+        cap = max(1024, 1 << max(n, 1).bit_length())
+        s._tot = np.zeros((cap, len(s._topics), 4), np.int64)
+        s._tot[:n] = arrays["tot"]
+        s._last = np.zeros(cap, np.int64)
+        s._last[:n] = arrays["last"]
+        s._agents[: len(s._topics)] = np.count_nonzero(
+            s._tot[:, :, 0] | s._tot[:, :, 1] | s._tot[:, :, 3], axis=0)
+        for name in ("records", "posts", "credits", "made"):
+            getattr(s, name).load(arrays[name])
+        off = 0
+        for b, ln in zip(arrays["rows_bucket"].tolist(), arrays["rows_len"].tolist()):
+            r = s._rows[b] = _Rows()
+            r.uid.frombytes(arrays["rows_uid"][off: off + ln].tobytes())
+            r.mask.frombytes(arrays["rows_mask"][off: off + ln].tobytes())
+            r.code.frombytes(arrays["rows_code"][off: off + ln].tobytes())
+            off += ln
+        s.dirty = set(meta["dirty"])
+        s._held = {b: c for b, c in meta["held"]}
+        s._quote = {k: (a, b, c) for k, a, b, c in meta["quote"]}
+        for s_key, key, owner, t, label, actor in meta["pending"]:
+            s.pending.setdefault(s_key, {})[key] = (owner, t, label, actor)
+        for i, s_key, key, t in meta["pending_ring"]:
+            s._pending_ring.setdefault(i, []).append((s_key, key, t))
+        return s
+
+
+class _UserView:
+    def __init__(self, store: WindowStore, uid: int):
+        self._s, self._uid = store, uid
+
+    @property
+    def totals(self) -> dict[str, list[int]]:
+        """topic -> [posts, engagement, stance_e4, reposts] summed over the window (present topics)."""
+        row = self._s._tot[self._uid]
+        return {self._s._topics[t]: row[t].tolist()
+                for t in np.flatnonzero(row[:, 0] | row[:, 1] | row[:, 3]).tolist()}
+
+    @property
+    def gone(self) -> set[int]:
+        """Keys of the user's topic posts that left the window and stay findable grace hops."""
+        s, a = self._s, self._s.posts.a
+        lo = s._lo_rel()
+        pb = a[:, 1] >> 32
+        mine = (a[:, 0] != 0) & ((a[:, 1] & _M32) == self._uid) & (pb < lo) & (pb + s.grace >= lo)
+        return set(a[mine, 0].tolist())
+
+
+class _Users:
+    def __init__(self, store: WindowStore):
+        self._s = store
+
+    def _uid(self, did: str) -> int | None:
+        s = self._s
+        uid = s._ids.get(did)
+        if uid is None:
+            return None
+        if s._tot[uid].any() or s._last[uid] != 0 or uid in s.dirty:
+            return uid
+        for table in (s.posts, s.credits, s.made):
+            a = table.a
+            if ((a[:, 0] != 0) & ((a[:, 1] & _M32) == uid) & table.live(a)).any():
+                return uid
+        return None
+
+    def __contains__(self, did: str) -> bool:
+        return self._uid(did) is not None
+
+    def __getitem__(self, did: str) -> _UserView:
+        uid = self._uid(did)
+        if uid is None:
+            raise KeyError(did)
+        return _UserView(self._s, uid)

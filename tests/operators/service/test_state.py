@@ -29,7 +29,7 @@ def test_latest_features_per_did_win_and_replace_every_topic():
     st.apply_features(feat("a", 60, {"x": [1, 2, 3, 4], "y": [5, 0, 0, 0]}, followers=7))
     assert st.take_changed() == {"x", "y"} and st.take_changed() == set()
     r = st.index["a"]
-    assert st.followers[r] == 7 and st.window_end == 60
+    assert st.followers[r] == 0 and st.window_end == 60  # followers come from the graph only
     st.apply_features(feat("a", 120, {"x": [1, 2, 3, 4]}, followers=8))   # y gone -> zero
     assert st.take_changed() == {"y"}
     np.testing.assert_array_equal(st.host_features("y")[r], 0)
@@ -56,6 +56,30 @@ def test_edges_are_an_idempotent_set_and_the_graph_is_rebuilt_only_on_change():
     assert float(reach(g, q)) == pytest.approx(0.5, rel=1e-6)
     st.apply_edge(edge("remove", "a", "b", 5))
     assert st.graph() is not g and float(reach(st.graph(), q)) == pytest.approx(0.25, rel=1e-6)
+
+
+def test_followers_are_the_graph_in_degree_and_removes_by_record_resolve():
+    st = OperatorState()
+    follows = [("a", f"f{i}", f"at://f{i}/app.bsky.graph.follow/r{i}") for i in range(4)]
+    follows += [("b", "f0", "at://f0/app.bsky.graph.follow/rb")]
+    for i, (src, dst, uri) in enumerate(follows):
+        assert st.apply_edge(GraphEdge(op="add", src=src, dst=dst, time_us=i, uri=uri))
+    fol = lambda d: int(st.followers[st.index[d]])  # noqa: E731
+    assert (fol("a"), fol("b"), fol("f0"), st.n_edges) == (4, 1, 0, 5)
+    # a firehose delete names only the record: resolved to (a, f1)
+    assert st.apply_edge(GraphEdge(op="remove", dst="f1", time_us=10, uri=follows[1][2]))
+    assert (fol("a"), st.n_edges) == (3, 4)
+    # unknown record, or a record of another follower: ignored and counted
+    assert not st.apply_edge(GraphEdge(op="remove", dst="f1", time_us=11, uri="at://f1/app.bsky.graph.follow/zz"))
+    assert not st.apply_edge(GraphEdge(op="remove", dst="f2", time_us=11, uri=follows[3][2]))
+    assert st.edge_ops_ignored == 2 and fol("a") == 3
+    # f0's account is gone at t=20: both its edges go; a later re-follow (t=21) survives the purge
+    st.apply_edge(GraphEdge(op="purge", dst="f0", time_us=20))
+    st.apply_edge(GraphEdge(op="add", src="b", dst="f0", time_us=21, uri="at://f0/app.bsky.graph.follow/rc"))
+    src, dst = st.edges()
+    got = sorted(zip((st.dids[i] for i in src), (st.dids[i] for i in dst)))
+    assert got == [("a", "f2"), ("a", "f3"), ("b", "f0")]
+    assert (fol("a"), fol("b")) == (2, 1)
 
 
 def test_replaying_everything_twice_gives_the_same_state():

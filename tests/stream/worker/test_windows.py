@@ -7,6 +7,7 @@ import zlib
 
 import pytest
 
+from stream.worker.table import key_of
 from stream.worker.windows import WindowStore
 
 HOP, WIN = 60, 180  # n = 3 buckets
@@ -87,20 +88,20 @@ def test_posts_stance_and_expiry_at_window_boundary():
     a = "did:a"
     p1, p2 = post(a, "1", 10, "climate s=0.5"), post(a, "2", 70, "climate ai s=-0.25")
     recs, _ = run(s, [p1, p2], flush=False)
-    assert recs == [{"did": a, "window_end": end(0), "followers": 0, "topics": {"climate": [1, 0, 0.5, 0]}}]
+    assert recs == [{"did": a, "window_end": end(0), "topics": {"climate": [1, 0, 0.5, 0]}}]
     # 179 s: bucket K+2, the post at 10 s (bucket K) is still inside [K*60, (K+3)*60).
     recs, _ = run(s, [tick(179)], flush=False)
-    assert recs == [{"did": a, "window_end": end(1), "followers": 0,
+    assert recs == [{"did": a, "window_end": end(1),
                      "topics": {"climate": [2, 0, 0.25, 0], "ai": [1, 0, -0.25, 0]}}]
     assert s.users[a].totals["climate"] == [2, 0, 2500, 0]
     recs, _ = run(s, [tick(180)], flush=False)  # bucket K+3: bucket K leaves the window
     assert recs == []  # hop K+2 had no change for a
     assert s.users[a].totals["climate"] == [1, 0, -2500, 0]
     recs, _ = run(s, [tick(240)], flush=False)  # closes K+3 (the expiry), expires K+1
-    assert recs == [{"did": a, "window_end": end(3), "followers": 0,
+    assert recs == [{"did": a, "window_end": end(3),
                      "topics": {"climate": [1, 0, -0.25, 0], "ai": [1, 0, -0.25, 0]}}]
-    assert s.flush() == [{"did": a, "window_end": end(4), "followers": 0, "topics": {}, "expired": True}]
-    assert s.agents == {"climate": 0, "ai": 0} and set(s.users[a].gone) == {p1["uri"], p2["uri"]}
+    assert s.flush() == [{"did": a, "window_end": end(4), "topics": {}, "expired": True}]
+    assert s.agents == {"climate": 0, "ai": 0} and set(s.users[a].gone) == {key_of(p1["uri"]), key_of(p2["uri"])}
     recs, _ = run(s, [tick(360)], flush=True)  # expired posts are kept grace (2) hops, then dropped
     assert recs == [] and a not in s.users
 
@@ -120,9 +121,9 @@ def test_engagement_credited_to_subject_author_in_subject_topics():
         like(B, "r2", 25, q["uri"], kind="repost"),
     ])
     assert last(recs) == {
-        S: {"did": S, "followers": 0, "topics": {"climate": [1, 4, 0.5, 0]}},
-        B: {"did": B, "followers": 0, "topics": {"climate": [0, 0, 0, 1]}},
-        D: {"did": D, "followers": 0, "topics": {"ai": [1, 0, 0.1, 0]}},
+        S: {"did": S, "topics": {"climate": [1, 4, 0.5, 0]}},
+        B: {"did": B, "topics": {"climate": [0, 0, 0, 1]}},
+        D: {"did": D, "topics": {"ai": [1, 0, 0.1, 0]}},
     }
     assert len(recs) == 3  # one record per changed user for the one closed hop
 
@@ -134,11 +135,12 @@ def test_duplicates_are_counted_once():
     events = [p, like(A, "l", 20, p["uri"]), like(A, "r", 21, p["uri"], kind="repost"), follow(A, "f", 22, S)]
     recs, edges = run(s, events + events)
     assert last(recs) == {
-        S: {"did": S, "followers": 1, "topics": {"climate": [1, 2, 0.5, 0]}},
-        A: {"did": A, "followers": 0, "topics": {"climate": [0, 0, 0, 1]}},
+        S: {"did": S, "topics": {"climate": [1, 2, 0.5, 0]}},
+        A: {"did": A, "topics": {"climate": [0, 0, 0, 1]}},
     }
-    assert edges == [("add", S, A, us(22))]
-    assert s.stats["duplicate"] == 4
+    # A follow passes through to chorus.graph each time (its consumers keep a set of records).
+    assert edges == [("add", S, A, us(22), events[3]["uri"])] * 2
+    assert s.stats["duplicate"] == 3
 
 
 def test_deletes_retract_what_the_record_created():
@@ -149,24 +151,24 @@ def test_deletes_retract_what_the_record_created():
     fo, rep = follow(C, "f", 22, S), post(D, "d", 23, "climate s=0.2", reply=p["uri"])
     recs, edges = run(s, [p, lk, rp, fo, rep])
     assert last(recs) == {
-        S: {"did": S, "followers": 1, "topics": {"climate": [1, 3, 0.5, 0]}},
-        B: {"did": B, "followers": 0, "topics": {"climate": [0, 0, 0, 1]}},
-        D: {"did": D, "followers": 0, "topics": {"climate": [1, 0, 0.2, 0]}},
+        S: {"did": S, "topics": {"climate": [1, 3, 0.5, 0]}},
+        B: {"did": B, "topics": {"climate": [0, 0, 0, 1]}},
+        D: {"did": D, "topics": {"climate": [1, 0, 0.2, 0]}},
     }
     recs, edges = run(s, [delete(lk, 70), delete(rp, 71), delete(fo, 72), delete(rep, 73)])
     assert last(recs) == {
-        S: {"did": S, "followers": 0, "topics": {"climate": [1, 0, 0.5, 0]}},
-        B: {"did": B, "followers": 0, "topics": {}, "expired": True},
-        D: {"did": D, "followers": 0, "topics": {}, "expired": True},
+        S: {"did": S, "topics": {"climate": [1, 0, 0.5, 0]}},
+        B: {"did": B, "topics": {}, "expired": True},
+        D: {"did": D, "topics": {}, "expired": True},
     }
-    assert edges == [("remove", S, C, us(72))]
+    assert edges == [("remove", "", C, us(72), fo["uri"])]  # the record URI identifies the edge
     # Hop K+1 is closed: the post's deletion goes out with the next hop. A like after the delete
     # credits nothing, and a re-delivered deleted like is ignored.
     recs, _ = run(s, [delete(p, 80), like(E, "e", 85, p["uri"]), lk], flush=False)
     assert recs == []
     assert s.flush() == []  # K+1 already closed
     recs, _ = run(s, [tick(130)])
-    assert recs == [{"did": S, "window_end": end(2), "followers": 0, "topics": {}, "expired": True}]
+    assert recs == [{"did": S, "window_end": end(2), "topics": {}, "expired": True}]
 
 
 def test_one_record_per_hop_and_only_when_changed():
@@ -176,10 +178,11 @@ def test_one_record_per_hop_and_only_when_changed():
     lk = like(E, "l", 70, p1["uri"])
     recs, _ = run(s, [p1, post(A, "2", 20, "climate s=0.2"), post(A, "3", 30, "climate s=0.3"),
                       lk, delete(lk, 75),  # hop K+1: like and unlike: no net change
-                      follow(F, "f", 130, A)])  # hop K+2: followers change
+                      follow(F, "f", 130, A),  # hop K+2: a follow is no feature change
+                      like(F, "l2", 131, p1["uri"])])  # but a like is
     assert recs == [
-        {"did": A, "window_end": end(0), "followers": 0, "topics": {"climate": [3, 0, 0.6, 0]}},
-        {"did": A, "window_end": end(2), "followers": 1, "topics": {"climate": [3, 0, 0.6, 0]}},
+        {"did": A, "window_end": end(0), "topics": {"climate": [3, 0, 0.6, 0]}},
+        {"did": A, "window_end": end(2), "topics": {"climate": [3, 1, 0.6, 0]}},
     ]
 
 
@@ -198,15 +201,15 @@ def test_account_deactivation_retracts_its_activity():
     p = post(S, "p", 10, "climate s=0.5")
     recs, edges = run(s, [p, like(A, "l", 11, p["uri"]), like(A, "r", 12, p["uri"], kind="repost"),
                           post(A, "x", 13, "ai s=0.3", reply=p["uri"]), follow(A, "f", 14, S)])
-    assert last(recs)[S] == {"did": S, "followers": 1, "topics": {"climate": [1, 3, 0.5, 0]}}
+    assert last(recs)[S] == {"did": S, "topics": {"climate": [1, 3, 0.5, 0]}}
     gone = {"kind": "account", "did": A, "rkey": "", "uri": f"at://{A}", "seq": 0, "time_us": us(70),
             "active": False, "status": "deleted"}
     recs, edges = run(s, [gone])
     assert last(recs) == {
-        S: {"did": S, "followers": 0, "topics": {"climate": [1, 0, 0.5, 0]}},
-        A: {"did": A, "followers": 0, "topics": {}, "expired": True},
+        S: {"did": S, "topics": {"climate": [1, 0, 0.5, 0]}},
+        A: {"did": A, "topics": {}, "expired": True},
     }
-    assert edges == [("remove", S, A, us(70))]
+    assert edges == [("purge", "", A, us(70), None)]  # every edge A follows with goes
 
 
 # --- random streams: brute-force oracle, and the same result when the state is partitioned ----
@@ -302,6 +305,23 @@ def oracle(events):
     return out
 
 
+def followers_of(edges):
+    """Follower counts by the chorus.graph contract: a set of follow records (key = record URI),
+    removed by record URI; a purge removes every record whose follower is the account."""
+    records = {}
+    for op, src, dst, _t, uri in edges:
+        if op == "add":
+            records[uri] = (src, dst)
+        elif op == "remove":
+            records.pop(uri, None)
+        else:
+            records = {u: e for u, e in records.items() if e[1] != dst}
+    out = {}
+    for src, _ in records.values():
+        out[src] = out.get(src, 0) + 1
+    return out
+
+
 def present(final):
     return {d: r for d, r in final.items() if not r.get("expired")}
 
@@ -309,12 +329,13 @@ def present(final):
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_random_stream_matches_brute_force_oracle(seed):
     events = random_stream(seed)
-    recs, _ = run(store(), events)
+    recs, edges = run(store(), events)
     got = present(last(recs))
     want = oracle(events)
+    followers = followers_of(edges)
     assert got.keys() == want.keys()
     for did in want:
-        assert got[did]["followers"] == want[did]["followers"]
+        assert followers.get(did, 0) == want[did]["followers"]
         assert got[did]["topics"].keys() == want[did]["topics"].keys()
         for t, v in want[did]["topics"].items():
             assert got[did]["topics"][t] == pytest.approx(v, abs=1e-9), (did, t)
@@ -357,3 +378,56 @@ def test_engagement_after_its_post_expired_is_credited_as_in_time_order():
     assert last(ordered)[S]["topics"] == {"climate": [0, 1, 0.0, 0]}
     s = WindowStore(WIN, HOP, fake_classify, grace_hops=0)  # no grace: the reordered like is lost
     assert S not in present(last(run(s, [p, tick(185), in_time, too_late])[0]))
+
+
+# --- the compact layout: id recycling, table rebuilds, state round trip -------------------------
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_id_recycling_and_table_rebuilds_keep_the_oracle(seed, monkeypatch):
+    """Recycle ids at every hop and rebuild the tables at every fill (tiny capacities)."""
+    import stream.worker.table as table
+
+    monkeypatch.setattr(table, "MIN_CAPACITY", 4)
+    events = random_stream(seed, n_users=200, n_events=900)
+    s = store()
+    s.GC_MIN = -(1 << 40)  # recycle at every hop
+    for name in ("records", "posts", "credits", "made"):
+        getattr(s, name).rebuild(capacity=4)
+    recs, edges = run(s, events)
+    got, want = present(last(recs)), oracle(events)
+    assert got.keys() == want.keys()
+    for did in want:
+        for t, v in want[did]["topics"].items():
+            assert got[did]["topics"][t] == pytest.approx(v, abs=1e-9), (did, t)
+    assert s.ids_recycled > 0
+
+
+def test_state_round_trip_mid_stream_gives_the_same_records():
+    events = random_stream(8)
+    one, _ = run(store(), events)
+    s = store()
+    half = len(events) // 2
+    recs, _ = run(s, events[:half], flush=False)
+    arrays = {k: v.copy() for k, v in s.to_arrays().items()}
+    s2 = WindowStore.from_arrays(arrays, fake_classify, window_s=WIN, hop_s=HOP)
+    more, _ = run(s2, events[half:])
+    assert sorted(map(repr, recs + more)) == sorted(map(repr, one))
+    with pytest.raises(ValueError, match="window state is for a 180 s window"):
+        WindowStore.from_arrays(arrays, fake_classify, window_s=2 * WIN, hop_s=HOP)
+    import json
+
+    import numpy as np
+
+    meta = json.loads(bytes(arrays["meta"]))
+    arrays["meta"] = np.frombuffer(json.dumps({**meta, "format": 1}).encode(), np.uint8)
+    with pytest.raises(ValueError, match="format 1, this chorus reads 2"):
+        WindowStore.from_arrays(arrays, fake_classify)
+
+
+def test_engagement_names_the_owner_of_the_post_or_credits_nothing():
+    """A like whose subject_did is not the subject URI's repository credits nobody."""
+    S, X, A = "did:s", "did:x", "did:a"
+    p = post(S, "p", 10, "climate")
+    forged = {**like(A, "l", 20, p["uri"]), "subject_did": X}
+    recs, _ = run(store(), [p, forged])
+    assert last(recs) == {S: {"did": S, "topics": {"climate": [1, 0, 0.0, 0]}}}
