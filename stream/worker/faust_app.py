@@ -80,15 +80,19 @@ def encode_ops(ops: list) -> bytes:
     return json.dumps({"v": OPS_FORMAT, "ops": ops}, separators=(",", ":")).encode()
 
 
-def decode_ops(raw: bytes) -> list | None:
-    """The ops of a message from :func:`encode_ops`; None for any other format."""
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
+def decode_ops(raw: bytes) -> list:
+    """The ops of a message from :func:`encode_ops`. Raises ValueError (not JSON), BadEvent
+    (``format``: a bare list, what workers before format 2 sent; ``shape``: anything else)."""
+    value = json.loads(raw)
     if isinstance(value, dict) and value.get("v") == OPS_FORMAT and isinstance(value.get("ops"), list):
         return value["ops"]
-    return None
+    if isinstance(value, list):
+        raise OpsFormatError(f"an ops message of format 1 (a bare list); this worker reads format {OPS_FORMAT}")
+    raise BadEvent("not an ops message")
+
+
+class OpsFormatError(BadEvent):
+    """An ops message of an older format."""
 
 
 def edge_message(edge: tuple) -> tuple[bytes, bytes]:
@@ -203,10 +207,11 @@ class Pipeline:
         replay of chorus.events regenerates its ops."""
         self.last_input = time.monotonic()
         store = self.store
-        ops = decode_ops(raw)
-        if ops is None:
-            self.guard.reject(self.ops_topic, partition, offset,
-                              BadEvent(f"not an ops message of format {OPS_FORMAT}"), value=raw, reason="format")
+        try:
+            ops = decode_ops(raw)
+        except (ValueError, TypeError) as exc:
+            reason = "format" if isinstance(exc, OpsFormatError) else "shape" if isinstance(exc, BadEvent) else "json"
+            self.guard.reject(self.ops_topic, partition, offset, exc, value=raw, reason=reason)
             return
         for op in ops:
             try:

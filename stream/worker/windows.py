@@ -15,7 +15,8 @@ Per user and topic the feature vector is ``[posts, engagement, stance_sum, repos
 Each contribution lands in the bucket of the event that made it.
 
 Memory layout (about 80 bytes per held event, BENCHMARKS.md; independent of n and h):
-  - account DIDs are interned to int ids (``_ids``; ids no longer referenced are recycled);
+  - account DIDs are interned to int ids (:class:`stream.worker.table.Interner`: one byte arena
+    and a hash table; ids no longer referenced are recycled);
   - record URIs are kept as 63-bit BLAKE2b keys (:func:`stream.worker.table.key_of`) in compact
     int64 hash tables (:class:`stream.worker.table.HashTable`): the author's record registry
     (``records``: kind, bucket, subject), the owner's topic posts (``posts``), the engagement it
@@ -71,7 +72,7 @@ import numba
 import numpy as np
 
 from stream.worker.lexicon import STANCE_SCALE
-from stream.worker.table import HashTable, key_of
+from stream.worker.table import HashTable, Interner, key_of
 
 Op = tuple  # (code, owner DID, time_us, ...): see apply()
 POSTS, ENG, STANCE, REPOSTS = range(4)
@@ -93,6 +94,11 @@ class BadEvent(ValueError):
     """An event lacks a field its kind needs."""
 
 
+def meta_owner(meta) -> int:
+    """The owner id in a posts/credits/made ``meta`` column value."""
+    return int(meta) & _M32
+
+
 def did_of(uri: str) -> str:
     """The repository DID of an AT-URI ``at://DID/collection/rkey``."""
     if not isinstance(uri, str) or not uri.startswith("at://"):
@@ -104,8 +110,8 @@ def did_of(uri: str) -> str:
 
 @numba.njit(cache=True, nogil=True)
 def _add(tot, agents, uid, mask, p, e, s, r):
-    """tot[uid, t] += (p, e, s, r) for every topic bit t of mask; agents[t] counts present users
-    (posts, engagement or reposts non-zero)."""
+    """tot[uid, t] += (p, e, s, r) for every topic bit t of mask (``uid``: a totals row); agents[t]
+    counts present users (posts, engagement or reposts non-zero)."""
     for t in range(tot.shape[1]):
         if (mask >> t) & 1:
             before = tot[uid, t, 0] != 0 or tot[uid, t, 1] != 0 or tot[uid, t, 3] != 0
@@ -119,8 +125,9 @@ def _add(tot, agents, uid, mask, p, e, s, r):
 
 
 @numba.njit(cache=True, nogil=True)
-def _subtract_rows(tot, agents, uids, masks, codes):
-    """Subtract one bucket's contribution columns (rows with uid < 0 were purged)."""
+def _subtract_rows(tot, agents, row_of, uids, masks, codes):
+    """Subtract one bucket's contribution columns (rows with uid < 0 were purged); ``row_of``
+    maps an id to its totals row."""
     for k in range(uids.shape[0]):
         uid = uids[k]
         if uid < 0:
@@ -130,7 +137,7 @@ def _subtract_rows(tot, agents, uids, masks, codes):
         e = ((c >> 2) & 3) - 1
         r = ((c >> 4) & 3) - 1
         s = (c >> 6) - 16384
-        _add(tot, agents, uid, masks[k], -p, -e, -s, -r)
+        _add(tot, agents, row_of[uid], masks[k], -p, -e, -s, -r)
 
 
 class _Rows:
@@ -165,23 +172,25 @@ class WindowStore:
         self.cur: int | None = None  # clock: newest bucket
         self.closed: int | None = None  # newest hop already emitted
         self._base: int | None = None  # buckets are stored relative to this
-        self._ids: dict[str, int] = {}
-        self._dids: list[str | None] = []
-        self._free: list[int] = []
+        self._dk = Interner()  # DID <-> id
         self._gc_live = 0
         self.ids_recycled = 0
         self._topics: list[str] = []
         self._bit: dict[str, int] = {}
-        self._tot = np.zeros((1024, 0, 4), np.int64)  # id -> topic -> [posts, eng, stance_e4, reposts]
+        self._tot = np.zeros((1024, 0, 4), np.int64)  # row -> topic -> [posts, eng, stance_e4, reposts]
+        self._row_of = np.full(1024, -1, np.int32)  # id -> its totals row (-1: none yet)
+        self._rows_free: list[int] = []
+        self._rows_used = 0
         self._agents = np.zeros(MAX_TOPICS, np.int64)
         self._last = np.zeros(1024, np.int64)  # id -> digest of its last record; 0: none/expired
-        self.records = HashTable(3, live=self._live_record)  # key -> meta, reply subject key, aux
+        self.records = HashTable(2, live=self._live_record)  # key -> meta, aux
         self.posts = HashTable(2, live=self._live_post)  # key -> owner|bucket, mask|stance
         self.credits = HashTable(2, live=self._live_owned)  # key -> owner|bucket, mask|label|actor
         self.made = HashTable(2, live=self._live_owned)  # key -> owner|bucket, mask
         self._quote: dict[int, tuple[int, int, int]] = {}  # post key -> (subject id, subject key, credit key)
-        self.pending: dict[int, dict[int, tuple]] = {}  # subject key -> key -> (owner, t, label, actor)
-        self._pending_ring: dict[int, list[tuple]] = {}
+        # engagement waiting for its post: key -> subject key, owner|label, time_us, actor id + 1
+        self.pending = HashTable(4, live=self._live_pending)
+        self._pending_s = HashTable(1, live=self._live_pending)  # subject key -> newest bucket waiting
         self._rows: dict[int, _Rows] = {}
         self._held: dict[int, int] = {}  # bucket -> registry entries made in it (held events)
         self.dirty: set[int] = set()
@@ -240,36 +249,30 @@ class WindowStore:
         return self._close()
 
     def _expire(self, limit: int) -> None:
-        """Subtract every bucket <= limit (they left the window); drop its pending engagement."""
+        """Subtract every bucket <= limit (they left the window)."""
         for b in sorted(b for b in self._rows if b <= limit):
             rows = self._rows.pop(b)
             if len(rows.uid):
                 uids = np.frombuffer(rows.uid, np.int32)
-                _subtract_rows(self._tot, self._agents, uids, np.frombuffer(rows.mask, np.int32),
+                _subtract_rows(self._tot, self._agents, self._row_of, uids, np.frombuffer(rows.mask, np.int32),
                                np.frombuffer(rows.code, np.int32))
                 self.dirty.update(np.unique(uids[uids >= 0]).tolist())
         for b in [b for b in self._held if b <= limit]:
             del self._held[b]
-        pending = self.pending
-        for i in sorted(i for i in self._pending_ring if i <= limit):
-            for s_key, key, t in self._pending_ring.pop(i):
-                p = pending.get(s_key)
-                if p and (e := p.get(key)) and e[1] == t:
-                    del p[key]
-                    if not p:
-                        del pending[s_key]
 
     def _close(self) -> list[dict]:
         """Emit the changed users of hop ``cur`` (window_end = (cur+1)*hop)."""
         self.closed = self.cur
         end = (self.cur + 1) * self.hop_s
         out = []
-        tot, last, dids, names = self._tot, self._last, self._dids, self._topics
+        tot, last, did_of_id, names, row_of = self._tot, self._last, self._dk.did, self._topics, self._row_of
+        zero = np.zeros((tot.shape[1], 4), np.int64)
         for uid in self.dirty:
-            did = dids[uid]
+            did = did_of_id(uid)
             if did is None:
                 continue
-            row = tot[uid]
+            r = row_of[uid]
+            row = tot[r] if r >= 0 else zero
             present = np.flatnonzero(row[:, 0] | row[:, 1] | row[:, 3])
             if present.size:
                 vals = row[present].tolist()
@@ -284,32 +287,40 @@ class WindowStore:
                 last[uid] = 0
                 out.append({"did": did, "window_end": end, "topics": {}, "expired": True})
         self.dirty.clear()
-        if len(self._ids) > 2 * self._gc_live + self.GC_MIN:
+        if len(self._dk) > 2 * self._gc_live + self.GC_MIN:
             self.gc()
         return out
 
     # -- ids, topics, contributions ----------------------------------------------------------
 
     def _id(self, did: str) -> int:
-        i = self._ids.get(did)
-        if i is None:
-            if self._free:
-                i = self._free.pop()
-                self._dids[i] = did
-            else:
-                i = len(self._dids)
-                self._dids.append(did)
-                if i >= self._last.size:
-                    self._grow_ids(2 * self._last.size)
-            self._ids[did] = i
+        i = self._dk.id(did)
+        if i >= self._last.size:
+            self._grow_ids(2 * self._last.size)
         return i
 
     def _grow_ids(self, cap: int) -> None:
-        tot = np.zeros((cap, self._tot.shape[1], 4), np.int64)
-        tot[: self._tot.shape[0]] = self._tot
         last = np.zeros(cap, np.int64)
         last[: self._last.size] = self._last
-        self._tot, self._last = tot, last
+        row_of = np.full(cap, -1, np.int32)
+        row_of[: self._row_of.size] = self._row_of
+        self._last, self._row_of = last, row_of
+
+    def _trow(self, uid: int) -> int:
+        """The totals row of id ``uid``, allocated on its first contribution."""
+        r = int(self._row_of[uid])
+        if r < 0:
+            if self._rows_free:
+                r = self._rows_free.pop()
+            else:
+                r = self._rows_used
+                self._rows_used += 1
+                if r >= self._tot.shape[0]:
+                    tot = np.zeros((2 * self._tot.shape[0], self._tot.shape[1], 4), np.int64)
+                    tot[: self._tot.shape[0]] = self._tot
+                    self._tot = tot
+            self._row_of[uid] = r
+        return r
 
     def _mask(self, topics) -> int:
         m = 0
@@ -339,7 +350,8 @@ class WindowStore:
         rows.uid.append(uid)
         rows.mask.append(mask)
         rows.code.append((p + 1) | (e + 1) << 2 | (r + 1) << 4 | (s + _S_OFF) << 6)
-        _add(self._tot, self._agents, uid, mask, p, e, s, r)
+        row = self._trow(uid)  # may grow self._tot
+        _add(self._tot, self._agents, row, mask, p, e, s, r)
         self.dirty.add(uid)
 
     @property
@@ -401,7 +413,7 @@ class WindowStore:
                 q_key, qc_key = key_of(quote), key_of(uri + "#q")
                 self._quote[key] = (self._id(q_did), q_key, qc_key)
                 ops.append(("eng", q_did, t, q_key, qc_key, QUOTE, did))
-            self.records.put(key, (meta, r_key, aid | bool(topics) << 32 | bool(q_did) << 33))
+            self.records.put(key, (meta, aid | bool(topics) << 32 | bool(q_did) << 33))
         elif kind in ("like", "repost"):
             s_uri = ev.get("subject_uri")
             if not s_uri:
@@ -412,7 +424,7 @@ class WindowStore:
             s_key = key_of(s_uri)
             rel = self._rel(b)
             code, label = (_LIKE, LIKE) if kind == "like" else (_REPOST, REPOST)
-            self.records.put(key, (code | rel << 3 | (self._id(s_did) + 1) << 34, s_key, self._id(did)))
+            self.records.put(key, (code | rel << 3 | (self._id(s_did) + 1) << 34, self._id(did)))
             ops = [("eng", s_did, t, s_key, key, label, did)]
         else:
             raise BadEvent(f"unknown event kind {kind!r}")
@@ -424,7 +436,7 @@ class WindowStore:
         i = recs.slot(key)
         if i < 0:
             return [], []
-        meta, s_key, aux = recs.a[i, 1:].tolist()
+        meta, aux = recs.a[i, 1:].tolist()
         if ((meta >> 3) & _B31) < self._lo_rel():  # expired
             return [], []
         kind = meta & 7
@@ -437,26 +449,26 @@ class WindowStore:
             if (aux >> 32) & 1:
                 ops.append(("unpost", did, t, key))
             if sid >= 0:
-                ops.append(("uneng", self._dids[sid], t, s_key, key))
+                ops.append(("uneng", self._dk.did(sid), t, 0, key))
             q = self._quote.pop(key, None) if (aux >> 33) & 1 else None
             if q is not None:
-                ops.append(("uneng", self._dids[q[0]], t, q[1], q[2]))
+                ops.append(("uneng", self._dk.did(q[0]), t, q[1], q[2]))
         else:
-            ops.append(("uneng", self._dids[sid], t, s_key, key))
+            ops.append(("uneng", self._dk.did(sid), t, 0, key))
         # Tombstone for one window, so a re-delivered create is not counted again.
         b = t // self.hop_us
         if self.cur is not None:
             b = max(b, self.cur - self.n + 1)
-        recs.put(key, (_X | self._rel(b) << 3, 0, aux & _M32))
+        recs.put(key, (_X | self._rel(b) << 3, aux & _M32))
         self._held[b] = self._held.get(b, 0) + 1
         return ops, []
 
     def _retract_account(self, did: str, t: int) -> tuple[list[Op], list[tuple]]:
         ops: list[Op] = []
-        aid = self._ids.get(did)
+        aid = self._dk.get(did)
         if aid is not None:
             a = self.records.a
-            mine = (a[:, 0] != 0) & ((a[:, 3] & _M32) == aid) & self._live_record(a) & ((a[:, 1] & 7) != _X)
+            mine = (a[:, 0] != 0) & ((a[:, 2] & _M32) == aid) & self._live_record(a) & ((a[:, 1] & 7) != _X)
             for key in a[mine, 0].tolist():
                 ops += self._retract(did, key, t)[0]
         ops.append(("purge", did, t))
@@ -470,7 +482,7 @@ class WindowStore:
         if i < 0:
             return -1
         meta = int(table.a[i, 1])
-        if (meta >> 32) < live_rel or self._ids.get(owner) != meta & _M32:
+        if (meta >> 32) < live_rel or self._dk.get(owner) != meta & _M32:
             return -1
         return i
 
@@ -483,7 +495,7 @@ class WindowStore:
         ("post", owner, t, key, topics, stance_e4)    a topic post by owner
         ("unpost", owner, t, key)                     its deletion
         ("eng", owner, t, subject_key, key, label, actor)  engagement with owner's post
-        ("uneng", owner, t, subject_key, key)         its retraction
+        ("uneng", owner, t, 0, key)                   its retraction (the key alone identifies it)
         ("made", owner, t, key, topics) / ("unmade", owner, t, key)  owner's repost of a topic post
         ("tick", "", t)                               no-op: carries time to every partition
         ("purge", owner, t)                           owner's account is gone: clear its state
@@ -503,7 +515,7 @@ class WindowStore:
             self.posts.put(key, (uid | self._rel(b) << 32, mask | (stance + _STANCE_OFF) << 32))
             self._add(uid, b, mask, 1, 0, stance, 0)
             out: list[Op] = []
-            for k, (_, et, label, actor) in self.pending.pop(key, {}).items():
+            for k, et, label, actor in self._take_pending(key, uid):
                 out += self._credit(uid, mask, k, et, label, actor)
             return out
         if code == "eng":
@@ -517,21 +529,22 @@ class WindowStore:
                 pb = int(self.posts.a[i, 1]) >> 32
                 if pb < lo and pb <= self._rel(b) - self.n:
                     i = -1
-            if i < 0:
-                index = b + self.grace - self.n
-                if self.cur is None or index > self.cur - self.n:
-                    self.pending.setdefault(s_key, {})[key] = (owner, t, label, actor)
-                    self._pending_ring.setdefault(index, []).append((s_key, key, t))
+            if i < 0:  # wait grace hops for the post (it lives while bucket + grace > cur)
+                if self.cur is None or b + self.grace > self.cur:
+                    rel = self._rel(b)
+                    actor_id = self._id(actor) if label == REPOST else -1
+                    self.pending.put(key, (s_key, self._id(owner) | label << 32 | rel << 34, t, actor_id + 1))
+                    j = self._pending_s.slot(s_key)
+                    if j < 0 or int(self._pending_s.a[j, 1]) < rel:
+                        self._pending_s.put(s_key, (rel,))
                 return []
             mask = int(self.posts.a[i, 2]) & _M32
-            return self._credit(self._ids[owner], mask, key, t, label, actor)
+            return self._credit(meta_owner(self.posts.a[i, 1]), mask, key, t, label, actor)
         if code == "uneng":
-            s_key, key = op[3], op[4]
-            p = self.pending.get(s_key)
-            if p and key in p:
-                del p[key]
-                if not p:
-                    del self.pending[s_key]
+            key = op[4]
+            j = self.pending.slot(key)
+            if j >= 0:
+                self.pending.delete_slot(j)
                 return []
             i = self._owned(self.credits, key, owner, self._lo_rel())
             if i < 0:
@@ -540,7 +553,7 @@ class WindowStore:
             self.credits.delete_slot(i)
             self._add(meta & _M32, (meta >> 32) + self._base, aux & _M32, 0, -1, 0, 0)
             actor = (aux >> 34) - 1
-            return [("unmade", self._dids[actor], t, key)] if (aux >> 32) & 3 == REPOST and actor >= 0 else []
+            return [("unmade", self._dk.did(actor), t, key)] if (aux >> 32) & 3 == REPOST and actor >= 0 else []
         if code == "made":
             key, topics = op[3], op[4]
             if self._late(b):
@@ -573,6 +586,26 @@ class WindowStore:
             return []
         raise BadEvent(f"unknown op {code!r}")
 
+    def _live_pending(self, a: np.ndarray) -> np.ndarray:
+        rel = (a[:, 2] >> 34) if a.shape[1] == 5 else a[:, 1]
+        return rel + self.grace > (self.cur - self._base if self.cur is not None else -(1 << 62))
+
+    def _take_pending(self, s_key: int, uid: int) -> list[tuple]:
+        """Remove and return the live engagement waiting for post ``s_key`` of owner ``uid``, as
+        (key, time_us, label, actor DID), in time order."""
+        j = self._pending_s.slot(s_key)
+        if j < 0:
+            return []
+        self._pending_s.delete_slot(j)
+        a = self.pending.a
+        hit = (a[:, 0] != 0) & (a[:, 1] == s_key) & self._live_pending(a) & ((a[:, 2] & _M32) == uid)
+        rows = a[hit].tolist()
+        out = []
+        for key, _, meta, t, actor in sorted(rows, key=lambda r: r[3]):
+            self.pending.pop(key)
+            out.append((key, t, (meta >> 32) & 3, self._dk.did(actor - 1) if actor else ""))
+        return out
+
     def _credit(self, uid: int, mask: int, key: int, t: int, label: int, actor: str) -> list[Op]:
         """Credit one engagement (at its own time) in the subject post's topics."""
         b = t // self.hop_us
@@ -588,10 +621,10 @@ class WindowStore:
 
     def _purge(self, owner: str) -> None:
         """Clear every contribution and table entry of ``owner`` (its account is gone)."""
-        uid = self._ids.get(owner)
+        uid = self._dk.get(owner)
         if uid is None:
             return
-        row = self._tot[uid]
+        row = self._tot[self._trow(uid)]
         for t in np.flatnonzero(row[:, 0] | row[:, 1] | row[:, 3]).tolist():
             self._agents[t] -= 1
         row[:] = 0
@@ -608,9 +641,18 @@ class WindowStore:
 
     def gc(self) -> None:
         """Recycle the ids of DIDs no live state refers to (run when ids pile up)."""
-        n = len(self._dids)
+        n = self._dk.size
         ref = np.zeros(n, bool)
-        ref |= self._tot[:n].any(axis=(1, 2)) | (self._last[:n] != 0)
+        for rows in self._rows.values():  # ids with contributions in the window
+            u = np.frombuffer(rows.uid, np.int32)
+            ref[u[u >= 0]] = True
+        has_row = self._row_of[:n] >= 0
+        tot_live = np.zeros(n, bool)
+        tot_live[has_row] = self._tot[self._row_of[:n][has_row]].any(axis=(1, 2))
+        for i in np.flatnonzero(has_row & ~tot_live & ~ref).tolist():  # nothing to sum: recycle the row
+            self._rows_free.append(int(self._row_of[i]))
+            self._row_of[i] = -1
+        ref |= tot_live | (self._last[:n] != 0)
         a = self.records.a
         live = (a[:, 0] != 0) & self._live_record(a)
         if self._quote:
@@ -618,7 +660,7 @@ class WindowStore:
             self._quote = {k: q for k, q in self._quote.items() if k in keys}
         sid = (a[live, 1] >> 34) - 1
         ref[sid[sid >= 0]] = True
-        ref[a[live, 3] & _M32] = True
+        ref[a[live, 2] & _M32] = True
         for table in (self.posts, self.credits, self.made):
             a = table.a
             live = (a[:, 0] != 0) & table.live(a)
@@ -628,20 +670,17 @@ class WindowStore:
                 ref[actor[actor >= 0]] = True
         for q in self._quote.values():
             ref[q[0]] = True
-        for rows in self._rows.values():
-            u = np.frombuffer(rows.uid, np.int32)
-            ref[u[u >= 0]] = True
+        a = self.pending.a
+        live = (a[:, 0] != 0) & self._live_pending(a)
+        ref[a[live, 2] & _M32] = True
+        actor = a[live, 4] - 1
+        ref[actor[actor >= 0]] = True
         if self.dirty:
             ref[list(self.dirty)] = True
-        dids, ids = self._dids, self._ids
-        for i in np.flatnonzero(~ref).tolist():
-            did = dids[i]
-            if did is not None:
-                del ids[did]
-                dids[i] = None
-                self._free.append(i)
-                self.ids_recycled += 1
-        self._gc_live = len(ids)
+        unused = np.flatnonzero(~ref & (self._dk._len[:n] >= 0))
+        self._dk.free(unused.tolist())
+        self.ids_recycled += unused.size
+        self._gc_live = len(self._dk)
 
     def held_events(self) -> int:
         """Registry entries (events and deletions) of the buckets in the window."""
@@ -649,9 +688,9 @@ class WindowStore:
 
     def state_bytes(self) -> int:
         """Bytes held by the state's arrays (tables, totals, columns); Python objects estimated."""
-        arrays = (self._tot.nbytes + self._last.nbytes + self.records.nbytes + self.posts.nbytes
+        arrays = (self._tot.nbytes + self._last.nbytes + self._row_of.nbytes + self.records.nbytes + self.posts.nbytes
                   + self.credits.nbytes + self.made.nbytes + sum(r.nbytes for r in self._rows.values()))
-        objects = 120 * len(self._ids) + 200 * (len(self._quote) + len(self.pending))
+        objects = self._dk.nbytes + self.pending.nbytes + self._pending_s.nbytes + 200 * len(self._quote)
         return arrays + objects
 
     # -- both stages in one process -----------------------------------------------------------
@@ -690,23 +729,21 @@ class WindowStore:
         """The whole state as named numpy arrays (copies; format :data:`STATE_FORMAT`)."""
         rows_b = sorted(self._rows)
         rows = [self._rows[b] for b in rows_b]
-        dids = [(d or "").encode() for d in self._dids]
         scalars = {"format": STATE_FORMAT, "window_s": self.window_s, "hop_s": self.hop_s,
                    "grace": self.grace, "cur": self.cur, "closed": self.closed, "base": self._base,
                    "gc_live": self._gc_live, "topics": self._topics, "stats": self.stats,
-                   "free": self._free, "dirty": sorted(self.dirty),
+                   "dirty": sorted(self.dirty),
                    "held": sorted(self._held.items()),
-                   "quote": [[k, *q] for k, q in self._quote.items()],
-                   "pending": [[s, k, *v] for s, p in self.pending.items() for k, v in p.items()],
-                   "pending_ring": [[i, *e] for i, es in self._pending_ring.items() for e in es]}
-        n = len(self._dids)
+                   "quote": [[k, *q] for k, q in self._quote.items()]}
+        n = self._dk.size
         return {
             "meta": np.frombuffer(json.dumps(scalars).encode(), np.uint8).copy(),
-            "dids": np.frombuffer(b"".join(dids), np.uint8).copy(),
-            "did_len": np.array([len(d) for d in dids], np.int32),
-            "tot": self._tot[:n].copy(), "last": self._last[:n].copy(),
+            **{f"ids_{k}": v for k, v in self._dk.to_arrays().items()},
+            "tot": self._tot[: self._rows_used].copy(), "last": self._last[:n].copy(),
+            "row_of": self._row_of[:n].copy(), "rows_free": np.array(self._rows_free, np.int32),
             "records": self.records.a.copy(), "posts": self.posts.a.copy(),
             "credits": self.credits.a.copy(), "made": self.made.a.copy(),
+            "pending": self.pending.a.copy(), "pending_s": self._pending_s.a.copy(),
             "rows_bucket": np.array(rows_b, np.int64),
             "rows_len": np.array([len(r.uid) for r in rows], np.int64),
             "rows_uid": np.concatenate([np.frombuffer(r.uid, np.int32) for r in rows] or [np.empty(0, np.int32)]),
@@ -730,22 +767,22 @@ class WindowStore:
         s._topics = list(meta["topics"])
         s._bit = {t: i for i, t in enumerate(s._topics)}
         s.stats = dict(meta["stats"])
-        blob, ends = bytes(arrays["dids"]), np.cumsum(arrays["did_len"]).tolist()
-        dids = [blob[a:b].decode() for a, b in zip([0, *ends[:-1]], ends)]
-        free = set(meta["free"])
-        s._dids = [None if i in free else d for i, d in enumerate(dids)]
-        s._ids = {d: i for i, d in enumerate(s._dids) if d is not None}
-        s._free = list(meta["free"])
-        n = len(s._dids)
+        s._dk = Interner.from_arrays({k[4:]: v for k, v in arrays.items() if k.startswith("ids_")})
+        n = s._dk.size
         cap = max(1024, 1 << max(n, 1).bit_length())
-        s._tot = np.zeros((cap, len(s._topics), 4), np.int64)
-        s._tot[:n] = arrays["tot"]
         s._last = np.zeros(cap, np.int64)
         s._last[:n] = arrays["last"]
+        s._row_of = np.full(cap, -1, np.int32)
+        s._row_of[:n] = arrays["row_of"]
+        s._rows_used = int(arrays["tot"].shape[0])
+        s._rows_free = arrays["rows_free"].tolist()
+        s._tot = np.zeros((max(1024, 1 << max(s._rows_used, 1).bit_length()), len(s._topics), 4), np.int64)
+        s._tot[: s._rows_used] = arrays["tot"]
         s._agents[: len(s._topics)] = np.count_nonzero(
             s._tot[:, :, 0] | s._tot[:, :, 1] | s._tot[:, :, 3], axis=0)
-        for name in ("records", "posts", "credits", "made"):
+        for name in ("records", "posts", "credits", "made", "pending"):
             getattr(s, name).load(arrays[name])
+        s._pending_s.load(arrays["pending_s"])
         off = 0
         for b, ln in zip(arrays["rows_bucket"].tolist(), arrays["rows_len"].tolist()):
             r = s._rows[b] = _Rows()
@@ -756,10 +793,6 @@ class WindowStore:
         s.dirty = set(meta["dirty"])
         s._held = {b: c for b, c in meta["held"]}
         s._quote = {k: (a, b, c) for k, a, b, c in meta["quote"]}
-        for s_key, key, owner, t, label, actor in meta["pending"]:
-            s.pending.setdefault(s_key, {})[key] = (owner, t, label, actor)
-        for i, s_key, key, t in meta["pending_ring"]:
-            s._pending_ring.setdefault(i, []).append((s_key, key, t))
         return s
 
 
@@ -770,7 +803,8 @@ class _UserView:
     @property
     def totals(self) -> dict[str, list[int]]:
         """topic -> [posts, engagement, stance_e4, reposts] summed over the window (present topics)."""
-        row = self._s._tot[self._uid]
+        r = self._s._row_of[self._uid]
+        row = self._s._tot[r] if r >= 0 else np.zeros((len(self._s._topics), 4), np.int64)
         return {self._s._topics[t]: row[t].tolist()
                 for t in np.flatnonzero(row[:, 0] | row[:, 1] | row[:, 3]).tolist()}
 
@@ -790,10 +824,11 @@ class _Users:
 
     def _uid(self, did: str) -> int | None:
         s = self._s
-        uid = s._ids.get(did)
+        uid = s._dk.get(did)
         if uid is None:
             return None
-        if s._tot[uid].any() or s._last[uid] != 0 or uid in s.dirty:
+        r = s._row_of[uid]
+        if (r >= 0 and s._tot[r].any()) or s._last[uid] != 0 or uid in s.dirty:
             return uid
         for table in (s.posts, s.credits, s.made):
             a = table.a

@@ -43,8 +43,9 @@ POISON_EVENTS = [
 POISON_OPS = [
     (b"{not json", "json"),
     (b'{"a": 1}', "shape"),
-    (b'[["eng", 5, 1]]', "shape"),
-    (b'[["nope", "did:plc:x", 1]]', "shape"),
+    (b'{"v": 2, "ops": [["eng", 5, 1]]}', "shape"),
+    (b'{"v": 2, "ops": [["nope", "did:plc:x", 1]]}', "shape"),
+    (b'[["tick", "", 1]]', "format"),  # a worker of an older version (format 1: a bare list)
 ]
 
 
