@@ -54,7 +54,8 @@ the subject URI credits nothing).
 Emission: ``advance(time_us)`` closes the hop ``cur`` when the clock enters a later bucket and
 returns at most one record per changed user (changed since its last record; topics in name order), or an expiry record
 (``expired=True``, no topics) for a user that left the window. ``flush()`` closes the current hop
-early (idle input); a hop is closed once, and later changes go out with the next hop.
+early (idle input); a hop is closed once: later changes go out with the next hop, or, for a
+user without a record for the closed hop yet, at the next ``flush()`` (still idle input).
 
 Checkpoints: :meth:`WindowStore.to_arrays` / :meth:`WindowStore.from_arrays` (the whole state as
 named numpy arrays, format :data:`STATE_FORMAT`); see stream/worker/checkpoint.py.
@@ -194,6 +195,7 @@ class WindowStore:
         self._rows: dict[int, _Rows] = {}
         self._held: dict[int, int] = {}  # bucket -> registry entries made in it (held events)
         self.dirty: set[int] = set()
+        self._emitted: set[int] = set()  # ids with a record for hop `closed`
         self.stats = {"events": 0, "duplicate": 0, "late": 0, "ops": 0}
 
     # -- time ------------------------------------------------------------------------------
@@ -243,10 +245,21 @@ class WindowStore:
         return out
 
     def flush(self) -> list[dict]:
-        """Close the current hop now (input idle); a no-op if it is already closed."""
-        if self.cur is None or self.closed == self.cur:
+        """Close the current hop now (input idle). If it is already closed, emit the users that
+        changed since and have no record for it yet (their change would otherwise wait for
+        input to move the clock); the others stay dirty for the next hop."""
+        if self.cur is None:
             return []
-        return self._close()
+        if self.closed != self.cur:
+            return self._close()
+        late = self.dirty - self._emitted
+        if not late:
+            return []
+        self.dirty -= late
+        keep, self.dirty = self.dirty, late
+        out = self._close()
+        self.dirty = keep
+        return out
 
     def _expire(self, limit: int) -> None:
         """Subtract every bucket <= limit (they left the window)."""
@@ -262,6 +275,9 @@ class WindowStore:
 
     def _close(self) -> list[dict]:
         """Emit the changed users of hop ``cur`` (window_end = (cur+1)*hop)."""
+        if self.closed != self.cur:
+            self._emitted = set()
+        self._emitted |= self.dirty
         self.closed = self.cur
         end = (self.cur + 1) * self.hop_s
         out = []
@@ -732,7 +748,7 @@ class WindowStore:
         scalars = {"format": STATE_FORMAT, "window_s": self.window_s, "hop_s": self.hop_s,
                    "grace": self.grace, "cur": self.cur, "closed": self.closed, "base": self._base,
                    "gc_live": self._gc_live, "topics": self._topics, "stats": self.stats,
-                   "dirty": sorted(self.dirty),
+                   "dirty": sorted(self.dirty), "emitted": sorted(self._emitted),
                    "held": sorted(self._held.items()),
                    "quote": [[k, *q] for k, q in self._quote.items()]}
         n = self._dk.size
@@ -791,6 +807,7 @@ class WindowStore:
             r.code.frombytes(arrays["rows_code"][off: off + ln].tobytes())
             off += ln
         s.dirty = set(meta["dirty"])
+        s._emitted = set(meta["emitted"])
         s._held = {b: c for b, c in meta["held"]}
         s._quote = {k: (a, b, c) for k, a, b, c in meta["quote"]}
         return s

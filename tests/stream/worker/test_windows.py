@@ -431,3 +431,19 @@ def test_engagement_names_the_owner_of_the_post_or_credits_nothing():
     forged = {**like(A, "l", 20, p["uri"]), "subject_did": X}
     recs, _ = run(store(), [p, forged])
     assert last(recs) == {S: {"did": S, "topics": {"climate": [1, 0, 0.0, 0]}}}
+
+
+def test_a_change_after_an_idle_flush_goes_out_at_the_next_flush_once():
+    """Idle input closed the hop; a late change of a user without a record for it goes out at
+    the next flush (same window end), a user that already has one waits for the next hop."""
+    s = store()
+    A, B = "did:a", "did:b"
+    pa = post(A, "1", 10, "climate")
+    recs, _ = run(s, [pa])
+    assert [r["did"] for r in recs] == [A]
+    pb = post(B, "2", 20, "ai")
+    recs, _ = run(s, [pb, like(B, "l", 21, pa["uri"])], flush=False)
+    assert recs == [] and s.flush() == [{"did": B, "window_end": end(0), "topics": {"ai": [1, 0, 0.0, 0]}}]
+    assert s.flush() == []  # A changed too (the like) but already has a record for this hop
+    recs, _ = run(s, [tick(70)])
+    assert recs == [{"did": A, "window_end": end(1), "topics": {"climate": [1, 1, 0.0, 0]}}]
