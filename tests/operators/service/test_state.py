@@ -20,8 +20,8 @@ def feat(did, end, topics=None, followers=0, expired=None):
                                     expired=expired)
 
 
-def edge(op, src, dst, t):
-    return GraphEdge.model_construct(op=op, src=src, dst=dst, time_us=t)
+def edge(op, src, dst, t, uri=None):
+    return GraphEdge.model_construct(op=op, src=src, dst=dst, time_us=t, uri=uri)
 
 
 def test_latest_features_per_did_win_and_replace_every_topic():
@@ -63,19 +63,19 @@ def test_followers_are_the_graph_in_degree_and_removes_by_record_resolve():
     follows = [("a", f"f{i}", f"at://f{i}/app.bsky.graph.follow/r{i}") for i in range(4)]
     follows += [("b", "f0", "at://f0/app.bsky.graph.follow/rb")]
     for i, (src, dst, uri) in enumerate(follows):
-        assert st.apply_edge(GraphEdge(op="add", src=src, dst=dst, time_us=i, uri=uri))
+        assert st.apply_edge(edge("add", src, dst, i, uri))
     fol = lambda d: int(st.followers[st.index[d]])  # noqa: E731
     assert (fol("a"), fol("b"), fol("f0"), st.n_edges) == (4, 1, 0, 5)
     # a firehose delete names only the record: resolved to (a, f1)
-    assert st.apply_edge(GraphEdge(op="remove", dst="f1", time_us=10, uri=follows[1][2]))
+    assert st.apply_edge(edge("remove", None, "f1", 10, follows[1][2]))
     assert (fol("a"), st.n_edges) == (3, 4)
     # unknown record, or a record of another follower: ignored and counted
-    assert not st.apply_edge(GraphEdge(op="remove", dst="f1", time_us=11, uri="at://f1/app.bsky.graph.follow/zz"))
-    assert not st.apply_edge(GraphEdge(op="remove", dst="f2", time_us=11, uri=follows[3][2]))
+    assert not st.apply_edge(edge("remove", None, "f1", 11, "at://f1/app.bsky.graph.follow/zz"))
+    assert not st.apply_edge(edge("remove", None, "f2", 11, follows[3][2]))
     assert st.edge_ops_ignored == 2 and fol("a") == 3
     # f0's account is gone at t=20: both its edges go; a later re-follow (t=21) survives the purge
-    st.apply_edge(GraphEdge(op="purge", dst="f0", time_us=20))
-    st.apply_edge(GraphEdge(op="add", src="b", dst="f0", time_us=21, uri="at://f0/app.bsky.graph.follow/rc"))
+    st.apply_edge(edge("purge", None, "f0", 20))
+    st.apply_edge(edge("add", "b", "f0", 21, "at://f0/app.bsky.graph.follow/rc"))
     src, dst = st.edges()
     got = sorted(zip((st.dids[i] for i in src), (st.dids[i] for i in dst)))
     assert got == [("a", "f2"), ("a", "f3"), ("b", "f0")]
