@@ -381,8 +381,8 @@ class WindowStore:
         """One chorus.events value (a dict) -> (ops for owners, graph edges).
 
         Edges are ``(op, src, dst, time_us, record uri)``: ``("add", followed, follower, t, uri)``
-        for a follow, ``("remove", "", follower, t, uri)`` for a deleted follow record (the
-        record URI identifies the edge), ``("purge", "", did, t, None)`` when an account is gone.
+        for a follow, ``("remove", None, follower, t, uri)`` for a deleted follow record (the
+        record URI identifies the edge), ``("purge", None, did, t, None)`` when an account is gone.
         """
         self.stats["events"] += 1
         try:
@@ -394,7 +394,7 @@ class WindowStore:
         b = t // self.hop_us
         if kind == "delete":
             if FOLLOW_PATH in uri:
-                return [], [("remove", "", did, t, uri)]
+                return [], [("remove", None, did, t, uri)]
             return self._retract(did, key_of(uri), t)
         if kind == "account":
             if ev.get("active") is False:
@@ -488,7 +488,7 @@ class WindowStore:
             for key in a[mine, 0].tolist():
                 ops += self._retract(did, key, t)[0]
         ops.append(("purge", did, t))
-        return ops, [("purge", "", did, t, None)]
+        return ops, [("purge", None, did, t, None)]
 
     # -- stage 2: the owner's side ---------------------------------------------------------
 

@@ -161,7 +161,7 @@ def test_deletes_retract_what_the_record_created():
         B: {"did": B, "topics": {}, "expired": True},
         D: {"did": D, "topics": {}, "expired": True},
     }
-    assert edges == [("remove", "", C, us(72), fo["uri"])]  # the record URI identifies the edge
+    assert edges == [("remove", None, C, us(72), fo["uri"])]  # the record URI identifies the edge
     # Hop K+1 is closed: the post's deletion goes out with the next hop. A like after the delete
     # credits nothing, and a re-delivered deleted like is ignored.
     recs, _ = run(s, [delete(p, 80), like(E, "e", 85, p["uri"]), lk], flush=False)
@@ -209,7 +209,7 @@ def test_account_deactivation_retracts_its_activity():
         S: {"did": S, "topics": {"climate": [1, 0, 0.5, 0]}},
         A: {"did": A, "topics": {}, "expired": True},
     }
-    assert edges == [("purge", "", A, us(70), None)]  # every edge A follows with goes
+    assert edges == [("purge", None, A, us(70), None)]  # every edge A follows with goes
 
 
 # --- random streams: brute-force oracle, and the same result when the state is partitioned ----
