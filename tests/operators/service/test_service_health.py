@@ -11,10 +11,11 @@ from prometheus_client import REGISTRY
 from operators.service.service import OperatorService
 from stream.config import Settings
 from stream.metrics import BAND_SHARE, TOP_SHARE
-from stream.schemas import Features
+from stream.schemas import Features, GraphEdge
 
 GOOD = {"did:A": [2, 0, 0.5, 0], "did:B": [1, 0, -0.5, 0], "did:C": [4, 0, 0.0, 0]}
-FOLLOWERS = {"did:A": 30, "did:B": 20, "did:C": 10}  # distinct: the 2-agent panel spans two bands (a TVD)
+# followers (from the graph) A 2, B 1, C 0, distinct: the 2-agent panel spans two bands (a TVD)
+FOLLOWS = [("did:A", "did:B"), ("did:A", "did:C"), ("did:B", "did:C")]
 
 
 def sample(name, **labels):
@@ -28,9 +29,11 @@ def series(name, **labels):
 
 
 def feed(svc, end, topics, scale=1):
+    for i, (src, dst) in enumerate(FOLLOWS):
+        svc.apply_edge(GraphEdge(op="add", src=src, dst=dst, time_us=i))
     for did, vec in GOOD.items():
         vec = [v * scale for v in vec]
-        svc.apply_features(Features(did=did, window_end=end, followers=FOLLOWERS[did], topics={t: vec for t in topics}))
+        svc.apply_features(Features(did=did, window_end=end, topics={t: vec for t in topics}))
 
 
 def test_a_non_finite_result_is_skipped_counted_and_its_series_removed():
