@@ -228,7 +228,9 @@ def test_chorus_run_end_to_end(tmp_path):
         ep = [s for s in snaps if s["topic"] == topic and s["indicator"] == "polarization" and during(s)]
         assert ep, "no polarization snapshot of the episode topic during the episode"
         for s in ep[-2:]:
-            full = sum(s["bands"][b] for b in TAIL_BANDS)
+            m = s["band_mass"]  # polarization has both signs: the tail's share of the absolute mass
+            full = sum(m["positive_mass"] * m["positive"][b] + m["negative_mass"] * m["negative"][b]
+                       for b in TAIL_BANDS) / (m["positive_mass"] + m["negative_mass"])
             panel = sum(s["panel"]["bands"].get(b, 0.0) for b in TAIL_BANDS)
             assert full > 0.5 and abs(panel) < 1e-6 and s["panel"]["tvd"] >= 0.3, s
         # ... and it is the episode topic that they drive: participants fill its top-10 culprits

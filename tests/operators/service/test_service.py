@@ -383,3 +383,34 @@ def test_a_did_whose_latest_record_is_a_window_old_is_expired():
     assert svc.state.followers[svc.state.index["did:C"]] == 1  # followers kept for the bands
     svc.apply_features(features(180, [("did:C", 1, [1, 0, 0.0, 0])])[0])  # a late record of C
     assert svc.recompute()[0].value == pytest.approx(4)
+
+
+def _heavy_polarization(svc, seed=7, n=400):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        posts = float(1 + rng.pareto(1.5)) if i % 4 else 0.0
+        svc.apply_features(Features(did=f"did:{i}", window_end=60, followers=int(rng.pareto(1.2) * 10),
+                                    topics={"t": [posts, 1.0, posts * float(rng.uniform(-1, 1)), 0.0]}))
+
+
+def test_quadrature_ladder_meets_the_tolerance_at_least_cost_and_alerts_when_capped():
+    settings = Settings(indicators=["polarization"])
+    runs = {}
+    for tol in (1e-1, 1e-5):
+        svc = OperatorService(settings, tolerance=tol)
+        _heavy_polarization(svc)
+        (runs[tol],) = svc.recompute()
+        e = runs[tol].error
+        assert e["relative"] <= tol and e["tolerance"] == tol
+        cheaper = [k for k in (3, 5, 9, 17, 33, 65) if k < e["steps"]]
+        if cheaper and e["steps"] > 17:  # it climbed from the first rung (17): 17 did not meet it
+            assert svc.last_quadrature[("t", "polarization")] == ("gauss-kronrod", e["steps"])
+    assert runs[1e-5].error["steps"] > runs[1e-1].error["steps"]  # a tighter tolerance costs nodes
+    assert runs[1e-1].value == pytest.approx(runs[1e-5].value, rel=1e-6)
+    # capped at 5 nodes with a tolerance it cannot meet: published, and the alert says so
+    svc = OperatorService(settings, steps=5, tolerance=1e-9)
+    _heavy_polarization(svc)
+    (snap,) = svc.recompute()
+    assert snap.error["steps"] == 5 and snap.error["relative"] > 1e-9 and snap.error["agents_over"] > 0
+    alerts = [a for a in svc.engine.evaluate(snap) if a.rule == "attribution_error"]
+    assert alerts and alerts[0].evidence["steps"] == 5
