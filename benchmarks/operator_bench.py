@@ -50,8 +50,10 @@ TARGET_RSS_GB = 1.5
 NB = ACCELERATOR_NODE_BATCH
 REF_STEPS = 256  # the converged Aumann-Shapley integral the equal-accuracy search is measured against
 RULES_COMPARED = ("gauss-legendre", "gauss-legendre-graded")
-SHAPLEY = ((1_000, 16), (4_000, 8), (8_000, 8), (16_000, 8))  # (N, permutations per round)
-TARGET_SHAPLEY_N = 16_000  # the ratio grows with N; the target is stated at this N (issue 15)
+SHAPLEY = ((1_000, 16), (4_000, 8), (8_000, 8))  # (N, permutations per round)
+# The ratio grows with N; the target is stated at N = 16,000 (issue 15), measured by its own,
+# reduced section (benchmarks/shapley_scale_bench.py: a full calibrated run there takes > 20 min on CPU).
+TARGET_SHAPLEY_N = 16_000
 QUICK_SHAPLEY = ((300, 16), (1_000, 16))
 
 
@@ -432,7 +434,8 @@ def run(quick: bool = False, sizes=None, log=print) -> str:
                   f"{s4['ideal_ratio_eq']:.2e}); at {STEPS} Gauss-Legendre nodes {s4['ratio']:.2e} "
                   f"| {_status(s4['ratio_eq'] >= TARGET_SHAPLEY_RATIO)} |")
     if not shap4:
-        md.append(f"| sampled / Aumann-Shapley ratio at N = {TARGET_SHAPLEY_N:,} | not run (quick) | n/a |")
+        md.append(f"| sampled / Aumann-Shapley time at N = {TARGET_SHAPLEY_N:,}, equal accuracy: >= "
+                  f"{TARGET_SHAPLEY_RATIO:.0e} | section shapley_scale (`chorus bench shapley_scale`) | see there |")
     for s in shap:
         if s["n"] != TARGET_SHAPLEY_N:  # how the ratio scales with N (information, not a target)
             md.append(f"| (info) the same ratio at N = {s['n']:,} | {s['ratio_eq']:.2e} ({s['rule_eq']}, "
