@@ -316,8 +316,8 @@ def _peak_rss_probe(n: int, layout: str) -> dict:
 
 # --- report -----------------------------------------------------------------------------------
 
-def run(quick: bool = False, sizes=None, log=print) -> str:
-    """Run everything and return the Markdown section."""
+def run(quick: bool = False, sizes=None, log=print, density: bool | None = None) -> str:
+    """Run everything and return the Markdown section (the density block unless quick)."""
     sizes = tuple(sizes) if sizes else (QUICK_SIZES if quick else SIZES)
     gpu = jax.default_backend() != "cpu"
     device = f"{jax.default_backend()} / {getattr(jax.devices()[0], 'device_kind', '?')}"
@@ -414,6 +414,10 @@ def run(quick: bool = False, sizes=None, log=print) -> str:
     top = by_n.get(TARGET_N)
     shap4 = [s for s in shap if s["n"] == TARGET_SHAPLEY_N]
     mem_top = [m for m in mem if m["n"] == TARGET_N]
+    if density if density is not None else not quick:
+        from benchmarks.density import bench_density, markdown
+
+        md += markdown(bench_density(log=log))
     md += ["", "Targets:", "", "| target | measured | status |", "|---|---|---|"]
     if top:
         naive = top["cascade_naive"]["median_s"]
@@ -453,11 +457,19 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", type=lambda s: [int(float(v)) for v in s.split(",")])
+    ap.add_argument("--density", action="store_true", help="only the density block (1.67M agents / 100M edges)")
+    ap.add_argument("--density-n", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--peak-rss", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--layout", default="bucketed", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.peak_rss:
         print(json.dumps(_peak_rss_probe(args.peak_rss, args.layout)))
+        return
+    if args.density:
+        from benchmarks.density import N, bench_density, markdown
+
+        r = bench_density(n=args.density_n or N, log=lambda m: print(m, file=sys.stderr, flush=True))
+        print("\n".join(["## Operator at the real graph's density", "", header()] + markdown(r)))
         return
     print(run(args.quick, args.sizes))
 

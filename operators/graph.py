@@ -348,81 +348,78 @@ _reach = _reach_kernel(_log_survival, _out_sum)
 
 @jax.tree_util.register_pytree_node_class
 class GraphStack(LeafHolder):
-    """A follow graph held as signed layers over the same nodes: a base layout plus small delta
-    layouts of added (sign +1) and removed (sign -1) edges, so a changed edge set costs a build of
-    the changes only, not of the whole layout.
+    """A follow graph held as a base layout plus small signed edge lists: the edges added (+1) and
+    removed (-1) since the base was built, so a changed edge set costs no rebuild of the layout.
 
-    ``GraphStack(base, deltas=(), signs=(), n_real=None)``: bucketed :class:`FollowGraph` s of the
-    same ``n`` (built with the same node capacity); ``signs`` (+1.0 or -1.0, static) per delta;
-    nodes >= ``n_real`` (default: the base's) are padding, as in ``FollowGraph.padded``. The edge
-    multiset is base + sum_p sign_p delta_p (a removed edge must be in base or an added layer).
-    Exact, since the log-survival is additive over edges:
+    ``GraphStack(base, deltas=(), signs=(), n_real=None)``: ``base`` a bucketed :class:`FollowGraph`
+    built fresh (host slot maps); each delta a pair ``(src, dst)`` of equal-length int arrays of
+    node ids in [0, n], where an edge ``n -> n`` is padding (pad to a capacity that grows by doubling,
+    so shapes hold across updates); ``signs`` (+1.0 or -1.0, static) per delta; nodes >= ``n_real``
+    (default: the base's) are padding, as in ``FollowGraph.padded``. The edge multiset is base +
+    sum_p sign_p delta_p (a removed edge must be in the base or an added list). Exact, since the
+    log-survival is additive over edges:
 
         S_j = sum_{layers p} sign_p sum_{i ->_p j} log1p(-q_i),   R = sum_j -expm1(S_j),
         dR/dq_i = 1 / (1 - q_i) sum_p sign_p sum_{j: i ->_p j} exp(S_j)
 
     (float rounding aside: an edge removed from the base adds and subtracts the same term). S is
-    assembled in node order: one gather of n from the base's slots, a scatter-add of each delta's
-    few slots. Leaves: the layers and the slot <-> node maps; static: n, signs.
+    assembled in node order: one gather of n from the base's slots plus a scatter-add per delta
+    list (O(delta edges); a few % of the graph between base rebuilds).
     """
 
     def __init__(self, base: FollowGraph, deltas=(), signs=(), n_real: int | None = None):
         deltas, signs = tuple(deltas), tuple(float(v) for v in signs)
         if len(deltas) != len(signs) or any(v not in (1.0, -1.0) for v in signs):
-            raise ValueError("GraphStack: one sign (+1 or -1) per delta layer")
-        for g in (base,) + deltas:
-            if not isinstance(g, FollowGraph) or g.layout != "bucketed" or g.n != base.n:
-                raise ValueError("GraphStack: layers must be bucketed FollowGraphs with the same n")
-            if getattr(g, "s_nodes", None) is None:
-                raise ValueError("GraphStack: layers must be freshly built (host slot maps)")
+            raise ValueError("GraphStack: one sign (+1 or -1) per delta list")
+        if not isinstance(base, FollowGraph) or base.layout != "bucketed" or getattr(base, "s_nodes", None) is None:
+            raise ValueError("GraphStack: the base must be a freshly built bucketed FollowGraph")
         n = base.n
+        edges = []
+        for src, dst in deltas:
+            src, dst = _as_index("src", src), _as_index("dst", dst)
+            _check_ids(src, dst, n + 1, "GraphStack")
+            edges.append((jnp.asarray(_i32(src)), jnp.asarray(_i32(dst))))
         slots = np.flatnonzero(base.s_nodes >= 0)
         s_pos = np.full(n, base.s_nodes.size, np.int64)  # no base in-edge: the zero after the slots
         s_pos[base.s_nodes[slots]] = slots
-
-        def snode(g):  # S slot -> node; unused slots -> the dummy entry n
-            return _i32(np.where(g.s_nodes >= 0, g.s_nodes, n))
-
+        snode = _i32(np.where(base.s_nodes >= 0, base.s_nodes, n))  # S slot -> node; unused -> dummy n
         n_real = base.n_real if n_real is None else jnp.asarray(int(n_real), jnp.int32)
-        leaves = (base, deltas, jnp.asarray(_i32(s_pos)), jnp.asarray(snode(base)),
-                  tuple(jnp.asarray(snode(g)) for g in deltas), n_real)
-        self._set(leaves, (n, signs))
+        num_edges = base.num_edges + sum(int(a.shape[0]) for a, _ in edges)
+        self._set((base, tuple(edges), jnp.asarray(_i32(s_pos)), jnp.asarray(snode), n_real), (n, signs, num_edges))
 
     def _set(self, leaves, aux):
-        self.base, self.deltas, self.s_pos, self.base_snode, self.delta_snode, self.n_real = leaves
-        self.n, self.signs = aux
+        self.base, self.deltas, self.s_pos, self.base_snode, self.n_real = leaves
+        self.n, self.signs, self.num_edges = aux
         self.layout = "stack"
-        self.num_edges = self.base.num_edges + sum(g.num_edges for g in self.deltas)
 
     def tree_flatten(self):
-        return ((self.base, self.deltas, self.s_pos, self.base_snode, self.delta_snode, self.n_real),
-                (self.n, self.signs))
+        return ((self.base, self.deltas, self.s_pos, self.base_snode, self.n_real),
+                (self.n, self.signs, self.num_edges))
 
     def __repr__(self) -> str:
-        return f"GraphStack(n={self.n}, base={self.base.num_edges}, deltas={[g.num_edges for g in self.deltas]})"
-
-
-def _layer_sum(g: FollowGraph, v: jax.Array, tabs, side: int) -> jax.Array:
-    return _bucket_sum(jnp.concatenate([v, jnp.zeros(1, v.dtype)]), tabs, g.capacities[side][1])
+        return f"GraphStack(n={self.n}, base={self.base.num_edges}, edges={self.num_edges})"
 
 
 def _stack_log_survival(st: GraphStack, q: jax.Array) -> jax.Array:
-    """S in node order, shape (n + 1,): the last entry is a dummy that stays 0."""
+    """S in node order, shape (n + 1,): the last entry is the dummy node's and stays 0."""
     lq = jnp.log1p(-q)
-    sb = _layer_sum(st.base, lq[st.base.perm], st.base.fwd, 0)
+    base = st.base
+    sb = _bucket_sum(jnp.concatenate([lq[base.perm], jnp.zeros(1, lq.dtype)]), base.fwd, base.capacities[0][1])
     s = jnp.concatenate([sb, jnp.zeros(2, sb.dtype)])[jnp.append(st.s_pos, sb.shape[0])]
-    for g, sign, snode in zip(st.deltas, st.signs, st.delta_snode):
-        s = s.at[snode].add(sign * _layer_sum(g, lq[g.perm], g.fwd, 0))
+    lq = jnp.concatenate([lq, jnp.zeros(1, lq.dtype)])
+    for (src, dst), sign in zip(st.deltas, st.signs):
+        s = s.at[dst].add(sign * lq[src])
     return s
 
 
 def _stack_out_sum(st: GraphStack, es: jax.Array) -> jax.Array:
     """G_i = sum_p sign_p sum_{j: i ->_p j} exp(S_j), node order; es: exp(S) in node order (n + 1,)."""
-    gb = _layer_sum(st.base, es[st.base_snode], st.base.bwd, 1)
-    out = jnp.concatenate([gb, jnp.zeros(1, es.dtype)])[st.base.pos]
-    for g, sign, snode in zip(st.deltas, st.signs, st.delta_snode):
-        out = out.at[g.perm].add(sign * _layer_sum(g, es[snode], g.bwd, 1))
-    return out
+    base = st.base
+    gb = _bucket_sum(jnp.concatenate([es[st.base_snode], jnp.zeros(1, es.dtype)]), base.bwd, base.capacities[1][1])
+    out = jnp.concatenate([gb, jnp.zeros(2, es.dtype)])[jnp.append(base.pos, gb.shape[0])]
+    for (src, dst), sign in zip(st.deltas, st.signs):
+        out = out.at[src].add(sign * es[dst])
+    return out[: st.n]
 
 
 _reach_stack = _reach_kernel(_stack_log_survival, _stack_out_sum)

@@ -7,8 +7,8 @@ adds log1p(0) = 0 to S_j and nothing to any phi. The edges out of the agents act
 at a fraction of its edges (30 % of the agents active -> about 30 % of the edges).
 
 The subgraph is held as an :class:`operators.graph.GraphStack`: a base layout (all present edges
-out of the covered agents when it was built) plus two small layouts, the edges added to it since
-(+1) and removed from it (-1). At each update, from the global edge set's change log and the
+out of the covered agents when it was built) plus two small edge lists, the edges added to it
+since (+1) and removed from it (-1). At each update, from the global edge set's change log and the
 topic's current active mask:
 
 - an edge op (add/remove) whose source is covered goes into the added / removed layer (an add and
@@ -19,8 +19,10 @@ topic's current active mask:
 
 The base is rebuilt (covered := active) only when the delta layers exceed ``rebuild_delta`` of the
 base's edges, the edges out of covered-but-inactive agents exceed ``rebuild_stale`` of them, the
-node capacity changed or the edge set was reloaded. Layers keep their table capacities across
-rebuilds (growing by doubling), so the compiled programs keep their shapes.
+node capacity changed or the edge set was reloaded. Every base is built with at least the table
+capacities of the bases built before it (``shared``, one per state: all topics' subgraphs and
+rebuilds), and the edge lists are padded to capacities that grow by doubling, so after the first
+builds one compiled program serves every topic and hop.
 """
 
 from __future__ import annotations
@@ -31,16 +33,18 @@ import numpy as np
 
 from operators.graph import FollowGraph, GraphStack, pow2_at_least
 
-__all__ = ["ActiveSubgraph", "MIN_EDGES"]
+__all__ = ["ActiveSubgraph", "MIN_EDGES", "DELTA_SHARE"]
 
 MIN_EDGES = 1024  # smallest edge capacity of a layer
+DELTA_SHARE = 32  # the delta lists start at a capacity of base edges / DELTA_SHARE (fewer recompiles)
 
 
-def _layer(keys: np.ndarray, n_rows: int, capacity: int, prev: FollowGraph | None) -> FollowGraph:
-    """A padded bucketed layout of edges ``keys`` (src << 32 | dst), at least ``prev``'s sizes."""
-    e_cap = pow2_at_least(max(keys.size, 1), prev.num_edges if prev is not None else MIN_EDGES)
-    return FollowGraph.padded(keys >> 32, keys & 0xFFFFFFFF, max(n_rows, 1), capacity, e_cap,
-                              capacities=prev.capacities if prev is not None else None)
+def _padded_edges(keys: np.ndarray, n: int, prev: int) -> tuple[np.ndarray, np.ndarray]:
+    """(src, dst) of ``keys`` padded with dummy edges n -> n to a capacity >= prev (doubling)."""
+    cap = pow2_at_least(max(keys.size, 1), max(prev, MIN_EDGES))
+    src, dst = np.full(cap, n, np.int64), np.full(cap, n, np.int64)
+    src[: keys.size], dst[: keys.size] = keys >> 32, keys & 0xFFFFFFFF
+    return src, dst
 
 
 class ActiveSubgraph:
@@ -50,8 +54,9 @@ class ActiveSubgraph:
     """
 
     def __init__(self, out_edges: Callable[[np.ndarray], np.ndarray], rebuild_delta: float = 0.25,
-                 rebuild_stale: float = 0.5):
+                 rebuild_stale: float = 0.5, shared: dict | None = None):
         self.out_edges = out_edges
+        self.shared = {} if shared is None else shared  # capacities shared by every base built
         self.rebuild_delta, self.rebuild_stale = rebuild_delta, rebuild_stale
         self.covered = np.zeros(0, bool)
         self.plus = self.minus = np.empty(0, np.int64)
@@ -59,7 +64,7 @@ class ActiveSubgraph:
         self.log_pos = 0        # absolute position in the owner's edge-change log
         self.epoch = None       # the owner's (edge-set epoch, node capacity) at the last base build
         self.builds = 0         # base builds so far (tests, benchmarks)
-        self._layers: list[FollowGraph | None] = [None, None, None]  # base, added, removed
+        self._base: FollowGraph | None = None
         self._stack: GraphStack | None = None
         self._n_rows = -1
         self._dirty = True
@@ -92,19 +97,23 @@ class ActiveSubgraph:
                 self._rebuild(active, n_rows, capacity, epoch)
         self.log_pos = log_end
         if self._dirty or self._stack is None or self._n_rows != n_rows:
-            base, plus, minus = self._layers
-            plus, minus = _layer(self.plus, n_rows, capacity, plus), _layer(self.minus, n_rows, capacity, minus)
-            self._layers = [base, plus, minus]
-            self._stack = GraphStack(base, (plus, minus), (1.0, -1.0), n_real=max(n_rows, 1))
+            prev = self.shared.get("delta_edges", self.base_edges // DELTA_SHARE)
+            plus, minus = (_padded_edges(k, capacity, prev) for k in (self.plus, self.minus))
+            self.shared["delta_edges"] = max(plus[0].size, minus[0].size)
+            self._stack = GraphStack(self._base, (plus, minus), (1.0, -1.0), n_real=max(n_rows, 1))
             self._dirty, self._n_rows = False, n_rows
         return self._stack
 
     def _rebuild(self, active: np.ndarray, n_rows: int, capacity: int, epoch) -> None:
         self.covered = active.copy()
         keys = self.out_edges(np.flatnonzero(active))
-        same = self.epoch is not None and self.epoch[1] == capacity
-        prev = self._layers if same else [None, None, None]
-        self._layers = [_layer(keys, n_rows, capacity, prev[0]), prev[1], prev[2]]
+        if self.shared.get("capacity") != capacity:
+            self.shared.clear()
+            self.shared["capacity"] = capacity
+        caps, e_cap = self.shared.get("caps"), self.shared.get("edges", MIN_EDGES)
+        self._base = FollowGraph.padded(keys >> 32, keys & 0xFFFFFFFF, max(n_rows, 1), capacity,
+                                        pow2_at_least(max(keys.size, 1), e_cap), capacities=caps)
+        self.shared["caps"], self.shared["edges"] = self._base.capacities, self._base.num_edges
         self.base_edges = int(keys.size)
         self.plus = self.minus = np.empty(0, np.int64)
         self.epoch, self.builds, self._dirty = (epoch, capacity), self.builds + 1, True

@@ -138,7 +138,7 @@ class IndicatorSpec:
     inputs: Callable
     make: Callable[[OperatorState], Callable]
     columns: str  # documentation: what x_in is
-    # ``panel(state, rows) -> F'``: an indicator equal to F whenever only ``rows`` differ from the
+    # ``panel(state, rows, cache slot) -> F'``: an indicator equal to F whenever only ``rows`` differ from the
     # zero baseline (the panel attribution), cheaper to evaluate; None: F itself
     panel: Callable[[OperatorState, np.ndarray], Callable] | None = None
     # the quadrature ladder, cheapest first: (rule, steps)
@@ -148,7 +148,7 @@ class IndicatorSpec:
 INDICATORS: dict[str, IndicatorSpec] = {
     "cascade_reach": IndicatorSpec("cascade_reach", _activity,
                                    lambda st: I.cascade_reach(st.graph(), p=0.05), "posts + reposts",
-                                   lambda st, rows: I.cascade_reach(st.panel_graph(rows), p=0.05),
+                                   lambda st, rows, slot="": I.cascade_reach(st.panel_graph(rows, slot), p=0.05),
                                    tuple(("gauss-kronrod-graded", k) for k in KRONROD_STEPS)),
     "polarization": IndicatorSpec("polarization", _posts_stance,
                                   lambda st: I.polarization(weight_col=0, stance_col=1),
@@ -304,7 +304,7 @@ class OperatorService:
         phi, followers = phi_full[:n], st.followers[:n]
         bands = B.band_shares(phi, followers)
         mass = B.band_mass(phi, followers)
-        panel = self._panel(spec, F, x, b, phi_full, active, compact, error)
+        panel = self._panel(spec, F, x, b, phi_full, active, compact, error, topic)
         top = [{"did": st.dids[r], "share": s, "followers": int(followers[r]), "phi": float(phi[r]),
                 "error": float(err_full[r])} for r, s in top_agents(phi)]
         return Attribution(
@@ -391,7 +391,7 @@ class OperatorService:
         return self._full(topic, spec, x, active, self.last_quadrature.get((topic, spec.name)))[3]
 
     def _panel(self, spec: IndicatorSpec, F, x, b, phi_full: np.ndarray, active=None, compact=None,
-               error=None) -> dict:
+               error=None, topic: str = "") -> dict:
         """Visibility-panel comparison (k, bands, tvd, spearman, rescale, rescale_residual,
         bands_spanned) and the same for the visibility sample (``sample``).
 
@@ -407,7 +407,7 @@ class OperatorService:
         sample, _ = B.visibility_sample(f_pad, SAMPLE_FACTOR * k, seed=0, eligible=np.arange(st.capacity) < n)
         out = {}
         for name, members in (("panel", B.panel_agents(f_pad, k)), ("sample", sample)):
-            phi_panel = self._members_phi(spec, F, x, b, members, active, compact, error)
+            phi_panel = self._members_phi(spec, F, x, b, members, active, compact, error, f"{topic}/{name}")
             pc = B.panel_comparison(F, x, f_pad, members=members, baseline=b, phi_full=phi_full,
                                     phi_panel=phi_panel)
             # band comparison over the real rows (padding is never a member and has phi = 0)
@@ -420,8 +420,9 @@ class OperatorService:
         return {**out["panel"], "sample": out["sample"]}
 
     def _members_phi(self, spec: IndicatorSpec, F, x, b, members: np.ndarray, active, compact,
-                     error) -> np.ndarray:
+                     error, slot: str = "") -> np.ndarray:
         """Per-agent attribution (C,) of F on ``members`` alone (the others at the baseline).
+        ``slot``: the panel-graph cache slot (``OperatorState.panel_graph``) of these members.
 
         With ``spec.panel`` (cascade_reach: the follow graph restricted to edges out of the members
         -- with ``active_only``, out of the active ones -- exactly the same attribution) F is
@@ -440,7 +441,7 @@ class OperatorService:
             return phi
         if spec.panel is not None:
             rows = members[np.asarray(active)[members]] if self.active_only else members
-            F = spec.panel(st, rows)
+            F = spec.panel(st, rows, slot if self.active_only else "")
         mask = jnp.asarray(in_set).reshape((-1,) + (1,) * (x.ndim - 1))
         return _per_agent(attribute(F, jnp.where(mask, x, b), b, steps=steps, rule=rule).phi)
 

@@ -236,12 +236,13 @@ class OperatorState:
         self._graph_dirty = True
         self._edges_version = 0                     # bumped whenever the edge set changes
         self._present: tuple[int, np.ndarray] | None = None  # (version, sorted present keys)
-        self._panel_graph: tuple[tuple, FollowGraph] | None = None
+        self._panel_graphs: dict[str, tuple[tuple, FollowGraph]] = {}  # cache slot -> (key, graph)
         self._subgraphs: dict[str, ActiveSubgraph] = {}  # topic -> active subgraph (cascade reach)
         self._log_keys: list[int] = []              # edge changes since the oldest subgraph update
         self._log_add: list[bool] = []
         self._log_start = 0                         # absolute log position of _log_keys[0]
         self._edges_epoch = 0                       # bumped by a bulk load: subgraphs rebuild
+        self._subgraph_shapes: dict = {}            # table capacities shared by every topic's subgraph
         self.window_end: int | None = None          # latest window_end seen in features
         self.changed_topics: set[str] = set()       # topics whose features changed since take_changed()
 
@@ -441,16 +442,20 @@ class OperatorState:
             self._graph_dirty = False
         return self._graph
 
-    def panel_graph(self, rows) -> FollowGraph:
+    def panel_graph(self, rows, slot: str = "") -> FollowGraph:
         """The follow graph restricted to edges out of ``rows`` (a panel), padded like :meth:`graph`.
 
         For cascade reach with every agent outside ``rows`` at q = 0 (the panel attribution, zero
         baseline) this gives exactly the full graph's R and attribution: an edge i -> j with
-        q_i = 0 adds log1p(0) = 0 to S_j. Cached per (rows, edge set, capacity).
+        q_i = 0 adds log1p(0) = 0 to S_j. Cached per (rows, edge set, capacity) in cache ``slot``
+        (one per topic when the rows differ by topic), rebuilt at least at the slot's previous
+        table sizes, so each slot's compiled program keeps its shapes.
         """
         rows = np.unique(np.asarray(rows, np.int64))
         key = (self._edges_version, self.capacity, rows.tobytes())
-        cached = self._panel_graph
+        cached = self._panel_graphs.get(slot)
+        if cached is not None and cached[1].n != self.capacity:
+            cached = None
         if cached is not None and cached[0] == key:
             return cached[1]
         sub = self._edges.out_edges(rows)
@@ -458,7 +463,7 @@ class OperatorState:
         e_cap = _pow2_at_least(sub.size, prev.num_edges if prev is not None else MIN_CAPACITY)
         g = FollowGraph.padded(sub >> 32, sub & 0xFFFFFFFF, max(self.n_rows, 1), self.capacity, e_cap,
                                capacities=prev.capacities if prev is not None else None)
-        self._panel_graph = (key, g)
+        self._panel_graphs[slot] = (key, g)
         return g
 
     def active_graph(self, topic: str, active) -> GraphStack:
@@ -470,7 +475,7 @@ class OperatorState:
         """
         sg = self._subgraphs.get(topic)
         if sg is None:
-            sg = self._subgraphs[topic] = ActiveSubgraph(self._edges.out_edges)
+            sg = self._subgraphs[topic] = ActiveSubgraph(self._edges.out_edges, shared=self._subgraph_shapes)
             sg.log_pos = self._log_start + len(self._log_keys)
         a, b = sg.log_pos - self._log_start, len(self._log_keys)
         keys = np.fromiter(self._log_keys[a:b], np.int64, b - a)

@@ -39,7 +39,8 @@ def test_graph_stack_equals_a_fresh_build_of_the_net_edge_set(rng):
     keys = (src.astype(np.int64) << 32) | dst
     removed, added = keys[:400], keys[2000:]  # base holds keys[:2000]; 400 of them removed later
     layer = lambda k: FollowGraph.padded(k >> 32, k & 0xFFFFFFFF, n, cap, 4096)
-    st = GraphStack(layer(keys[:2000]), (layer(added), layer(removed)), (1.0, -1.0))
+    pad = lambda k: (np.append(k >> 32, [cap] * 7), np.append(k & 0xFFFFFFFF, [cap] * 7))  # dummy edges
+    st = GraphStack(layer(keys[:2000]), (pad(added), pad(removed)), (1.0, -1.0))
     net = keys[400:]
     full = layer(net)
     q = np.zeros(cap, np.float32)
@@ -49,7 +50,7 @@ def test_graph_stack_equals_a_fresh_build_of_the_net_edge_set(rng):
     assert float(v1) == pytest.approx(float(v0), rel=1e-5)
     _close(g1, g0)
     with pytest.raises(ValueError, match="one sign"):
-        GraphStack(layer(net), (layer(added),), (2.0,))
+        GraphStack(layer(net), (pad(added),), (2.0,))
 
 
 def _topic_features(rng, n, cap, active):
