@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# What one lease of a GPU machine runs (the device tool; ~15 device-minutes): the operator
-# benchmark on the accelerator, a per-pass probe of the cascade kernel at 1.67M agents, then the
-# pure operator tests on the GPU. Results under $OUT (default ./device-out): operator_gpu.md (the
-# Markdown section), probe.txt, pytest_gpu.txt. Uses the machine's python3 (JAX with CUDA); the
-# operator code needs only jax, numpy and scipy.
+# What one lease of a GPU machine runs (the device tool): ONE run of at most ~8 minutes.
+# First the density hop (1.67M agents / 100M edges, 5 topics x {cascade_reach, polarization}, the
+# reference and the active-subgraph operator in one process: benchmarks/density.py) -> density_gpu.md,
+# then a per-pass probe of the cascade kernel at 1.67M agents, then the pure operator tests on the GPU.
+# MODE=all also runs the whole operator benchmark (longer: give it its own lease).
+# Results under $OUT (default ./device-out): density_gpu.md (+ .log), probe.txt, pytest_gpu.txt,
+# operator_gpu.md (MODE=all). Uses the machine's python3 (JAX with CUDA); the operator code needs
+# only jax, numpy and scipy (+ pydantic for the service's record types).
 set -u
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
@@ -12,14 +15,23 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export CHORUS_BENCH_COMMAND="bash benchmarks/device_check.sh"
 nvidia-smi -L 2>&1 | tee "$OUT/device.txt"
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/device.txt"
+# the density hop runs the operator service (stream.config / metrics / schemas): say if they are missing
+$PY -c "import pydantic, pydantic_settings, prometheus_client, scipy; print('service deps ok')" 2>&1 | tail -1 | tee -a "$OUT/device.txt"
 
 start=$SECONDS
-timeout "${BENCH_TIMEOUT:-330}" $PY -m benchmarks.operator_bench --sizes "${SIZES:-10000,100000,1670000}" \
-    >"$OUT/operator_gpu.md" 2>"$OUT/operator_gpu.log"
-echo "operator bench: rc=$? in $((SECONDS - start)) s"
+timeout "${DENSITY_TIMEOUT:-300}" $PY -m benchmarks.operator_bench --density \
+    >"$OUT/density_gpu.md" 2>"$OUT/density_gpu.log"
+echo "density hop: rc=$? in $((SECONDS - start)) s"
+
+if [ "${MODE:-density}" = all ]; then
+    start=$SECONDS
+    timeout "${BENCH_TIMEOUT:-330}" $PY -m benchmarks.operator_bench --sizes "${SIZES:-10000,100000,1670000}" \
+        >"$OUT/operator_gpu.md" 2>"$OUT/operator_gpu.log"
+    echo "operator bench: rc=$? in $((SECONDS - start)) s"
+fi
 
 start=$SECONDS
-timeout "${PROBE_TIMEOUT:-90}" $PY - "${PROBE_N:-1670000}" >"$OUT/probe.txt" 2>&1 <<'PYEOF'
+timeout "${PROBE_TIMEOUT:-60}" $PY - "${PROBE_N:-1670000}" >"$OUT/probe.txt" 2>&1 <<'PYEOF'
 """Per-pass cost of cascade_reach (live layout): F alone, F and its gradient, and attribute at
 steps 16 with 1..16 nodes per pass; median of 5 warm calls."""
 import statistics, sys, time
@@ -52,10 +64,11 @@ PYEOF
 echo "probe: rc=$? in $((SECONDS - start)) s"
 
 start=$SECONDS
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TEST_TIMEOUT:-100}" $PY -m pytest -q -p no:cacheprovider \
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TEST_TIMEOUT:-90}" $PY -m pytest -q -p no:cacheprovider \
     --confcutdir=tests/operators tests/operators/test_graph.py tests/operators/test_attribution.py \
-    -k "closed_forms or padding or heavy_tailed or completeness or node_batch or null or linearity" \
+    tests/operators/test_subgraph.py \
+    -k "closed_forms or padding or heavy_tailed or completeness or node_batch or null or linearity or stack or active" \
     >"$OUT/pytest_gpu.txt" 2>&1
 echo "pytest (GPU): rc=$? in $((SECONDS - start)) s"
 
-tail -n 45 "$OUT/operator_gpu.md"; tail -n 3 "$OUT/operator_gpu.log"; cat "$OUT/probe.txt"; tail -n 5 "$OUT/pytest_gpu.txt"
+tail -n 40 "$OUT/density_gpu.md"; tail -n 5 "$OUT/density_gpu.log"; [ -f "$OUT/operator_gpu.md" ] && tail -n 45 "$OUT/operator_gpu.md"; cat "$OUT/probe.txt"; tail -n 5 "$OUT/pytest_gpu.txt"
