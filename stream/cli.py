@@ -21,8 +21,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 
 # Options shared by `chorus operator` and `chorus analyze` (the same operator settings).
 INDICATOR_OPTION = typer.Option(None, help="Indicator (repeatable; default cascade_reach and polarization).")
-STEPS_OPTION = typer.Option(65, min=1, help="Most quadrature nodes per attribution: the operator picks the cheapest Gauss-Kronrod rule (3..65 nodes) whose per-agent error estimate meets the attribution_error tolerance.")
-PANEL_K_OPTION = typer.Option(100, min=1, help="Visibility panel size (accounts with most followers).")
+# Their defaults are the settings' (stream.config.Settings: flag, then CHORUS_*, then the default).
+STEPS_OPTION = typer.Option(None, min=1, help="Most quadrature nodes per attribution: the operator picks the "
+                            "cheapest Gauss-Kronrod rule (3..65 nodes) whose per-agent error estimate meets the "
+                            "attribution_error tolerance (default: CHORUS_STEPS, else 65).")
+PANEL_K_OPTION = typer.Option(None, min=1, help="Visibility panel size, the accounts with most followers "
+                              "(default: CHORUS_PANEL_K, else 100).")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -141,8 +145,8 @@ def operator(
     kafka: Optional[str] = typer.Option(None, help="kafka://host:port"),
     indicator: Optional[list[str]] = INDICATOR_OPTION,
     alerts_file: Optional[Path] = typer.Option(None, help="Alert rules YAML (default: packaged rules)."),
-    steps: int = STEPS_OPTION,
-    panel_k: int = PANEL_K_OPTION,
+    steps: Optional[int] = STEPS_OPTION,
+    panel_k: Optional[int] = PANEL_K_OPTION,
     profile: Optional[str] = typer.Option(None, help="default (60 s hop) or demo (10 s hop)."),
     metrics_port: Optional[int] = typer.Option(None, help="Metrics port (default 9464)."),
 ) -> None:
@@ -153,12 +157,12 @@ def operator(
     from stream.metrics import serve
 
     s = settings(kafka=kafka, indicators=indicator or None, alerts_file=alerts_file, profile=profile,
-                 metrics_port=metrics_port)
+                 metrics_port=metrics_port, steps=steps, panel_k=panel_k)
     if not s.kafka:
         fail("the operator needs Kafka: pass --kafka kafka://host:port or set CHORUS_KAFKA")
     setup_logging()
     try:
-        svc = OperatorService(s, steps=steps, panel_k=panel_k)
+        svc = OperatorService(s)
     except (ConfigError, AlertConfigError, ValueError) as exc:
         fail(str(exc).splitlines()[0])
     try:
@@ -324,8 +328,8 @@ def analyze(
     hop: Optional[int] = typer.Option(None, help="Hop length, seconds (overrides the profile)."),
     indicator: Optional[list[str]] = INDICATOR_OPTION,
     topics_file: Optional[Path] = typer.Option(None, help="Topic lexicon JSON (default: the shipped one)."),
-    steps: int = STEPS_OPTION,
-    panel_k: int = PANEL_K_OPTION,
+    steps: Optional[int] = STEPS_OPTION,
+    panel_k: Optional[int] = PANEL_K_OPTION,
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Offline attribution over a recording, a Jetstream dump or the synthetic population."""
@@ -335,7 +339,8 @@ def analyze(
 
     if (input is None) == (synthetic is None):
         fail("give an input file or --synthetic N (one of them)")
-    s = settings(profile=profile, window_s=window, hop_s=hop, indicators=indicator or None, topics_file=topics_file)
+    s = settings(profile=profile, window_s=window, hop_s=hop, indicators=indicator or None, topics_file=topics_file,
+                 steps=steps, panel_k=panel_k)
     try:
         Lexicon.load(s.topics_file)
         for path in (out, agents):
@@ -347,12 +352,12 @@ def analyze(
     except (OSError, ValueError) as exc:
         fail(f"cannot open input: {exc}")
     try:
-        res = az.analyze(source, s, steps=steps, panel_k=panel_k, agents=agents is not None,
+        res = az.analyze(source, s, agents=agents is not None,
                          progress=not no_progress)
     except ValueError as exc:  # e.g. an unknown indicator
         fail(str(exc).splitlines()[0])
-    meta = {"source": source.name, "window_s": s.window_s, "hop_s": s.hop_s, "steps": steps,
-            "panel_k": panel_k, "indicators": s.indicators, "events": res.events, "hops": res.hops}
+    meta = {"source": source.name, "window_s": s.window_s, "hop_s": s.hop_s, "steps": s.steps,
+            "panel_k": s.panel_k, "indicators": s.indicators, "events": res.events, "hops": res.hops}
     try:
         n = az.write_snapshots(out, res.snapshots, meta)
         if agents is not None:

@@ -70,6 +70,24 @@ class Settings(BaseSettings):
     topics_file: Path | None = None
     alerts_file: Path | None = None
     indicators: list[str] = ["cascade_reach", "polarization"]
+    # --- the operator (operators.service; `chorus operator`, `chorus analyze`, `chorus run`) ---
+    steps: int = Field(
+        default=65, ge=1,
+        description="Most quadrature nodes per attribution: the operator picks the cheapest Gauss-Kronrod "
+        "rule (3..65 nodes) whose per-agent error estimate meets the attribution_error tolerance; with "
+        "quadrature_rule set, that rule's node count.",
+    )
+    quadrature_rule: str | None = Field(
+        default=None,
+        description="A fixed quadrature rule (operators.quadrature, e.g. gauss-legendre) with `steps` "
+        "nodes instead of the per-hop Gauss-Kronrod ladder (unset: the ladder).",
+    )
+    panel_k: int = Field(default=100, ge=1, description="Visibility panel size: the accounts with most followers.")
+    cascade_p: float = Field(
+        default=0.05, gt=0, lt=1,
+        description="cascade_reach's p: an agent with activity x reaches each follower with probability "
+        "p (1 - exp(-x)).",
+    )
     uvloop: bool = Field(
         default=True,
         description="Run `chorus ingest` and `chorus worker` on uvloop where it is installed "
@@ -83,6 +101,17 @@ class Settings(BaseSettings):
             return None
         if v is not None:
             bootstrap_servers(v)  # raises ConfigError on a malformed URL
+        return v
+
+    @field_validator("quadrature_rule")
+    @classmethod
+    def _check_rule(cls, v: str | None) -> str | None:
+        if v is None or v.strip() == "":
+            return None
+        from operators.quadrature import RULES
+
+        if v not in RULES:
+            raise ValueError(f"unknown quadrature rule {v!r}; known: {', '.join(RULES)}")
         return v
 
     @model_validator(mode="after")

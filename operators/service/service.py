@@ -84,14 +84,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stream import metrics as M
+from stream import metrics
 from stream.config import Settings, bootstrap_servers
 from stream.guard import RecordGuard, reason_of
 from stream.schemas import (TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_FEATURES, TOPIC_GRAPH, Attribution,
                             Features, GraphEdge)
 
-from operators import bands as B
-from operators import indicators as I
+from operators import indicators
+from operators.bands import (band_distribution, band_mass, band_shares, band_tvd, panel_agents,
+                              panel_comparison, visibility_sample)
 from operators.service.alert_sink import AlertPublisher, load_rules
 from operators.service.alerts import AlertEngine
 from operators.attribution import NonFiniteError, attribute
@@ -132,30 +133,33 @@ def _engagement(x):
 @dataclass(frozen=True)
 class IndicatorSpec:
     """How the service feeds one indicator: ``inputs(x4) -> (x_in, active)`` on device, and
-    ``make(state) -> F`` (the indicator over x_in)."""
+    ``make(state, settings) -> F`` (the indicator over x_in; ``settings``: its parameters, e.g.
+    ``Settings.cascade_p``)."""
 
     name: str
     inputs: Callable
-    make: Callable[[OperatorState], Callable]
+    make: Callable[[OperatorState, Settings], Callable]
     columns: str  # documentation: what x_in is
-    # ``panel(state, rows, cache slot) -> F'``: an indicator equal to F whenever only ``rows`` differ from the
-    # zero baseline (the panel attribution), cheaper to evaluate; None: F itself
-    panel: Callable[[OperatorState, np.ndarray], Callable] | None = None
+    # ``panel(state, rows, settings, cache slot) -> F'``: an indicator equal to F whenever only ``rows``
+    # differ from the zero baseline (the panel attribution), cheaper to evaluate; None: F itself
+    panel: Callable[[OperatorState, np.ndarray, Settings, str], Callable] | None = None
     # the quadrature ladder, cheapest first: (rule, steps)
     ladder: tuple[tuple[str, int], ...] = tuple(("gauss-kronrod", k) for k in KRONROD_STEPS)
 
 
 INDICATORS: dict[str, IndicatorSpec] = {
     "cascade_reach": IndicatorSpec("cascade_reach", _activity,
-                                   lambda st: I.cascade_reach(st.graph(), p=0.05), "posts + reposts",
-                                   lambda st, rows, slot="": I.cascade_reach(st.panel_graph(rows, slot), p=0.05),
+                                   lambda st, s: indicators.cascade_reach(st.graph(), p=s.cascade_p),
+                                   "posts + reposts",
+                                   lambda st, rows, s, slot="": indicators.cascade_reach(st.panel_graph(rows, slot),
+                                                                                         p=s.cascade_p),
                                    tuple(("gauss-kronrod-graded", k) for k in KRONROD_STEPS)),
     "polarization": IndicatorSpec("polarization", _posts_stance,
-                                  lambda st: I.polarization(weight_col=0, stance_col=1),
+                                  lambda st, s: indicators.polarization(weight_col=0, stance_col=1),
                                   "weight = posts, stance = stance_sum"),
-    "volume": IndicatorSpec("volume", _posts, lambda st: I.volume(), "posts"),
-    "concentration": IndicatorSpec("concentration", _engagement, lambda st: I.concentration(column=0),
-                                   "engagement"),
+    "volume": IndicatorSpec("volume", _posts, lambda st, s: indicators.volume(), "posts"),
+    "concentration": IndicatorSpec("concentration", _engagement,
+                                   lambda st, s: indicators.concentration(column=0), "engagement"),
 }
 
 
@@ -175,9 +179,11 @@ class OperatorService:
     """``await OperatorService(settings).run()`` until ``await stop()``; or call
     :meth:`apply_features` / :meth:`apply_edge` / :meth:`recompute` directly (no Kafka).
 
-    ``rule``: None (default) picks each indicator's Gauss-Kronrod rung per hop (module docstring,
-    "Quadrature"; ``steps`` caps the nodes, ``tolerance`` overrides the attribution_error
-    alert's); a rule name (operators.quadrature) uses it with ``steps`` nodes. ``active_only`` (default): per topic,
+    ``steps``, ``panel_k``, ``rule``: the settings' (``Settings.steps``, ``panel_k``,
+    ``quadrature_rule``) unless given here. ``rule`` None picks each indicator's Gauss-Kronrod
+    rung per hop (module docstring, "Quadrature"; ``steps`` caps the nodes, ``tolerance``
+    overrides the attribution_error alert's); a rule name (operators.quadrature) uses it with
+    ``steps`` nodes. ``active_only`` (default): per topic,
     cascade_reach runs on the follow graph restricted to edges out of the topic's active agents
     (kept incrementally, ``OperatorState.active_graph``; its panel on the active panel members'
     edges) and the graph-free indicators on the active rows only -- the same phi, R(x), R(b) as
@@ -185,7 +191,7 @@ class OperatorService:
     operators.subgraph). False: every indicator on the full graph and all rows (the reference).
     """
 
-    def __init__(self, settings: Settings | None = None, *, steps: int = 65, panel_k: int = 100,
+    def __init__(self, settings: Settings | None = None, *, steps: int | None = None, panel_k: int | None = None,
                  state: OperatorState | None = None, engine: AlertEngine | None = None,
                  rule: str | None = None, active_only: bool = True, tolerance: float | None = None):
         self.settings = settings or Settings()
@@ -193,7 +199,11 @@ class OperatorService:
         if unknown:
             raise ValueError(f"unknown indicator(s) {', '.join(unknown)}; known: {', '.join(INDICATORS)}")
         self.specs = [INDICATORS[n] for n in self.settings.indicators]
-        self.steps, self.panel_k, self.rule, self.active_only = steps, panel_k, rule, active_only
+        s = self.settings
+        self.steps = s.steps if steps is None else steps
+        self.panel_k = s.panel_k if panel_k is None else panel_k
+        self.rule = s.quadrature_rule if rule is None else rule
+        self.active_only = active_only
         self.state = state or OperatorState()
         self.engine = engine or AlertEngine(load_rules(self.settings.alerts_file))
         # per-agent error target, relative to max |phi|: the attribution_error alert's tolerance
@@ -272,7 +282,7 @@ class OperatorService:
                 except Exception as exc:  # noqa: BLE001 - skip this result, keep serving the others
                     self._skip(topic, spec.name, end, exc)
                     continue
-                M.RECOMPUTE_SECONDS.labels(topic=topic, indicator=spec.name).observe(time.perf_counter() - t0)
+                metrics.RECOMPUTE_SECONDS.labels(topic=topic, indicator=spec.name).observe(time.perf_counter() - t0)
                 self._export(snap)
                 snaps.append(snap)
         return snaps
@@ -283,8 +293,8 @@ class OperatorService:
         reason = ("non_finite" if isinstance(exc, (NonFinite, NonFiniteError)) or reason_of(exc) == "non_finite"
                   else "error")
         log.error("skipping %s/%s at %s (%s): %s", topic, indicator, end, reason, str(exc).splitlines()[0])
-        M.ATTRIBUTION_SKIPPED.labels(topic=topic, indicator=indicator, reason=reason).inc()
-        M.ATTRIBUTION_HEALTHY.labels(topic=topic, indicator=indicator).set(0)
+        metrics.ATTRIBUTION_SKIPPED.labels(topic=topic, indicator=indicator, reason=reason).inc()
+        metrics.ATTRIBUTION_HEALTHY.labels(topic=topic, indicator=indicator).set(0)
         self._retire((topic, indicator), set())
 
     def _expire_stale(self, end: int) -> None:
@@ -302,8 +312,8 @@ class OperatorService:
             raise NonFinite(f"non-finite {spec.columns} in the state")
         F, b, res, phi_full, compact, err_full, error = self._full(topic, spec, x, active)
         phi, followers = phi_full[:n], st.followers[:n]
-        bands = B.band_shares(phi, followers)
-        mass = B.band_mass(phi, followers)
+        bands = band_shares(phi, followers)
+        mass = band_mass(phi, followers)
         panel = self._panel(spec, F, x, b, phi_full, active, compact, error, topic)
         top = [{"did": st.dids[r], "share": s, "followers": int(followers[r]), "phi": float(phi[r]),
                 "error": float(err_full[r])} for r, s in top_agents(phi)]
@@ -362,24 +372,24 @@ class OperatorService:
         st = self.state
         compact = None
         if self.active_only and spec.panel is not None:  # graph indicator: the active subgraph
-            F = I.cascade_reach(st.active_graph(topic, np.asarray(active)), p=0.05)
+            F = indicators.cascade_reach(st.active_graph(topic, np.asarray(active)), p=self.settings.cascade_p)
         else:
-            F = spec.make(st)
+            F = spec.make(st, self.settings)
         if self.active_only and spec.panel is None:
             rows = np.flatnonzero(np.asarray(active)[: st.n_rows])
             idx = np.full(pow2_at_least(rows.size + 1, 1024), st.capacity - 1, np.int64)  # last row: zeros
             idx[: rows.size] = rows
             idx = jnp.asarray(idx)
             x_c, a_c = x[idx], active[idx]
-            b_c = I.default_baseline(F, x_c, a_c)
+            b_c = indicators.default_baseline(F, x_c, a_c)
             res, err_c, error = self._converged(topic, spec, F, x_c, b_c, rows.size, quadrature)
             phi_full, err_full = np.zeros(st.capacity), np.zeros(st.capacity)
             phi_full[rows] = _per_agent(res.phi)[: rows.size]
             err_full[rows] = err_c[: rows.size]
-            b = I.default_baseline(F, x, active)
+            b = indicators.default_baseline(F, x, active)
             compact = (rows, idx, F, x_c, b_c)
         else:
-            b = I.default_baseline(F, x, active)
+            b = indicators.default_baseline(F, x, active)
             res, err_full, error = self._converged(topic, spec, F, x, b, st.n_rows, quadrature)
             phi_full = _per_agent(res.phi)
         return F, b, res, phi_full, compact, err_full, error
@@ -404,16 +414,16 @@ class OperatorService:
         k = max(1, min(self.panel_k, n))
         f_pad = np.full(st.capacity, -1, np.int64)
         f_pad[:n] = st.followers[:n]
-        sample, _ = B.visibility_sample(f_pad, SAMPLE_FACTOR * k, seed=0, eligible=np.arange(st.capacity) < n)
+        sample, _ = visibility_sample(f_pad, SAMPLE_FACTOR * k, seed=0, eligible=np.arange(st.capacity) < n)
         out = {}
-        for name, members in (("panel", B.panel_agents(f_pad, k)), ("sample", sample)):
+        for name, members in (("panel", panel_agents(f_pad, k)), ("sample", sample)):
             phi_panel = self._members_phi(spec, F, x, b, members, active, compact, error, f"{topic}/{name}")
-            pc = B.panel_comparison(F, x, f_pad, members=members, baseline=b, phi_full=phi_full,
+            pc = panel_comparison(F, x, f_pad, members=members, baseline=b, phi_full=phi_full,
                                     phi_panel=phi_panel)
             # band comparison over the real rows (padding is never a member and has phi = 0)
-            tvd = (B.band_tvd(B.band_distribution(phi_full[:n], f_pad[:n]),
-                              B.band_distribution(pc.phi_panel[:n], f_pad[:n])) if pc.informative else None)
-            out[name] = {"k": int(members.size), "bands": B.band_shares(pc.phi_panel[:n], f_pad[:n]),
+            tvd = (band_tvd(band_distribution(phi_full[:n], f_pad[:n]),
+                              band_distribution(pc.phi_panel[:n], f_pad[:n])) if pc.informative else None)
+            out[name] = {"k": int(members.size), "bands": band_shares(pc.phi_panel[:n], f_pad[:n]),
                          "tvd": None if tvd is None else _finite(tvd), "spearman": _finite(pc.spearman),
                          "rescale": _finite(pc.rescale), "rescale_residual": _finite(pc.rescale_residual),
                          "bands_spanned": pc.bands_spanned}
@@ -441,7 +451,7 @@ class OperatorService:
             return phi
         if spec.panel is not None:
             rows = members[np.asarray(active)[members]] if self.active_only else members
-            F = spec.panel(st, rows, slot if self.active_only else "")
+            F = spec.panel(st, rows, self.settings, slot if self.active_only else "")
         mask = jnp.asarray(in_set).reshape((-1,) + (1,) * (x.ndim - 1))
         return _per_agent(attribute(F, jnp.where(mask, x, b), b, steps=steps, rule=rule).phi)
 
@@ -450,25 +460,25 @@ class OperatorService:
         """Set the pair's series; series of the previous export not set now (a rank no longer
         filled, a DID that left the top 10, an undefined Spearman) are removed, never left frozen."""
         key = (s.topic, s.indicator)
-        values: list[tuple[tuple, float]] = [((M.MACRO_VALUE, key), s.value),
-                                             ((M.COMPLETENESS_RESIDUAL, key), s.completeness_residual)]
-        values += [((M.BAND_SHARE, key + (band,)), share) for band, share in s.bands.items()]
-        values += [((M.PANEL_BAND_SHARE, key + (band,)), share) for band, share in s.panel.get("bands", {}).items()]
-        for gauge, name in ((M.PANEL_TVD, "tvd"), (M.PANEL_SPEARMAN, "spearman"),
-                            (M.PANEL_RESCALE_RESIDUAL, "rescale_residual")):
+        values: list[tuple[tuple, float]] = [((metrics.MACRO_VALUE, key), s.value),
+                                             ((metrics.COMPLETENESS_RESIDUAL, key), s.completeness_residual)]
+        values += [((metrics.BAND_SHARE, key + (band,)), share) for band, share in s.bands.items()]
+        values += [((metrics.PANEL_BAND_SHARE, key + (band,)), share) for band, share in s.panel.get("bands", {}).items()]
+        for gauge, name in ((metrics.PANEL_TVD, "tvd"), (metrics.PANEL_SPEARMAN, "spearman"),
+                            (metrics.PANEL_RESCALE_RESIDUAL, "rescale_residual")):
             if s.panel.get(name) is not None:  # None: undefined (e.g. too few panel agents)
                 values.append(((gauge, key), s.panel[name]))
         if (s.panel.get("sample") or {}).get("tvd") is not None:
-            values.append(((M.SAMPLE_TVD, key), s.panel["sample"]["tvd"]))
+            values.append(((metrics.SAMPLE_TVD, key), s.panel["sample"]["tvd"]))
         if s.error:
-            values += [((M.ERROR_ESTIMATE, key), s.error["relative"]), ((M.QUADRATURE_NODES, key), s.error["steps"])]
+            values += [((metrics.ERROR_ESTIMATE, key), s.error["relative"]), ((metrics.QUADRATURE_NODES, key), s.error["steps"])]
         for rank, e in enumerate(s.top, 1):
-            values.append(((M.TOP_SHARE, key + (str(rank),)), e["share"]))
-            values.append(((M.TOP_AGENT, key + (str(rank), e["did"])), 1.0))
+            values.append(((metrics.TOP_SHARE, key + (str(rank),)), e["share"]))
+            values.append(((metrics.TOP_AGENT, key + (str(rank), e["did"])), 1.0))
         for (gauge, labels), v in values:
             gauge.labels(*labels).set(v)
         self._retire(key, {series for series, _ in values})
-        M.ATTRIBUTION_HEALTHY.labels(*key).set(1)
+        metrics.ATTRIBUTION_HEALTHY.labels(*key).set(1)
 
     def _retire(self, key: tuple[str, str], keep: set[tuple]) -> None:
         """Remove the pair's exported series that are not in ``keep``; ``keep`` becomes the set."""

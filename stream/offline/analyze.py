@@ -141,9 +141,10 @@ class Analyzer:
     """WindowStore + OperatorService in one process (see the module docstring).
 
     ``feed(event)`` returns the snapshots of a hop the event closed; ``finish()`` those of the last.
+    ``steps``/``panel_k``: the settings' (``Settings.steps``, ``Settings.panel_k``) unless given.
     """
 
-    def __init__(self, settings: Settings, *, steps: int = 65, panel_k: int = 100,
+    def __init__(self, settings: Settings, *, steps: int | None = None, panel_k: int | None = None,
                  classifier: Callable | None = None):
         from operators.service.service import OperatorService
 
@@ -221,9 +222,10 @@ class AnalyzeResult:
     invalid: dict[str, int]
 
 
-def analyze(source: Source, settings: Settings, *, steps: int = 65, panel_k: int = 100,
+def analyze(source: Source, settings: Settings, *, steps: int | None = None, panel_k: int | None = None,
             agents: bool = False, progress: bool = True) -> AnalyzeResult:
-    """Run the pipeline over ``source`` as fast as it goes (a rich progress bar when ``progress``)."""
+    """Run the pipeline over ``source`` as fast as it goes (a rich progress bar when ``progress``);
+    ``steps``/``panel_k``: the settings' unless given."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 

@@ -41,3 +41,16 @@ def test_event_loop_setting(monkeypatch):
     monkeypatch.setenv("CHORUS_UVLOOP", "0")
     assert Settings().uvloop is False
     assert process.install(Settings().uvloop) == "asyncio"
+
+
+def test_operator_settings_have_one_default_and_are_checked(monkeypatch):
+    s = Settings()
+    assert (s.steps, s.panel_k, s.cascade_p, s.quadrature_rule) == (65, 100, 0.05, None)
+    monkeypatch.setenv("CHORUS_STEPS", "17")
+    monkeypatch.setenv("CHORUS_QUADRATURE_RULE", "gauss-kronrod")
+    assert (Settings().steps, Settings().quadrature_rule) == (17, "gauss-kronrod")
+    for bad in ({"cascade_p": 1.0}, {"cascade_p": 0}, {"steps": 0}, {"panel_k": 0}, {"quadrature_rule": "simpson"}):
+        with pytest.raises(ValidationError):
+            Settings(**bad)
+    r = CliRunner().invoke(app, ["analyze", "--synthetic", "100", "--steps", "0", "-o", "x.jsonl"])
+    assert r.exit_code == 2

@@ -166,10 +166,11 @@ def test_non_finite_snapshot_is_skipped_and_counted(monkeypatch):
     reason counted, the other indicators still published."""
     import jax.numpy as jnp
 
-    from operators.service import service as S
+    from operators.service import service as service_module
 
-    log_volume = S.IndicatorSpec("log_volume", S._posts, lambda st: (lambda z: jnp.sum(jnp.log(z))), "posts")
-    monkeypatch.setitem(S.INDICATORS, "log_volume", log_volume)
+    log_volume = service_module.IndicatorSpec("log_volume", service_module._posts,
+                                              lambda st, settings: (lambda z: jnp.sum(jnp.log(z))), "posts")
+    monkeypatch.setitem(service_module.INDICATORS, "log_volume", log_volume)
     svc = OperatorService(Settings(indicators=["log_volume", "volume"]))
     lab = dict(topic="t", indicator="log_volume", reason="non_finite")
     before = sample("chorus_attribution_skipped_total", **lab) or 0.0
@@ -414,3 +415,21 @@ def test_quadrature_ladder_meets_the_tolerance_at_least_cost_and_alerts_when_cap
     assert snap.error["steps"] == 5 and snap.error["relative"] > 1e-9 and snap.error["agents_over"] > 0
     alerts = [a for a in svc.engine.evaluate(snap) if a.rule == "attribution_error"]
     assert alerts and alerts[0].evidence["steps"] == 5
+
+
+def test_operator_settings_steps_panel_and_cascade_p():
+    """The operator's parameters are settings (CHORUS_STEPS, CHORUS_PANEL_K, CHORUS_CASCADE_P,
+    CHORUS_QUADRATURE_RULE); a keyword argument overrides one. Truth: R = 6 q(3) + 2 q(1) with
+    q(x) = p (1 - e^-x) at the configured p."""
+    s = Settings(indicators=["cascade_reach"], cascade_p=0.2, steps=9, panel_k=2, quadrature_rule="gauss-legendre")
+    svc = OperatorService(s)
+    assert (svc.steps, svc.panel_k, svc.rule) == (9, 2, "gauss-legendre")
+    assert (OperatorService(s, steps=5).steps, OperatorService(Settings()).steps) == (5, 65)
+    for e in edges():
+        svc.apply_edge(e)
+    for f in features(60, HOP1 + QUIET):
+        svc.apply_features(f)
+    (cas,) = svc.recompute()
+    q2 = lambda x: 0.2 * (1 - math.exp(-x))  # noqa: E731
+    assert cas.value == pytest.approx(6 * q2(3) + 2 * q2(1), rel=1e-5)
+    assert cas.error["rule"] == "gauss-legendre" and cas.error["steps"] == 9
