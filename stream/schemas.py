@@ -194,8 +194,10 @@ def graph_key(edge: dict[str, Any]) -> bytes:
     return (edge.get("uri") or edge["dst"]).encode()
 
 
-class Attribution(_Value):
-    """One indicator's attribution for one topic at one hop (chorus.attributions, key = topic)."""
+class AttributionSnapshot(_Value):
+    """One indicator's attribution for one topic at one hop (chorus.attributions, key = topic): a
+    published snapshot. (The attribution itself, phi per agent, is
+    :class:`operators.attribution.Attribution`.)"""
 
     model_config = ConfigDict(extra="allow")
     topic: str

@@ -1,6 +1,6 @@
 """Alert rules over attribution snapshots (pure: no I/O; the service publishes what this returns).
 
-Rules, each evaluated per ``(topic, indicator)`` on every :class:`stream.schemas.Attribution`:
+Rules, each evaluated per ``(topic, indicator)`` on every :class:`stream.schemas.AttributionSnapshot`:
 
 - ``new_top_culprit``: an agent in this hop's top 10 that was not in the previous hop's top 10,
   with share >= ``min_share``. The first snapshot of a ``(topic, indicator)`` only sets the
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from operators import attribution
-from stream.schemas import Alert, Attribution
+from stream.schemas import Alert, AttributionSnapshot
 
 Severity = Literal["info", "warning", "critical"]
 RULE_NAMES = ("new_top_culprit", "band_shift", "panel_disagreement", "completeness_residual", "attribution_error")
@@ -147,11 +147,11 @@ class AlertEngine:
     """Stateful evaluator: feed snapshots in hop order with :meth:`evaluate`, get new alerts."""
 
     rules: dict[str, Rule] = field(default_factory=lambda: dict(DEFAULT_RULES))
-    _cur: dict[tuple[str, str], Attribution] = field(default_factory=dict, repr=False)   # latest hop
-    _prev: dict[tuple[str, str], Attribution] = field(default_factory=dict, repr=False)  # hop before
+    _cur: dict[tuple[str, str], AttributionSnapshot] = field(default_factory=dict, repr=False)   # latest hop
+    _prev: dict[tuple[str, str], AttributionSnapshot] = field(default_factory=dict, repr=False)  # hop before
     _keys: dict[tuple[str, str, str], _KeyState] = field(default_factory=dict, repr=False)
 
-    def evaluate(self, snap: Attribution) -> list[Alert]:
+    def evaluate(self, snap: AttributionSnapshot) -> list[Alert]:
         """Alerts raised by ``snap`` (possibly none).
 
         A snapshot with the same window end as the latest one is a revision of that hop (late
@@ -175,7 +175,7 @@ class AlertEngine:
                 alerts.append(alert)
         return alerts
 
-    def _gate(self, rule: Rule, snap: Attribution, found) -> Alert | None:
+    def _gate(self, rule: Rule, snap: AttributionSnapshot, found) -> Alert | None:
         st = self._keys.setdefault((rule.name, snap.topic, snap.indicator), _KeyState())
         if found is None:
             st.fingerprint, st.alerted = None, False
@@ -204,7 +204,7 @@ def alert_id(rule: str, topic: str, indicator: str, window_end: int, fingerprint
 
 # --- the rules: each returns None (condition false) or (fingerprint, summary, evidence) -----------
 
-def _new_top_culprit(rule: Rule, snap: Attribution, prev: Attribution | None):
+def _new_top_culprit(rule: Rule, snap: AttributionSnapshot, prev: AttributionSnapshot | None):
     if prev is None:
         return None
     before = {e["did"] for e in prev.top}
@@ -220,7 +220,7 @@ def _new_top_culprit(rule: Rule, snap: Attribution, prev: Attribution | None):
                          "previous_window_end": prev.window_end}
 
 
-def _band_shift(rule: Rule, snap: Attribution, prev: Attribution | None):
+def _band_shift(rule: Rule, snap: AttributionSnapshot, prev: AttributionSnapshot | None):
     if prev is None:
         return None
     shifts = {}
@@ -236,7 +236,7 @@ def _band_shift(rule: Rule, snap: Attribution, prev: Attribution | None):
     return fp, summary, {"shifts": shifts, "previous_window_end": prev.window_end}
 
 
-def _panel_disagreement(rule: Rule, snap: Attribution, prev: Attribution | None):
+def _panel_disagreement(rule: Rule, snap: AttributionSnapshot, prev: AttributionSnapshot | None):
     resid = snap.panel.get("rescale_residual")
     if resid is None or not math.isfinite(float(resid)) or float(resid) < rule.threshold:
         return None
@@ -249,12 +249,12 @@ def _panel_disagreement(rule: Rule, snap: Attribution, prev: Attribution | None)
                      f"(residual {float(resid):.3f}, rescale {float(snap.panel.get('rescale') or 0):.3g})"), evidence
 
 
-def relative_residual(snap: Attribution) -> float:
+def relative_residual(snap: AttributionSnapshot) -> float:
     """The snapshot's relative completeness residual (:func:`operators.attribution.relative_residual`)."""
     return attribution.relative_residual(snap.completeness_residual, snap.value, snap.baseline_value)
 
 
-def _completeness_residual(rule: Rule, snap: Attribution, prev: Attribution | None):
+def _completeness_residual(rule: Rule, snap: AttributionSnapshot, prev: AttributionSnapshot | None):
     rel = relative_residual(snap)
     if not math.isnan(rel) and rel <= rule.threshold:
         return None
@@ -263,7 +263,7 @@ def _completeness_residual(rule: Rule, snap: Attribution, prev: Attribution | No
         "baseline_value": snap.baseline_value, "n_agents": snap.n_agents}
 
 
-def _attribution_error(rule: Rule, snap: Attribution, prev: Attribution | None):
+def _attribution_error(rule: Rule, snap: AttributionSnapshot, prev: AttributionSnapshot | None):
     error = getattr(snap, "error", None) or {}
     rel = error.get("relative")
     if rel is None or (math.isfinite(float(rel)) and float(rel) <= rule.threshold):

@@ -4,7 +4,7 @@ Consumes ``chorus.features`` and ``chorus.graph`` into :class:`operators.service
 (device-resident, padded capacity), and at every hop, for each topic whose features changed (every
 topic when the follow graph changed), computes each configured indicator (``Settings.indicators``)
 with :func:`operators.attribute`, the band shares, the visibility-panel comparison and the top 10;
-publishes :class:`stream.schemas.Attribution` to ``chorus.attributions`` (key = topic), alerts to
+publishes :class:`stream.schemas.AttributionSnapshot` to ``chorus.attributions`` (key = topic), alerts to
 ``chorus.alerts`` and sets the ``chorus_attribution_*`` metrics. JAX's default device: the GPU when
 JAX sees one, the CPU otherwise (logged at start).
 
@@ -87,7 +87,7 @@ import numpy as np
 from stream import metrics
 from stream.config import Settings, bootstrap_servers
 from stream.guard import RecordGuard, reason_of
-from stream.schemas import (TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_FEATURES, TOPIC_GRAPH, Attribution,
+from stream.schemas import (TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_FEATURES, TOPIC_GRAPH, AttributionSnapshot,
                             Features, GraphEdge)
 
 from operators import indicators
@@ -253,7 +253,7 @@ class OperatorService:
         return (caught_up and now - self._last_recompute >= half) or waited >= self.hop_s
 
     # --- one hop ----------------------------------------------------------------------------
-    def recompute(self, window_end: int | None = None) -> list[Attribution]:
+    def recompute(self, window_end: int | None = None) -> list[AttributionSnapshot]:
         """Attribution for every changed topic and configured indicator; sets the metrics.
 
         ``window_end`` defaults to the newest one seen in the features. Pure compute + metrics
@@ -304,7 +304,7 @@ class OperatorService:
         for r in st.stale_rows(end - self.window_s):
             st.apply_features(Features(did=st.dids[r], window_end=st.last_end(r), topics={}, expired=True))
 
-    def _attribute(self, topic: str, spec: IndicatorSpec, x4: jax.Array, end: int) -> Attribution:
+    def _attribute(self, topic: str, spec: IndicatorSpec, x4: jax.Array, end: int) -> AttributionSnapshot:
         st = self.state
         n = st.n_rows
         x, active = spec.inputs(x4)
@@ -317,7 +317,7 @@ class OperatorService:
         panel = self._panel(spec, F, x, b, phi_full, active, compact, error, topic)
         top = [{"did": st.dids[r], "share": s, "followers": int(followers[r]), "phi": float(phi[r]),
                 "error": float(err_full[r])} for r, s in top_agents(phi)]
-        return Attribution(
+        return AttributionSnapshot(
             topic=topic, indicator=spec.name, window_end=int(end), value=float(res.value),
             baseline_value=float(res.baseline_value), completeness_residual=float(res.delta),
             n_agents=int(jnp.sum(active)), bands=bands, panel=panel, top=top, error=error,
@@ -456,7 +456,7 @@ class OperatorService:
         return _per_agent(attribute(F, jnp.where(mask, x, b), b, steps=steps, rule=rule).phi)
 
     # --- metrics ----------------------------------------------------------------------------
-    def _export(self, s: Attribution) -> None:
+    def _export(self, s: AttributionSnapshot) -> None:
         """Set the pair's series; series of the previous export not set now (a rank no longer
         filled, a DID that left the top 10, an undefined Spearman) are removed, never left frozen."""
         key = (s.topic, s.indicator)
@@ -556,7 +556,7 @@ class OperatorService:
                 return False
         return True
 
-    async def _publish(self, sender, snaps: list[Attribution]) -> None:
+    async def _publish(self, sender, snaps: list[AttributionSnapshot]) -> None:
         """Send the snapshots and wait until Kafka acknowledged them all (retrying through outages)."""
         await sender.send([(TOPIC_ATTRIBUTIONS, s.topic.encode(), s.to_bytes(), None, None) for s in snaps])
         await sender.flush()
@@ -576,7 +576,7 @@ class NonFinite(ValueError):
     """A snapshot carries NaN or an infinity where a number is needed."""
 
 
-def _require_finite(s: Attribution) -> None:
+def _require_finite(s: AttributionSnapshot) -> None:
     """Raise :class:`NonFinite` unless every number a snapshot publishes is finite (value, baseline,
     residual, shares, panel statistics; undefined panel statistics are None, not NaN)."""
     nums = [s.value, s.baseline_value, s.completeness_residual, *s.bands.values(), *(e["share"] for e in s.top)]

@@ -26,7 +26,7 @@ from rich.text import Text
 
 from operators import attribution
 from stream.display import percent, shorten
-from stream.schemas import TOPIC_ATTRIBUTIONS, Attribution
+from stream.schemas import TOPIC_ATTRIBUTIONS, AttributionSnapshot
 
 log = logging.getLogger("chorus.console")
 
@@ -180,7 +180,7 @@ class Console:
 
         guard = RecordGuard.from_settings("console", Settings())
         async for msg in self._consumer:
-            snap = guard.parse(Attribution, msg.topic, msg.partition, msg.offset, msg.value, msg.key)
+            snap = guard.parse(AttributionSnapshot, msg.topic, msg.partition, msg.offset, msg.value, msg.key)
             if snap is not None:  # else rejected, counted and logged
                 self.snaps.add(snap.model_dump())
 

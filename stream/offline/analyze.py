@@ -49,7 +49,7 @@ import numpy as np
 
 from stream.config import Settings
 from stream.ingest.decode import decode_frame
-from stream.schemas import Attribution, Features, GraphEdge
+from stream.schemas import AttributionSnapshot, Features, GraphEdge
 from stream.worker.lexicon import Classifier, Lexicon
 from stream.worker.windows import BadEvent, WindowStore
 
@@ -155,7 +155,7 @@ class Analyzer:
         self.hops = 0
         self.invalid_events = 0
 
-    def feed(self, ev: dict) -> list[Attribution]:
+    def feed(self, ev: dict) -> list[AttributionSnapshot]:
         store = self.store
         try:
             t = int(ev["time_us"])
@@ -174,12 +174,12 @@ class Analyzer:
             self.service.apply_edge(GraphEdge(op=op, src=src, dst=dst, time_us=te, uri=uri))
         return self._hop(records) if store.closed != before else []
 
-    def finish(self) -> list[Attribution]:
+    def finish(self) -> list[AttributionSnapshot]:
         before = self.store.closed
         records = self.store.flush()
         return self._hop(records) if self.store.closed != before else []
 
-    def _hop(self, records: list[dict]) -> list[Attribution]:
+    def _hop(self, records: list[dict]) -> list[AttributionSnapshot]:
         """Apply the closed hop's feature records, then the service's compute for its window end."""
         for rec in records:
             self.service.apply_features(Features(**rec))
@@ -215,7 +215,7 @@ class Analyzer:
 
 @dataclass
 class AnalyzeResult:
-    snapshots: list[Attribution]
+    snapshots: list[AttributionSnapshot]
     agents: list[dict] | None
     events: int
     hops: int
@@ -230,7 +230,7 @@ def analyze(source: Source, settings: Settings, *, steps: int | None = None, pan
                                TimeRemainingColumn)
 
     az = Analyzer(settings, steps=steps, panel_k=panel_k)
-    snaps: list[Attribution] = []
+    snaps: list[AttributionSnapshot] = []
     n_events = 0
     columns = [TextColumn("[bold]analyze[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
@@ -285,7 +285,7 @@ def _write_rows(path: Path, rows: list[dict], schema, meta: dict | None) -> None
     pq.write_table(table, path)
 
 
-def write_snapshots(path: str | Path, snaps: Iterable[Attribution], meta: dict | None = None) -> int:
+def write_snapshots(path: str | Path, snaps: Iterable[AttributionSnapshot], meta: dict | None = None) -> int:
     """Write snapshots (format by extension, see the module docstring); returns the row count."""
     import pyarrow as pa
 
@@ -327,7 +327,7 @@ def _read_rows(path: Path) -> list[dict]:
         raise AnalyzeError(f"{path}: not a Parquet file ({str(exc).splitlines()[0]})") from None
 
 
-def read_snapshots(path: str | Path) -> list[Attribution]:
+def read_snapshots(path: str | Path) -> list[AttributionSnapshot]:
     """Snapshots from a file written by :func:`write_snapshots` (either format)."""
     path = Path(path)
     out = []
@@ -336,7 +336,7 @@ def read_snapshots(path: str | Path) -> list[Attribution]:
             row = {k: v for k, v in row.items() if not k.startswith("panel_") and not k.endswith("_json")} | {
                 k: json.loads(row[f"{k}_json"]) for k in _NESTED if row.get(f"{k}_json") not in (None, "null")}
         try:
-            out.append(Attribution.model_validate(row))
+            out.append(AttributionSnapshot.model_validate(row))
         except ValueError as exc:
             raise AnalyzeError(f"{path}: not a chorus.attributions snapshot ({str(exc).splitlines()[0]})") from None
     return out

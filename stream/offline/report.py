@@ -40,7 +40,7 @@ from typing import Iterable
 import numpy as np
 
 from stream.display import percent, shorten, utc_stamp
-from stream.schemas import TOPIC_ATTRIBUTIONS, Attribution
+from stream.schemas import TOPIC_ATTRIBUTIONS, AttributionSnapshot
 
 DPI = 110
 FIGURES = ("bands", "panel", "lorenz", "top", "scaling")
@@ -52,10 +52,10 @@ class ReportError(ValueError):
 
 # --- input -------------------------------------------------------------------------------------
 
-def select(snaps: Iterable[Attribution], since: int | None = None, until: int | None = None) -> list[Attribution]:
+def select(snaps: Iterable[AttributionSnapshot], since: int | None = None, until: int | None = None) -> list[AttributionSnapshot]:
     """Snapshots in [since, until] (window_end, unix s), the last one per (topic, indicator,
     window_end), sorted by (window_end, topic, indicator)."""
-    latest: dict[tuple, Attribution] = {}
+    latest: dict[tuple, AttributionSnapshot] = {}
     for s in snaps:
         if (since is None or s.window_end >= since) and (until is None or s.window_end <= until):
             latest[(s.window_end, s.topic, s.indicator)] = s
@@ -63,7 +63,7 @@ def select(snaps: Iterable[Attribution], since: int | None = None, until: int | 
 
 
 async def fetch_snapshots(bootstrap: str, since: int | None = None, until: int | None = None,
-                          topic: str = TOPIC_ATTRIBUTIONS, timeout_s: float = 30.0) -> list[Attribution]:
+                          topic: str = TOPIC_ATTRIBUTIONS, timeout_s: float = 30.0) -> list[AttributionSnapshot]:
     """Every snapshot on ``topic`` up to its end offsets at call time, filtered to [since, until].
 
     Publish timestamps trail window ends by about a hop, so with ``since`` the read starts at the
@@ -76,7 +76,7 @@ async def fetch_snapshots(bootstrap: str, since: int | None = None, until: int |
     guard = RecordGuard.from_settings("report", Settings())
     consumer = make_consumer(bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
-    out: list[Attribution] = []
+    out: list[AttributionSnapshot] = []
     try:
         parts = consumer.partitions_for_topic(topic)
         if parts is None:
@@ -100,7 +100,7 @@ async def fetch_snapshots(bootstrap: str, since: int | None = None, until: int |
                 raise ReportError(f"timed out reading {topic} from {bootstrap}")
             for tp, msgs in (await reader.fetch(timeout_ms=500, max_records=10000)).items():
                 for m in msgs:
-                    snap = guard.parse(Attribution, tp.topic, tp.partition, m.offset, m.value, m.key)
+                    snap = guard.parse(AttributionSnapshot, tp.topic, tp.partition, m.offset, m.value, m.key)
                     if snap is not None:  # else rejected, counted and logged, like every consumer
                         out.append(snap)
     finally:
@@ -110,11 +110,11 @@ async def fetch_snapshots(bootstrap: str, since: int | None = None, until: int |
 
 # --- numbers -----------------------------------------------------------------------------------
 
-def focus_snapshots(snaps: list[Attribution], focus: int | None = None) -> dict[tuple[str, str], Attribution]:
+def focus_snapshots(snaps: list[AttributionSnapshot], focus: int | None = None) -> dict[tuple[str, str], AttributionSnapshot]:
     """Per (topic, indicator): the latest snapshot with window_end <= focus (default: the newest)."""
     if focus is None and snaps:
         focus = max(s.window_end for s in snaps)
-    out: dict[tuple[str, str], Attribution] = {}
+    out: dict[tuple[str, str], AttributionSnapshot] = {}
     for s in snaps:  # sorted by window_end
         if focus is None or s.window_end <= focus:
             out[(s.topic, s.indicator)] = s
@@ -186,7 +186,7 @@ def _time_axis(fig, ax) -> None:
     ax.set_xlabel("window end (UTC)")
 
 
-def fig_bands(plt, series: dict[str, list[Attribution]], indicator: str, path: Path) -> Path:
+def fig_bands(plt, series: dict[str, list[AttributionSnapshot]], indicator: str, path: Path) -> Path:
     topics = sorted(series)
     fig, axes = _grid(plt, len(topics))
     for ax, topic in zip(axes, topics):
@@ -203,7 +203,7 @@ def fig_bands(plt, series: dict[str, list[Attribution]], indicator: str, path: P
     return _save(plt, fig, path)
 
 
-def fig_panel(plt, focus: dict[str, Attribution], indicator: str, path: Path) -> Path:
+def fig_panel(plt, focus: dict[str, AttributionSnapshot], indicator: str, path: Path) -> Path:
     topics = sorted(focus)
     fig, axes = _grid(plt, len(topics))
     for ax, topic in zip(axes, topics):
@@ -239,7 +239,7 @@ def fig_lorenz(plt, curves: dict[str, tuple[np.ndarray, np.ndarray, str]], indic
     return _save(plt, fig, path)
 
 
-def fig_top(plt, focus: dict[str, Attribution], indicator: str, path: Path) -> Path:
+def fig_top(plt, focus: dict[str, AttributionSnapshot], indicator: str, path: Path) -> Path:
     topics = sorted(focus)
     fig, axes = _grid(plt, len(topics), width=6.4, height=3.8)
     for ax, topic in zip(axes, topics):
@@ -256,7 +256,7 @@ def fig_top(plt, focus: dict[str, Attribution], indicator: str, path: Path) -> P
     return _save(plt, fig, path)
 
 
-def fig_scaling(plt, series: dict[str, list[Attribution]], indicator: str, path: Path) -> Path:
+def fig_scaling(plt, series: dict[str, list[AttributionSnapshot]], indicator: str, path: Path) -> Path:
     fig, axes = plt.subplots(3, 1, figsize=(8.5, 8.4), sharex=True)
     rows = (("tvd", "band-share TVD (0-1)"), ("spearman", "Spearman rank corr. (-1..1)"),
             ("rescale_residual", "rescale residual (relative)"))
@@ -280,7 +280,7 @@ def fig_scaling(plt, series: dict[str, list[Attribution]], indicator: str, path:
 class Report:
     summary: Path
     figures: dict[str, Path]  # "<figure>_<indicator>" -> PNG path
-    focus: dict[tuple[str, str], Attribution]
+    focus: dict[tuple[str, str], AttributionSnapshot]
     gini: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
@@ -292,7 +292,7 @@ def _num(v: float | None, fmt: str = ".4f") -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
-def build_report(snaps: list[Attribution], out_dir: str | Path, *, agents: list[dict] | None = None,
+def build_report(snaps: list[AttributionSnapshot], out_dir: str | Path, *, agents: list[dict] | None = None,
                  focus: int | None = None, source: str = "") -> Report:
     """Write every figure and ``summary.md`` to ``out_dir`` from selected snapshots (see :func:`select`)."""
     if not snaps:
@@ -313,7 +313,7 @@ def build_report(snaps: list[Attribution], out_dir: str | Path, *, agents: list[
     ginis: dict[tuple[str, str], float] = {}
     indicators = sorted({s.indicator for s in snaps})
     for ind in indicators:
-        series: dict[str, list[Attribution]] = {}
+        series: dict[str, list[AttributionSnapshot]] = {}
         for s in snaps:
             if s.indicator == ind:
                 series.setdefault(s.topic, []).append(s)

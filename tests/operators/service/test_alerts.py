@@ -6,18 +6,18 @@ import pytest
 
 from operators.service.alert_sink import load_rules
 from operators.service.alerts import DEFAULT_RULES, AlertConfigError, AlertEngine, alert_id, rules_from_dict
-from stream.schemas import Alert, Attribution
+from stream.schemas import Alert, AttributionSnapshot
 
 BANDS = ("top0.1", "0.1-1", "1-10", "10-50", "bottom50")
 
 
 def snap(end, top=(), bands=(0.2, 0.2, 0.2, 0.2, 0.2), panel_bands=None, tvd=None, value=1.0,
-         base=0.0, delta=0.0, topic="t", indicator="polarization", residual=0.01, error=None) -> Attribution:
+         base=0.0, delta=0.0, topic="t", indicator="polarization", residual=0.01, error=None) -> AttributionSnapshot:
     bands = dict(zip(BANDS, bands))
     pb = dict(zip(BANDS, panel_bands)) if panel_bands else dict(bands)
     if tvd is None:
         tvd = 0.5 * sum(abs(bands[b] - pb[b]) for b in BANDS)
-    return Attribution(topic=topic, indicator=indicator, window_end=end, value=value, baseline_value=base,
+    return AttributionSnapshot(topic=topic, indicator=indicator, window_end=end, value=value, baseline_value=base,
                        completeness_residual=delta, n_agents=100, bands=bands,
                        panel={"bands": pb, "tvd": tvd, "spearman": 0.5, "rescale": 1.0,
                               "rescale_residual": residual},

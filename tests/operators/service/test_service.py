@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 from operators.service.service import OperatorService
 from stream.config import Settings
 from stream.kafka import ensure_topics, make_consumer, make_producer
-from stream.schemas import (TOPIC_ALERTS, TOPIC_ATTRIBUTIONS, TOPIC_FEATURES, TOPIC_GRAPH, Alert, Attribution,
+from stream.schemas import (TOPIC_ALERTS, TOPIC_ATTRIBUTIONS, TOPIC_FEATURES, TOPIC_GRAPH, Alert, AttributionSnapshot,
                             Features, GraphEdge)
 
 P = 0.05  # cascade_reach's p in the service
@@ -296,18 +296,18 @@ def test_end_to_end_hops_alerts_restart_and_cli(fresh_broker, tmp_path):
         await produce(bootstrap, edges() + features(60, HOP1 + QUIET))
         svc = OperatorService(s, steps=16, panel_k=2)
         task = asyncio.create_task(svc.run())
-        hop1 = await collect(bootstrap, TOPIC_ATTRIBUTIONS, Attribution, complete(60, 1, 7), task=task)
+        hop1 = await collect(bootstrap, TOPIC_ATTRIBUTIONS, AttributionSnapshot, complete(60, 1, 7), task=task)
         # hop 2: C leaves, D arrives with 10 posts -> D is a new top culprit for volume
         await produce(bootstrap, features(120, HOP1[:2] + [("did:D", 1, [10, 0, 0, 0])], expired=["did:C"]))
-        hop2 = await collect(bootstrap, TOPIC_ATTRIBUTIONS, Attribution, complete(120, 1, 13), task=task)
+        hop2 = await collect(bootstrap, TOPIC_ATTRIBUTIONS, AttributionSnapshot, complete(120, 1, 13), task=task)
         alerts = await collect(bootstrap, TOPIC_ALERTS, Alert, lambda g: len(g) >= 1, task=task)
         await svc.stop()
         await asyncio.wait_for(task, 30)
         # restart: a fresh service replays both topics and reproduces the hop-2 snapshot
-        n = len(await collect(bootstrap, TOPIC_ATTRIBUTIONS, Attribution, None, timeout=1.5))
+        n = len(await collect(bootstrap, TOPIC_ATTRIBUTIONS, AttributionSnapshot, None, timeout=1.5))
         again = OperatorService(s, steps=16, panel_k=2)
         task = asyncio.create_task(again.run())
-        both = await collect(bootstrap, TOPIC_ATTRIBUTIONS, Attribution,
+        both = await collect(bootstrap, TOPIC_ATTRIBUTIONS, AttributionSnapshot,
                              lambda g: len(g) > n and complete(120, 1, 13)(g[n:]), task=task)
         both = both[:n], both[n:]
         await again.stop()
@@ -353,7 +353,7 @@ def test_chorus_operator_command_serves_metrics_and_stops_on_sigterm(fresh_broke
                              "--indicator", "volume", "--metrics-port", str(port), "--profile", "demo"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        got = asyncio.run(collect(bootstrap, TOPIC_ATTRIBUTIONS, Attribution, lambda g: len(g) >= 1, timeout=90))
+        got = asyncio.run(collect(bootstrap, TOPIC_ATTRIBUTIONS, AttributionSnapshot, lambda g: len(g) >= 1, timeout=90))
         assert got[0].indicator == "volume" and got[0].value == pytest.approx(7)
         text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         assert 'chorus_attribution_macro_value{indicator="volume",topic="t"} 7.0' in text

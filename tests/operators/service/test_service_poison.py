@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from operators.service.service import OperatorService
 from stream.config import Settings
 from stream.kafka import ensure_topics, make_consumer, make_producer
-from stream.schemas import TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_FEATURES, TOPIC_GRAPH, Attribution
+from stream.schemas import TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_FEATURES, TOPIC_GRAPH, AttributionSnapshot
 from tests.operators.service.test_service import HOP1, QUIET, check_hop1, collect, complete, edges, features, last
 
 pytestmark = pytest.mark.timeout(240)
@@ -111,7 +111,7 @@ def test_operator_on_kafka_survives_poison_and_dead_letters_it(fresh_broker):
             await prod.stop()
         svc = OperatorService(s, steps=16, panel_k=2)
         task = asyncio.create_task(svc.run())
-        snaps = await collect(bootstrap, TOPIC_ATTRIBUTIONS, Attribution, complete(60, 1, 7), task=task)
+        snaps = await collect(bootstrap, TOPIC_ATTRIBUTIONS, AttributionSnapshot, complete(60, 1, 7), task=task)
         dead = []
         cons = make_consumer(bootstrap, TOPIC_DEAD_LETTER, group_id=None)
         await cons.start()

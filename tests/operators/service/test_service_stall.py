@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from operators.service.service import OperatorService
 from stream.config import Settings
 from stream.kafka import ensure_topics
-from stream.schemas import TOPIC_ATTRIBUTIONS, Attribution
+from stream.schemas import TOPIC_ATTRIBUTIONS, AttributionSnapshot
 from tests.helpers.stall import Freezer
 from tests.operators.service.test_service import HOP1, QUIET, check_hop1, collect, complete, edges, features, last, \
     produce
@@ -55,11 +55,11 @@ def test_operator_rides_out_a_broker_stall_mid_publish(fresh_broker, caplog):
         task = asyncio.create_task(svc.run())
         watcher = asyncio.create_task(watch())
         try:
-            hop1 = await collect(bootstrap, TOPIC_ATTRIBUTIONS, Attribution, complete(60, 1, 7), timeout=120,
+            hop1 = await collect(bootstrap, TOPIC_ATTRIBUTIONS, AttributionSnapshot, complete(60, 1, 7), timeout=120,
                                  task=task)
             assert freezer.frozen_s is not None and freezer.frozen_s >= FREEZE_S - 0.1
             await produce(bootstrap, features(120, HOP1[:2] + [("did:D", 1, [10, 0, 0, 0])], expired=["did:C"]))
-            hop2 = await collect(bootstrap, TOPIC_ATTRIBUTIONS, Attribution, complete(120, 1, 13), task=task)
+            hop2 = await collect(bootstrap, TOPIC_ATTRIBUTIONS, AttributionSnapshot, complete(120, 1, 13), task=task)
             assert not task.done()
             await svc.stop()
             await asyncio.wait_for(task, 30)

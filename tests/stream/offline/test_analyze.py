@@ -18,7 +18,7 @@ from stream.cli import app
 from stream.config import Settings
 from stream.ingest.decode import time_us
 from stream.sim.recording import write_recording
-from stream.schemas import Attribution, Features, GraphEdge, dumps
+from stream.schemas import AttributionSnapshot, Features, GraphEdge, dumps
 from stream.sim.synth import Population
 
 pytestmark = pytest.mark.timeout(240)
@@ -85,13 +85,13 @@ def test_jetstream_reader_gives_the_firehose_events(small_pop, recording, tmp_pa
     assert js.invalid == {"invalid_did": 1, "json": 1} and rec.invalid == {}
 
 
-def live_pipeline(events: list[dict], settings: Settings, steps: int) -> list[Attribution]:
+def live_pipeline(events: list[dict], settings: Settings, steps: int) -> list[AttributionSnapshot]:
     """The live path without a broker: the worker's Pipeline (events and ops as JSON bytes, ops
     routed over 4 partitions and delivered at once), its outputs as Kafka values in its publish
     order (edges, then feature records), the service deciding hops with hop_due(caught_up=True)."""
     pipe = Pipeline(settings, partitions=4)
     svc = OperatorService(settings, steps=steps)
-    snaps: list[Attribution] = []
+    snaps: list[AttributionSnapshot] = []
 
     def deliver() -> None:
         while True:
@@ -197,7 +197,7 @@ def test_cli_synthetic_reproduces_the_planted_episode(tmp_path):
 
 
 def test_snapshot_formats_round_trip(tmp_path):
-    s = Attribution(topic="t", indicator="volume", window_end=60, value=2.0, baseline_value=0.0,
+    s = AttributionSnapshot(topic="t", indicator="volume", window_end=60, value=2.0, baseline_value=0.0,
                     completeness_residual=0.0, n_agents=2, bands={"top0.1": 1.0, "bottom50": 0.0},
                     panel={"k": 1, "bands": {"top0.1": 1.0, "bottom50": 0.0}, "tvd": 0.0, "spearman": None,
                            "rescale": 1.0, "rescale_residual": 0.0},

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from stream.kafka import ensure_topics, make_producer
 from stream.offline import report as rp
 from stream.offline.alerts_tail import follow
-from stream.schemas import TOPIC_ALERTS, Alert, Attribution
+from stream.schemas import TOPIC_ALERTS, Alert, AttributionSnapshot
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,7 +23,7 @@ FAR = int(time.time()) + 30 * 365 * 86400
 
 
 def snap(end, value=1.0):
-    return Attribution(topic="t", indicator="volume", window_end=end, value=value, baseline_value=0.0,
+    return AttributionSnapshot(topic="t", indicator="volume", window_end=end, value=value, baseline_value=0.0,
                        completeness_residual=0.0, n_agents=1, bands={"bottom50": 1.0}, panel={},
                        top=[{"did": "did:plc:a", "share": 1.0, "followers": 3}])
 
