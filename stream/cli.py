@@ -333,7 +333,7 @@ def analyze(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Offline attribution over a recording, a Jetstream dump or the synthetic population."""
-    from stream.offline import analyze as az
+    from stream.offline import analyze as offline_analyze
     from stream.sim.recording import RecordingError
     from stream.worker.lexicon import Lexicon
 
@@ -345,23 +345,23 @@ def analyze(
         Lexicon.load(s.topics_file)
         for path in (out, agents):
             if path is not None:
-                az._kind(path)
-        source = az.synthetic_source(synthetic, seed) if synthetic is not None else az.open_source(input)
-    except (ConfigError, az.AnalyzeError, RecordingError) as exc:
+                offline_analyze._kind(path)
+        source = offline_analyze.synthetic_source(synthetic, seed) if synthetic is not None else offline_analyze.open_source(input)
+    except (ConfigError, offline_analyze.AnalyzeError, RecordingError) as exc:
         fail(str(exc))
     except (OSError, ValueError) as exc:
         fail(f"cannot open input: {exc}")
     try:
-        res = az.analyze(source, s, agents=agents is not None,
+        res = offline_analyze.analyze(source, s, agents=agents is not None,
                          progress=not no_progress)
     except ValueError as exc:  # e.g. an unknown indicator
         fail(str(exc).splitlines()[0])
     meta = {"source": source.name, "window_s": s.window_s, "hop_s": s.hop_s, "steps": s.steps,
             "panel_k": s.panel_k, "indicators": s.indicators, "events": res.events, "hops": res.hops}
     try:
-        n = az.write_snapshots(out, res.snapshots, meta)
+        n = offline_analyze.write_snapshots(out, res.snapshots, meta)
         if agents is not None:
-            az.write_agents(agents, res.agents or [])
+            offline_analyze.write_agents(agents, res.agents or [])
     except OSError as exc:
         fail(f"cannot write output: {exc}", code=1)
     bad = ", ".join(f"{k} {v}" for k, v in sorted(res.invalid.items()))
@@ -386,8 +386,8 @@ def report(
     import asyncio
 
     from stream.display import parse_time_s
-    from stream.offline import analyze as az
-    from stream.offline import report as rp
+    from stream.offline import analyze as offline_analyze
+    from stream.offline import report as offline_report
     from stream.config import bootstrap_servers
 
     def when(value: Optional[str], flag: str) -> Optional[int]:
@@ -404,13 +404,13 @@ def report(
         fail("give a snapshot file or --kafka kafka://host:port (one of them)")
     try:
         if snapshots is not None:
-            snaps, source = rp.select(az.read_snapshots(snapshots), lo, hi), str(snapshots)
+            snaps, source = offline_report.select(offline_analyze.read_snapshots(snapshots), lo, hi), str(snapshots)
         else:
             bootstrap = bootstrap_servers(url)
-            snaps, source = asyncio.run(rp.fetch_snapshots(bootstrap, lo, hi, topic=topic)), f"{topic} on {url}"
-        rows = az.read_agents(agents) if agents is not None else None
-        rep = rp.build_report(snaps, out_dir, agents=rows, focus=at, source=source)
-    except (ConfigError, az.AnalyzeError, rp.ReportError) as exc:
+            snaps, source = asyncio.run(offline_report.fetch_snapshots(bootstrap, lo, hi, topic=topic)), f"{topic} on {url}"
+        rows = offline_analyze.read_agents(agents) if agents is not None else None
+        rep = offline_report.build_report(snaps, out_dir, agents=rows, focus=at, source=source)
+    except (ConfigError, offline_analyze.AnalyzeError, offline_report.ReportError) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot write the report: {exc}", code=1)

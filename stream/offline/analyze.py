@@ -192,7 +192,7 @@ class Analyzer:
         The service's own per-agent attribution (``OperatorService.agent_phi``): the same phi its
         snapshot's bands and top list are built from.
         """
-        from operators import bands as B
+        from operators.bands import band_of
 
         svc = self.service
         st = svc.state
@@ -200,7 +200,7 @@ class Analyzer:
         if not n or end is None:
             return []
         followers = st.followers[:n]
-        band = B.band_of(followers)
+        band = band_of(followers)
         rows = []
         for topic in st.topics:
             for spec in svc.specs:

@@ -97,12 +97,12 @@ def exported_samples() -> dict[str, str]:
     """Sample name -> metric family name for every metric object in stream/metrics.py."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    import stream.metrics as m
+    import stream.metrics as chorus_metrics
 
     suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
                 "gauge": [""], "summary": ["_sum", "_count", "_created"]}
     out = {}
-    for obj in vars(m).values():
+    for obj in vars(chorus_metrics).values():
         if isinstance(obj, MetricWrapperBase):
             for fam in obj.describe():
                 for s in suffixes[fam.type]:

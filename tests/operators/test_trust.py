@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tests.helpers.operators_data import random_graph
 
-from operators import NonFiniteError, attribute, bands, indicators as I, shapley
+from operators import NonFiniteError, attribute, bands, indicators, shapley
 from operators.graph import FollowGraph
 
 
@@ -25,10 +25,10 @@ def heavy_cascade():
     src, dst = random_graph(rng, n, 10 * n)
     x = 1.0 + rng.pareto(1.2, n)
     with jax.enable_x64(True):
-        truth = attribute(I.cascade_reach(FollowGraph(src, dst, n)), x, steps=65, rule="gauss-kronrod-graded")
+        truth = attribute(indicators.cascade_reach(FollowGraph(src, dst, n)), x, steps=65, rule="gauss-kronrod-graded")
         phi = np.asarray(truth.phi)
         assert np.asarray(truth.error).max() < 1e-8 * np.abs(phi).max()  # converged (bound)
-    return I.cascade_reach(FollowGraph(src, dst, n)), x, phi
+    return indicators.cascade_reach(FollowGraph(src, dst, n)), x, phi
 
 
 def test_residual_small_but_agent_error_large_is_flagged(heavy_cascade):
@@ -74,7 +74,7 @@ def test_errors_that_cancel_in_the_sum():
 
 def test_error_is_zero_for_a_linear_indicator_and_has_the_shape_of_x(rng):
     x = rng.uniform(0, 5, (50, 3))
-    res = attribute(I.volume(1), x, steps=5, rule="gauss-kronrod")
+    res = attribute(indicators.volume(1), x, steps=5, rule="gauss-kronrod")
     assert res.error.shape == x.shape
     assert np.asarray(res.error).max() <= 1e-6 * np.abs(np.asarray(res.phi)).max()
 
@@ -121,7 +121,7 @@ def test_band_shares_and_panel_refuse_non_finite_phi(rng):
     with pytest.raises(NonFiniteError, match=r"\[3, 7\]"):
         bands.band_shares(phi, f)
     with pytest.raises(NonFiniteError, match=r"\[3, 7\]"):
-        bands.panel_comparison(I.volume(0), np.ones(10), f, k=3, phi_full=phi)
+        bands.panel_comparison(indicators.volume(0), np.ones(10), f, k=3, phi_full=phi)
     assert isinstance(NonFiniteError("x"), ValueError)
 
 
@@ -135,7 +135,7 @@ def _posts_and_stance(rng, n, inactive_frac):
 
 def test_polarization_gives_non_posters_nothing(rng):
     x = _posts_and_stance(rng, 100_000, 0.7)
-    res = attribute(I.polarization(), x)
+    res = attribute(indicators.polarization(), x)
     phi = np.asarray(res.phi).sum(axis=1)
     assert not phi[x[:, 0] == 0].any()
     w, s = x[:, 0], x[:, 1]
@@ -146,7 +146,7 @@ def test_polarization_gives_non_posters_nothing(rng):
     assert phi.sum() == pytest.approx(P, rel=1e-4)
 
 
-@pytest.mark.parametrize("F", [I.polarization(), I.concentration(1), I.volume(0)])
+@pytest.mark.parametrize("F", [indicators.polarization(), indicators.concentration(1), indicators.volume(0)])
 def test_appending_inactive_agents_changes_no_attribution(rng, F):
     x = _posts_and_stance(rng, 2000, 0.0)
     x[:, 1] = np.abs(x[:, 1])  # concentration reads column 1 as engagement >= 0
@@ -161,9 +161,9 @@ def test_appending_inactive_agents_changes_no_attribution(rng, F):
 def test_baseline_matches_exact_shapley_for_small_games(rng):
     x = _posts_and_stance(rng, 8, 0.0)
     x[[2, 5]] = 0.0  # two non-posters
-    sh = shapley.exact(I.polarization(), x)
+    sh = shapley.exact(indicators.polarization(), x)
     assert sh[2] == 0.0 and sh[5] == 0.0  # null players in the game too (same baseline rule)
-    as_ = np.asarray(attribute(I.polarization(), x, steps=33, rule="gauss-kronrod").phi).sum(axis=1)
+    as_ = np.asarray(attribute(indicators.polarization(), x, steps=33, rule="gauss-kronrod").phi).sum(axis=1)
     assert as_[2] == 0.0 and as_[5] == 0.0
     assert as_.sum() == pytest.approx(sh.sum(), rel=1e-4)  # both = P(x) - P(b)
 
@@ -199,7 +199,7 @@ def test_band_shares_stay_bounded_when_the_total_cancels(rng):
 
 def test_polarization_band_shares_bounded(rng):
     x = _posts_and_stance(rng, 5000, 0.3)
-    phi = np.asarray(attribute(I.polarization(), x).phi).sum(axis=1)
+    phi = np.asarray(attribute(indicators.polarization(), x).phi).sum(axis=1)
     assert (phi < 0).any() and (phi > 0).any()
     f = rng.integers(0, 10_000, 5000)
     shares = bands.band_shares(phi, f)
@@ -218,7 +218,7 @@ def test_volume_at_scale_is_reconciled_and_its_band_tvd_uninformative(rng):
     n = 100_000
     f = _bluesky_followers(rng, n)
     x = rng.poisson(2, n).astype(float)
-    res = bands.panel_comparison(I.volume(0), x, f, k=100)
+    res = bands.panel_comparison(indicators.volume(0), x, f, k=100)
     assert res.rescale_residual < 1e-6 and res.rescale == pytest.approx(1.0, rel=1e-6)
     assert res.bands_spanned == 1 and not res.informative and np.isnan(res.tvd)
 
@@ -236,7 +236,7 @@ def test_additive_nonlinear_is_reconciled_exactly(rng):
 def test_interactions_leave_a_residual(rng, graph):
     g, src, dst, followers = graph
     x = rng.uniform(0.5, 3, g.n)
-    res = bands.panel_comparison(I.cascade_reach(g, p=0.5), x, followers, k=12)
+    res = bands.panel_comparison(indicators.cascade_reach(g, p=0.5), x, followers, k=12)
     assert res.rescale_residual > 0.01  # shared followers: 1e3 times the additive case's float noise
 
 
@@ -250,7 +250,7 @@ def test_visibility_sample_spans_bands_and_favours_the_visible(rng):
     assert 400 < members.size < 600
     assert np.unique(bands.band_index(f)[members]).size >= 4  # spans bands
     x = rng.poisson(2, n).astype(float) + 1
-    res = bands.panel_comparison(I.volume(0), x, f, members=members)
+    res = bands.panel_comparison(indicators.volume(0), x, f, members=members)
     assert res.informative and 0 < res.tvd < 1 and res.rescale_residual < 1e-6
     again, _ = bands.visibility_sample(f, 500, seed=3)
     np.testing.assert_array_equal(members, again)

@@ -102,11 +102,11 @@ def design_metric_names() -> set[str]:
     """Every metric name DESIGN.md lists (histograms by their base name)."""
     import re
 
-    import stream.metrics as m
+    import stream.metrics as chorus_metrics
     from prometheus_client.metrics import MetricWrapperBase
 
     names = {fam.name + ("_total" if fam.type == "counter" else "")
-             for obj in vars(m).values() if isinstance(obj, MetricWrapperBase) for fam in obj.describe()}
+             for obj in vars(chorus_metrics).values() if isinstance(obj, MetricWrapperBase) for fam in obj.describe()}
     for p in (ROOT.parent / "shared" / "DESIGN.md", ROOT / "docs" / "DESIGN.md"):
         if p.is_file():
             section = p.read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]

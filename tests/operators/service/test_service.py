@@ -139,7 +139,7 @@ def test_polarization_on_heavy_tailed_agents_is_complete():
 def test_service_and_library_agree_and_ignore_inactive_agents():
     """One baseline rule: the service's polarization equals attribute(F, x) on the real rows, and
     agents with no post (and padding) get exactly 0."""
-    from operators import attribute, indicators as I
+    from operators import attribute, indicators
 
     rng = np.random.default_rng(8)
     svc = OperatorService(Settings(indicators=["polarization"]))
@@ -152,7 +152,7 @@ def test_service_and_library_agree_and_ignore_inactive_agents():
                                     topics={"t": [posts, 0.0, stance, 0.0]} if posts else {}))
     (pol,) = svc.recompute()
     x = np.array(rows)
-    lib = attribute(I.polarization(), x, steps=pol.error["steps"], rule=pol.error["rule"])
+    lib = attribute(indicators.polarization(), x, steps=pol.error["steps"], rule=pol.error["rule"])
     phi = np.asarray(lib.phi).sum(axis=1)
     assert pol.value == pytest.approx(float(lib.value), rel=1e-5)
     by_did = {e["did"]: e["phi"] for e in pol.top}

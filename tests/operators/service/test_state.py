@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from operators import indicators as I
+from operators import indicators
 from operators.attribution import attribute, trace_count
 from operators.graph import reach
 from operators.service.state import MIN_CAPACITY, OperatorState
@@ -106,7 +106,7 @@ def test_capacity_doubles_and_compiled_shapes_hold_within_a_capacity():
         traces.append(x.shape)
         return x.sum()
 
-    F = I.polarization(weight_col=0, stance_col=2)
+    F = indicators.polarization(weight_col=0, stance_col=2)
     rng = np.random.default_rng(0)
     before = None
     for i in range(3 * MIN_CAPACITY // 2):
@@ -117,7 +117,7 @@ def test_capacity_doubles_and_compiled_shapes_hold_within_a_capacity():
             np.testing.assert_array_equal(np.asarray(view.x), host)   # device copy == host
             assert view.x.shape == (st.capacity, 4) and st.n_rows + 1 <= st.capacity
             assert float(total(view.x)) == pytest.approx(float(host.sum()), rel=1e-5)
-            res = attribute(F, view.x, I.default_baseline(F, view.x, view.active), steps=8)
+            res = attribute(F, view.x, indicators.default_baseline(F, view.x, view.active), steps=8)
             assert abs(float(res.delta)) <= 1e-3 * abs(float(res.value - res.baseline_value))
             if before is None:
                 before = trace_count()
@@ -182,8 +182,8 @@ def test_panel_subgraph_gives_exactly_the_full_graph_panel_attribution():
     x[:n, 0] = heavy_features(rng, n, 1)[:, 0]
     xp = np.zeros_like(x)
     xp[panel] = x[panel]                                               # others at the zero baseline
-    full = attribute(I.cascade_reach(st.graph(), p=0.3), xp, np.zeros_like(x), steps=16)
-    part = attribute(I.cascade_reach(sub, p=0.3), xp, np.zeros_like(x), steps=16)
+    full = attribute(indicators.cascade_reach(st.graph(), p=0.3), xp, np.zeros_like(x), steps=16)
+    part = attribute(indicators.cascade_reach(sub, p=0.3), xp, np.zeros_like(x), steps=16)
     q = 0.3 * (1 - np.exp(-xp[:n, 0].astype(np.float64)))
     assert float(part.value) == pytest.approx(reach_reference(src, dst, n, q), rel=1e-5)
     assert float(part.value) == pytest.approx(float(full.value), rel=1e-6)

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from operators.service.service import OperatorService
-from stream.offline import analyze as az
-from stream.sim import frames as fr
+from stream.offline import analyze as offline_analyze
+from stream.sim import frames as sim_frames
 from stream.worker.faust_app import Pipeline, edge_message, encode_ops
 from stream.cli import app
 from stream.config import Settings
@@ -43,7 +43,7 @@ def jetstream_lines(pop: Population) -> list[str]:
     """The population's frames as Jetstream would serve them (JSON records, no relay seq)."""
     lines = []
     for _, _, data in pop.timed_frames():
-        header, body = fr.split_frame(data)
+        header, body = sim_frames.split_frame(data)
         t = time_us(body["time"])
         if header["t"] == "#commit":
             blocks = libipld.decode_car(body["blocks"])[1]
@@ -62,7 +62,7 @@ def jetstream_lines(pop: Population) -> list[str]:
     return lines
 
 
-def events_of(source: az.Source) -> list[dict]:
+def events_of(source: offline_analyze.Source) -> list[dict]:
     return list(source.events(source, lambda k: None))
 
 
@@ -71,10 +71,10 @@ def test_jetstream_reader_gives_the_firehose_events(small_pop, recording, tmp_pa
     lines = jetstream_lines(small_pop)
     bad = ['{"did": "nope", "time_us": 1, "kind": "commit", "commit": {}}', "not json", ""]
     path.write_text("\n".join(lines[:5] + bad + lines[5:]) + "\n")
-    js = az.open_source(path)
+    js = offline_analyze.open_source(path)
     assert js.name.startswith("jetstream")
     got = events_of(js)
-    rec = az.open_source(recording)
+    rec = offline_analyze.open_source(recording)
     assert rec.name.startswith("recording") and rec.total == small_pop.expected()["frames"]
     want = events_of(rec)
     exp = small_pop.expected()
@@ -117,9 +117,9 @@ def live_pipeline(events: list[dict], settings: Settings, steps: int) -> list[At
 
 def test_analyze_equals_the_live_pipeline(recording):
     settings = Settings(window_s=WINDOW, hop_s=HOP)
-    source = az.open_source(recording)
-    res = az.analyze(source, settings, steps=8, progress=False)
-    live = live_pipeline(events_of(az.open_source(recording)), settings, steps=8)
+    source = offline_analyze.open_source(recording)
+    res = offline_analyze.analyze(source, settings, steps=8, progress=False)
+    live = live_pipeline(events_of(offline_analyze.open_source(recording)), settings, steps=8)
     assert res.hops >= 10 and len(res.snapshots) >= 40
     key = lambda s: (s.window_end, s.topic, s.indicator)  # noqa: E731
     assert [key(s) for s in res.snapshots] == [key(s) for s in live]
@@ -149,8 +149,8 @@ def test_cli_synthetic_reproduces_the_planted_episode(tmp_path):
     r = CliRunner().invoke(app, ["analyze", "--synthetic", "1000", "--seed", "1", "--window", str(WINDOW),
                                  "--hop", str(HOP), "-o", str(out), "--agents", str(agents), "--no-progress"])
     assert r.exit_code == 0, r.output
-    snaps = az.read_snapshots(out)
-    assert snaps == az.read_snapshots(out)  # round trip is stable
+    snaps = offline_analyze.read_snapshots(out)
+    assert snaps == offline_analyze.read_snapshots(out)  # round trip is stable
     pop = Population(n=1000, seed=1)
     truth = pop.episode_truth()
     t0 = pop.activity_start_us() // 1_000_000
@@ -178,7 +178,7 @@ def test_cli_synthetic_reproduces_the_planted_episode(tmp_path):
     assert min(_tail_mass(s) for s in polar) > 0.5  # most of it off the panel
 
     # per-agent file: the last window's phi, consistent with the snapshot's top list and bands
-    rows = az.read_agents(agents)
+    rows = offline_analyze.read_agents(agents)
     last = max(s.window_end for s in snaps)
     assert rows and {r["window_end"] for r in rows} == {last}
     for s in snaps:
@@ -203,11 +203,11 @@ def test_snapshot_formats_round_trip(tmp_path):
                            "rescale": 1.0, "rescale_residual": 0.0},
                     top=[{"did": "did:plc:a", "share": 1.0, "followers": 3}])
     for name in ("s.parquet", "s.jsonl"):
-        az.write_snapshots(tmp_path / name, [s, s], {"source": "test"})
-        assert az.read_snapshots(tmp_path / name) == [s, s]
+        offline_analyze.write_snapshots(tmp_path / name, [s, s], {"source": "test"})
+        assert offline_analyze.read_snapshots(tmp_path / name) == [s, s]
     assert (tmp_path / "s.jsonl").read_text().splitlines()[0] == s.to_bytes().decode()
-    with pytest.raises(az.AnalyzeError, match="unknown file type"):
-        az.write_snapshots(tmp_path / "s.csv", [s])
+    with pytest.raises(offline_analyze.AnalyzeError, match="unknown file type"):
+        offline_analyze.write_snapshots(tmp_path / "s.csv", [s])
 
 
 def test_cli_errors(tmp_path):

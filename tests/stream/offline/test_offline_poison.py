@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from stream.kafka import ensure_topics, make_producer
-from stream.offline import report as rp
+from stream.offline import report as offline_report
 from stream.offline.alerts_tail import follow
 from stream.schemas import TOPIC_ALERTS, Alert, AttributionSnapshot
 
@@ -67,7 +67,7 @@ def test_report_skips_and_counts_poison_snapshots(broker):
     good = [snap(60), snap(120, 2.0)]
     values = [good[0].to_bytes()] + [v for v, _ in POISON_SNAPS] + [good[1].to_bytes()]
     asyncio.run(publish(broker.bootstrap, topic, values))
-    got = asyncio.run(rp.fetch_snapshots(broker.bootstrap, topic=topic))
+    got = asyncio.run(offline_report.fetch_snapshots(broker.bootstrap, topic=topic))
     assert got == good
     assert {r: rejected(topic, r) for _, r in POISON_SNAPS} == {r: 1.0 for _, r in POISON_SNAPS}
 

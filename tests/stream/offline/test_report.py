@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from stream.offline import analyze as az
-from stream.offline import report as rp
+from stream.offline import analyze as offline_analyze
+from stream.offline import report as offline_report
 from stream.cli import app
 from stream.display import utc_stamp
 from stream.kafka import ensure_topics, make_producer
@@ -35,7 +35,7 @@ def analyzed(tmp_path_factory):
 
 
 def check_figures(out, summary_text):
-    names = {f"{fig}_{ind}.png" for fig in rp.FIGURES for ind in INDICATORS}
+    names = {f"{fig}_{ind}.png" for fig in offline_report.FIGURES for ind in INDICATORS}
     assert {p.name for p in out.glob("*.png")} == names
     for name in names:
         raw = (out / name).read_bytes()
@@ -85,12 +85,12 @@ def test_report_from_snapshot_file(analyzed, tmp_path):
     text = (out / "summary.md").read_text()
     check_figures(out, text)
 
-    snaps = rp.select(az.read_snapshots(snap))
+    snaps = offline_report.select(offline_analyze.read_snapshots(snap))
     last = max(s.window_end for s in snaps)
     focus = {}
     for s in snaps:  # newest snapshot per (topic, indicator): what the live subscribers keep
         focus[(s.topic, s.indicator)] = s
-    rows = az.read_agents(agents)
+    rows = offline_analyze.read_agents(agents)
     assert f"Windows: {len({s.window_end for s in snaps})}," in text and f"{len(snaps)} snapshots" in text
     by_ind = sections(text)
     assert set(by_ind) == set(INDICATORS)
@@ -128,7 +128,7 @@ def test_report_from_snapshot_file(analyzed, tmp_path):
 
 def test_band_level_lorenz_without_agents(analyzed, tmp_path):
     snap, _ = analyzed
-    rep = rp.build_report(az.read_snapshots(snap), tmp_path)
+    rep = offline_report.build_report(offline_analyze.read_snapshots(snap), tmp_path)
     for (topic, ind), s in rep.focus.items():
         # equal attribution within each band, bands at their nominal population fractions
         fr = {"top0.1": 0.001, "0.1-1": 0.009, "1-10": 0.09, "10-50": 0.4, "bottom50": 0.5}
@@ -137,13 +137,13 @@ def test_band_level_lorenz_without_agents(analyzed, tmp_path):
         ys = np.cumsum([0] + [s.bands[b] for b in per_capita])
         area = np.trapezoid(ys, xs) if hasattr(np, "trapezoid") else np.trapz(ys, xs)
         assert rep.gini[(topic, ind)] == pytest.approx(1 - 2 * area, abs=1e-9)
-    with pytest.raises(rp.ReportError, match="no snapshots"):
-        rp.build_report([], tmp_path)
+    with pytest.raises(offline_report.ReportError, match="no snapshots"):
+        offline_report.build_report([], tmp_path)
 
 
 def test_report_from_kafka_time_range(analyzed, broker, tmp_path):
     snap, _ = analyzed
-    snaps = rp.select(az.read_snapshots(snap))
+    snaps = offline_report.select(offline_analyze.read_snapshots(snap))
     ends = sorted({s.window_end for s in snaps})
     since, until = ends[2], ends[-3]
     topic = f"test-attributions-{uuid.uuid4().hex[:8]}"
@@ -161,9 +161,9 @@ def test_report_from_kafka_time_range(analyzed, broker, tmp_path):
             await producer.stop()
 
     asyncio.run(publish())
-    got = asyncio.run(rp.fetch_snapshots(broker.bootstrap, since, until, topic=topic))
+    got = asyncio.run(offline_report.fetch_snapshots(broker.bootstrap, since, until, topic=topic))
     assert got == [s for s in snaps if since <= s.window_end <= until]
-    latest = asyncio.run(rp.fetch_snapshots(broker.bootstrap, topic=topic))
+    latest = asyncio.run(offline_report.fetch_snapshots(broker.bootstrap, topic=topic))
     assert latest[-1] == revised and len(latest) == len(snaps)  # the revision replaced its snapshot
 
     out = tmp_path / "kreport"
