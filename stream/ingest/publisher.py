@@ -77,12 +77,12 @@ class Publisher:
     """Sends queued frames' events to ``topic`` and tracks their acknowledgements."""
 
     def __init__(self, producer: AIOKafkaProducer, queue: asyncio.Queue, tracker: AckTracker,
-                 topic: str = TOPIC_EVENTS, retry_delay: float = 0.5):
+                 topic: str = TOPIC_EVENTS, retry_delay_s: float = 0.5):
         self.producer = producer
         self.queue = queue
         self.tracker = tracker
         self.topic = topic
-        self.retry_delay = retry_delay
+        self.retry_delay_s = retry_delay_s
         self.published = 0  # events acknowledged
         self.retries = 0  # sends retried after a failure
         self._down = False  # a send failed and no ack came since (chorus_kafka_unavailable)
@@ -109,7 +109,7 @@ class Publisher:
             except KafkaError as exc:  # buffer-full timeout or broker trouble: wait and retry
                 self._retrying()
                 log.warning("Kafka send failed (%s); retrying", exc)
-                await asyncio.sleep(self.retry_delay)
+                await asyncio.sleep(self.retry_delay_s)
                 continue
             fut.add_done_callback(lambda f: self._on_ack(f, key, value, kind, entry))
             return
@@ -150,10 +150,10 @@ class Publisher:
         self.tracker.ack(entry)
 
     async def _resend(self, key: bytes, value: bytes, kind: str, entry: list) -> None:
-        await asyncio.sleep(self.retry_delay)
+        await asyncio.sleep(self.retry_delay_s)
         await self._send(key, value, kind, entry)
 
-    async def drain(self, timeout: float) -> bool:
+    async def drain(self, timeout_s: float) -> bool:
         """Wait until every queued frame is sent and acknowledged; False on timeout."""
         async def _wait() -> None:
             await self.queue.join()
@@ -161,19 +161,19 @@ class Publisher:
             while self.tracker.pending or self._retry_tasks:
                 await asyncio.sleep(0.01)
         try:
-            await asyncio.wait_for(_wait(), timeout)
+            await asyncio.wait_for(_wait(), timeout_s)
             return True
         except asyncio.TimeoutError:
             return False
 
 
 class CursorCommitter:
-    """Persists the tracker's cursor (at most every ``interval`` s) and exports cursor and lag."""
+    """Persists the tracker's cursor (at most every ``interval_s`` s) and exports cursor and lag."""
 
-    def __init__(self, tracker: AckTracker, store: CursorStore | None, interval: float = 0.5):
+    def __init__(self, tracker: AckTracker, store: CursorStore | None, interval_s: float = 0.5):
         self.tracker = tracker
         self.store = store
-        self.interval = interval
+        self.interval_s = interval_s
         self.saved: int | None = tracker.cursor  # what the store already holds
 
     def commit(self) -> None:
@@ -189,5 +189,5 @@ class CursorCommitter:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.interval_s)
             self.commit()

@@ -51,14 +51,15 @@ class RelayError(SubscriptionError):
 
 
 class Backoff:
-    """Exponential backoff with jitter: attempt n waits U(0.5, 1) * min(cap, base * 2**(n-1)) s."""
+    """Exponential backoff with jitter: attempt n waits U(0.5, 1) * min(cap_s, base_s * 2**(n-1)) s."""
 
-    def __init__(self, base: float = 0.5, cap: float = 30.0):
-        self.base, self.cap, self.attempt = base, cap, 0
+    def __init__(self, base_s: float = 0.5, cap_s: float = 30.0):
+        self.base_s, self.cap_s, self.attempt = base_s, cap_s, 0
 
     def next(self) -> float:
+        """The next wait, seconds."""
         self.attempt += 1
-        return random.uniform(0.5, 1.0) * min(self.cap, self.base * 2 ** (self.attempt - 1))
+        return random.uniform(0.5, 1.0) * min(self.cap_s, self.base_s * 2 ** (self.attempt - 1))
 
     def reset(self) -> None:
         self.attempt = 0

