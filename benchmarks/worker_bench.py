@@ -216,7 +216,7 @@ def run(quick: bool = False) -> str:
         f"| catch-up after a restart: replay of a backlog (wall) | {cu['events']:,} | {cu['per_s']:,.0f} | |",
         f"| catch-up (per CPU-s) | {cu['events']:,} | {cu['per_cpu_s']:,.0f} | |",
         "",
-        f"Live runs alternate chorus's app (`stream/faust_lean.py`) and stock `faust.App` on the same "
+        f"Live runs alternate chorus's app (`stream/worker/faust_lean.py`) and stock `faust.App` on the same "
         f"input, {len(runs['lean'])} each; the table shows the median run of each (per CPU-s, chorus: "
         f"{spread['lean']}; stock: {spread['stock']}): **{fa['per_cpu_s'] / st['per_cpu_s']:.2f}x** "
         "stock Faust.",
@@ -227,7 +227,7 @@ def run(quick: bool = False) -> str:
         "worker ingests until every event is ingested and every op sent through the repartition "
         f"topic applied ({fa['ops']:,} ops; two agents, authors -> ops -> owners). Catch-up: the "
         "events are produced first, then the worker starts and rebuilds the window by replay "
-        "(stream/app.py) while Faust re-delivers the replayed offsets, which it skips. Wall numbers "
+        "(stream/worker/faust_app.py) while Faust re-delivers the replayed offsets, which it skips. Wall numbers "
         "share the 2 cores with the broker (and, live, the producer).",
         "",
     ])

@@ -142,7 +142,7 @@ def _tail_mass(s) -> float:
 
 
 def test_cli_synthetic_reproduces_the_planted_episode(tmp_path):
-    """stream/synth.py: during the episode the middle tier and long tail carry the topic while the
+    """stream/sim/synth.py: during the episode the middle tier and long tail carry the topic while the
     top-100 panel sees only celebrities, so full-scale and panel band shares disagree (TVD) more
     than before the episode; the panel itself never credits the bottom bands."""
     out, agents = tmp_path / "snap.parquet", tmp_path / "agents.jsonl"

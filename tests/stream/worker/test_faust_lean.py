@@ -1,4 +1,4 @@
-"""stream/faust_lean.py: the inline first step and its fallback behave as a Task running the
+"""stream/worker/faust_lean.py: the inline first step and its fallback behave as a Task running the
 coroutine would (results, exceptions, cancellation), and the Faust loop it replaces is the one
 reviewed. The lean app itself runs in every worker test (tests/stream/test_worker.py)."""
 
