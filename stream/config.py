@@ -67,6 +67,21 @@ class Settings(BaseSettings):
         description="Hop (slide) length, seconds; unset: the profile's. Always set once Settings is built.",
     )
     state_dir: Path = Path.home() / ".local" / "state" / "chorus"
+    checkpoint_interval_s: float = Field(
+        default=60.0, ge=0,
+        description="The worker writes a checkpoint of its window state this often (seconds of "
+        "wall time; 0: never, every restart replays chorus.events from its beginning).",
+    )
+    checkpoint_dir: Path | None = Field(
+        default=None,
+        description="Where workers keep checkpoints (one subdirectory per app id); unset: "
+        "CHORUS_STATE_DIR/worker. Workers that share partitions should share it (a volume).",
+    )
+    operator_snapshot_interval_s: float = Field(
+        default=600.0, ge=0,
+        description="The operator writes a snapshot of its state (graph, features, offsets) this "
+        "often (seconds; 0: never, a restart reads its input topics from the beginning).",
+    )
     topics_file: Path | None = None
     alerts_file: Path | None = None
     indicators: list[str] = ["cascade_reach", "polarization"]

@@ -51,12 +51,21 @@ class ReadToEnd:
         self.pending = {tp for tp, end in self.ends.items() if end > 0}
 
     @classmethod
-    async def open(cls, consumer: AIOKafkaConsumer, tps: Iterable[Any]) -> "ReadToEnd":
+    async def open(cls, consumer: AIOKafkaConsumer, tps: Iterable[Any],
+                   start: Mapping[Any, int] | None = None) -> "ReadToEnd":
+        """``start``: {TopicPartition: first offset to read} for some partitions (the others
+        from their beginning)."""
         tps = list(tps)
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         await consumer.seek_to_beginning(*tps)
-        return cls(consumer, ends)
+        reader = cls(consumer, ends)
+        for tp, offset in (start or {}).items():
+            if offset > 0:
+                consumer.seek(tp, offset)
+                if offset >= ends[tp]:
+                    reader.pending.discard(tp)
+        return reader
 
     async def fetch(self, *tps: Any, timeout_ms: int = 500, max_records: int | None = None) -> dict[Any, list]:
         """One fetch from the pending partitions among ``tps`` (default: every pending one):
@@ -249,6 +258,14 @@ class ReliableSender:
         """Wait until everything sent so far is acknowledged (retrying as needed)."""
         async with self._lock:
             await self._settle()
+
+    def unacked(self) -> list[Message] | None:
+        """Messages handed to Kafka and not known to be acknowledged (for a checkpoint to keep);
+        None while a send is under way (the batch being sent is in neither place)."""
+        if self._lock.locked():
+            return None
+        return [m for m, f in self._in_flight
+                if f is None or not f.done() or f.cancelled() or f.exception() is not None]
 
     @property
     def waiting(self) -> int:

@@ -31,6 +31,46 @@ INGEST_TIME_CLAMPED = Counter(
 # --- windows ------------------------------------------------------------------------------
 WINDOW_AGENTS = Gauge("chorus_window_agents", "Agents with activity in the current window.", ["topic"])
 
+# --- worker state (issue 17) ----------------------------------------------------------------
+WORKER_EVENTS = Counter(
+    "chorus_worker_events",
+    "chorus.events records the worker took, by outcome: processed (used), duplicate (a record "
+    "already in the window, or a deletion of one already deleted), late (older than the window).",
+    ["outcome"],
+)
+WORKER_FEATURE_RECORDS = Counter("chorus_worker_feature_records", "Records published to chorus.features.")
+WORKER_HELD_EVENTS = Gauge("chorus_worker_held_events", "Events (and deletions) held in the worker's window.")
+WORKER_STATE_BYTES = Gauge("chorus_worker_state_bytes", "Bytes of the worker's window state (WindowStore.state_bytes).")
+WORKER_CHECKPOINT_AGE = Gauge(
+    "chorus_worker_checkpoint_age_seconds", "Seconds since the worker's last checkpoint (NaN: none yet)."
+)
+WORKER_CHECKPOINT_SECONDS = Histogram(
+    "chorus_worker_checkpoint_seconds", "Time to take and write one checkpoint.",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)
+WORKER_RECOVERY = Gauge(
+    "chorus_worker_recovering", "1 while the worker restores its state (checkpoint, then replay), else 0.", ["phase"]
+)
+WORKER_RECOVERY_SECONDS = Gauge("chorus_worker_recovery_seconds", "Duration of the last restore.")
+CONSUMER_LAG = Gauge(
+    "chorus_consumer_lag",
+    "Records not yet processed per input partition (high watermark minus next offset), by stage.",
+    ["stage", "topic", "partition"],
+)
+
+# --- operator state (issue 17) --------------------------------------------------------------
+OPERATOR_AGENTS = Gauge("chorus_operator_agents", "Agents (DIDs) in the operator's state.")
+OPERATOR_EDGES = Gauge("chorus_operator_edges", "Follow edges in the operator's graph.")
+OPERATOR_HOP_LATENCY = Histogram(
+    "chorus_operator_hop_latency_seconds",
+    "Wall time from a window's end to the publication of its snapshots.",
+    buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+)
+OPERATOR_DEVICE_MEMORY = Gauge("chorus_operator_device_memory_bytes", "Bytes in use on the JAX device (0 if unknown).")
+OPERATOR_SNAPSHOT_AGE = Gauge(
+    "chorus_operator_snapshot_age_seconds", "Seconds since the operator's last state snapshot (NaN: none yet)."
+)
+
 # --- attribution (per topic, indicator) ---------------------------------------------------
 _TI = ["topic", "indicator"]
 MACRO_VALUE = Gauge("chorus_attribution_macro_value", "Macro indicator F(x) on the window.", _TI)

@@ -50,6 +50,13 @@ def fresh_broker(tmp_path):
         yield b
 
 
+@pytest.fixture(autouse=True)
+def _chorus_state_dir(tmp_path, monkeypatch):
+    """Every test's default CHORUS_STATE_DIR is its own (cursor files, worker checkpoints, operator
+    snapshots): never the user's, never another test's."""
+    monkeypatch.setenv("CHORUS_STATE_DIR", str(tmp_path / "chorus-state"))
+
+
 @pytest.fixture
 def port():
     return free_port()

@@ -40,15 +40,18 @@ no per-event Monitor statistics (1.5x the events per CPU-second of stock Faust, 
 from __future__ import annotations
 
 import asyncio
+import base64
 import heapq
 import json
 import logging
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 from zlib import crc32
 
 import faust
+from faust.types import TP
 
 from aiokafka.errors import KafkaError
 from faust.exceptions import ProducerSendError
@@ -62,6 +65,7 @@ from stream.kafka import ReliableSender
 from stream import topics as topic_registry
 from stream.schemas import TOPIC_DEAD_LETTER, TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH, Event, dumps, graph_key
 from stream.worker.lexicon import Classifier, Lexicon
+from stream.worker.checkpoint import CheckpointDir, CheckpointMismatch
 from stream.worker.windows import BadEvent, WindowStore
 
 log = logging.getLogger("chorus.worker")
@@ -103,6 +107,14 @@ def edge_message(edge: tuple) -> tuple[bytes, bytes]:
     return graph_key(value), dumps(value)
 
 
+def _b64(b: bytes | None) -> str | None:
+    return None if b is None else base64.b64encode(b).decode()
+
+
+def _unb64(s: str | None) -> bytes | None:
+    return None if s is None else base64.b64decode(s)
+
+
 class Pipeline:
     """The per-worker state and the glue between the store and Kafka (no Faust inside).
 
@@ -119,6 +131,14 @@ class Pipeline:
         self.guard = RecordGuard.from_settings("worker", settings)
         self.invalid = 0  # input records rejected (self.guard.rejected says why)
         self.ready = False  # state rebuilt (replay done): chorus_window_agents means something
+        self.ready_fut: asyncio.Future | None = None  # resolved True when ready, False when revoked
+        self.generation = 0  # assignments and revocations seen (a restore of an older one is abandoned)
+        self.assignments = 0  # partition assignments received
+        self.ops_skip: dict[int, int] = {}  # ops partition -> first offset not replayed
+        self.restored_from: str | None = None  # checkpoint file of the last restore, if any
+        self.replayed = 0  # events replayed by the last restore
+        self.recovery_s: float | None = None
+        self.checkpoint_time: float | None = None  # unix time of the last checkpoint written
         self.sender: ReliableSender | None = None  # set by build_app
         self.records = 0  # feature records published
         self.assigned: set[tuple[str, int]] = set()  # (topic, partition) held by this worker
@@ -127,6 +147,8 @@ class Pipeline:
 
     def reset(self) -> None:
         """Forget all state (before replaying the input after a partition assignment)."""
+        self.offsets: dict[str, dict[int, int]] = {"events": {}, "ops": {}}  # next offset to read
+        self._counted: dict[str, int] = {}  # store.stats already added to chorus_worker_events
         self.store = WindowStore(*self.window, self.classifier)
         self.last_input = time.monotonic()
         self.ticked: int | None = None
@@ -178,6 +200,8 @@ class Pipeline:
         trip through the ops topic.
         """
         self.last_input = time.monotonic()
+        if offset >= 0:
+            self.offsets["events"][partition] = offset + 1
         store = self.store
         ev = raw if isinstance(raw, dict) else self.parse_event(raw, partition, offset)
         if ev is None:
@@ -206,6 +230,8 @@ class Pipeline:
         message of another format (a worker of an older version) is rejected as ``format``: the
         replay of chorus.events regenerates its ops."""
         self.last_input = time.monotonic()
+        if offset >= 0:
+            self.offsets["ops"][partition] = offset + 1
         store = self.store
         try:
             ops = decode_ops(raw)
@@ -224,6 +250,35 @@ class Pipeline:
                 self.guard.reject(self.ops_topic, partition, offset, exc, value=raw,
                                   reason="shape" if isinstance(exc, BadEvent) else None)
 
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def snapshot(self, unacked: list) -> tuple[dict, dict]:
+        """(arrays, meta) of a checkpoint of this instant: the store, the offsets it covers, and
+        the outputs not yet acknowledged (``unacked``: messages handed to Kafka and not acked,
+        (topic, key, value, partition, headers)) plus those still buffered. Synchronous (no await
+        inside), so no message is processed halfway through it."""
+        out = [[t, _b64(k), _b64(v), p] for t, k, v, p, _h in unacked]
+        meta = {"window": list(self.window), "assigned": sorted(map(list, self.assigned)),
+                "offsets": {k: {str(p): o for p, o in v.items()} for k, v in self.offsets.items()},
+                "ticked": self.ticked, "unacked": out,
+                "buffered": {"records": self.out_records, "edges": self.out_edges,
+                             "ops": {str(p): b for p, b in self.out_ops.items()}}}
+        return self.store.to_arrays(), meta
+
+    def load(self, meta: dict, arrays: dict) -> list:
+        """Adopt a checkpoint (see :meth:`snapshot`); returns its unacknowledged messages to
+        re-send first."""
+        self.reset()
+        self.store = WindowStore.from_arrays(arrays, self.classifier, window_s=self.window[0], hop_s=self.window[1])
+        self.offsets = {k: {int(p): o for p, o in v.items()} for k, v in meta["offsets"].items()}
+        self.ticked = meta["ticked"]
+        buf = meta["buffered"]
+        self.out_records = list(buf["records"])
+        self.out_edges = [tuple(e) for e in buf["edges"]]
+        self.out_ops = {int(p): b for p, b in buf["ops"].items()}
+        self.buffered = sum(map(len, self.out_ops.values()))
+        return [(t, _unb64(k), _unb64(v), p, None) for t, k, v, p in meta["unacked"]]
+
     def drain(self) -> tuple[list[dict], list[tuple], dict[int, list]]:
         """Buffered (feature records, graph edges, ops by partition); empties the buffers."""
         out = self.out_records, self.out_edges, self.out_ops
@@ -241,9 +296,33 @@ class Pipeline:
         while a replay runs the series are absent (unknown), never a false zero."""
         if not self.ready:
             return
-        agents = self.store.agents
+        store = self.store
+        agents = store.agents
         for t in self.topics:
             metrics.WINDOW_AGENTS.labels(topic=t).set(agents.get(t, 0))
+        stats = store.stats
+        counted = self._counted
+        used = stats["events"] - stats["duplicate"] - stats["late"]
+        for outcome, n in (("processed", used), ("duplicate", stats["duplicate"]), ("late", stats["late"])):
+            if n > counted.get(outcome, 0):
+                metrics.WORKER_EVENTS.labels(outcome=outcome).inc(n - counted.get(outcome, 0))
+            counted[outcome] = max(n, counted.get(outcome, 0))
+        metrics.WORKER_HELD_EVENTS.set(store.held_events())
+        metrics.WORKER_STATE_BYTES.set(store.state_bytes())
+        age = float("nan") if self.checkpoint_time is None else time.time() - self.checkpoint_time
+        metrics.WORKER_CHECKPOINT_AGE.set(age)
+
+    def set_ready(self, ready: bool) -> None:
+        """Mark the state restored (agents go on) or not (agents wait; waiting ones let go)."""
+        self.ready = ready
+        fut = self.ready_fut
+        if fut is not None and not fut.done():
+            fut.set_result(ready)
+        if not ready:
+            try:
+                self.ready_fut = asyncio.get_running_loop().create_future()
+            except RuntimeError:  # no loop (tests driving the pipeline by hand)
+                self.ready_fut = None
 
     def forget_metrics(self) -> None:
         """Remove ``chorus_window_agents`` (a rebalance starts: the state is being rebuilt)."""
@@ -253,6 +332,30 @@ class Pipeline:
                 metrics.WINDOW_AGENTS.remove(t)
             except KeyError:
                 pass
+
+
+async def partition_bounds(bootstrap: str, tps: list) -> dict[tuple[str, int], tuple[int, int]]:
+    """{(topic, partition): (first offset held, end offset)} of ``tps`` now."""
+    from aiokafka import TopicPartition
+
+    from stream.kafka import make_consumer
+
+    if not tps:
+        return {}
+    consumer = make_consumer(bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        ktps = [TopicPartition(t, p) for t, p in tps]
+        lo, hi = await consumer.beginning_offsets(ktps), await consumer.end_offsets(ktps)
+        return {(tp.topic, tp.partition): (lo[tp], hi[tp]) for tp in ktps}
+    finally:
+        await consumer.stop()
+
+
+def checkpoint_dir(settings: Settings, app_id: str = APP_ID) -> Path:
+    """Where a worker keeps its checkpoints: ``CHORUS_CHECKPOINT_DIR`` or
+    ``CHORUS_STATE_DIR/worker``, then ``/<app id>``."""
+    return Path(settings.checkpoint_dir or Path(settings.state_dir) / "worker") / app_id
 
 
 def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float | None = None,
@@ -309,6 +412,7 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
     async def publish() -> None:
         records, edges, ops = pipe.drain()
         pipe.records += len(records)
+        metrics.WORKER_FEATURE_RECORDS.inc(len(records))
         out: list = [(ops_name, b"%d" % p, encode_ops(batch), p, None) for p, batch in ops.items()]
         out += [(TOPIC_GRAPH, *edge_message(edge), None, None) for edge in edges]
         out += [(TOPIC_FEATURES, rec["did"].encode(), dumps(rec), None, None) for rec in records]
@@ -320,13 +424,25 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
     def due() -> bool:
         return pipe.buffered >= BATCH or len(pipe.out_records) >= BATCH
 
+    ckdir = CheckpointDir(checkpoint_dir(settings, app_id))
+    state = {"task": None, "last_ckpt": time.monotonic(), "writing": False}
+
+    async def gate(msg) -> bool:
+        """Whether to process ``msg`` now: wait until the state of this assignment is restored;
+        False when a rebalance came meanwhile (the next restore replays the message)."""
+        while not pipe.ready:
+            fut = pipe.ready_fut
+            if not await asyncio.shield(fut):
+                return False
+        return True
+
     # Per-event iteration (cheaper in Faust than stream.take); outputs go out in batches, when a
     # batch is full or from the flusher below.
     @app.agent(events, concurrency=1, name="authors")
     async def authors(stream):
         async for value in stream:
             msg = stream.current_event.message
-            if msg.offset < pipe.skip.get(msg.partition, 0):
+            if not await gate(msg) or msg.offset < pipe.skip.get(msg.partition, 0):
                 continue  # replayed already (or being replayed)
             pipe.on_event(value, partition=msg.partition, offset=msg.offset)
             if due():
@@ -336,50 +452,171 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
     async def owners(stream):
         async for value in stream:
             msg = stream.current_event.message
+            if not await gate(msg) or msg.offset < pipe.ops_skip.get(msg.partition, 0):
+                continue
             pipe.on_ops(value, msg.partition, msg.offset)
             if due():
                 await publish()
 
+    async def checkpoint() -> None:
+        """Write a checkpoint of this instant (the snapshot is taken synchronously, the file is
+        written in a thread)."""
+        unacked = sender.unacked()
+        if unacked is None or not pipe.ready or state["writing"]:
+            return
+        t0 = time.monotonic()
+        arrays, meta = pipe.snapshot(unacked)
+        meta["kafka"] = bootstrap_servers(settings.kafka)
+        state["writing"], state["last_ckpt"] = True, time.monotonic()
+        try:
+            path = await asyncio.to_thread(ckdir.write, arrays, meta)
+        except OSError as exc:
+            log.error("cannot write a checkpoint to %s: %s", ckdir.path, exc)
+            return
+        finally:
+            state["writing"] = False
+        pipe.checkpoint_time = time.time()
+        metrics.WORKER_CHECKPOINT_SECONDS.observe(time.monotonic() - t0)
+        log.info("checkpoint %s (%d held events)", path.name, pipe.store.held_events())
+
+    @app.timer(interval=1.0)
+    async def observe():
+        """Consumer lag per assigned partition, state size, checkpoint age."""
+        pipe.update_metrics()
+        if not pipe.ready:
+            return
+        for topic, p in pipe.assigned:
+            kind = "events" if topic == TOPIC_EVENTS else "ops"
+            hw = app.consumer.highwater(TP(topic, p))
+            if hw is not None:
+                lag = max(0, hw - pipe.offsets[kind].get(p, 0))
+                metrics.CONSUMER_LAG.labels(stage="worker", topic=topic, partition=str(p)).set(lag)
+
     @app.timer(interval=FLUSH_S)
     async def flusher():
+        if not pipe.ready:
+            return
         pipe.on_idle(idle_s)
         if pipe.buffered or pipe.out_records or pipe.out_edges:
             await publish()
+        if settings.checkpoint_interval_s > 0 and time.monotonic() - state["last_ckpt"] >= settings.checkpoint_interval_s:
+            await checkpoint()
+
+    async def restore(assigned_tps: set, generation: int) -> None:
+        """Rebuild the state of this assignment: from the newest whole checkpoint of the same
+        assignment and window (then replay only what came after it), else by replaying the
+        assigned chorus.events partitions from their beginning."""
+        t0 = time.monotonic()
+        events_tps = sorted(tp.partition for tp in assigned_tps if tp.topic == TOPIC_EVENTS)
+        owned = {tp.partition for tp in assigned_tps if tp.topic == ops_name}
+        want = sorted([t, p] for t, p in pipe.assigned)
+
+        bounds = await partition_bounds(bootstrap_servers(settings.kafka), [
+            *(TP(TOPIC_EVENTS, p) for p in events_tps), *(TP(ops_name, p) for p in owned)])
+
+        def accept(meta: dict) -> None:
+            if meta.get("kafka") != bootstrap_servers(settings.kafka):
+                raise CheckpointMismatch(f"checkpoint of the Kafka cluster at {meta.get('kafka')}, not "
+                                         f"{bootstrap_servers(settings.kafka)}")
+            for kind, topic in (("events", TOPIC_EVENTS), ("ops", ops_name)):
+                for p, off in meta["offsets"].get(kind, {}).items():
+                    lo = bounds.get((topic, int(p)), (0, 0))[0]
+                    if off < lo:  # (the end is not checked: Tansu reports the last batch's start + 1)
+                        raise CheckpointMismatch(
+                            f"checkpoint offset {off} of {topic}[{p}] is before the first one the topic "
+                            f"still holds ({lo}): retention deleted events it would need")
+            if list(meta["window"]) != list(settings.window):
+                raise CheckpointMismatch(f"checkpoint for a {meta['window'][0]} s / {meta['window'][1]} s "
+                                         f"window; this worker runs {settings.window[0]} s / {settings.window[1]} s")
+            if sorted(map(list, meta["assigned"])) != want:
+                raise CheckpointMismatch("checkpoint of another partition assignment")
+
+        found = await asyncio.to_thread(ckdir.latest, accept) if settings.checkpoint_interval_s > 0 else None
+        resend: list = []
+        start, ops = None, None
+        if found is not None:
+            path, meta, arrays = found
+            try:
+                resend = pipe.load(meta, arrays)
+            except (ValueError, KeyError) as exc:  # e.g. a store format this chorus cannot read
+                log.error("not using checkpoint %s: %s", path, exc)
+                found = None
+                pipe.reset()
+        if found is not None:
+            start = {p: pipe.offsets["events"].get(p, 0) for p in events_tps}
+            ops = (ops_name, {p: pipe.offsets["ops"].get(p, 0) for p in owned})
+            pipe.restored_from = str(found[0])
+            if resend:
+                await sender.send(resend)
+        metrics.WORKER_RECOVERY.labels(phase="replay").set(1)
+        before = pipe.store.stats["events"]
+        ends, ops_ends = await replay(bootstrap_servers(settings.kafka), events_tps, pipe, owned, publish, due,
+                                      start=start, ops=ops)
+        if generation != pipe.generation:
+            return
+        replayed = pipe.store.stats["events"] - before
+        for p, end in ends.items():
+            pipe.offsets["events"][p] = max(pipe.offsets["events"].get(p, 0), end)
+        for p, end in ops_ends.items():
+            pipe.offsets["ops"][p] = max(pipe.offsets["ops"].get(p, 0), end)
+        pipe.skip, pipe.ops_skip = ends, ops_ends
+        pipe.replayed = replayed
+        pipe.recovery_s = time.monotonic() - t0
+        pipe.set_ready(True)
+        pipe.update_metrics()
+        metrics.WORKER_RECOVERY.labels(phase="replay").set(0)
+        metrics.WORKER_RECOVERY_SECONDS.set(pipe.recovery_s)
+        log.info("assigned %d partitions; %s; replayed %d events of %s in %.1fs", len(pipe.assigned),
+                 f"restored {found[0].name}" if found else "no checkpoint", replayed, TOPIC_EVENTS,
+                 pipe.recovery_s)
+        state["last_ckpt"] = time.monotonic()
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender_, revoked, **kwargs) -> None:  # noqa: ARG001
+        pipe.generation += 1
+        pipe.set_ready(False)  # agents waiting on this assignment's restore let go of their message
+        task = state["task"]
+        if task is not None and not task.done():
+            task.cancel()
 
     @app.on_partitions_assigned.connect
-    async def on_assigned(sender, assigned, **kwargs) -> None:  # noqa: ARG001
-        # Rebuild by replay: drop every state and re-read the assigned input from its start (its
-        # offsets are never committed), in event-time order, before Faust resumes (its partitions
-        # stay paused during this callback); then Faust goes on from where the replay ended. Every
-        # worker does this on every rebalance, so together they regenerate every op. Ops are
-        # idempotent, so ops still in flight do no harm.
-        # Faust re-reads them too (seeking it after the replay races its prefetch), and the
-        # authors agent skips what the replay fed (``pipe.skip``: partition -> first new offset).
+    async def on_assigned(sender_, assigned, **kwargs) -> None:  # noqa: ARG001
+        # Nothing long here: the group must settle whatever the state size. Record the
+        # assignment, point Faust's chorus.events positions at the newest checkpoint's offsets
+        # (its offsets are never committed), and restore in a task (restore()); the agents wait
+        # for it (gate()) and skip what it fed (``pipe.skip`` / ``pipe.ops_skip``: partition ->
+        # first offset not replayed). A rebalance during a restore cancels it; the next one starts
+        # over from the checkpoint.
+        pipe.generation += 1
+        pipe.assignments += 1
+        task = state["task"]
+        if task is not None and not task.done():
+            task.cancel()
         pipe.assigned = {(tp.topic, tp.partition) for tp in assigned}
         pipe.forget_metrics()
+        pipe.set_ready(False)
         pipe.reset()
-        events_tps = sorted(tp.partition for tp in assigned if tp.topic == TOPIC_EVENTS)
-        pipe.skip = dict.fromkeys(events_tps, 1 << 62)
-        for tp in assigned:
-            if tp.topic == TOPIC_EVENTS:
-                await app.consumer.seek(tp, 0)
-        owned = {tp.partition for tp in assigned if tp.topic == ops_name}
-        t0 = time.monotonic()
-        ends = await replay(bootstrap_servers(settings.kafka), events_tps, pipe, owned, publish, due)
-        pipe.skip = ends
-        pipe.ready = True
-        pipe.update_metrics()
-        log.info("assigned %d partitions; replayed %d events of %s in %.1fs", len(pipe.assigned),
-                 sum(ends.values()), TOPIC_EVENTS, time.monotonic() - t0)
+        events_tps = [tp for tp in assigned if tp.topic == TOPIC_EVENTS]
+        pipe.skip = {tp.partition: 1 << 62 for tp in events_tps}
+        pipe.ops_skip = {tp.partition: 1 << 62 for tp in assigned if tp.topic == ops_name}
+        meta = ckdir.latest_meta() if settings.checkpoint_interval_s > 0 else None
+        offsets = (meta or {}).get("offsets", {}).get("events", {})
+        for tp in events_tps:
+            await app.consumer.seek(tp, int(offsets.get(str(tp.partition), 0)))
+        state["task"] = asyncio.ensure_future(restore(set(assigned), pipe.generation))
 
     return app, pipe
 
 
 async def replay(bootstrap: str, partitions: list[int], pipe: Pipeline, owned: set[int],
-                 publish: Any, due: Any, fetch: int = 5000) -> dict[int, int]:
-    """Feed ``partitions`` of chorus.events, from the start to their end offsets now, through
-    ``pipe.on_event(value, owned)`` merged by event time (each partition's own order is kept: a
-    k-way merge on the head events' ``time_us``). Returns {partition: end offset}.
+                 publish: Any, due: Any, fetch: int = 5000, *, start: dict[int, int] | None = None,
+                 ops: tuple[str, dict[int, int]] | None = None) -> tuple[dict[int, int], dict[int, int]]:
+    """Feed ``partitions`` of chorus.events, from ``start`` (partition -> first offset; default:
+    the beginning) to their end offsets now, through ``pipe.on_event(value, owned)`` merged by
+    event time (each partition's own order is kept: a k-way merge on the head events' ``time_us``).
+    ``ops = (ops topic, {partition: first offset})``: those ops partitions are merged in too (a
+    message by its first op's time, through ``pipe.on_ops``): what a checkpoint had not applied
+    yet. Returns ({events partition: end offset}, {ops partition: end offset}).
 
     In time order the owners' clock never runs ahead of a partition that is still replaying, so a
     single worker rebuilds exactly the state of an uninterrupted run (with several workers, ops for
@@ -389,39 +626,56 @@ async def replay(bootstrap: str, partitions: list[int], pipe: Pipeline, owned: s
 
     from stream.kafka import ReadToEnd, make_consumer
 
-    if not partitions:
-        return {}
-    tps = [TopicPartition(TOPIC_EVENTS, p) for p in partitions]
+    sources = [(TOPIC_EVENTS, p, (start or {}).get(p, 0)) for p in partitions]
+    if ops is not None:
+        sources += [(ops[0], p, o) for p, o in sorted(ops[1].items())]
+    if not sources:
+        return {}, {}
+    tps = {(t, p): TopicPartition(t, p) for t, p, _ in sources}
     consumer = make_consumer(bootstrap, group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
-        reader = await ReadToEnd.open(consumer, tps)
-        ends = {tp.partition: off for tp, off in reader.ends.items()}
-        buffers: dict[int, deque] = {p: deque() for p in partitions}
+        reader = await ReadToEnd.open(consumer, tps.values(), {tps[(t, p)]: o for t, p, o in sources})
+        buffers: dict[tuple, deque] = {k: deque() for k in tps}
 
-        async def refill(p: int) -> None:
-            tp = TopicPartition(TOPIC_EVENTS, p)
-            while not buffers[p] and tp in reader.pending:
+        async def refill(k: tuple) -> None:
+            tp = tps[k]
+            while not buffers[k] and tp in reader.pending:
                 for m in (await reader.fetch(tp, timeout_ms=1000, max_records=fetch)).get(tp, []):
-                    ev = pipe.parse_event(m.value, p, m.offset)  # None: rejected and counted
-                    if ev is not None:
-                        buffers[p].append((ev["time_us"], ev))
+                    if k[0] == TOPIC_EVENTS:
+                        ev = pipe.parse_event(m.value, k[1], m.offset)  # None: rejected and counted
+                        if ev is not None:
+                            buffers[k].append((ev["time_us"], ev, m.offset))
+                    else:
+                        try:
+                            first = decode_ops(m.value)[0][2]
+                            first = first if type(first) is int else -1
+                        except (ValueError, TypeError, IndexError, KeyError):
+                            first = -1  # on_ops rejects and counts it
+                        buffers[k].append((first, m.value, m.offset))
 
         heap = []
-        for p in partitions:
-            await refill(p)
-            if buffers[p]:
-                heap.append((buffers[p][0][0], p))
+        for k in tps:
+            await refill(k)
+            if buffers[k]:
+                heap.append((buffers[k][0][0], k))
         heapq.heapify(heap)
         while heap:
-            _, p = heapq.heappop(heap)
-            pipe.on_event(buffers[p].popleft()[1], owned, p)
+            _, k = heapq.heappop(heap)
+            _, value, offset = buffers[k].popleft()
+            if k[0] == TOPIC_EVENTS:
+                pipe.on_event(value, owned, k[1], offset)
+            else:
+                pipe.on_ops(value, k[1], offset)
             if due():
                 await publish()
-            if not buffers[p]:
-                await refill(p)
-            if buffers[p]:
-                heapq.heappush(heap, (buffers[p][0][0], p))
+            if not buffers[k]:
+                await refill(k)
+            if buffers[k]:
+                heapq.heappush(heap, (buffers[k][0][0], k))
+        ends: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        for (t, p), tp in tps.items():
+            ends[0 if t == TOPIC_EVENTS else 1][p] = reader.ends[tp]
         return ends
     finally:
         await consumer.stop()

@@ -1,0 +1,120 @@
+"""Worker checkpoints: the window state plus the input offsets it covers, in files.
+
+A checkpoint is one uncompressed ``.npz`` file (a zip of ``.npy`` arrays, each member with its
+CRC-32) holding the :class:`stream.worker.windows.WindowStore` arrays and a JSON member
+``chorus_meta``: the checkpoint format (:data:`FORMAT`), the window and hop, the partitions
+assigned when it was taken, the next offset to read of every ``chorus.events`` and ops partition
+it covers, and the outputs not yet acknowledged by Kafka then (re-sent after a restore: every
+output is idempotent downstream).
+
+Writes are atomic: a temporary file, fsync, rename (``ckpt-<sequence>.npz``), then the oldest
+beyond ``keep`` are removed. Reading takes the newest file that is whole: a file cut short (a
+crash while writing, a full disk) or with a flipped bit fails the zip's structure or a member's
+CRC and is skipped with a warning, and the previous checkpoint is used. A checkpoint of another
+format, or of another window, is never misread: it is skipped with a one-line error saying why
+(:class:`CheckpointMismatch`), and the worker rebuilds that state by replaying its input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("chorus.worker.checkpoint")
+
+FORMAT = 1
+META = "chorus_meta"
+
+
+class CheckpointMismatch(ValueError):
+    """A whole checkpoint this worker must not use (another format, window, or assignment)."""
+
+
+class CheckpointDir:
+    """The checkpoints of one worker (one directory, e.g. ``CHORUS_STATE_DIR/worker/<app id>``)."""
+
+    def __init__(self, path: Path | str, keep: int = 2):
+        self.path = Path(path)
+        self.keep = max(1, keep)
+
+    def files(self) -> list[Path]:
+        """Checkpoint files, newest first."""
+        if not self.path.is_dir():
+            return []
+        return sorted(self.path.glob("ckpt-*.npz"), reverse=True)
+
+    def write(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+        """Write one checkpoint atomically (blocking: run it in a thread); returns its path."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        files = self.files()
+        seq = int(files[0].stem.split("-")[1]) + 1 if files else 1
+        final = self.path / f"ckpt-{seq:012d}.npz"
+        tmp = final.with_suffix(".tmp")
+        payload = {**arrays, META: np.frombuffer(json.dumps({**meta, "format": FORMAT}).encode(), np.uint8)}
+        with open(tmp, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        try:
+            dfd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+        for old in self.files()[self.keep:]:
+            old.unlink(missing_ok=True)
+        return final
+
+    @staticmethod
+    def read_meta(path: Path) -> dict[str, Any]:
+        """The meta member of one checkpoint (cheap: the arrays are not read or verified).
+        Raises CheckpointMismatch for another format, OSError/zipfile.BadZipFile/KeyError/ValueError
+        for a broken file."""
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z[META]))
+        if meta.get("format") != FORMAT:
+            raise CheckpointMismatch(f"checkpoint {path} has format {meta.get('format')!r}; this chorus "
+                                     f"reads format {FORMAT}")
+        return meta
+
+    @staticmethod
+    def read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(meta, arrays) of one checkpoint, every member read and its CRC checked."""
+        meta = CheckpointDir.read_meta(path)
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k != META}
+        return meta, arrays
+
+    def latest(self, accept=None) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]] | None:
+        """The newest whole checkpoint that ``accept(meta)`` takes (it raises CheckpointMismatch
+        to refuse, with the reason), or None. Broken and refused files are logged and skipped."""
+        for path in self.files():
+            try:
+                meta, arrays = self.read(path)
+                if accept is not None:
+                    accept(meta)
+                return path, meta, arrays
+            except CheckpointMismatch as exc:
+                log.error("not using %s", exc)
+            except (OSError, zipfile.BadZipFile, KeyError, ValueError, EOFError) as exc:
+                log.warning("checkpoint %s is broken (%s: %s); trying the previous one", path,
+                            type(exc).__name__, exc)
+        return None
+
+    def latest_meta(self) -> dict[str, Any] | None:
+        """The meta of the newest checkpoint whose meta reads (not verified; for positioning)."""
+        for path in self.files():
+            try:
+                return self.read_meta(path)
+            except (CheckpointMismatch, OSError, zipfile.BadZipFile, KeyError, ValueError, EOFError):
+                continue
+        return None

@@ -1,0 +1,87 @@
+"""Worker checkpoint files: atomic, torn or corrupt files detected and the previous one used,
+another format or window never misread (stream/worker/checkpoint.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from stream.worker.checkpoint import FORMAT, META, CheckpointDir, CheckpointMismatch
+from stream.worker.windows import STATE_FORMAT, WindowStore
+from tests.stream.worker.test_windows import HOP, WIN, fake_classify, random_stream, run
+
+
+def store_after(events):
+    s = WindowStore(WIN, HOP, fake_classify)
+    run(s, events, flush=False)
+    return s
+
+
+def test_write_read_round_trip_keeps_two_and_gives_the_newest(tmp_path):
+    d = CheckpointDir(tmp_path, keep=2)
+    events = random_stream(3)
+    paths = []
+    for i, k in enumerate((100, 200, 300)):
+        paths.append(d.write(store_after(events[:k]).to_arrays(), {"n": i}))
+    assert d.files() == paths[:0:-1]  # the oldest was removed
+    path, meta, arrays = d.latest()
+    assert path == paths[-1] and meta["n"] == 2 and meta["format"] == FORMAT
+    want = store_after(events[:300]).to_arrays()
+    assert arrays.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(arrays[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit_flip"])
+def test_a_torn_or_corrupt_checkpoint_is_detected_and_the_previous_one_used(tmp_path, damage, caplog):
+    d = CheckpointDir(tmp_path, keep=2)
+    events = random_stream(4)
+    old = d.write(store_after(events[:200]).to_arrays(), {"n": 1})
+    new = d.write(store_after(events[:400]).to_arrays(), {"n": 2})
+    raw = bytearray(new.read_bytes())
+    if damage == "truncated":  # a crash while writing (were it not for the rename) or a full disk
+        new.write_bytes(bytes(raw[: len(raw) // 2]))
+    else:  # one bit flipped inside the records table's data
+        at = raw.find(b"records.npy") + 200
+        raw[at + 4096] ^= 0x10
+        new.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="chorus.worker.checkpoint"):
+        path, meta, arrays = d.latest()
+    assert path == old and meta["n"] == 1
+    assert any("is broken" in r.getMessage() and new.name in r.getMessage() for r in caplog.records)
+    s = WindowStore.from_arrays(arrays, fake_classify, window_s=WIN, hop_s=HOP)
+    assert s.stats == store_after(events[:200]).stats
+
+
+def test_an_older_format_or_another_window_is_refused_with_a_clear_error(tmp_path, caplog):
+    d = CheckpointDir(tmp_path)
+    arrays = store_after(random_stream(5)[:100]).to_arrays()
+    path = d.write(arrays, {"window": [WIN, HOP]})
+    # rewrite the meta member as a checkpoint of format 0 would have it
+    with np.load(path) as z:
+        members = {k: z[k] for k in z.files}
+    members[META] = np.frombuffer(json.dumps({"format": 0, "window": [WIN, HOP]}).encode(), np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **members)
+    with caplog.at_level(logging.ERROR, logger="chorus.worker.checkpoint"):
+        assert d.latest() is None
+    assert any(f"has format 0; this chorus reads format {FORMAT}" in r.getMessage() for r in caplog.records)
+
+    d.write(arrays, {"window": [WIN, HOP]})
+
+    def accept(meta):
+        if meta["window"] != [2 * WIN, HOP]:
+            raise CheckpointMismatch("checkpoint for another window")
+
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="chorus.worker.checkpoint"):
+        assert d.latest(accept) is None
+    assert any("another window" in r.getMessage() for r in caplog.records)
+    # the store's own format is checked too
+    meta = json.loads(bytes(arrays["meta"]))
+    arrays["meta"] = np.frombuffer(json.dumps({**meta, "format": STATE_FORMAT - 1}).encode(), np.uint8)
+    with pytest.raises(ValueError, match=f"format {STATE_FORMAT - 1}, this chorus reads {STATE_FORMAT}"):
+        WindowStore.from_arrays(arrays, fake_classify)

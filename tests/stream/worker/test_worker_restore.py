@@ -1,0 +1,128 @@
+"""The worker's state after a restart and during rebalances (issue 17): restored from a checkpoint
+(a torn newest one skipped) with only what came after it replayed, nothing re-published; and a
+restore never holds up the group: a worker joining during a long restore settles the group once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from stream.config import Settings
+from stream.kafka import make_consumer
+from stream.schemas import TOPIC_EVENTS, TOPIC_GRAPH
+from stream.worker import faust_app
+from stream.worker.checkpoint import CheckpointDir
+from stream.worker.faust_app import APP_ID, Worker, checkpoint_dir
+from tests.stream.worker.test_worker import (EVENTS, EXPECTED, EXPECTED_EDGES, HOP, collect, final, matches,
+                                             produce, stop, wait_assigned)
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def settings(broker, tmp_path, interval=0.3):
+    return Settings(kafka=broker.url, kafka_idempotence=False, window_s=3 * HOP, hop_s=HOP,
+                    checkpoint_interval_s=interval, checkpoint_dir=tmp_path / "ck")
+
+
+def start(s):
+    w = Worker(s, idle_flush_s=1.0, rebalance_timeout_s=2.0)
+    return w, asyncio.create_task(w.run())
+
+
+async def graph_records(broker):
+    """Every chorus.graph record published so far, as (op, src, dst)."""
+    c = make_consumer(broker.bootstrap, TOPIC_GRAPH)
+    await c.start()
+    out = []
+    try:
+        while batch := await c.getmany(timeout_ms=1500):
+            for msgs in batch.values():
+                out += [(e["op"], e.get("src", ""), e["dst"]) for e in map(json.loads, (m.value for m in msgs))]
+    finally:
+        await c.stop()
+    return out
+
+
+def test_restart_restores_the_checkpoint_skips_a_torn_one_and_republishes_nothing(fresh_broker, tmp_path):
+    s = settings(fresh_broker, tmp_path)
+    ckdir = CheckpointDir(checkpoint_dir(s, APP_ID))
+
+    def covering(n):  # checkpoint files whose chorus.events offsets cover n events
+        return [f for f in ckdir.files() if sum(ckdir.read_meta(f)["offsets"]["events"].values()) == n]
+
+    async def main():
+        w, task = start(s)
+        await wait_assigned([w], [task])
+        await produce(fresh_broker, EVENTS[:7])  # through FOLLOW_C: both follows, no delete yet
+        deadline = time.monotonic() + 60
+        while len(covering(7)) < 2:
+            assert time.monotonic() < deadline, "no two checkpoints after the first events"
+            await asyncio.sleep(0.2)
+        await stop([w], [task])  # the process ends; no checkpoint is written at exit
+        newest, previous = ckdir.files()[:2]
+        assert newest in covering(7) and previous in covering(7)
+        newest.write_bytes(newest.read_bytes()[:-100])  # torn: its end never reached the disk
+
+        w2, task2 = start(s)
+        await wait_assigned([w2], [task2])
+        pipe = w2.pipeline
+        assert pipe.restored_from == str(previous) and pipe.replayed == 0
+        graph_before = await graph_records(fresh_broker)
+        await produce(fresh_broker, EVENTS[7:])
+        out = await collect(fresh_broker, EXPECTED)
+        await stop([w2], [task2])
+        return out, graph_before
+
+    (feats, _, edges), graph_before = asyncio.run(main())
+    assert matches(final(feats), EXPECTED), final(feats)
+    # chorus.graph did not grow with the restart: each follow record went out once
+    assert sorted(graph_before) == sorted(EXPECTED_EDGES[:2])
+    assert sorted(edges) == sorted(EXPECTED_EDGES)
+
+
+def test_a_worker_joining_during_a_long_restore_settles_the_group_once(fresh_broker, tmp_path, monkeypatch):
+    """The first worker's restore takes longer than the session timeout (10 s): it runs after the
+    assignment callback, so the group stays healthy; the second worker's join cancels it and
+    the group settles at once (first worker: 2 assignments, second: 1), with exact results."""
+    real_replay, slow = faust_app.replay, {"left": 1}
+
+    async def slow_replay(*args, **kw):
+        if slow["left"]:
+            slow["left"] -= 1
+            await asyncio.sleep(15)
+        return await real_replay(*args, **kw)
+
+    monkeypatch.setattr(faust_app, "replay", slow_replay)
+    s = settings(fresh_broker, tmp_path, interval=0)
+
+    async def main():
+        await produce(fresh_broker, EVENTS[:6])
+        w1, t1 = start(s)
+        deadline = time.monotonic() + 60
+        while not (w1.pipeline and w1.pipeline.assignments):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        assert not w1.pipeline.ready  # restoring (slowly)
+        await asyncio.sleep(2.0)
+        w2, t2 = start(s)
+        t0 = time.monotonic()
+        await wait_assigned([w1, w2], [t1, t2], timeout=60)
+        settle_s = time.monotonic() - t0
+        while not (w1.pipeline.ready and w2.pipeline.ready):
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(12)  # longer than the session timeout: no further rebalance comes
+        assignments = (w1.pipeline.assignments, w2.pipeline.assignments)
+        await produce(fresh_broker, EVENTS[6:])
+        out = await collect(fresh_broker, EXPECTED)
+        await stop([w1, w2], [t1, t2])
+        return out, settle_s, assignments
+
+    (feats, _, edges), settle_s, assignments = asyncio.run(main())
+    assert assignments == (2, 1), assignments
+    assert settle_s < 15, settle_s  # not held up by the first worker's 15 s restore
+    assert slow["left"] == 0
+    assert matches(final(feats), EXPECTED), final(feats)
+    assert set(edges) == set(EXPECTED_EDGES)
