@@ -78,6 +78,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -85,6 +86,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stream import metrics
+from stream import topics as topic_registry
 from stream.config import Settings, bootstrap_servers
 from stream.guard import RecordGuard, reason_of
 from stream.schemas import (TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_FEATURES, TOPIC_GRAPH, AttributionSnapshot,
@@ -220,6 +222,11 @@ class OperatorService:
         self._series: dict[tuple[str, str], set[tuple]] = {}  # (topic, indicator) -> exported (gauge, labels)
         self._stopping = asyncio.Event()
         self.snapshots_published = 0
+        self._offsets: dict[tuple[str, int], int] = {}  # input partition -> next offset to read
+        self._last_snapshot = time.monotonic()
+        self.snapshot_time: float | None = None  # unix time of the last snapshot written
+        self.restored_from: str | None = None
+        self.recovery_s: float | None = None
         self.guard = RecordGuard.from_settings("operator", self.settings)
 
     # --- state input (also used by the Kafka loop) ------------------------------------------
@@ -503,14 +510,15 @@ class OperatorService:
         timeout_ms = int(self.settings.kafka_request_timeout_s * 1000)
         specs = stage_topics("operator", self.settings)
         await ensure_topics(bootstrap, specs)
-        await check_topics(bootstrap, specs, "operator")
-        consumer = make_consumer(bootstrap, TOPIC_FEATURES, TOPIC_GRAPH, group_id=None,
+        consumer = make_consumer(bootstrap, group_id=None,
                                  auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20,
                                  request_timeout_ms=timeout_ms)
         producer = make_producer(bootstrap, idempotence=self.settings.kafka_idempotence,
                                  request_timeout_ms=timeout_ms)
+        found = await check_topics(bootstrap, specs, "operator")
         await consumer.start()
         try:
+            await self._position(consumer, bootstrap, found)
             await producer.start()
             try:
                 self.sender = sender = ReliableSender.for_aiokafka(producer, "operator")
@@ -519,10 +527,13 @@ class OperatorService:
                     batch = await consumer.getmany(timeout_ms=200, max_records=20000)
                     for tp, msgs in batch.items():
                         self._ingest(tp.topic, tp.partition, msgs)
+                        self._offsets[(tp.topic, tp.partition)] = msgs[-1].offset + 1
                     if self.hop_due(caught_up=not batch and await self._caught_up(consumer)):
                         snaps = await asyncio.to_thread(self.recompute)
                         await self._publish(sender, snaps)
                         await alerts.evaluate_and_publish(snaps)
+                        await self._observe(consumer)
+                        await self._maybe_snapshot(bootstrap)
                     dead = self.guard.take_dead_letters()
                     if dead:
                         await sender.send([(TOPIC_DEAD_LETTER, k, v, None, h) for k, v, h in dead])
@@ -531,6 +542,98 @@ class OperatorService:
                 await producer.stop()
         finally:
             await consumer.stop()
+
+    # --- snapshots: restart from the state it had, read only what came after ---------------
+    def snapshot_dir(self) -> Path:
+        return Path(self.settings.state_dir) / "operator"
+
+    async def _position(self, consumer, bootstrap: str, found) -> None:
+        """Assign every partition of the input topics; with a usable snapshot (the newest whole
+        one of this cluster whose offsets the topics still hold), adopt its state and seek to its
+        offsets, else read from the beginning."""
+        from aiokafka import TopicPartition
+
+        from stream.worker.checkpoint import CheckpointDir, CheckpointMismatch
+
+        tps = [TopicPartition(t, p) for t in (TOPIC_FEATURES, TOPIC_GRAPH)
+               for p in range(found.partitions.get(t) or topic_registry.partitions(self.settings, t))]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        if self.settings.operator_snapshot_interval_s <= 0:
+            return
+        first = await consumer.beginning_offsets(tps)
+        t0 = time.monotonic()
+
+        def accept(meta: dict) -> None:
+            if meta.get("kafka") != bootstrap:
+                raise CheckpointMismatch(f"operator snapshot of the Kafka cluster at {meta.get('kafka')}, not {bootstrap}")
+            for key, off in meta["offsets"].items():
+                topic, p = key.rsplit(":", 1)
+                lo = first.get(TopicPartition(topic, int(p)), 0)
+                if off < lo:
+                    raise CheckpointMismatch(f"operator snapshot offset {off} of {key} is before the first one "
+                                             f"the topic still holds ({lo})")
+
+        found_snap = await asyncio.to_thread(CheckpointDir(self.snapshot_dir()).latest, accept)
+        if found_snap is None:
+            return
+        path, meta, arrays = found_snap
+        try:
+            self.state = await asyncio.to_thread(OperatorState.from_arrays, arrays)
+        except (ValueError, KeyError) as exc:
+            log.error("not using operator snapshot %s: %s", path, exc)
+            return
+        for key, off in meta["offsets"].items():
+            topic, p = key.rsplit(":", 1)
+            tp = TopicPartition(topic, int(p))
+            if tp in tps:
+                consumer.seek(tp, off)
+                self._offsets[(topic, int(p))] = off
+        self.restored_from = str(path)
+        self.recovery_s = time.monotonic() - t0
+        self._last_snapshot = time.monotonic()
+        self._note_change()
+        log.info("operator: restored %s (%d agents, %d edges) in %.1fs", path.name, self.state.n_rows,
+                 self.state.n_edges, self.recovery_s)
+
+    def write_snapshot(self, bootstrap: str) -> Path:
+        """Write a snapshot of the state and the offsets it covers (blocking)."""
+        from stream.worker.checkpoint import CheckpointDir
+
+        meta = {"kafka": bootstrap, "offsets": {f"{t}:{p}": o for (t, p), o in self._offsets.items()}}
+        return CheckpointDir(self.snapshot_dir()).write(self.state.to_arrays(), meta)
+
+    async def _maybe_snapshot(self, bootstrap: str) -> None:
+        interval = self.settings.operator_snapshot_interval_s
+        if interval <= 0 or time.monotonic() - self._last_snapshot < interval:
+            return
+        self._last_snapshot = time.monotonic()
+        arrays = self.state.to_arrays()  # a consistent copy, taken between batches
+        meta = {"kafka": bootstrap, "offsets": {f"{t}:{p}": o for (t, p), o in self._offsets.items()}}
+        from stream.worker.checkpoint import CheckpointDir
+
+        try:
+            await asyncio.to_thread(CheckpointDir(self.snapshot_dir()).write, arrays, meta)
+            self.snapshot_time = time.time()
+        except OSError as exc:
+            log.error("cannot write an operator snapshot to %s: %s", self.snapshot_dir(), exc)
+
+    async def _observe(self, consumer) -> None:
+        """Operator metrics: agents, edges, device memory, lag per input partition, snapshot age."""
+        st = self.state
+        metrics.OPERATOR_AGENTS.set(st.n_rows)
+        metrics.OPERATOR_EDGES.set(st.n_edges)
+        try:
+            stats = jax.devices()[0].memory_stats() or {}
+        except Exception:  # noqa: BLE001 - not every backend reports memory
+            stats = {}
+        metrics.OPERATOR_DEVICE_MEMORY.set(float(stats.get("bytes_in_use", 0)))
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            if hw is not None:
+                lag = max(0, hw - await consumer.position(tp))
+                metrics.CONSUMER_LAG.labels(stage="operator", topic=tp.topic, partition=str(tp.partition)).set(lag)
+        metrics.OPERATOR_SNAPSHOT_AGE.set(float("nan") if self.snapshot_time is None else time.time() - self.snapshot_time)
 
     def _ingest(self, topic: str, partition: int, msgs) -> None:
         """Apply one fetched batch; a record that fails validation (:mod:`stream.guard`) or whose
@@ -561,6 +664,9 @@ class OperatorService:
         await sender.send([(TOPIC_ATTRIBUTIONS, s.topic.encode(), s.to_bytes(), None, None) for s in snaps])
         await sender.flush()
         self.snapshots_published += len(snaps)
+        now = time.time()
+        for end in {s.window_end for s in snaps}:
+            metrics.OPERATOR_HOP_LATENCY.observe(max(0.0, now - end))
 
     async def stop(self) -> None:
         self._stopping.set()

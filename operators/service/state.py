@@ -28,6 +28,7 @@ copied to the device in one scatter per topic and hop (padded to a power-of-two 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import jax
@@ -399,6 +400,63 @@ class OperatorState:
             self._graph_dirty = True
             self._edges_version += 1
             self._edges_epoch += 1
+
+    # --- snapshots (restart without re-reading the input topics) ----------------------------
+    SNAPSHOT_FORMAT = 1
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The whole state as named numpy arrays (copies): DIDs, followers, last window ends,
+        host features per topic, the edge set and the record index (format SNAPSHOT_FORMAT)."""
+        self.settle()
+        self._edges.compact()
+        n = self.n_rows
+        encoded = [d.encode() for d in self.dids]
+        rec_keys, rec_edges = self._records.arrays()
+        meta = {"format": self.SNAPSHOT_FORMAT, "topics": self.topics, "window_end": self.window_end,
+                "edge_ops_ignored": self.edge_ops_ignored}
+        out = {
+            "state_meta": np.frombuffer(json.dumps(meta).encode(), np.uint8).copy(),
+            "did_bytes": np.frombuffer(b"".join(encoded), np.uint8).copy(),
+            "did_len": np.fromiter(map(len, encoded), np.int32, n),
+            "followers": self.followers[:n].copy(), "last_end": self._last_end[:n].copy(),
+            "edge_keys": self._edges._keys.copy(), "edge_time": self._edges._time.copy(),
+            "edge_present": self._edges._present.copy(),
+            "record_keys": rec_keys.copy(), "record_edges": rec_edges.copy(),
+        }
+        for i, t in enumerate(self.topics):
+            out[f"features_{i}"] = self._host[t][:n].copy()
+        return out
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> "OperatorState":
+        """A state from :meth:`to_arrays`. Raises ValueError for another format."""
+        meta = json.loads(bytes(a["state_meta"]))
+        if meta.get("format") != cls.SNAPSHOT_FORMAT:
+            raise ValueError(f"operator state format {meta.get('format')!r}, this chorus reads {cls.SNAPSHOT_FORMAT}")
+        lens = a["did_len"].astype(np.int64)
+        n = lens.size
+        st = cls(capacity=n + 1)
+        text = a["did_bytes"].tobytes()
+        ends = np.cumsum(lens)
+        starts = ends - lens
+        st.dids = [text[i:j].decode() for i, j in zip(starts.tolist(), ends.tolist())]
+        st.index = dict(zip(st.dids, range(n)))
+        st.followers[:n] = a["followers"]
+        st._last_end[:n] = a["last_end"]
+        for i, t in enumerate(meta["topics"]):
+            h = st._host[t] = np.zeros((st.capacity, D), np.float32)
+            h[:n] = a[f"features_{i}"]
+            st.changed_topics.add(t)
+        st._edges._keys, st._edges._time = a["edge_keys"], a["edge_time"]
+        st._edges._present = a["edge_present"].astype(bool)
+        st._edges.count = int(st._edges._present.sum())
+        st._records._keys, st._records._edges = a["record_keys"], a["record_edges"]
+        st.window_end = meta["window_end"]
+        st.edge_ops_ignored = meta["edge_ops_ignored"]
+        st._graph_dirty = True
+        st._edges_version += 1
+        st._edges_epoch += 1
+        return st
 
     def take_changed(self) -> set[str]:
         """Topics whose features changed since the last call (and clear the set)."""

@@ -45,10 +45,10 @@ log = logging.getLogger("chorus.run")
 # subprocess part's families from its own endpoint.
 # Families every stage exports (labelled by topic or stage, so the parts' samples never collide):
 # a child's samples of these are merged with the local ones.
-SHARED_METRICS = ("chorus_records_rejected", "chorus_kafka_")
+SHARED_METRICS = ("chorus_records_rejected", "chorus_kafka_", "chorus_consumer_lag")
 OWNED_METRICS: dict[str, tuple[str, ...]] = {
     "ingester": ("chorus_ingest_", "chorus_events_published"),
-    "worker": ("chorus_window_",) + SHARED_METRICS,
+    "worker": ("chorus_window_", "chorus_worker_") + SHARED_METRICS,
     "operator": ("chorus_attribution_", "chorus_operator_", "chorus_alerts_"),
 }
 
