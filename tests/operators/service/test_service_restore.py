@@ -14,7 +14,7 @@ from operators.service.service import OperatorService
 from operators.service.state import OperatorState
 from stream.config import Settings
 from stream.kafka import ensure_topics
-from stream.schemas import TOPIC_ATTRIBUTIONS, Attribution, GraphEdge
+from stream.schemas import TOPIC_ATTRIBUTIONS, AttributionSnapshot, GraphEdge
 from tests.operators.service.test_service import HOP1, QUIET, check_hop1, collect, complete, edges, features, last, \
     produce
 
@@ -58,7 +58,7 @@ def test_operator_restarts_from_its_snapshot_and_reads_only_what_follows(fresh_b
         await produce(bootstrap, edges() + features(60, HOP1 + QUIET))
         first = OperatorService(s, steps=16, panel_k=2)
         task = asyncio.create_task(first.run())
-        hop1 = await collect(bootstrap, TOPIC_ATTRIBUTIONS, Attribution, complete(60, 1, 7), timeout=120, task=task)
+        hop1 = await collect(bootstrap, TOPIC_ATTRIBUTIONS, AttributionSnapshot, complete(60, 1, 7), timeout=120, task=task)
         deadline = time.monotonic() + 30
         while first.snapshot_time is None:
             assert time.monotonic() < deadline, "no snapshot written"
@@ -73,7 +73,7 @@ def test_operator_restarts_from_its_snapshot_and_reads_only_what_follows(fresh_b
         task = asyncio.create_task(second.run())
         more = features(120, HOP1[:2] + [("did:D", 1, [10, 0, 0, 0])], expired=["did:C"])
         await produce(bootstrap, more)
-        hop2 = await collect(bootstrap, TOPIC_ATTRIBUTIONS, Attribution, complete(120, 1, 13), task=task)
+        hop2 = await collect(bootstrap, TOPIC_ATTRIBUTIONS, AttributionSnapshot, complete(120, 1, 13), task=task)
         await second.stop()
         await asyncio.wait_for(task, 30)
         return first, second, hop1, hop2, ingested, more
