@@ -6,6 +6,7 @@ module that does the work. Errors the user can fix print one line and exit non-z
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -175,6 +176,88 @@ def operator(
 
 
 @app.command()
+def backfill(
+    relay: Optional[str] = typer.Option(None, help="List repositories on this relay (https://HOST; default: the "
+                                        "HTTP host of CHORUS_RELAY, https://bsky.network)."),
+    pds: Optional[str] = typer.Option(None, help="List and fetch repositories on this PDS only (no DID resolution)."),
+    dids: Optional[Path] = typer.Option(None, help="Backfill the DIDs in this file (one per line)."),
+    graph_file: Optional[Path] = typer.Option(None, help="Import follow pairs (CSV or Parquet with columns "
+                                              "follower, followed) instead of reading repositories."),
+    plc: Optional[str] = typer.Option(None, help="PLC directory (default: CHORUS_PLC_URL, https://plc.directory)."),
+    kafka: Optional[str] = typer.Option(None, help="kafka://host:port (default: CHORUS_KAFKA, else the running "
+                                        "`chorus run`)."),
+    concurrency: int = typer.Option(32, min=1, max=1024, help="Repositories fetched at once, overall."),
+    per_host: int = typer.Option(8, min=1, max=256, help="Requests at once per host (PDS, PLC)."),
+    max_car_mb: float = typer.Option(128.0, min=0.001, help="Largest repository CAR accepted, MiB (larger: "
+                                     "counted as too_large and skipped)."),
+    timeout: float = typer.Option(180.0, min=1.0, help="Total seconds allowed per request (retries aside)."),
+    retries: int = typer.Option(4, min=0, max=20, help="Retries per request (429/5xx/connection errors)."),
+    allow_net: Optional[list[str]] = typer.Option(None, help="A non-public network that may be fetched from "
+                                                  "(repeatable, e.g. 127.0.0.0/8; default: none)."),
+    restart: bool = typer.Option(False, "--restart", help="Forget the checkpoint and start over."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar; one summary line."),
+) -> None:
+    """The existing follow graph from the repositories (or a dump) into chorus.graph; resumable."""
+    import asyncio
+    import logging
+    import signal
+
+    from stream.backfill.checkpoint import CheckpointError
+    from stream.backfill.fetch import Limits, parse_networks
+    from stream.backfill.graph_file import GraphFileError
+    from stream.backfill.listing import ListingError
+    from stream.backfill.service import Backfill, BackfillError, Options, run_graph_file
+    from stream.config import bootstrap_servers, relay_http_url
+    from stream.metrics import serve
+
+    if sum(x is not None for x in (relay, pds, dids, graph_file)) > 1:
+        fail("give at most one of --relay, --pds, --dids, --graph-file")
+    s = settings(kafka=kafka, plc_url=plc, allow_nets=allow_net or None)
+    url = s.kafka
+    if url is None:
+        from stream.local.runner import running_instance
+
+        url = (running_instance(s.state_dir) or {}).get("kafka")
+    if url is None:
+        fail("the backfill needs Kafka: pass --kafka kafka://host:port or set CHORUS_KAFKA (or start `chorus run`)")
+    try:
+        bootstrap = bootstrap_servers(url)
+        parse_networks(s.allow_nets)
+    except (ConfigError, ValueError) as exc:
+        fail(str(exc))
+    for flag, value in (("--relay", relay), ("--pds", pds), ("--plc", s.plc_url)):
+        if value is not None and not value.startswith(("http://", "https://")):
+            fail(f"{flag} must be an http(s) URL, got {value!r}")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with contextlib.suppress(OSError):  # metrics are optional here (another chorus may hold the port)
+        serve(s.metrics_host, s.metrics_port)
+    opts = Options(relay=relay or (None if pds or dids else relay_http_url(s.relay)), pds=pds, dids_file=dids,
+                   plc=s.plc_url, allow_nets=list(s.allow_nets), max_car_bytes=int(max_car_mb * 1024 * 1024),
+                   limits=Limits(concurrency=concurrency, per_host=per_host, total_timeout_s=timeout,
+                                 retries=retries),
+                   restart=restart, progress=not no_progress)
+
+    async def main() -> str:
+        if graph_file is not None:
+            st = await run_graph_file(bootstrap, s.state_dir, graph_file, s.kafka_idempotence, restart)
+            return f"{st.edges:,} follow pairs from {graph_file}"
+        bf = Backfill(bootstrap, s.state_dir, opts, idempotence=s.kafka_idempotence)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, bf.stop)
+        await bf.run()
+        return bf.summary() + ("" if bf.state.finished else " (stopped; run again to resume)")
+
+    try:
+        line = asyncio.run(main())
+    except (BackfillError, ListingError, CheckpointError, GraphFileError) as exc:
+        fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    typer.echo(f"chorus backfill: {line}", err=True)
+
+
+@app.command()
 def relay(
     recording: Optional[Path] = typer.Option(None, help="Serve this recording (from `chorus record`)."),
     synthetic: Optional[int] = typer.Option(None, help="Serve a synthetic population of N accounts (default 20000)."),
@@ -194,6 +277,7 @@ def relay(
     from stream.sim.recording import RecordingError
     from stream.sim.relay import FrameSource, run_relay
 
+    repos = None
     if recording is not None and synthetic is not None:
         fail("give either --recording or --synthetic, not both")
     if rate is not None and rate <= 0 or speed is not None and speed <= 0:
@@ -205,8 +289,12 @@ def relay(
         else:
             from stream.sim.synth import Population
 
+            from stream.sim.repos import SyntheticRepos
+
             population = Population(n=synthetic or 20_000, seed=seed)
-            source = FrameSource.from_population(population, 1, start_us or time.time_ns() // 1000)
+            start = start_us or time.time_ns() // 1000
+            source = FrameSource.from_population(population, 1, start)
+            repos = SyntheticRepos(population, 1, start)
             what = f"synthetic population n={population.n} seed={seed}"
     except (OSError, RecordingError, ValueError) as exc:
         fail(str(exc))
@@ -214,10 +302,14 @@ def relay(
     def ready(r) -> None:
         last = f"last seq {r.source.last_seq}" if not r.jetstream else "Jetstream v1, cursor = time_us"
         typer.echo(f"chorus relay: serving {what} at {r.url} ({last})", err=True)
+        if r.http_url:
+            typer.echo(f"chorus relay: listRepos/getRepo at {r.http_url}, PLC directory at {r.plc_url} "
+                       f"(backfill: chorus backfill --relay {r.http_url} --plc {r.plc_url} "
+                       "--allow-net 127.0.0.0/8)", err=True)
 
     try:
         asyncio.run(run_relay(source, host=host, port=port, rate=rate, speed=speed, on_ready=ready,
-                              protocol="jetstream" if jetstream else "firehose"))
+                              protocol="jetstream" if jetstream else "firehose", repos=repos))
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc}")
     except KeyboardInterrupt:

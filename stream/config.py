@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         description="Run `chorus ingest` and `chorus worker` on uvloop where it is installed "
         "(stream.process); false: the standard asyncio loop.",
     )
+    plc_url: str = Field(default="https://plc.directory", description="PLC directory for `chorus backfill`.")
+    allow_nets: list[str] = Field(
+        default_factory=list,
+        description="Non-public networks `chorus backfill` may fetch from (e.g. [\"127.0.0.0/8\"]); "
+        "default none: DID documents pointing at private addresses are refused.",
+    )
 
     @field_validator("kafka")
     @classmethod
@@ -143,6 +149,16 @@ class Settings(BaseSettings):
     def window(self) -> tuple[int, int]:
         """(window_s, hop_s), resolved and checked when the settings were built."""
         return self.window_s, self.hop_s
+
+
+def relay_http_url(relay: str) -> str:
+    """The HTTP base of a relay given by its subscribeRepos URI: ``wss://bsky.network/xrpc`` ->
+    ``https://bsky.network`` (where ``com.atproto.sync.listRepos`` lives)."""
+    url = relay.strip().rstrip("/")
+    for ws, http in (("wss://", "https://"), ("ws://", "http://")):
+        if url.startswith(ws):
+            url = http + url[len(ws):]
+    return url.removesuffix("/xrpc")
 
 
 def bootstrap_servers(url: str) -> str:

@@ -152,6 +152,16 @@ RUN_PART_RESTARTS = Counter(
     "chorus_run_part_restarts", "Parts `chorus run` restarted after they died, by part.", ["part"]
 )
 
+# --- backfill -----------------------------------------------------------------------------
+BACKFILL_REPOS = Counter(
+    "chorus_backfill_repos", "Repositories the backfill finished, by status (done, or why skipped).", ["status"]
+)
+BACKFILL_EDGES = Counter("chorus_backfill_edges", "Follow edges the backfill published (acknowledged).")
+GRAPH_COVERAGE = Gauge(
+    "chorus_graph_coverage_ratio",
+    "Repositories backfilled (or known inactive) / repositories listed: how complete the graph is.",
+)
+
 # --- alerts -------------------------------------------------------------------------------
 ALERTS_PUBLISHED = Counter("chorus_alerts_published", "Alerts published, by rule.", ["rule"])
 

@@ -8,6 +8,7 @@ Syntax (pure functions, never raise, ``False`` for anything that is not a ``str`
 - :func:`is_did`: https://atproto.com/specs/did (``did:method:id``, at most 2,048 chars, ``%``
   only as ``%XX`` hex escapes).
 - :func:`is_handle`: https://atproto.com/specs/handle (a domain name of 2+ labels).
+- :func:`is_tid`: https://atproto.com/specs/tid (13 base32-sortable chars; repo revisions).
 - :func:`is_nsid`: https://atproto.com/specs/nsid (the SDK's ``atproto_core.nsid.validate_nsid``).
 - :func:`is_record_key`: https://atproto.com/specs/record-key (1-512 chars of ``A-Za-z0-9._:~-``,
   not ``.`` or ``..``).
@@ -53,6 +54,15 @@ def is_did(value: Any) -> bool:
     """A syntactically valid DID (any method)."""
     return (isinstance(value, str) and len(value) <= MAX_DID_CHARS and _sf.DID_RE.match(value) is not None
             and ("%" not in value or _BAD_PERCENT.search(value) is None))
+
+
+_TID = re.compile(r"[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}")
+
+
+def is_tid(value: Any) -> bool:
+    """A TID (https://atproto.com/specs/tid): 13 base32-sortable characters, the top bit zero.
+    Repo revisions (``rev``) are TIDs."""
+    return isinstance(value, str) and _TID.fullmatch(value) is not None
 
 
 def is_handle(value: Any) -> bool:

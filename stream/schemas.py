@@ -57,6 +57,7 @@ AtUri = Annotated[str, Field(max_length=MAX_URI, pattern=r"^at://")]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Bounded = Annotated[float, Field(ge=-MAX_COUNT, le=MAX_COUNT, allow_inf_nan=False)]
 TimeUs = Annotated[int, Field(ge=0)]
+Tid = Annotated[str, Field(pattern=r"^[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}$")]  # a repo rev
 UnixS = Annotated[int, Field(ge=0)]
 
 
@@ -112,6 +113,7 @@ class Event(_Value):
     subject_did: Did | None = None
     active: bool | None = None  # kind="account" only
     status: Annotated[str, Field(max_length=512)] | None = None  # kind="account" only: why inactive
+    rev: Tid | None = None  # follow creates and deletes: the commit's repo revision
 
     @field_validator("time_us")
     @classmethod
@@ -167,6 +169,9 @@ class GraphEdge(_Value):
     from the record's add) or src and dst; ``purge`` (dst's account is gone) removes every edge
     dst follows with, as of ``time_us``. Records written before ``uri`` existed carry src and dst
     only (key = dst) and stay valid.
+    ``rev`` is the repo revision (a TID) the op comes from: the live commit's, or the repository
+    checkpoint's for ``chorus backfill``. Per edge the op with the newest rev wins (an add on a
+    tie); without a rev, ``time_us`` orders it (operators/service/state.py).
     """
 
     op: Literal["add", "remove", "purge"]
@@ -174,6 +179,7 @@ class GraphEdge(_Value):
     dst: Did
     time_us: TimeUs
     uri: AtUri | None = None
+    rev: Tid | None = None
 
     @field_validator("time_us")
     @classmethod
@@ -187,6 +193,33 @@ class GraphEdge(_Value):
         if self.op == "remove" and not (self.src or self.uri):
             raise PydanticCustomError("op_fields", "a remove needs src or uri", {})
         return self
+
+
+_S32 = {c: i for i, c in enumerate("234567abcdefghijklmnopqrstuvwxyz")}
+
+
+def tid_value(tid: str) -> int:
+    """The integer a TID encodes (https://atproto.com/specs/tid: 13 base32-sortable characters,
+    53-bit microseconds << 10 | 10-bit clock id); raises KeyError on a character outside the
+    alphabet. Revs compare as these integers."""
+    v = 0
+    for ch in tid:
+        v = (v << 5) | _S32[ch]
+    return v
+
+
+def graph_value(op: str, src: str | None, dst: str, time_us: int, uri: str | None = None,
+                rev: str | None = None) -> dict[str, Any]:
+    """A chorus.graph value (a :class:`GraphEdge` as a plain dict, None fields left out)."""
+    value: dict[str, Any] = {"v": SCHEMA_VERSION, "op": op}
+    if src is not None:
+        value["src"] = src
+    value["dst"], value["time_us"] = dst, time_us
+    if uri is not None:
+        value["uri"] = uri
+    if rev is not None:
+        value["rev"] = rev
+    return value
 
 
 def graph_key(edge: dict[str, Any]) -> bytes:

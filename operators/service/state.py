@@ -12,12 +12,22 @@ beginning after a restart rebuilds exactly the same state:
 - Features: the latest message per DID wins (a message with an older ``window_end`` than the one
   applied for that DID is ignored). A message replaces that DID's vector in every topic: topics it
   does not list become zero; ``expired`` zeroes them all.
-- Graph edges: add/remove are set operations on ``(src, dst)``; an op older (``time_us``) than the
-  last op applied to the same edge is ignored (:class:`EdgeSet`, compact numpy storage). A remove
-  may name only the follow record (``uri``, what a firehose delete carries): the record -> edge
-  index (:class:`RecordIndex`) resolves it; an unknown record is ignored. A ``purge`` (an account
-  is gone) removes every edge the account follows with, unless a later op re-added it; purges
-  are applied in one vectorized pass before the graph or the follower counts are next read.
+- Graph edges: add/remove are set operations on ``(src, dst)``; per edge the op of the highest
+  *order* wins, an add on a tie (:class:`EdgeSet`, compact numpy storage). The order of an op is
+  its ``rev`` (the follower's repo revision, a TID, as its 64-bit integer) or, without one,
+  ``time_us << 10 | 1023`` (:func:`op_order`). Every op on an edge comes from the follower's
+  repository, whose revs only grow, so this is the AT Protocol's backfill rule: a live op whose
+  rev is not newer than a backfilled checkpoint's (``chorus backfill``) is already in it and
+  changes nothing, a newer one applies on top, whatever order the live and backfilled ops arrive
+  in. (A repository can only misorder its own follows with false revs.)
+- A remove may name only the follow record (``uri``, what a firehose delete carries): the record
+  -> edge index (:class:`RecordIndex`) resolves it. A remove whose add has not arrived yet (a
+  backfill published after the live delete) is kept there as a pending remove, which the add then
+  applies, so a follow deleted while its repository was being backfilled does not survive. A
+  ``purge`` (an account is gone) removes every edge the account follows with, unless a later op
+  re-added it, and adds for that account arriving later that are not newer than the purge are
+  ignored (a backfill read before the account went); purges are applied in one vectorized pass
+  before the graph or the follower counts are next read.
 - Followers: the in-degree of each row in the present edge set (``followers[src]`` counts the
   edges ``src -> *``), kept up to date with every change: the one source of follower counts for
   bands and panel. (The ``followers`` field of old ``chorus.features`` records is ignored.)
@@ -35,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stream.schemas import FEATURE_COLUMNS, Features, GraphEdge
+from stream.schemas import FEATURE_COLUMNS, Features, GraphEdge, tid_value
 
 from operators.graph import FollowGraph, GraphStack, pow2_at_least
 from operators.subgraph import ActiveSubgraph
@@ -54,9 +64,22 @@ def _scatter_rows(x: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array
     return x.at[rows].set(values, mode="drop")
 
 
+def op_order(e: GraphEdge) -> int:
+    """The order of a graph op (module docstring): its rev as a TID integer when it has a valid
+    one, else ``time_us << 10 | 1023`` (after every rev of the same microsecond)."""
+    if e.rev is not None and len(e.rev) == 13:
+        try:
+            v = tid_value(e.rev)
+        except KeyError:
+            v = -1
+        if 0 <= v < 1 << 63:
+            return v
+    return (min(max(int(e.time_us), 0), (1 << 52) - 1) << 10) | 0x3FF
+
+
 class EdgeSet:
-    """Follow edges keyed ``src << 32 | dst`` with the time of the last op on each (removed edges
-    stay as tombstones, so an older duplicate op cannot resurrect them).
+    """Follow edges keyed ``src << 32 | dst`` with the order of the last op on each (removed edges
+    stay as tombstones, so an older duplicate op cannot resurrect them; an add wins a tie).
 
     Recent ops live in a dict; :meth:`compact` merges them into sorted numpy arrays (about 17 bytes
     per edge), so millions of edges stay compact.
@@ -79,12 +102,12 @@ class EdgeSet:
                 hit = (int(self._time[i]), bool(self._present[i]))
         return hit
 
-    def apply(self, key: int, time_us: int, present: bool) -> bool:
-        """Apply one add (present=True) or remove; returns whether the edge set changed."""
+    def apply(self, key: int, order: int, present: bool) -> bool:
+        """Apply one add (present=True) or remove at ``order``; returns whether the set changed."""
         prev = self._lookup(key)
-        if prev is not None and time_us < prev[0]:
+        if prev is not None and (order < prev[0] or (order == prev[0] and prev[1] and not present)):
             return False
-        self._recent[key] = (time_us, present)
+        self._recent[key] = (order, present)
         was = prev is not None and prev[1]
         if len(self._recent) >= self.MERGE_AT:
             self.compact()
@@ -145,6 +168,10 @@ class EdgeSet:
         self.compact()
         return self._keys[self._present]
 
+    @property
+    def nbytes(self) -> int:
+        return self._keys.nbytes + self._time.nbytes + self._present.nbytes
+
     def out_edges(self, rows) -> np.ndarray:
         """Present edge keys with source in ``rows`` (row indices), sorted by (src, dst)."""
         self.compact()
@@ -156,7 +183,8 @@ class EdgeSet:
 
 
 class RecordIndex:
-    """Follow record key (:func:`stream.worker.table.key_of` of the record URI) -> edge key,
+    """Follow record key (:func:`stream.worker.table.key_of` of the record URI) -> edge key (>= 0),
+    or a pending remove's order as ``-order - 1`` (< 0) while the record's add has not arrived;
     16 bytes per record: recent entries in a dict, merged into sorted numpy arrays."""
 
     MERGE_AT = 1 << 20
@@ -200,6 +228,10 @@ class RecordIndex:
         self.compact()
         return self._keys, self._edges
 
+    @property
+    def nbytes(self) -> int:
+        return self._keys.nbytes + self._edges.nbytes
+
 
 @dataclass(frozen=True)
 class TopicView:
@@ -231,8 +263,9 @@ class OperatorState:
         self._pending: dict[str, set[int]] = {}     # topic -> rows changed since the last upload
         self._edges = EdgeSet()
         self._records = RecordIndex()               # follow record key -> edge key
-        self._purges: dict[int, int] = {}           # row -> time_us of a pending purge
-        self.edge_ops_ignored = 0                   # removes of unknown records
+        self._purges: dict[int, int] = {}           # row -> order of a pending purge
+        self._purged: dict[int, int] = {}           # row -> order of its latest purge (stale adds ignored)
+        self.edge_ops_ignored = 0                   # removes naming a record of another follower
         self._graph: FollowGraph | None = None
         self._graph_dirty = True
         self._edges_version = 0                     # bumped whenever the edge set changes
@@ -325,41 +358,58 @@ class OperatorState:
         self.changed_topics.add(topic)
 
     def apply_edge(self, e: GraphEdge) -> bool:
-        """Apply one chorus.graph value (idempotent); returns whether the edge set changed (a
-        purge returns True when it is queued; it is applied by :meth:`settle`)."""
+        """Apply one chorus.graph value (idempotent, order-free: see the module docstring);
+        returns whether the edge set changed (a purge returns True when it is queued; it is
+        applied by :meth:`settle`)."""
         from stream.worker.table import key_of
 
-        d = self.row(e.dst)
+        d, order = self.row(e.dst), op_order(e)
         if e.op == "purge":
-            self._purges[d] = max(self._purges.get(d, e.time_us), e.time_us)
+            self._purges[d] = max(self._purges.get(d, order), order)
+            self._purged[d] = max(self._purged.get(d, order), order)
             return True
         rec = key_of(e.uri) if e.uri else None
         if e.op == "add" and not e.src:
             self.edge_ops_ignored += 1
             return False
+        changed = False
         if e.src:
             key = (self.row(e.src) << 32) | d
             if rec is not None and e.op == "add":
+                pending = self._records.get(rec)
                 self._records.put(rec, key)
+                if pending is not None and pending < 0:  # the record's remove came first
+                    changed = self._apply_key(key, -pending - 1, False)
         else:  # a remove that names only the record
             key = self._records.get(rec) if rec is not None else None
-            if key is None or key & 0xFFFFFFFF != d:
+            if key is None or key < 0:  # its add has not arrived (yet): keep the newest remove
+                self._records.put(rec, -max(order, -key - 1 if key is not None else order) - 1)
+                return False
+            if key & 0xFFFFFFFF != d:
                 self.edge_ops_ignored += 1
                 return False
-        present = e.op == "add"
-        if self._edges.apply(key, e.time_us, present):
-            self.followers[key >> 32] += 1 if present else -1
-            self._graph_dirty = True
-            self._edges_version += 1
-            if self._subgraphs:
-                self._log_keys.append(key)
-                self._log_add.append(e.op == "add")
-            return True
-        return False
+        present = e.op == "add" and order > self._purged.get(d, -1)
+        return self._apply_key(key, order, present) | changed
+
+    def _apply_key(self, key: int, order: int, present: bool) -> bool:
+        if not self._edges.apply(key, order, present):
+            return False
+        self.followers[key >> 32] += 1 if present else -1
+        self._graph_dirty = True
+        self._edges_version += 1
+        if self._subgraphs:
+            self._log_keys.append(key)
+            self._log_add.append(present)
+        return True
+
+    @property
+    def graph_nbytes(self) -> int:
+        """Host bytes of the edge set and the record index (not the device graph)."""
+        return self._edges.nbytes + self._records.nbytes
 
     def settle(self) -> None:
-        """Apply the queued purges: every present edge into a purged row whose last op is not
-        newer than the purge is removed (one pass over the edge set)."""
+        """Apply the queued purges: every present edge out of a purged row whose last op is not
+        newer than the purge (in :func:`op_order`) is removed (one pass over the edge set)."""
         if not self._purges:
             return
         rows = np.fromiter(self._purges, np.int64, len(self._purges))

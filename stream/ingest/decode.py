@@ -159,6 +159,9 @@ def _decode_commit(body: Any) -> Decoded:
         out.invalid.append("frame_shape")
         return out
     car: _Car | None = None
+    # the commit's repo revision, carried by follow events for the graph's rev ordering
+    rev = body.get("rev")
+    rev = rev if protocol.is_tid(rev) else None
     for op in ops:
         try:
             if not isinstance(op, dict):
@@ -168,14 +171,16 @@ def _decode_commit(body: Any) -> Decoded:
             if kind is None:
                 continue
             action = op.get("action")
+            extra = {"rev": rev} if rev is not None and collection == nz.FOLLOW else {}
             if action == "delete":
-                out.events.append(nz.event("delete", did, collection, rkey, seq, tus, collection=collection))
+                out.events.append(nz.event("delete", did, collection, rkey, seq, tus, collection=collection,
+                                           **extra))
             elif action == "create":
                 if car is None:
                     car = _Car(body.get("blocks"))
                 record = car.record(op.get("cid"))
                 out.events.append(nz.event(kind, did, collection, rkey, seq, tus,
-                                           **nz.record_fields(collection, record)))
+                                           **nz.record_fields(collection, record), **extra))
         except nz.InvalidOp as exc:
             out.invalid.append(exc.reason)
     return out

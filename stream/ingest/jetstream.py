@@ -62,13 +62,16 @@ def message_events(obj: Any) -> list[dict]:
     if ev_kind is None:
         return []
     op = c.get("operation")
+    rev = c.get("rev")  # follows carry the commit's rev, as on the firehose (the graph's rev order)
+    extra = {"rev": rev} if collection == protocol.FOLLOW and protocol.is_tid(rev) else {}
     if op == "delete":
-        return [normalize.event("delete", did, collection, rkey, t, t, collection=collection)]
+        return [normalize.event("delete", did, collection, rkey, t, t, collection=collection, **extra)]
     if op == "create":
         record = c.get("record")
         if too_deep(record, MAX_RECORD_DEPTH):
             raise normalize.InvalidOp("record_depth")
-        return [normalize.event(ev_kind, did, collection, rkey, t, t, **normalize.record_fields(collection, record))]
+        return [normalize.event(ev_kind, did, collection, rkey, t, t, **normalize.record_fields(collection, record),
+                                **extra)]
     return []
 
 

@@ -40,6 +40,7 @@ class Status:
     lag_s: float | None = None
     cursor: float | None = None
     agents: dict[str, float] = field(default_factory=dict)
+    coverage: float | None = None  # chorus_graph_coverage_ratio: how complete the follow graph is
 
 
 def read_status(registry, previous: Status | None, dt: float) -> Status:
@@ -52,6 +53,8 @@ def read_status(registry, previous: Status | None, dt: float) -> Status:
             st.lag_s = fam.samples[0].value
         elif fam.name == "chorus_ingest_cursor" and fam.samples:
             st.cursor = fam.samples[0].value
+        elif fam.name == "chorus_graph_coverage_ratio" and fam.samples:
+            st.coverage = fam.samples[0].value
         elif fam.name == "chorus_window_agents":
             st.agents = {s.labels.get("topic", "?"): s.value for s in fam.samples}
     if previous is not None and dt > 0:
@@ -89,7 +92,9 @@ def relative_residual(v: dict[str, Any]) -> float:
 def status_line(st: Status) -> str:
     lag = "-" if st.lag_s is None else f"{st.lag_s:.1f}s"
     agents = sum(st.agents.values())
-    return f"ingest {st.rate:7.1f} ev/s  events {st.events_total:.0f}  lag {lag}  window agents {agents:.0f}"
+    graph = "" if st.coverage is None else f"  graph coverage {st.coverage:.1%}"
+    return (f"ingest {st.rate:7.1f} ev/s  events {st.events_total:.0f}  lag {lag}  window agents {agents:.0f}"
+            + graph)
 
 
 def _num(v) -> float:

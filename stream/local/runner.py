@@ -1,7 +1,7 @@
 """`chorus run`: every part of chorus in one process tree, started and stopped in order.
 
 Start order: run lock -> metrics endpoint -> Kafka (embedded Tansu broker unless ``settings.kafka``)
--> topics -> synthetic relay -> operator -> worker -> ingester -> console. Shutdown (Ctrl-C,
+-> topics -> synthetic relay -> operator -> worker -> ingester -> backfill -> console. Shutdown (Ctrl-C,
 SIGTERM, ``duration_s`` elapsed, or the embedded broker dying) runs the same list in reverse, so
 upstream parts stop before the ones they feed and the broker goes last.
 
@@ -10,6 +10,9 @@ exponential backoff (``RunOptions.restart_backoff_s`` doubling up to ``max_resta
 the delay starts over once a part has run :data:`HEALTHY_S` seconds), counted in
 ``chorus_run_part_restarts_total{part}``; its state comes back from Kafka as after any restart.
 Only the embedded broker is fatal: it keeps every topic in memory, so a new one would start empty.
+
+The backfill reads the synthetic population's existing follow graph from the relay's repositories
+(it is not on the firehose, as on the network) and ends by itself; the console shows its coverage.
 
 One metrics endpoint serves every metric: parts running in this process register in
 ``prometheus_client.REGISTRY`` (``stream.metrics``); a part running as a subprocess serves its own
@@ -331,8 +334,10 @@ class RelayPart:
     Event time runs at ``speed`` x wall-clock speed from ``start_time_us`` (default: now); at
     speed 1 (the default) lag and windows mean what they mean live, faster replays the same
     events in less wall time (lag is then negative). The activity span is ``events_per_account * n
-    / rate`` seconds of event time (about ``rate`` events/s on average), after a ``follow_span_s``
-    burst that builds the follow graph.
+    / rate`` seconds of event time (about ``rate`` events/s on average), after ``follow_span_s``
+    seconds in which the pre-existing follow graph was made: that graph is in the repositories the
+    relay serves (listRepos, getRepo, a PLC directory: :mod:`stream.sim.xrpc`), not on the
+    firehose, so the backfill has these seconds before the first activity.
     """
 
     name = "relay"
@@ -356,12 +361,14 @@ class RelayPart:
 
     async def start(self) -> None:
         from stream.sim.relay import FrameSource, Relay
+        from stream.sim.repos import SyntheticRepos
 
         self.population = await asyncio.to_thread(self.make_population)
         start = self.start_time_us if self.start_time_us is not None else time.time_ns() // 1000
         self.start_time_us = start
         source = FrameSource.from_population(self.population, start_time_us=start)
-        self.relay = Relay(source, self.host, 0, speed=self.speed)
+        repos = SyntheticRepos(self.population, 1, start)
+        self.relay = Relay(source, self.host, 0, speed=self.speed, repos=repos)
         await self.relay.start()
 
     @property
@@ -375,6 +382,49 @@ class RelayPart:
 
     def failure(self) -> str | None:
         return None
+
+
+class BackfillPart:
+    """`chorus backfill` against the synthetic relay's repositories (loopback allowed), in-process.
+
+    It ends by itself: a finished backfill is healthy, a failed one is a failure. Its checkpoint
+    lives in ``<state_dir>/run-backfill`` and is cleared at start (the relay lives and dies with
+    the run).
+    """
+
+    name = "backfill"
+
+    def __init__(self, bootstrap: str, state_dir: Path, relay_http: str, plc_url: str, idempotence: bool):
+        from stream.backfill.service import Backfill, Options
+
+        state = Path(state_dir) / "run-backfill"
+        opts = Options(relay=relay_http, plc=plc_url, allow_nets=["127.0.0.0/8", "::1/128"], progress=False,
+                       restart=True)
+        self.backfill = Backfill(bootstrap, state, opts, idempotence=idempotence)
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.backfill.run(), name="chorus-backfill")
+
+    async def stop(self) -> None:
+        if self.task is None:
+            return
+        task, self.task = self.task, None
+        if not task.done():
+            self.backfill.stop()
+            done, _ = await asyncio.wait({task}, timeout=20)
+            if not done:
+                task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        if task.done() and not task.cancelled() and task.exception() is None:
+            log.info("backfill: %s", self.backfill.summary())
+
+    def failure(self) -> str | None:
+        if self.task is None or not self.task.done() or self.task.cancelled():
+            return None
+        exc = self.task.exception()
+        return f"backfill failed: {exc}" if exc else None
 
 
 # --- the runner -----------------------------------------------------------------------------
@@ -491,6 +541,9 @@ class Runner:
             await self._start_part(self._operator_part())
             await self._start_part(self._worker_part())
             await self._start_part(self._ingester_part())
+            await self._start_part(BackfillPart(self.bootstrap, self.state_dir, relay.relay.http_url,
+                                                relay.relay.plc_url, idempotence=not self._embedded
+                                                and self.settings.kafka_idempotence))
             if self.opts.console:
                 from stream.local.console import Console
 

@@ -49,7 +49,7 @@ import numpy as np
 
 from stream.config import Settings
 from stream.ingest.decode import decode_frame
-from stream.schemas import AttributionSnapshot, Features, GraphEdge
+from stream.schemas import AttributionSnapshot, Features, GraphEdge, graph_value
 from stream.worker.lexicon import Classifier, Lexicon
 from stream.worker.windows import BadEvent, WindowStore
 
@@ -97,7 +97,8 @@ def synthetic_source(n: int, seed: int = 0, **population: Any) -> Source:
     """The seeded synthetic population's frames (``population``: extra Population arguments)."""
     from stream.sim.synth import Population
 
-    pop = Population(n=n, seed=seed, **population)
+    # offline there is no backfill: the graph comes first on the firehose, and stays as it is
+    pop = Population(n=n, seed=seed, **{"graph_on_firehose": True, "live_follows": False, **population})
     return Source(f"synthetic n={n} seed={seed}", pop.expected()["frames"], "frames",
                   lambda s, step: _frame_events((d for _, _, d in pop.timed_frames()), s, step))
 
@@ -170,8 +171,8 @@ class Analyzer:
         except (BadEvent, ValueError, KeyError, TypeError):  # as the worker: skip, count
             self.invalid_events += 1
         # The worker publishes an event's edges before the owners close the hop it opens.
-        for op, src, dst, te, uri in edges:
-            self.service.apply_edge(GraphEdge(op=op, src=src, dst=dst, time_us=te, uri=uri))
+        for edge in edges:
+            self.service.apply_edge(GraphEdge(**graph_value(*edge)))
         return self._hop(records) if store.closed != before else []
 
     def finish(self) -> list[AttributionSnapshot]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import time
 from functools import lru_cache
 from dataclasses import dataclass
@@ -177,11 +178,12 @@ class Op:
         return f"{self.collection}/{self.rkey}"
 
 
-def _commit_block(did: str, rev: str) -> tuple[bytes, bytes]:
-    """A repo v3 commit object. ``data`` (MST root) and ``sig`` are stand-ins: nothing verifies them."""
+def _commit_block(did: str, rev: str, data: bytes | None = None) -> tuple[bytes, bytes]:
+    """A repo v3 commit object. ``data`` is the MST root's CID (a stand-in when None); ``sig`` is a
+    stand-in: nothing verifies it."""
     digest = hashlib.sha256(f"{did}/{rev}".encode()).digest()
     block = libipld.encode_dag_cbor({
-        "did": did, "version": 3, "data": _CID_PREFIX + digest, "rev": rev, "prev": None,
+        "did": did, "version": 3, "data": data or _CID_PREFIX + digest, "rev": rev, "prev": None,
         "sig": b"\x30" + digest + digest[:31],  # 64 bytes, never parsed as a CID
     })
     return cid_of(block), block
@@ -253,6 +255,82 @@ def error_frame(error: str, message: str | None = None) -> bytes:
     if message is not None:
         body["message"] = message
     return libipld.encode_dag_cbor({"op": -1}) + libipld.encode_dag_cbor(body)
+
+
+# --- repositories (com.atproto.sync.getRepo) ----------------------------------------------------
+
+def mst_layer(key: bytes) -> int:
+    """MST layer of a key: leading zero bits of SHA-256(key), in 2-bit steps (fanout 4; atproto
+    repository spec, "Merkle Search Tree")."""
+    zeros = 0
+    for byte in hashlib.sha256(key).digest():
+        if byte == 0:
+            zeros += 8
+            continue
+        zeros += 8 - byte.bit_length()
+        break
+    return zeros // 2
+
+
+def _mst_node(keys: list[tuple[bytes, bytes, int]], layer: int, out: list[tuple[bytes, bytes]]) -> bytes | None:
+    """Encode the subtree of sorted ``(key, value CID, layer)`` at ``layer``; appends blocks to
+    ``out`` and returns the node's CID (None for an empty range)."""
+    if not keys:
+        return None
+    if layer < 0:  # unreachable for well-formed layers; guards against a bad caller
+        raise ValueError("MST keys below layer 0")
+    entries, gap, left, prev = [], [], None, b""
+    pending: dict | None = None
+    for key, cid, key_layer in keys:
+        if key_layer < layer:
+            gap.append((key, cid, key_layer))
+            continue
+        sub = _mst_node(gap, layer - 1, out)
+        gap = []
+        if pending is None:
+            left = sub
+        else:
+            pending["t"] = sub
+        p = len(os.path.commonprefix((prev, key)))
+        pending = {"p": p, "k": key[p:], "v": cid, "t": None}
+        entries.append(pending)
+        prev = key
+    sub = _mst_node(gap, layer - 1, out)
+    if pending is None:
+        left = sub
+    else:
+        pending["t"] = sub
+    block = libipld.encode_dag_cbor({"l": left, "e": entries})
+    cid = cid_of(block)
+    out.append((cid, block))
+    return cid
+
+
+def repo_car(did: str, rev: str, records: list[tuple[str, dict]]) -> bytes:
+    """A whole repository as ``com.atproto.sync.getRepo`` returns it: a CAR v1 whose root is the
+    signed commit (stand-in signature), holding the commit, every MST node and every record block.
+
+    ``records``: ``(path "collection/rkey", record)`` pairs with distinct paths. The MST follows the
+    atproto repository spec (keys sorted bytewise, layer from :func:`mst_layer`, prefix-compressed
+    entries ``{p, k, v, t}`` with a left pointer ``l``; the root sits at the highest key layer).
+    """
+    blocks: list[tuple[bytes, bytes]] = []
+    keys = []
+    for path, record in records:
+        cid, data = encode_record(record)
+        blocks.append((cid, data))
+        key = path.encode()
+        keys.append((key, cid, mst_layer(key)))
+    keys.sort()
+    nodes: list[tuple[bytes, bytes]] = []
+    if keys:
+        root = _mst_node(keys, max(k[2] for k in keys), nodes)
+    else:  # an empty repository is one node with no entries
+        empty = libipld.encode_dag_cbor({"l": None, "e": []})
+        root = cid_of(empty)
+        nodes.append((root, empty))
+    commit_cid, commit = _commit_block(did, rev, root)
+    return encode_car([commit_cid], [(commit_cid, commit), *nodes, *blocks])
 
 
 # --- malformed inputs ------------------------------------------------------------------------------

@@ -27,6 +27,10 @@ retained message starts there (no ``#info``); one ahead of the head tails live (
 ``wantedCollections`` (repeatable) filters commit messages; no error frames (a client that falls
 behind is disconnected).
 
+With ``repos`` (a :class:`stream.sim.repos.SyntheticRepos`), the relay also serves the sync
+HTTP endpoints and a PLC directory of :mod:`stream.sim.xrpc` at ``Relay.http_url`` (its own
+port), as of its head seq: what a backfill reads (``sync`` passes the fault-injection options).
+
 Test hooks: ``future_cursor="ignore"`` serves a cursor ahead of the head from the oldest retained
 frame without an error (a relay whose numbering restarted and that does not check cursors);
 ``drop_after=K`` aborts each connection (no close handshake, like a network failure)
@@ -134,7 +138,8 @@ class Relay:
                  speed: float | None = None, retention: int = 100_000, live_tail: bool = False,
                  drop_after: int | None = None, max_drops: int | None = None,
                  track_seqs: bool = False, chunk: int = 256, future_cursor: str = "error",
-                 protocol: str = "firehose") -> None:
+                 protocol: str = "firehose", repos=None,
+                 sync: dict | None = None) -> None:
         if rate is not None and rate <= 0:
             raise ValueError(f"rate must be > 0 frames/s, got {rate}")
         if speed is not None and speed <= 0:
@@ -168,6 +173,8 @@ class Relay:
         self._drops = 0
         self._ids = itertools.count(1)
         self._stopping = False
+        self.repos, self.sync_options = repos, dict(sync or {})
+        self.sync = None  # the SyncServer, once started with repos
 
     # --- lifecycle ---------------------------------------------------------------------------
     @property
@@ -185,11 +192,25 @@ class Relay:
     def endpoint(self) -> str:
         return f"{self.url}/{METHOD}"
 
+    @property
+    def http_url(self) -> str | None:
+        """Base URL of the sync HTTP endpoints (None without ``repos``)."""
+        return self.sync.url if self.sync is not None else None
+
+    @property
+    def plc_url(self) -> str | None:
+        return self.sync.plc_url if self.sync is not None else None
+
     async def start(self) -> "Relay":
         self._it = iter(self.source)
         self._server = await serve(self._handle, self.host, self.port, process_request=self._check_path,
                                    compression=None, max_size=2**16, ping_interval=20, ping_timeout=60)
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.repos is not None:
+            from stream.sim.xrpc import SyncServer
+
+            self.sync = await SyncServer(self.repos, lambda: self.head_seq, self.host,
+                                         **self.sync_options).start()
         if self.paced:
             self._producer = asyncio.create_task(self._produce_paced())
         return self
@@ -205,6 +226,9 @@ class Relay:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        if self.sync is not None:
+            await self.sync.stop()
+            self.sync = None
 
     async def __aenter__(self) -> "Relay":
         return await self.start()
@@ -396,9 +420,9 @@ class Relay:
 
 async def run_relay(source, host: str = "127.0.0.1", port: int = 0, rate: float | None = None,
                     speed: float | None = None, on_ready: Callable[[Relay], None] | None = None,
-                    protocol: str = "firehose") -> None:
+                    protocol: str = "firehose", repos=None) -> None:
     """Serve until cancelled (the CLI's loop)."""
-    relay = Relay(source, host=host, port=port, rate=rate, speed=speed, protocol=protocol)
+    relay = Relay(source, host=host, port=port, rate=rate, speed=speed, protocol=protocol, repos=repos)
     async with relay:
         if on_ready is not None:
             on_ready(relay)

@@ -10,8 +10,15 @@ exceed 1,000 (0.38% of all accounts), capped at ``min(n // 2, max(2000, n // 4))
 
 Follow graph: account j gets exactly ``followers[j]`` distinct followers (never itself); followers
 are uniform over accounts, except that ``EPISODE["community"]`` of an episode participant's followers
-are other participants. Emitted first, as ``app.bsky.graph.follow`` records authored by the
-follower, in ``follow_batch``-op commits, during the first ``follow_span_s`` seconds.
+are other participants. These are ``app.bsky.graph.follow`` records authored by the follower,
+made in ``follow_batch``-op commits during the first ``follow_span_s`` seconds (before the
+activity span). As on the real network, a consumer that starts later never sees them on the
+firehose: it backfills them from the repositories (:mod:`stream.sim.repos` serves them); with
+``graph_on_firehose=True`` they are emitted first, as commits (for offline analysis without a
+backfill). During the activity span (``live_follows``, on the firehose) accounts follow and
+unfollow: LIVE_FOLLOW_SHARE x E new follows, LIVE_UNFOLLOW_SHARE x E pre-existing follows
+deleted, LIVE_REFOLLOW_SHARE of the new ones deleted again later; deactivated accounts take no
+part. :meth:`Population.final_follow_edges` is the graph at the end.
 
 Activity (then, over ``duration_s`` seconds, Poisson arrivals): posts, replies, quotes, reposts
 and likes (BACKGROUND_KINDS), authors weighted by a lognormal activity level times
@@ -60,8 +67,13 @@ DELETE_SHARE = 0.002
 DEACTIVATE_FRAC = 0.9
 PANEL_K = 100  # the visibility panel's size: episode participants are never in the top PANEL_K
 # kind codes in the timeline
-POST, REPLY, QUOTE, LIKE, REPOST, DELETE, ACCOUNT, IDENTITY, SYNC = range(9)
-KIND_NAMES = ("post", "reply", "quote", "like", "repost", "delete", "account", "identity", "sync")
+POST, REPLY, QUOTE, LIKE, REPOST, DELETE, ACCOUNT, IDENTITY, SYNC, FOLLOW, UNFOLLOW = range(11)
+KIND_NAMES = ("post", "reply", "quote", "like", "repost", "delete", "account", "identity", "sync",
+              "live_follow", "unfollow")
+# The follow graph during the activity span (shares of the pre-existing graph's edge count E):
+LIVE_FOLLOW_SHARE = 0.02  # new follows (pairs not already in the graph)
+LIVE_UNFOLLOW_SHARE = 0.01  # pre-existing follows deleted
+LIVE_REFOLLOW_SHARE = 0.1  # share of the new follows deleted again later in the span
 BACKGROUND_KINDS = {POST: 0.22, REPLY: 0.06, QUOTE: 0.02, LIKE: 0.55, REPOST: 0.15}
 
 EPISODE: dict[str, Any] = {
@@ -146,6 +158,8 @@ class _Timeline:
     sent: np.ndarray  # int8 +1 / -1 / 0
     word: np.ndarray  # int32 random draw for text choices
     episode: np.ndarray  # bool
+    target: np.ndarray  # int64: FOLLOW the followed account; UNFOLLOW of a pre-existing follow its
+    #                     index in follow_edges (its subject is then -1); -1 otherwise
 
 
 class Population:
@@ -154,7 +168,8 @@ class Population:
     def __init__(self, n: int = 20_000, seed: int = 0, events_per_account: float = 4.0,
                  duration_s: float = 3600.0, follow_span_s: float = 60.0, follow_batch: int = 1,
                  episode: dict | None = None, deactivations: int = 2, identities: int = 2,
-                 topics: dict[str, list[str]] | None = None) -> None:
+                 topics: dict[str, list[str]] | None = None, graph_on_firehose: bool = False,
+                 live_follows: bool = True) -> None:
         if n < 50:
             raise ValueError(f"population needs at least 50 accounts, got {n}")
         if follow_batch < 1 or follow_batch > 200:
@@ -166,6 +181,7 @@ class Population:
         self.follow_batch = int(follow_batch)
         self.episode_cfg = {**EPISODE, **(episode or {})}
         self.n_deactivations, self.n_identities = int(deactivations), int(identities)
+        self.graph_on_firehose, self.live_follows = bool(graph_on_firehose), bool(live_follows)
         self.topics = topics or load_topics()
         self.topic_names = list(self.topics)
         if self.episode_cfg["topic"] not in self.topics:
@@ -375,13 +391,24 @@ class Population:
         ctl_kind = np.concatenate([np.full(len(deact), ACCOUNT), np.full(len(idn), IDENTITY), [SYNC]]).astype(np.int8)
         ctl_author = np.concatenate([deact, idn, [int(roles["participants"][0])]]).astype(np.int64)
 
+        # follows and unfollows during the span (their own random stream)
+        lf = self._live_graph()
+        nf, nu = len(lf["f_t"]), len(lf["u_t"])
+        base_f = m + len(victims) + len(ctl_t)  # pre-merge index of the first FOLLOW
+        ctl_t = np.concatenate([ctl_t, lf["f_t"], lf["u_t"]])
+        ctl_kind = np.concatenate([ctl_kind, np.full(nf, FOLLOW, np.int8), np.full(nu, UNFOLLOW, np.int8)])
+        ctl_author = np.concatenate([ctl_author, lf["f_a"], lf["u_a"]]).astype(np.int64)
+        n_ctl = len(deact) + len(idn) + 1
+        ctl_subject = np.concatenate([np.full(n_ctl + nf, -1), np.where(lf["u_ref"] >= 0, base_f + lf["u_ref"], -1)])
+        ctl_target = np.concatenate([np.full(n_ctl, -1), lf["f_b"], np.where(lf["u_ref"] >= 0, -1, -lf["u_ref"] - 1)])
+
         # merge creates, deletes and control frames; remap subject/root indices
         all_t = np.concatenate([t, t_del, ctl_t])
         order = np.argsort(all_t, kind="stable")
         inv = np.empty(len(order), np.int64)
         inv[order] = np.arange(len(order))
         nd, nc = len(victims), len(ctl_t)
-        subj = np.concatenate([subject, victims, np.full(nc, -1)])
+        subj = np.concatenate([subject, victims, ctl_subject])
         rt = np.concatenate([root, np.full(nd + nc, -1)])
         remap = lambda a: np.where(a >= 0, inv[np.maximum(a, 0)], -1)  # noqa: E731
         t_int = np.floor(all_t[order]).astype(np.int64)
@@ -395,23 +422,68 @@ class Population:
             sent=np.concatenate([sent, np.zeros(nd + nc, np.int8)])[order],
             word=_rng(self.seed, "words").integers(0, 2**31 - 1, len(order)).astype(np.int64),
             episode=np.concatenate([episode, np.zeros(nd + nc, bool)])[order],
+            target=np.concatenate([np.full(m + nd, -1), ctl_target]).astype(np.int64)[order],
         )
+
+    def _live_graph(self) -> dict[str, np.ndarray]:
+        """Follows (``f_*``) and unfollows (``u_*``) during the span: times (us offsets, float),
+        authors, followed accounts; ``u_ref`` >= 0 is the index of the unfollowed new follow,
+        < 0 is ``-(i + 1)`` for pre-existing edge i."""
+        empty = np.empty(0, np.int64)
+        out = {"f_t": np.empty(0), "f_a": empty, "f_b": empty, "u_t": np.empty(0), "u_a": empty, "u_ref": empty}
+        src, dst = self.follow_edges
+        E, n, T = len(src), self.n, self.duration_us
+        if not self.live_follows or E == 0:
+            return out
+        rng = _rng(self.seed, "live_follows")
+        inactive = np.zeros(n, bool)
+        inactive[self._roles["deactivated"]] = True
+        eligible = np.flatnonzero(~inactive)
+        # new follows: distinct (follower, followed) pairs not in the graph, never self
+        k = max(1, int(round(LIVE_FOLLOW_SHARE * E)))
+        a = eligible[rng.integers(0, len(eligible), 2 * k + 16)]
+        b = rng.integers(0, n, len(a))
+        key = a * n + b  # follow_edges is sorted by (dst, src): keys dst * n + src
+        known = dst * n + src
+        at = np.minimum(np.searchsorted(known, key), E - 1)
+        ok = (a != b) & (known[at] != key)
+        _, first = np.unique(key, return_index=True)
+        keep = np.zeros(len(key), bool)
+        keep[first] = True
+        sel = np.flatnonzero(ok & keep)[:k]
+        f_a, f_b = a[sel], b[sel]
+        f_t = rng.uniform(0, T, len(sel))
+        # unfollows of pre-existing follows (follower still active), then of some new follows
+        pool = np.flatnonzero(~inactive[dst])
+        j = np.sort(rng.choice(pool, min(len(pool), max(1, int(round(LIVE_UNFOLLOW_SHARE * E)))), replace=False))
+        r = np.sort(rng.choice(len(sel), min(len(sel), max(1, int(round(LIVE_REFOLLOW_SHARE * len(sel))))),
+                               replace=False))
+        u_t = np.concatenate([rng.uniform(0, T, len(j)), f_t[r] + (T - f_t[r]) * rng.uniform(0.1, 1.0, len(r))])
+        u_a = np.concatenate([dst[j], f_a[r]])
+        u_ref = np.concatenate([-j - 1, r])
+        return {"f_t": f_t, "f_a": f_a, "f_b": f_b, "u_t": u_t, "u_a": u_a, "u_ref": u_ref}
 
     # --- ground truth ---------------------------------------------------------------------------------
     def expected(self) -> dict[str, int]:
-        """Exact counts: frames, commits, ops, and per kind. ``post`` includes replies and quotes;
-        ``delete_post`` / ``delete_like`` split ``delete``; ``follow`` counts follow records."""
+        """Exact counts of what is on the firehose: frames, commits, ops, and per kind. ``post``
+        includes replies and quotes; ``follow`` counts follow records created on the firehose (the
+        pre-existing graph only with ``graph_on_firehose``; ``live_follow`` those of the activity
+        span); ``delete`` counts every delete op, split into ``delete_post`` / ``delete_like`` /
+        ``unfollow``; ``graph_edges`` is the pre-existing graph's size."""
         tl = self.timeline
         c = np.bincount(tl.kind, minlength=len(KIND_NAMES))
-        n_follow = len(self.follow_edges[0])
+        n_graph = len(self.follow_edges[0])
+        n_follow = n_graph if self.graph_on_firehose else 0
         follow_commits = len(self._follow_commits) - 1 if n_follow else 0
         del_kind = tl.kind[tl.subject[tl.kind == DELETE]]
         out = {name: int(c[i]) for i, name in enumerate(KIND_NAMES)}
         out["post"] = int(c[POST] + c[REPLY] + c[QUOTE])
-        out["follow"] = n_follow
+        out["follow"] = n_follow + int(c[FOLLOW])
+        out["graph_edges"] = n_graph
+        out["delete"] = int(c[DELETE] + c[UNFOLLOW])
         out["delete_post"] = int((del_kind == POST).sum())
         out["delete_like"] = int((del_kind == LIKE).sum())
-        activity_commits = int(c[:DELETE + 1].sum())
+        activity_commits = int(c[:DELETE + 1].sum() + c[FOLLOW] + c[UNFOLLOW])
         out["commits"] = follow_commits + activity_commits
         out["ops"] = n_follow + activity_commits
         out["frames"] = out["commits"] + int(c[ACCOUNT] + c[IDENTITY] + c[SYNC])
@@ -434,10 +506,14 @@ class Population:
         }
 
     def retractions(self, start_time_us: int | None = None) -> dict[str, list[str]]:
-        """Deleted record URIs (for frames started at ``start_time_us``) and deactivated DIDs."""
+        """Deleted record URIs (posts, likes, follows; for frames started at ``start_time_us``) and
+        deactivated DIDs."""
         tl = self.timeline
         base = self.activity_start_us(start_time_us)
         deleted = [self.uri(int(j), base) for j in tl.subject[tl.kind == DELETE]]
+        ft = self._follow_commit_times(DEFAULT_START_US if start_time_us is None else int(start_time_us))
+        deleted += [f"at://{self.did(int(tl.author[i]))}/{fr.FOLLOW}/{self._follow_rkey(int(i), base, ft)}"
+                    for i in np.flatnonzero(tl.kind == UNFOLLOW)]
         return {"deleted": deleted, "deactivated": [self.did(int(i)) for i in self._roles["deactivated"]]}
 
     def activity_start_us(self, start_time_us: int | None = None) -> int:
@@ -464,20 +540,28 @@ class Population:
         starts = self._follow_commits
         n_fc = len(starts) - 1 if len(src) else 0
         span = self.activity_start_us(start_time_us) - start_time_us
-        ft = start_time_us + (np.arange(n_fc, dtype=np.int64) * span) // max(n_fc, 1)
+        ft = self._follow_commit_times(start_time_us)
         dids = self.did_bytes
-        for c in range(n_fc):
+        for c in range(n_fc if self.graph_on_firehose else 0):
             a, b, t = int(starts[c]), int(starts[c + 1]), int(ft[c])
-            ops = [fr.Op("create", fr.FOLLOW, fr.tid(t, (a + j) & 0x3FF), fr.follow_record(dids[src[j]].decode(), t))
+            ops = [fr.Op("create", fr.FOLLOW, fr.tid(t, j & 0x3FF), fr.follow_record(dids[src[j]].decode(), t))
                    for j in range(a, b)]
             yield t, -1, int(dst[a]), ops
         tl = self.timeline
         base = start_time_us + span
         cids: dict[int, str] = {}  # subject index -> CID string, only for records still referenced
-        refd = np.concatenate([tl.subject[(tl.kind != DELETE) & (tl.subject >= 0)], tl.root[tl.root >= 0]])
+        refd = np.concatenate([tl.subject[(tl.kind != DELETE) & (tl.kind != UNFOLLOW) & (tl.subject >= 0)],
+                               tl.root[tl.root >= 0]])
         refs_left = np.bincount(refd, minlength=len(tl.t)).astype(np.int64)
         for i in range(len(tl.t)):
             t, k, a = base + int(tl.t[i]), int(tl.kind[i]), int(tl.author[i])
+            if k == FOLLOW:
+                rec = fr.follow_record(dids[int(tl.target[i])].decode(), t)
+                yield t, k, a, [fr.Op("create", fr.FOLLOW, fr.tid(t, i & 0x3FF), rec)]
+                continue
+            if k == UNFOLLOW:
+                yield t, k, a, [fr.Op("delete", fr.FOLLOW, self._follow_rkey(i, base, ft))]
+                continue
             if k >= ACCOUNT:
                 yield t, k, a, None
                 continue
@@ -508,6 +592,48 @@ class Population:
                 cids[i] = fr.cid_str(fr.encode_record(rec)[0])
             yield t, k, a, [fr.Op("create", coll, rkey, rec)]
 
+    def _follow_commit_times(self, start_time_us: int) -> np.ndarray:
+        """Times (us) of the pre-existing graph's follow commits (before the activity span)."""
+        n_fc = len(self._follow_commits) - 1 if len(self.follow_edges[0]) else 0
+        span = self.activity_start_us(start_time_us) - start_time_us
+        return start_time_us + (np.arange(n_fc, dtype=np.int64) * span) // max(n_fc, 1)
+
+    def pre_follow_rkey(self, j: int, ft: np.ndarray) -> str:
+        """Record key of pre-existing follow edge j (``ft``: :meth:`_follow_commit_times`)."""
+        c = int(np.searchsorted(self._follow_commits, j, side="right")) - 1
+        return fr.tid(int(ft[c]), j & 0x3FF)
+
+    def _follow_rkey(self, i: int, base_us: int, ft: np.ndarray) -> str:
+        """Record key of the follow that timeline entry i (an UNFOLLOW) deletes."""
+        tl = self.timeline
+        j = int(tl.subject[i])
+        if j >= 0:
+            return fr.tid(base_us + int(tl.t[j]), j & 0x3FF)
+        return self.pre_follow_rkey(int(tl.target[i]), ft)
+
+    def final_follow_edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """The follow graph at the end of the stream, as chorus should hold it: (src, dst) int64
+        (``src`` followed by ``dst``), sorted by (dst, src). The pre-existing graph, minus the
+        unfollows, plus the live follows not undone; follows by deactivated accounts are gone
+        (a deactivation retracts the account's follows, as the worker does)."""
+        src, dst = self.follow_edges
+        tl = self.timeline
+        n = self.n
+        keys = set((dst * n + src).tolist())
+        for i in np.flatnonzero((tl.kind == FOLLOW) | (tl.kind == UNFOLLOW)):
+            a = int(tl.author[i])
+            if tl.kind[i] == FOLLOW:
+                keys.add(a * n + int(tl.target[i]))
+            else:
+                j = int(tl.subject[i])
+                b = int(tl.target[j]) if j >= 0 else int(src[int(tl.target[i])])
+                keys.discard(a * n + b)
+        k = np.array(sorted(keys), np.int64)
+        inactive = np.zeros(n, bool)
+        inactive[self._roles["deactivated"]] = True
+        k = k[~inactive[k // n]]
+        return k % n, k // n
+
     def uri(self, i: int, base_us: int) -> str:
         """AT-URI of the record created by timeline entry i (``base_us`` = activity start time)."""
         tl = self.timeline
@@ -537,7 +663,8 @@ class Population:
 
     def events(self, start_seq: int = 1, start_time_us: int | None = None) -> Iterator[dict[str, Any]]:
         """The chorus.events values (DESIGN.md schema, without ``v``) the frames should produce, in
-        order; ``#account``/``#identity``/``#sync`` frames produce none."""
+        order; ``#account``/``#identity``/``#sync`` frames produce none. Follow creates and deletes
+        carry the commit's ``rev``."""
         t0 = DEFAULT_START_US if start_time_us is None else int(start_time_us)
         for seq, (t, k, a, ops) in enumerate(self._items(t0), start=start_seq):
             if ops is None:
@@ -547,6 +674,8 @@ class Population:
                 ev: dict[str, Any] = {"did": did, "rkey": op.rkey, "uri": f"at://{did}/{op.path}",
                                       "seq": seq, "time_us": t}
                 rec = op.record
+                if op.collection == fr.FOLLOW:
+                    ev["rev"] = fr.tid(t, seq & 0x3FF)  # commit_frame's default rev
                 if op.action == "delete":
                     ev.update(kind="delete", collection=op.collection)
                 elif op.collection == fr.FOLLOW:

@@ -63,7 +63,7 @@ from stream.config import Settings, bootstrap_servers
 from stream.guard import RecordGuard
 from stream.kafka import ReliableSender
 from stream import topics as topic_registry
-from stream.schemas import TOPIC_DEAD_LETTER, TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH, Event, dumps, graph_key
+from stream.schemas import TOPIC_DEAD_LETTER, TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH, Event, dumps, graph_key, graph_value
 from stream.worker.lexicon import Classifier, Lexicon
 from stream.worker.checkpoint import CheckpointDir, CheckpointMismatch
 from stream.worker.windows import BadEvent, WindowStore
@@ -100,10 +100,8 @@ class OpsFormatError(BadEvent):
 
 
 def edge_message(edge: tuple) -> tuple[bytes, bytes]:
-    """(key, value) of the chorus.graph message for a store edge ``(op, src, dst, time_us, uri)``."""
-    op, src, dst, t, uri = edge
-    value = {k: v for k, v in (("op", op), ("src", src), ("dst", dst), ("time_us", t), ("uri", uri))
-             if v not in ("", None)}
+    """(key, value) of the chorus.graph message for a store edge ``(op, src, dst, time_us, uri, rev)``."""
+    value = graph_value(*edge)
     return graph_key(value), dumps(value)
 
 

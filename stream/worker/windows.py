@@ -380,9 +380,11 @@ class WindowStore:
     def ingest(self, ev: dict[str, Any]) -> tuple[list[Op], list[tuple]]:
         """One chorus.events value (a dict) -> (ops for owners, graph edges).
 
-        Edges are ``(op, src, dst, time_us, record uri)``: ``("add", followed, follower, t, uri)``
-        for a follow, ``("remove", None, follower, t, uri)`` for a deleted follow record (the
-        record URI identifies the edge), ``("purge", None, did, t, None)`` when an account is gone.
+        Edges are ``(op, src, dst, time_us, record uri, rev)``: ``("add", followed, follower, t,
+        uri, rev)`` for a follow, ``("remove", None, follower, t, uri, rev)`` for a deleted follow
+        record (the record URI identifies the edge), ``("purge", None, did, t, None, None)`` when an
+        account is gone; ``rev`` is the commit's repo revision (the graph's order, see
+        operators/service/state.py), None when the event has none.
         """
         self.stats["events"] += 1
         try:
@@ -394,7 +396,7 @@ class WindowStore:
         b = t // self.hop_us
         if kind == "delete":
             if FOLLOW_PATH in uri:
-                return [], [("remove", None, did, t, uri)]
+                return [], [("remove", None, did, t, uri, ev.get("rev"))]
             return self._retract(did, key_of(uri), t)
         if kind == "account":
             if ev.get("active") is False:
@@ -404,7 +406,7 @@ class WindowStore:
             s_did = ev.get("subject_did")
             if not s_did or not isinstance(s_did, str):
                 raise BadEvent("follow without subject_did")
-            return [], [("add", s_did, did, t, uri)]
+            return [], [("add", s_did, did, t, uri, ev.get("rev"))]
         if self._late(b):
             self.stats["late"] += 1
             return [], []
@@ -488,7 +490,7 @@ class WindowStore:
             for key in a[mine, 0].tolist():
                 ops += self._retract(did, key, t)[0]
         ops.append(("purge", did, t))
-        return ops, [("purge", None, did, t, None)]
+        return ops, [("purge", None, did, t, None, None)]
 
     # -- stage 2: the owner's side ---------------------------------------------------------
 

@@ -148,7 +148,8 @@ def test_decode_commit_ops_to_events():
          "subject_did": OTHER},
         {**base, "kind": "repost", "rkey": "3repost", "uri": uri(sim_frames.REPOST, "3repost"), "subject_uri": quoted["uri"],
          "subject_did": OTHER},
-        {**base, "kind": "follow", "rkey": "3follow", "uri": uri(sim_frames.FOLLOW, "3follow"), "subject_did": OTHER},
+        {**base, "kind": "follow", "rkey": "3follow", "uri": uri(sim_frames.FOLLOW, "3follow"), "subject_did": OTHER,
+         "rev": sim_frames.tid(t, BIG_SEQ & 0x3FF)},  # follows carry the commit's rev (commit_frame's default)
         {**base, "kind": "delete", "rkey": "3gone", "uri": uri(sim_frames.LIKE, "3gone"), "collection": sim_frames.LIKE},
     ]
     for ev in d.events:
@@ -398,7 +399,7 @@ def chorus(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
 
 
 def test_sigkill_and_restart_loses_nothing(fresh_broker, tmp_path):
-    pop = Population(250, seed=11)
+    pop = Population(250, seed=11, graph_on_firehose=True)  # a long stream that starts with follows
     frames = list(pop.timed_frames())
     last = frames[-1][0]
     relay = ThreadRelay(FrameSource(lambda: iter(frames), 1, last), rate=1500)

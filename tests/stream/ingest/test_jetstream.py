@@ -87,7 +87,7 @@ def test_real_shaped_messages_decode_to_the_expected_events():
         [{**base, "kind": "repost", "rkey": "3l3qo2vvk4i2b", "uri": uri(sim_frames.REPOST, "3l3qo2vvk4i2b"),
           "subject_uri": subject["uri"], "subject_did": OTHER}],
         [{**base, "kind": "follow", "rkey": "3l3qo2vvvzk2b", "uri": uri(sim_frames.FOLLOW, "3l3qo2vvvzk2b"),
-          "subject_did": OTHER}],
+          "subject_did": OTHER, "rev": "3l3qo2vutsw2b"}],  # follows carry the commit's rev
         [{**base, "kind": "delete", "rkey": "3l3qo2vw2sm2b", "uri": uri(sim_frames.LIKE, "3l3qo2vw2sm2b"),
           "collection": sim_frames.LIKE}],
         [], [], [],

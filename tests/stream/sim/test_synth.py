@@ -20,7 +20,7 @@ START = 1_700_000_000_000_000
 
 @pytest.fixture(scope="module")
 def pop():
-    return Population(1500, seed=7, events_per_account=3.0)
+    return Population(1500, seed=7, events_per_account=3.0, graph_on_firehose=True)
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +68,11 @@ def test_follow_graph_matches_follower_counts(pop, decoded):
     assert len(np.unique(src * pop.n + dst)) == len(src)
     # the follow records on the wire say the same: repo = follower, subject = followed
     follows = Counter()
-    first_other = None
-    for i, (_, typ, msg, blocks) in enumerate(decoded):
-        if typ == "Commit" and msg.ops[0].path.startswith(fr.FOLLOW):
-            assert first_other is None, "the follow graph comes first"
-            for op in msg.ops:
-                follows[blocks[op.cid]["subject"]] += 1
-        elif first_other is None:
-            first_other = i
+    for _, typ, msg, blocks in decoded:  # the follow graph comes first (graph_on_firehose)
+        if typ != "Commit" or not msg.ops[0].path.startswith(fr.FOLLOW):
+            break
+        for op in msg.ops:
+            follows[blocks[op.cid]["subject"]] += 1
     assert sum(follows.values()) == len(src)
     assert all(follows.get(d, 0) == int(c) for d, c in zip(pop.dids, pop.followers))
 
@@ -119,6 +116,8 @@ def test_events_match_wire_content(pop, decoded):
             coll, rkey = op.path.split("/")
             ev = {"did": msg.repo, "rkey": rkey, "uri": f"at://{msg.repo}/{op.path}", "seq": seq,
                   "time_us": fr.parse_iso_time_us(msg.time)}
+            if coll == fr.FOLLOW:
+                ev["rev"] = msg.rev
             if op.action == "delete":
                 ev.update(kind="delete", collection=coll)
             else:
@@ -221,3 +220,38 @@ def test_large_population_arrays_are_cheap():
     f = p.followers
     assert len(f) == 1_670_000 and np.median(f) == 1 and (f > 1000).mean() < 0.005
     assert len(p.did_bytes) == 1_670_000
+
+
+def test_graph_not_on_the_firehose_by_default_and_changes_live():
+    """By default the pre-existing graph is only in the repositories; the firehose carries the
+    follows and unfollows of the activity span (each delete names a follow record that exists),
+    and final_follow_edges() is the graph they make."""
+    from stream.sim.repos import SyntheticRepos
+
+    pop = Population(400, seed=4, events_per_account=2)
+    n_frames = len(list(pop.frames(start_time_us=START)))
+    both = Population(400, seed=4, events_per_account=2, graph_on_firehose=True)
+    assert pop.expected()["frames"] == n_frames
+    assert both.expected()["frames"] == n_frames + len(both._follow_commits) - 1
+    exp = pop.expected()
+    assert exp["live_follow"] > 0 and exp["unfollow"] > 0 and exp["follow"] == exp["live_follow"]
+    # records before the firehose: exactly the pre-existing graph
+    repos = SyntheticRepos(pop, 1, START)
+    records = {pop.did(i): dict(repos.state(i, 0).follows) for i in range(pop.n)}
+    src, dst = pop.follow_edges
+    pre = {(pop.did(int(b)), pop.did(int(a))) for a, b in zip(src, dst)}
+    assert {(d, s) for d, recs in records.items() for s in recs.values()} == pre
+    for ev in pop.events(start_time_us=START):
+        if ev["kind"] == "follow":
+            assert ev["rkey"] not in records[ev["did"]]
+            records[ev["did"]][ev["rkey"]] = ev["subject_did"]
+        elif ev.get("collection") == fr.FOLLOW:
+            assert records[ev["did"]].pop(ev["rkey"], None) is not None, "an unfollow deletes an existing follow"
+    deact = set(pop.retractions()["deactivated"])
+    edges = {(d, s) for d, recs in records.items() if d not in deact for s in recs.values()}
+    fs, fd = pop.final_follow_edges()
+    assert edges == {(pop.did(int(b)), pop.did(int(a))) for a, b in zip(fs, fd)}
+    assert edges - pre and pre - edges  # some follows made, some undone
+    # the repositories at the end hold the same follow records (what a late backfill reads)
+    last = n_frames
+    assert {pop.did(i): dict(repos.state(i, last).follows) for i in range(pop.n)} == records

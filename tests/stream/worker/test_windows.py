@@ -139,7 +139,7 @@ def test_duplicates_are_counted_once():
         A: {"did": A, "topics": {"climate": [0, 0, 0, 1]}},
     }
     # A follow passes through to chorus.graph each time (its consumers keep a set of records).
-    assert edges == [("add", S, A, us(22), events[3]["uri"])] * 2
+    assert edges == [("add", S, A, us(22), events[3]["uri"], None)] * 2
     assert s.stats["duplicate"] == 3
 
 
@@ -161,7 +161,7 @@ def test_deletes_retract_what_the_record_created():
         B: {"did": B, "topics": {}, "expired": True},
         D: {"did": D, "topics": {}, "expired": True},
     }
-    assert edges == [("remove", None, C, us(72), fo["uri"])]  # the record URI identifies the edge
+    assert edges == [("remove", None, C, us(72), fo["uri"], None)]  # the record URI identifies the edge
     # Hop K+1 is closed: the post's deletion goes out with the next hop. A like after the delete
     # credits nothing, and a re-delivered deleted like is ignored.
     recs, _ = run(s, [delete(p, 80), like(E, "e", 85, p["uri"]), lk], flush=False)
@@ -209,7 +209,7 @@ def test_account_deactivation_retracts_its_activity():
         S: {"did": S, "topics": {"climate": [1, 0, 0.5, 0]}},
         A: {"did": A, "topics": {}, "expired": True},
     }
-    assert edges == [("purge", None, A, us(70), None)]  # every edge A follows with goes
+    assert edges == [("purge", None, A, us(70), None, None)]  # every edge A follows with goes
 
 
 # --- random streams: brute-force oracle, and the same result when the state is partitioned ----
