@@ -174,7 +174,7 @@ def _graph_memory(m: int) -> dict:
     graph = st.graph_nbytes
     per_edge = graph / edges
     rows = st.n_rows
-    node = (st.in_degree.nbytes + st._feature_followers.nbytes) / max(rows, 1)
+    node = st.followers.nbytes / max(rows, 1)
     return {"edges": edges, "bytes_per_edge": per_edge, "apply_per_s": k / cpu, "rows": rows,
             "bytes_per_row": node, "at_100m_gb": (per_edge * 1e8) / 2**30}
 
@@ -243,7 +243,7 @@ def run(quick: bool = False) -> str:
         f"{mem['edges']:,} edges applied as backfill adds ({mem['apply_per_s']:,.0f} `apply_edge`/s on one core), "
         f"compacted: edge set (key, order, presence: 17 B) + record URI index (hash, edge: 16 B) = "
         f"{mem['bytes_per_edge']:.1f} bytes per edge, plus {mem['bytes_per_row']:.0f} bytes per account "
-        f"(in-degree, worker count). **Extrapolated** linearly (flat arrays) to 100M edges: "
+        f"(follower count). **Extrapolated** linearly (flat arrays) to 100M edges: "
         f"{mem['at_100m_gb']:.1f} GiB of host memory for the edge set and index, not measured at that size; the "
         "device-side FollowGraph and the per-topic features come on top (operator section).",
         "",

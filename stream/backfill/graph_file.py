@@ -4,7 +4,9 @@ Columns ``follower`` and ``followed`` (DIDs; other columns are ignored). CSV has
 ``.parquet`` / ``.pq`` files are read as Parquet, anything else as CSV. Every row becomes an
 ``add`` ``{src: followed, dst: follower}`` keyed by the follower, with ``time_us`` = the file's
 modification time and no rev: the pair holds as of the dump, and a live follow or unfollow made
-after it wins (its rev is newer; stream.schemas.GraphEdge). Rows are validated as they are read;
+after it wins (its rev is newer; stream.schemas.GraphEdge). A dump names no follow records, so
+an unfollow on the firehose (a remove naming only its record) cannot find a pair imported this
+way: the pair stays until a backfill of that account replaces it. Rows are validated as they are read;
 the first bad one stops the import with a one-line :class:`GraphFileError` naming its line (CSV,
 counting the header as line 1) or row (Parquet). Re-importing publishes the same adds again
 (harmless: the graph is a set); progress is checkpointed by row so a killed import resumes.
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from stream.protocol import is_did
-from stream.schemas import TOPIC_GRAPH, dumps, graph_value
+from stream.schemas import TOPIC_GRAPH, dumps, graph_key, graph_value
 
 COLUMNS = ("follower", "followed")
 BATCH_ROWS = 65_536
@@ -104,8 +106,10 @@ async def import_file(producer, path: Path, skip: int = 0, time_us: int | None =
         if item is None:
             return total
         first, follower, followed = item
-        futures = [await producer.send(TOPIC_GRAPH, dumps(graph_value("add", b, a, t)), key=a.encode())
-                   for a, b in zip(follower, followed)]
+        futures = []
+        for a, b in zip(follower, followed):
+            value = graph_value("add", b, a, t)
+            futures.append(await producer.send(TOPIC_GRAPH, dumps(value), key=graph_key(value)))
         await asyncio.gather(*futures)
         total += len(follower)
         if on_batch is not None:

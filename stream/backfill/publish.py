@@ -1,10 +1,11 @@
 """Follow edges -> ``chorus.graph``: one ``add`` per follow record, acknowledged before it counts.
 
-A repository's edges share their key (the follower's DID), hence their partition (the producer's
-default murmur2 partitioner, as for every other chorus.graph writer), so they go out as a few
-record batches built directly (aiokafka ``create_batch``/``send_batch``) instead of one ``send``
-per edge; :meth:`GraphPublisher.publish_repo` returns once Kafka acknowledged all of them.
-Values: ``{v, op: "add", src: followed, dst: follower, time_us, uri, rev}`` where ``rev`` is the
+Each value is keyed by its follow record's URI (the topic's key, :func:`stream.schemas.graph_key`)
+and goes to the partition the producer's default partitioner (murmur2, as for the worker's
+records) gives that key; the values of one repository are appended to one record batch per
+partition (aiokafka ``create_batch``/``send_batch``) rather than sent one by one, and
+:meth:`GraphPublisher.publish_repo` returns once Kafka acknowledged all of them. Values:
+``{v, op: "add", src: followed, dst: follower, time_us, uri, rev}`` where ``rev`` is the
 repository's checkpoint rev and ``time_us`` its TID time (stream.schemas.GraphEdge).
 """
 
@@ -38,18 +39,23 @@ class GraphPublisher:
         many, once acknowledged (raises what the producer raises)."""
         if not follows:
             return 0
-        key = did.encode()
-        part = self.partition(key)
         time_us = tid_value(rev) >> 10
         prefix = f"at://{did}/{FOLLOW}/"
+        batches: dict[int, object] = {}
         futures = []
-        batch = self.producer.create_batch()
         for rkey, subject in follows:
-            value = dumps(graph_value("add", subject, did, time_us, prefix + rkey, rev))
-            if batch.append(key=key, value=value, timestamp=None) is None:
+            uri = prefix + rkey
+            key = uri.encode()
+            part = self.partition(key)
+            value = dumps(graph_value("add", subject, did, time_us, uri, rev))
+            batch = batches.get(part)
+            if batch is None:
+                batch = batches[part] = self.producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start another
                 futures.append(await self.producer.send_batch(batch, self.topic, partition=part))
-                batch = self.producer.create_batch()
+                batch = batches[part] = self.producer.create_batch()
                 batch.append(key=key, value=value, timestamp=None)
-        futures.append(await self.producer.send_batch(batch, self.topic, partition=part))
+        for part, batch in batches.items():
+            futures.append(await self.producer.send_batch(batch, self.topic, partition=part))
         await asyncio.gather(*futures)
         return len(follows)

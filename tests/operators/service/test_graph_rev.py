@@ -1,6 +1,6 @@
 """The follow graph's reconciliation rules (operators/service/state.py): per edge the newest rev
-wins (an add on a tie), removes by record URI, account-level removes, in-degree follower counts;
-and the result does not depend on the order the ops arrive in."""
+wins (an add on a tie), removes by record URI before or after their add, purges and the stale adds
+after them, in-degree follower counts; the result does not depend on the order the ops arrive in."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def name(d: str) -> str:
 
 
 def account_gone(dst, sec):
-    return GraphEdge(**graph_value("remove", None, did(dst), T + int(sec * 1e6)))
+    return GraphEdge(**graph_value("purge", None, did(dst), T + int(sec * 1e6)))
 
 
 def edges(st: OperatorState) -> set[tuple[str, str]]:
@@ -64,7 +64,7 @@ def test_delete_of_a_backfilled_follow_by_uri_alone_in_any_order():
     stale = op("remove", None, "f", 5, rkey="r1")  # a remove older than the checkpoint's rev
     for order in itertools.permutations([add, gone]):
         st = apply_all(order)
-        assert edges(st) == set() and st.in_degree[st.index[did("s")]] == 0
+        assert edges(st) == set() and st.followers[st.index[did("s")]] == 0
     st = apply_all([stale, add])
     assert edges(st) == {("s", "f")}
 
@@ -84,7 +84,7 @@ def test_account_removal_drops_backfilled_follows_and_later_stale_adds():
     for order in itertools.permutations(ops[:3] + [late]):
         st = apply_all([*order[:2], ops[3], *order[2:], after])
         assert edges(st) == {("a", "g"), ("d", "f")}
-        assert st.in_degree[st.index[did("a")]] == 1 and st.in_degree[st.index[did("d")]] == 1
+        assert st.followers[st.index[did("a")]] == 1 and st.followers[st.index[did("d")]] == 1
 
 
 def test_tie_goes_to_the_add_and_ops_without_rev_order_by_time():
@@ -126,4 +126,4 @@ def test_random_histories_are_order_free_and_followers_are_in_degrees():
             st = apply_all(shuffled)
             assert edges(st) == truth
             src, _ = st.edges()
-            assert (np.bincount(src, minlength=st.n_rows) == st.in_degree[: st.n_rows]).all()
+            assert (np.bincount(src, minlength=st.n_rows) == st.followers[: st.n_rows]).all()

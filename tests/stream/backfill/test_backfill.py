@@ -21,7 +21,7 @@ from operators.service.state import OperatorState
 from stream.backfill.fetch import Limits
 from stream.backfill.service import Backfill, Options
 from stream.kafka import make_consumer
-from stream.schemas import TOPIC_GRAPH, GraphEdge, graph_value
+from stream.schemas import TOPIC_GRAPH, GraphEdge, graph_key, graph_value
 from stream.sim.relay import FrameSource, Relay
 from stream.sim.repos import SyntheticRepos
 from stream.sim.synth import Population
@@ -50,7 +50,7 @@ def read_graph(bootstrap: str, quiet_s: float = 1.5) -> list[GraphEdge]:
                 for tp, msgs in (await c.getmany(timeout_ms=300)).items():
                     for m in msgs:
                         e = GraphEdge.from_bytes(m.value)
-                        assert m.key == e.dst.encode()  # key = follower DID
+                        assert m.key == graph_key(json.loads(m.value))  # key = the follow record URI
                         out.append(e)
                         last = time.monotonic()
         finally:
@@ -150,7 +150,7 @@ def test_backfill_during_the_live_stream_gives_the_exact_graph(fresh_broker, tmp
             random.Random(5).shuffle(ops)
         st = operator_edges(ops)
         assert edge_set(st) == want, order
-        counts = {d: int(st.in_degree[r]) for d, r in st.index.items()}
+        counts = {d: int(st.followers[r]) for d, r in st.index.items()}
         src, _ = pop.final_follow_edges()
         exact = np.bincount(src, minlength=pop.n)
         assert all(counts.get(pop.did(i), 0) == exact[i] for i in range(pop.n)), order

@@ -309,7 +309,7 @@ def followers_of(edges):
     """Follower counts by the chorus.graph contract: a set of follow records (key = record URI),
     removed by record URI; a purge removes every record whose follower is the account."""
     records = {}
-    for op, src, dst, _t, uri in edges:
+    for op, src, dst, _t, uri, _rev in edges:
         if op == "add":
             records[uri] = (src, dst)
         elif op == "remove":
