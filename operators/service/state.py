@@ -452,7 +452,7 @@ class OperatorState:
             self._edges_epoch += 1
 
     # --- snapshots (restart without re-reading the input topics) ----------------------------
-    SNAPSHOT_FORMAT = 1
+    SNAPSHOT_FORMAT = 2  # 2: edge orders are op_order values (revs), purges kept; 1 held time_us
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The whole state as named numpy arrays (copies): DIDs, followers, last window ends,
@@ -472,6 +472,8 @@ class OperatorState:
             "edge_keys": self._edges._keys.copy(), "edge_time": self._edges._time.copy(),
             "edge_present": self._edges._present.copy(),
             "record_keys": rec_keys.copy(), "record_edges": rec_edges.copy(),
+            "purged_rows": np.fromiter(self._purged, np.int64, len(self._purged)),
+            "purged_order": np.fromiter(self._purged.values(), np.int64, len(self._purged)),
         }
         for i, t in enumerate(self.topics):
             out[f"features_{i}"] = self._host[t][:n].copy()
@@ -501,6 +503,7 @@ class OperatorState:
         st._edges._present = a["edge_present"].astype(bool)
         st._edges.count = int(st._edges._present.sum())
         st._records._keys, st._records._edges = a["record_keys"], a["record_edges"]
+        st._purged = dict(zip(a["purged_rows"].tolist(), a["purged_order"].tolist()))
         st.window_end = meta["window_end"]
         st.edge_ops_ignored = meta["edge_ops_ignored"]
         st._graph_dirty = True
