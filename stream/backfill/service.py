@@ -152,7 +152,7 @@ class Backfill:
         except Exception as exc:  # noqa: BLE001 - aiokafka raises its own errors
             raise BackfillError(f"cannot reach Kafka at {self.bootstrap}: {exc!r}") from None
         try:
-            publisher = GraphPublisher(producer)
+            publisher = await GraphPublisher.create(producer)
             async with Fetcher(opts.limits, parse_networks(opts.allow_nets)) as fetcher:
                 resolver = Resolver(fetcher, opts.plc, opts.web_scheme)
                 if dids is not None:
