@@ -67,6 +67,15 @@ class Settings(BaseSettings):
         description="Hop (slide) length, seconds; unset: the profile's. Always set once Settings is built.",
     )
     state_dir: Path = Path.home() / ".local" / "state" / "chorus"
+    partitions_chorus_events: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="Partitions of chorus.events and the worker's ops topic when chorus creates them "
+        "(unset: 16). They cap how many workers can share the window.",
+    )
+    partitions_chorus_features: int | None = Field(
+        default=None, ge=1, le=4096, description="Partitions of chorus.features when chorus creates it (unset: 4).")
+    partitions_chorus_graph: int | None = Field(
+        default=None, ge=1, le=4096, description="Partitions of chorus.graph when chorus creates it (unset: 4).")
     checkpoint_interval_s: float = Field(
         default=60.0, ge=0,
         description="The worker writes a checkpoint of its window state this often (seconds of "

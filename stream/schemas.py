@@ -29,8 +29,10 @@ TOPIC_ALERTS = "chorus.alerts"
 TOPIC_DEAD_LETTER = "chorus.dead-letter"  # rejected records, with Settings.dead_letter (stream/guard.py)
 
 # Default partition counts used when chorus creates its topics.
+# chorus.events (and the worker's ops topic, which has as many) caps how many workers can share
+# the window: 16 leaves room to grow from one worker; raise it with CHORUS_PARTITIONS_CHORUS_EVENTS.
 TOPIC_PARTITIONS = {
-    TOPIC_EVENTS: 4,
+    TOPIC_EVENTS: 16,
     TOPIC_FEATURES: 4,
     TOPIC_GRAPH: 4,
     TOPIC_ATTRIBUTIONS: 1,

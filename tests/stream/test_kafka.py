@@ -22,6 +22,7 @@ from stream.topics import registry, stage_topics
 
 OPS = "chorus-worker-ops"
 DEMO = Settings(profile="demo")  # 600 s window
+N_EVENTS = registry(DEMO)[TOPIC_EVENTS].partitions  # the default partition count of chorus.events
 
 
 def test_retention_per_topic():
@@ -85,7 +86,7 @@ def test_premade_topics_with_other_settings_are_reported_with_the_fix(fresh_brok
         await admin.start()
         try:
             await admin.create_topics([NewTopic(OPS, 1, 1),  # no configs: the broker default applies
-                                       NewTopic(TOPIC_EVENTS, 4, 1, topic_configs={"retention.ms": "172800000"}),
+                                       NewTopic(TOPIC_EVENTS, N_EVENTS, 1, topic_configs={"retention.ms": "172800000"}),
                                        NewTopic(TOPIC_GRAPH, 4, 1, topic_configs={"retention.ms": "-1",
                                                                                   "cleanup.policy": "compact"})])
         finally:
@@ -98,8 +99,8 @@ def test_premade_topics_with_other_settings_are_reported_with_the_fix(fresh_brok
     assert found.partitions[OPS] == 1
     assert len(found.problems) == 4, found.problems
     lines = "\n".join(found.problems)
-    assert (f"worker: topic {OPS} has 1 partition(s), chorus creates 4; chorus adapts to 1; to change it: "
-            f"kafka-topics.sh --bootstrap-server {host} --alter --topic {OPS} --partitions 4") in lines
+    assert (f"worker: topic {OPS} has 1 partition(s), chorus creates {N_EVENTS}; chorus adapts to 1; to change it: "
+            f"kafka-topics.sh --bootstrap-server {host} --alter --topic {OPS} --partitions {N_EVENTS}") in lines
     assert (f"worker: topic {TOPIC_EVENTS}: retention.ms is 172800000 (2 d), chorus wants 1200000 (20 min: "
             "the worker replays it on every assignment); fix: kafka-configs.sh --bootstrap-server "
             f"{host} --alter --entity-type topics --entity-name {TOPIC_EVENTS} --add-config retention.ms=1200000"

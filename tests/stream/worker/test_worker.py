@@ -11,6 +11,7 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from stream.worker.faust_app import APP_ID, Worker
 from stream.worker.faust_lean import LeanConsumer, LeanMonitor
+from stream import topics as topic_registry
 from stream.config import Settings
 from stream.kafka import make_consumer, make_producer
 from stream.schemas import TOPIC_EVENTS, TOPIC_FEATURES, TOPIC_GRAPH, Features
@@ -84,7 +85,8 @@ async def wait_assigned(workers, tasks, timeout=90.0):
     while True:
         held = [{p for t, p in w.pipeline.assigned if t == TOPIC_EVENTS} if w.pipeline else set()
                 for w in workers]
-        if all(held) and sum(map(len, held)) == 4 and len(set().union(*held)) == 4:
+        n = topic_registry.partitions(workers[0].settings, TOPIC_EVENTS)
+        if all(held) and sum(map(len, held)) == n and len(set().union(*held)) == n:
             break
         assert time.monotonic() < deadline, f"workers not assigned: {held}"
         for t in tasks:
