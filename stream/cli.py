@@ -384,6 +384,8 @@ def bench(
     output: Path = typer.Option(Path("BENCHMARKS.md"), help="Markdown file; each section is merged in place."),
     quick: bool = typer.Option(False, "--quick", help="Small sizes only (for iteration)."),
     sizes: Optional[str] = typer.Option(None, help="Comma-separated agent counts for the operator recompute table."),
+    minutes: Optional[float] = typer.Option(None, min=0.5, help="soak: how long to run, minutes."),
+    rate: Optional[float] = typer.Option(None, min=1, help="soak: events per second (wall clock)."),
 ) -> None:
     """Run benchmarks and write BENCHMARKS.md."""
     try:  # the benchmarks package lives at the repository root, next to stream/
@@ -399,7 +401,8 @@ def bench(
     except ValueError:
         fail(f"--sizes must be comma-separated integers, got {sizes!r}")
     try:
-        failed = run_sections(sections or ["all"], output, quick=quick, echo=typer.echo, sizes=size_list)
+        failed = run_sections(sections or ["all"], output, quick=quick, echo=typer.echo, sizes=size_list,
+                              minutes=minutes, rate=rate)
     except ValueError as exc:
         fail(str(exc))
     if failed:
