@@ -79,6 +79,42 @@ def run_service(main: Callable[[], Awaitable[T]], stop: Callable[[], Any], use_u
     return asyncio.run(_main())
 
 
+PARENT_PID_ENV = "CHORUS_PARENT_PID"
+
+
+def exit_with_parent(poll_s: float = 1.0, grace_s: float = 20.0) -> bool:
+    """Stop this process when the process named by ``CHORUS_PARENT_PID`` is gone.
+
+    `chorus run` starts the worker as a subprocess in its own session (so a terminal's Ctrl-C
+    reaches `chorus run`, which stops the parts in order). If `chorus run` itself dies without that
+    (SIGKILL, OOM), the worker would live on as an orphan. A daemon thread polls ``os.getppid()``
+    every ``poll_s`` seconds; once the parent is gone it sends this process SIGTERM (a clean stop)
+    and, if the process still runs ``grace_s`` seconds later, exits it with status 3.
+    Returns whether the watch was started (the variable is set to a live parent's pid).
+    """
+    import os
+    import threading
+    import time
+
+    try:
+        parent = int(os.environ.get(PARENT_PID_ENV, ""))
+    except ValueError:
+        return False
+    if os.getppid() != parent:
+        return False
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        logging.getLogger("chorus").error("parent process %d is gone: stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    return True
+
+
 def is_kafka_error(exc: BaseException) -> bool:
     """Whether ``exc`` says Kafka could not be reached or refused a request: aiokafka's own
     error types (``KafkaError``, ``KafkaConnectionError``, ...), which are not OSErrors."""

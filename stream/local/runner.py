@@ -39,7 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from stream.local.broker import EmbeddedBroker, free_port
-from stream.process import kafka_error_line, on_stop_signals
+from stream.process import PARENT_PID_ENV, kafka_error_line, on_stop_signals
 from stream.config import Settings, bootstrap_servers
 
 log = logging.getLogger("chorus.run")
@@ -507,6 +507,7 @@ class Runner:
             env[f"CHORUS_{key.upper()}"] = value if isinstance(value, str) else json.dumps(value)
         env["CHORUS_METRICS_HOST"] = "127.0.0.1"
         env["CHORUS_METRICS_PORT"] = str(metrics_port)
+        env[PARENT_PID_ENV] = str(os.getpid())  # the part stops if `chorus run` dies (stream.process)
         env.update(self.opts.extra_env)
         return env
 

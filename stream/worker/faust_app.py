@@ -724,9 +724,10 @@ def run_worker(settings: Settings, serve_metrics: bool = True, **app_kw: Any) ->
     """Blocking entry point for ``chorus worker``: metrics endpoint + a Faust worker (signals)."""
     from mode import Worker as ModeWorker
 
-    from stream.process import install, kafka_error_line
+    from stream.process import exit_with_parent, install, kafka_error_line
 
     install(settings.uvloop)
+    exit_with_parent()  # under `chorus run`: never outlive it
     try:
         n_ops = asyncio.run(asyncio.wait_for(ensure_worker_topics(settings, app_kw.get("app_id", APP_ID)), 60))
     except Exception as exc:  # aiokafka raises its own error types

@@ -1,14 +1,19 @@
-"""stream.process: every stage's process entry (event loop, stop signals, one-line Kafka errors)."""
+"""stream.process: every stage's process entry (event loop, stop signals, one-line Kafka errors, and
+parts of `chorus run` that do not outlive it)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 from aiokafka.errors import KafkaConnectionError
 
-from stream.process import is_kafka_error, kafka_error_line, run_service
+from stream.process import PARENT_PID_ENV, exit_with_parent, is_kafka_error, kafka_error_line, run_service
 
 
 def test_run_service_stops_cleanly_on_sigterm():
@@ -34,3 +39,54 @@ def test_kafka_errors_are_one_line():
     assert line.startswith("cannot reach Kafka at kafka://127.0.0.1:1 (could not read chorus.alerts): ")
     assert "\n" not in line and "Unable to bootstrap" in line
     assert kafka_error_line("kafka://h:1", TimeoutError()) == "cannot reach Kafka at kafka://h:1: TimeoutError"
+
+
+# The middle process starts the child with CHORUS_PARENT_PID = its own pid, prints the child's pid,
+# and waits; the child arms the watch and sleeps "forever".
+MIDDLE = textwrap.dedent(f"""
+    import os, subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", {textwrap.dedent('''
+        import time
+        from stream.process import exit_with_parent
+        assert exit_with_parent(poll_s=0.05, grace_s=5.0)
+        print("armed", flush=True)
+        time.sleep(600)
+    ''')!r}], env={{**os.environ, "{PARENT_PID_ENV}": str(os.getpid())}}, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "armed"
+    print(child.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped by init) counts as gone
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_child_stops_when_parent_is_killed():
+    middle = subprocess.Popen([sys.executable, "-c", MIDDLE], stdout=subprocess.PIPE, text=True,
+                              cwd=os.getcwd())
+    try:
+        child = int(middle.stdout.readline())
+        assert _alive(child)
+        middle.send_signal(signal.SIGKILL)
+        middle.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the child outlived its killed parent"
+    finally:
+        middle.kill()
+
+
+def test_no_watch_without_the_variable_or_for_another_parent(monkeypatch):
+    monkeypatch.delenv(PARENT_PID_ENV, raising=False)
+    assert exit_with_parent() is False
+    monkeypatch.setenv(PARENT_PID_ENV, "not a pid")
+    assert exit_with_parent() is False
+    monkeypatch.setenv(PARENT_PID_ENV, str(os.getppid() + 1))  # not our parent: nothing to watch
+    assert exit_with_parent() is False
