@@ -291,7 +291,7 @@ def relay(
 
             from stream.sim.repos import SyntheticRepos
 
-            population = Population(n=synthetic or 20_000, seed=seed)
+            population = Population(n=20_000 if synthetic is None else synthetic, seed=seed)
             start = start_us or time.time_ns() // 1000
             source = FrameSource.from_population(population, 1, start)
             repos = SyntheticRepos(population, 1, start)
@@ -451,6 +451,10 @@ def analyze(
                          progress=not no_progress)
     except ValueError as exc:  # e.g. an unknown indicator
         fail(str(exc).splitlines()[0])
+    if res.events == 0 and res.invalid:  # nothing in the file could be read: not a usable input
+        bad = ", ".join(f"{k} {v}" for k, v in sorted(res.invalid.items()))
+        fail(f"no event could be read from {source.name} (skipped: {bad}); "
+             "expected a `chorus record` file or a Jetstream JSON-lines dump")
     meta = {"source": source.name, "window_s": s.window_s, "hop_s": s.hop_s, "steps": s.steps,
             "panel_k": s.panel_k, "indicators": s.indicators, "events": res.events, "hops": res.hops}
     try:

@@ -218,3 +218,13 @@ def test_cli_errors(tmp_path):
     assert r.exit_code == 2 and "unknown file type" in r.output
     r = runner.invoke(app, ["analyze", str(tmp_path / "missing"), "-o", str(tmp_path / "x.jsonl")])
     assert r.exit_code == 2 and "cannot read input" in r.output
+    # A file nothing can be read from (random bytes, a CSV) is an error, not an empty result.
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(bytes(range(256)) * 16)
+    r = runner.invoke(app, ["analyze", str(junk), "-o", str(tmp_path / "x.jsonl"), "--no-progress"])
+    assert r.exit_code == 2 and "no event could be read" in r.output, r.output
+    csv = tmp_path / "graph.csv"
+    csv.write_text("follower,followed\ndid:plc:a,did:plc:b\n")
+    r = runner.invoke(app, ["analyze", str(csv), "-o", str(tmp_path / "x.jsonl"), "--no-progress"])
+    assert r.exit_code == 2 and "no event could be read" in r.output, r.output
+    assert not (tmp_path / "x.jsonl").exists()
