@@ -22,13 +22,19 @@ prometheus:
 run: $(STAMP)
 	$(BIN)/chorus run --profile demo
 
-# Everything (what CI runs, .ci/run).
+# Tests other than tests/system/ run on WORKERS processes (pytest-xdist), a test file per process
+# at a time (module fixtures are built once): about half of their time is waiting on brokers and
+# consumer groups, which the other process fills. The wall-clock system tests run alone after them.
+WORKERS ?= 2
+UNIT    := $(BIN)/python -m pytest tests --ignore=tests/system -n $(WORKERS) --dist loadfile
+
+# Everything (what CI runs, .ci/run): the system tests run even when a test before them failed.
 test: $(STAMP) prometheus
-	$(BIN)/python -m pytest tests
+	$(UNIT); unit=$$?; $(BIN)/python -m pytest tests/system && exit $$unit
 
 # The inner loop: everything but the wall-clock system tests (tests/system/).
 check: $(STAMP) prometheus
-	$(BIN)/python -m pytest tests --ignore=tests/system
+	$(UNIT)
 
 bench: $(STAMP)
 	$(BIN)/chorus bench all --output BENCHMARKS.md
