@@ -32,6 +32,14 @@ def shorten(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def who(entry: dict, n: int = 18) -> str:
+    """A culprit as a person can recognise it: ``handle (did:plc:abc…)`` when the entry has a
+    handle (chorus.attributions top entries), else the DID shortened to ``n`` characters."""
+    did = shorten(str(entry.get("did", "?")), n)
+    handle = entry.get("handle")
+    return f"{handle} ({did})" if handle else did
+
+
 def parse_time_s(value: str) -> int:
     """Unix seconds (``1700000000``, ``1.7e9``) or an RFC 3339 / ISO 8601 time (``...Z``, an
     offset, or naive = UTC; :func:`stream.protocol.datetime_us`) -> whole unix seconds.

@@ -27,6 +27,7 @@ TOPIC_GRAPH = "chorus.graph"
 TOPIC_ATTRIBUTIONS = "chorus.attributions"
 TOPIC_ALERTS = "chorus.alerts"
 TOPIC_DEAD_LETTER = "chorus.dead-letter"  # rejected records, with Settings.dead_letter (stream/guard.py)
+TOPIC_IDENTITIES = "chorus.identities"  # the latest handle per DID (compacted)
 
 # Default partition counts used when chorus creates its topics.
 # chorus.events (and the worker's ops topic, which has as many) caps how many workers can share
@@ -38,6 +39,7 @@ TOPIC_PARTITIONS = {
     TOPIC_ATTRIBUTIONS: 1,
     TOPIC_ALERTS: 1,
     TOPIC_DEAD_LETTER: 1,
+    TOPIC_IDENTITIES: 4,
 }
 
 # Feature columns per topic in chorus.features, in this order.
@@ -227,6 +229,19 @@ def graph_value(op: str, src: str | None, dst: str, time_us: int, uri: str | Non
 def graph_key(edge: dict[str, Any]) -> bytes:
     """The chorus.graph key of an edge value: its record URI, else the follower DID."""
     return (edge.get("uri") or edge["dst"]).encode()
+
+
+class Identity(_Value):
+    """An account's handle (chorus.identities, key = DID, compacted: the latest per DID wins).
+
+    Written by ``chorus backfill`` (the handle its DID document claims, ``alsoKnownAs``) and by
+    ``chorus ingest`` (``#identity`` frames, which the relay sends after verifying the handle);
+    ``handle`` None: the account has no valid handle now. Display only: never a label, never a key.
+    """
+
+    did: Did
+    handle: Annotated[str, Field(min_length=3, max_length=253, pattern=r"^[A-Za-z0-9.-]+$")] | None = None
+    time_us: TimeUs
 
 
 class AttributionSnapshot(_Value):

@@ -20,6 +20,8 @@ Retention follows what each consumer needs (window = ``Settings.window[0]``):
   edge), so compaction would keep the last op of every edge; cleanup stays ``delete`` while
   records of the older format (key = follower DID: compaction would keep one edge per follower)
   may be in the topic.
+- ``chorus.identities``: compacted, kept forever: the latest handle per DID (key = DID), read whole
+  by the operator to show handles next to DIDs.
 - ``chorus.attributions``: 7 days (what `chorus report --kafka` can reach back to).
 - ``chorus.alerts``: 30 days. ``chorus.dead-letter``: 7 days (time to inspect rejected records).
 
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stream.schemas import (TOPIC_ALERTS, TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_EVENTS, TOPIC_FEATURES,
-                            TOPIC_GRAPH, TOPIC_PARTITIONS)
+                            TOPIC_GRAPH, TOPIC_IDENTITIES, TOPIC_PARTITIONS)
 
 OPS_SUFFIX = "-ops"  # the worker's repartition topic is f"{app_id}-ops"
 DEFAULT_APP_ID = "chorus-worker"
@@ -88,15 +90,19 @@ def registry(settings: Any, app_id: str = DEFAULT_APP_ID) -> dict[str, TopicSpec
         spec(TOPIC_ATTRIBUTIONS, 7 * DAY_MS, "topic", "history for `chorus report`"),
         spec(TOPIC_ALERTS, 30 * DAY_MS, "rule", "alert history for `chorus alerts --from-beginning`"),
         spec(TOPIC_DEAD_LETTER, 7 * DAY_MS, "the rejected record's key", "time to inspect rejected records"),
+        TopicSpec(TOPIC_IDENTITIES, partitions(settings, TOPIC_IDENTITIES), FOREVER, "compact", "DID",
+                  "the latest handle per account, shown next to DIDs"),
     ]
     return {s.name: s for s in specs}
 
 
 # The topics each stage reads or writes (what it creates and checks at start).
 STAGE_TOPICS: dict[str, tuple[str, ...]] = {
-    "ingest": (TOPIC_EVENTS,),
+    "ingest": (TOPIC_EVENTS, TOPIC_IDENTITIES),
+    "backfill": (TOPIC_GRAPH, TOPIC_IDENTITIES),
     "worker": (TOPIC_EVENTS, OPS_SUFFIX, TOPIC_FEATURES, TOPIC_GRAPH, TOPIC_DEAD_LETTER),
-    "operator": (TOPIC_FEATURES, TOPIC_GRAPH, TOPIC_ATTRIBUTIONS, TOPIC_ALERTS, TOPIC_DEAD_LETTER),
+    "operator": (TOPIC_FEATURES, TOPIC_GRAPH, TOPIC_ATTRIBUTIONS, TOPIC_ALERTS, TOPIC_DEAD_LETTER,
+                 TOPIC_IDENTITIES),
     "alerts": (TOPIC_ALERTS,),
 }
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from operators import attribution
+from stream.display import who
 from stream.schemas import Alert, AttributionSnapshot
 
 Severity = Literal["info", "warning", "critical"]
@@ -215,7 +216,7 @@ def _new_top_culprit(rule: Rule, snap: AttributionSnapshot, prev: AttributionSna
     fp = ",".join(sorted(e["did"] for e in new))
     lead = new[0]
     more = f" (+{len(new) - 1} more)" if len(new) > 1 else ""
-    summary = f"new top-10 culprit {lead['did']} at rank {lead['rank']} with share {lead['share']:.3f}{more}"
+    summary = f"new top-10 culprit {who(lead, 64)} at rank {lead['rank']} with share {lead['share']:.3f}{more}"
     return fp, summary, {"culprits": new, "previous_top": [e["did"] for e in prev.top],
                          "previous_window_end": prev.window_end}
 

@@ -89,8 +89,8 @@ from stream import metrics
 from stream import topics as topic_registry
 from stream.config import Settings, bootstrap_servers
 from stream.guard import RecordGuard, reason_of
-from stream.schemas import (TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_FEATURES, TOPIC_GRAPH, AttributionSnapshot,
-                            Features, GraphEdge)
+from stream.schemas import (TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_FEATURES, TOPIC_GRAPH, TOPIC_IDENTITIES,
+                            AttributionSnapshot, Features, GraphEdge, Identity)
 
 from operators import indicators
 from operators.bands import (band_distribution, band_mass, band_shares, band_tvd, panel_agents,
@@ -228,6 +228,7 @@ class OperatorService:
         self.restored_from: str | None = None
         self.recovery_s: float | None = None
         self.guard = RecordGuard.from_settings("operator", self.settings)
+        self.handles: dict[str, tuple[int, str | None]] = {}  # DID -> (time_us, handle), chorus.identities
 
     # --- state input (also used by the Kafka loop) ------------------------------------------
     def apply_features(self, f: Features) -> None:
@@ -239,6 +240,14 @@ class OperatorService:
         if self.state.apply_edge(e) and self._uses_graph:
             self._graph_changed = True
             self._note_change()
+
+    def apply_identity(self, ident: Identity) -> None:
+        """The latest handle of a DID (chorus.identities; newest ``time_us`` wins), shown next to
+        the DID in top culprits; a handle of None forgets it."""
+        prev = self.handles.get(ident.did)
+        if prev is not None and ident.time_us < prev[0]:
+            return
+        self.handles[ident.did] = (ident.time_us, ident.handle)
 
     def _note_change(self) -> None:
         if self._pending_since is None:
@@ -324,6 +333,10 @@ class OperatorService:
         panel = self._panel(spec, F, x, b, phi_full, active, compact, error, topic)
         top = [{"did": st.dids[r], "share": s, "followers": int(followers[r]), "phi": float(phi[r]),
                 "error": float(err_full[r])} for r, s in top_agents(phi)]
+        for e in top:  # the handle next to the DID, when one is known (chorus.identities)
+            handle = self.handles.get(e["did"], (0, None))[1]
+            if handle:
+                e["handle"] = handle
         return AttributionSnapshot(
             topic=topic, indicator=spec.name, window_end=int(end), value=float(res.value),
             baseline_value=float(res.baseline_value), completeness_residual=float(res.delta),
@@ -555,7 +568,7 @@ class OperatorService:
 
         from stream.worker.checkpoint import CheckpointDir, CheckpointMismatch
 
-        tps = [TopicPartition(t, p) for t in (TOPIC_FEATURES, TOPIC_GRAPH)
+        tps = [TopicPartition(t, p) for t in (TOPIC_FEATURES, TOPIC_GRAPH, TOPIC_IDENTITIES)
                for p in range(found.partitions.get(t) or topic_registry.partitions(self.settings, t))]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
@@ -586,7 +599,7 @@ class OperatorService:
         for key, off in meta["offsets"].items():
             topic, p = key.rsplit(":", 1)
             tp = TopicPartition(topic, int(p))
-            if tp in tps:
+            if tp in tps and topic != TOPIC_IDENTITIES:  # handles are not in snapshots: read whole
                 consumer.seek(tp, off)
                 self._offsets[(topic, int(p))] = off
         self.restored_from = str(path)
@@ -639,8 +652,8 @@ class OperatorService:
         """Apply one fetched batch; a record that fails validation (:mod:`stream.guard`) or whose
         application raises is rejected and counted, never raised."""
         guard = self.guard
-        model = Features if topic == TOPIC_FEATURES else GraphEdge
-        apply = self.apply_features if topic == TOPIC_FEATURES else self.apply_edge
+        model, apply = {TOPIC_FEATURES: (Features, self.apply_features),
+                        TOPIC_IDENTITIES: (Identity, self.apply_identity)}.get(topic, (GraphEdge, self.apply_edge))
         for m in msgs:
             value = guard.parse(model, topic, partition, m.offset, m.value, m.key)
             if value is None:

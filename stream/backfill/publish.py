@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 from stream.protocol import FOLLOW
-from stream.schemas import TOPIC_GRAPH, dumps, graph_value, tid_value
+from stream.schemas import TOPIC_GRAPH, TOPIC_IDENTITIES, dumps, graph_value, tid_value
 
 
 class GraphPublisher:
@@ -37,16 +37,19 @@ class GraphPublisher:
         """The partition of a repository's values: the default partitioner's for its DID."""
         return self._partitioner(did.encode(), self.partitions, self.partitions)
 
-    async def publish_repo(self, did: str, rev: str, follows: list[tuple[str, str]]) -> int:
-        """Publish ``(rkey, subject DID)`` follows of repository ``did`` at ``rev``; returns how
-        many, once acknowledged (raises what the producer raises)."""
-        if not follows:
-            return 0
+    async def publish_repo(self, did: str, rev: str, follows: list[tuple[str, str]],
+                           handle: str | None = None) -> int:
+        """Publish ``(rkey, subject DID)`` follows of repository ``did`` at ``rev`` (and, given
+        one, its ``handle`` to chorus.identities); returns how many follows, once acknowledged
+        (raises what the producer raises)."""
         time_us = tid_value(rev) >> 10
         prefix = f"at://{did}/{FOLLOW}/"
         part = self.partition(did)
         send = self.producer.send
         futures = []
+        if handle is not None:
+            futures.append(await send(TOPIC_IDENTITIES, dumps({"did": did, "handle": handle, "time_us": time_us}),
+                                      key=did.encode()))
         for rkey, subject in follows:
             uri = prefix + rkey
             futures.append(await send(self.topic, dumps(graph_value("add", subject, did, time_us, uri, rev)),

@@ -93,7 +93,6 @@ class Backfill:
         self.bootstrap, self.opts, self.idempotence = bootstrap, options, idempotence
         self.checkpoint = Checkpoint(state_dir, options.source)
         self.state = State(options.source)
-        self.handles: dict[str, str] = {}  # DID -> handle claimed by its DID document
         self._pages: deque[_PageTrack] = deque()
         self._done_before: set[str] = set()
         self._fatal: BaseException | None = None
@@ -133,7 +132,7 @@ class Backfill:
     async def run(self) -> State:
         """Backfill until the listing is exhausted (or :meth:`stop`); returns the final state."""
         from stream.kafka import ensure_topics, make_producer
-        from stream.schemas import TOPIC_GRAPH, TOPIC_PARTITIONS
+        from stream.schemas import TOPIC_GRAPH, TOPIC_IDENTITIES, TOPIC_PARTITIONS
 
         opts = self.opts
         if opts.restart:
@@ -146,7 +145,8 @@ class Backfill:
         self._done_before = set(self.state.done)
         dids = read_dids_file(opts.dids_file) if opts.dids_file is not None else None
         try:
-            await asyncio.wait_for(ensure_topics(self.bootstrap, {TOPIC_GRAPH: TOPIC_PARTITIONS[TOPIC_GRAPH]}), 30)
+            await asyncio.wait_for(ensure_topics(self.bootstrap, {t: TOPIC_PARTITIONS[t] for t in
+                                                                  (TOPIC_GRAPH, TOPIC_IDENTITIES)}), 30)
             producer = make_producer(self.bootstrap, self.idempotence)
             await asyncio.wait_for(producer.start(), 30)
         except Exception as exc:  # noqa: BLE001 - aiokafka raises its own errors
@@ -251,6 +251,7 @@ class Backfill:
         if not repo.active:
             return (repo.status if repo.status in INACTIVE else "inactive"), 0
         did = repo.did
+        handle = None
         if self.opts.pds is not None:
             base = self.opts.pds.rstrip("/")
         else:
@@ -261,9 +262,7 @@ class Backfill:
                     raise BackfillError(f"cannot reach the PLC directory at {resolver.plc_url}: {exc}") from None
                 log.debug("%s: %s", did, exc)
                 return exc.reason, 0
-            base = ident.pds
-            if ident.handle:
-                self.handles[did] = ident.handle
+            base, handle = ident.pds, ident.handle
         try:
             resp = await fetcher.get(f"{base}/xrpc/com.atproto.sync.getRepo", {"did": did},
                                      max_bytes=self.opts.max_car_bytes, accept=CAR_TYPE)
@@ -278,7 +277,7 @@ class Backfill:
         except RepoError as exc:
             log.debug("%s: %s", did, exc)
             return exc.reason, 0
-        n = await publisher.publish_repo(did, follows.rev, follows.follows)
+        n = await publisher.publish_repo(did, follows.rev, follows.follows, handle)
         return "done", n
 
     # --- checkpointing -----------------------------------------------------------------------

@@ -67,6 +67,7 @@ class Decoded:
     error: tuple[str, str | None] | None = None  # error frame: (code, message)
     info: tuple[str, str | None] | None = None  # #info: (name, message)
     clamped: int = 0  # events whose claimed time was later than receive time + tolerance
+    identity: tuple[str, str | None] | None = None  # #identity: (DID, handle or None) -> chorus.identities
 
 
 def _seq(value: Any) -> int:
@@ -140,6 +141,9 @@ def _decode(raw: bytes | str) -> Decoded:
             out.events.append(nz.account_event(msg.did, seq, tus, bool(msg.active), msg.status))
         except nz.InvalidOp as exc:
             out.invalid.append(exc.reason)
+    elif t == "#identity":
+        handle = getattr(msg, "handle", None)
+        out.identity = (msg.did, handle.lower() if protocol.is_handle(handle) else None)
     return out
 
 

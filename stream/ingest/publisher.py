@@ -27,7 +27,7 @@ from stream.ingest.decode import Decoded
 from stream.ingest.reader import lag_seconds
 from stream.metrics import (EVENTS_PUBLISHED, INGEST_CURSOR, INGEST_FRAMES_INVALID, INGEST_LAG, KAFKA_SEND_RETRIES,
                             KAFKA_UNAVAILABLE)
-from stream.schemas import TOPIC_EVENTS, dumps
+from stream.schemas import TOPIC_EVENTS, TOPIC_IDENTITIES, dumps
 
 log = logging.getLogger("chorus.ingest")
 
@@ -97,7 +97,22 @@ class Publisher:
             entry = self.tracker.add(d.seq, d.time_us, len(d.events))
             for ev in d.events:
                 await self._send(ev["did"].encode(), dumps(ev), ev["kind"], entry)
+            if d.identity is not None:
+                await self._identity(*d.identity, d.time_us)
             self.queue.task_done()
+
+    async def _identity(self, did: str, handle: str | None, time_us: int | None) -> None:
+        """An #identity frame's handle -> chorus.identities. Display only, so not part of the
+        cursor's acknowledgements: a send that fails is logged and dropped (the next #identity of
+        the account, or a backfill, sets it again)."""
+        value = dumps({"did": did, "handle": handle, "time_us": time_us or 0})
+        try:
+            fut = await self.producer.send(TOPIC_IDENTITIES, value=value, key=did.encode())
+        except KafkaError as exc:
+            log.warning("handle of %s not published (%s)", did, exc)
+            return
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception() is None
+                              or log.warning("handle of %s not published (%r)", did, f.exception()))
 
     async def _send(self, key: bytes, value: bytes, kind: str, entry: list) -> None:
         while True:

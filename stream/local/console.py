@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from operators import attribution
-from stream.display import percent, shorten
+from stream.display import percent, who
 from stream.schemas import TOPIC_ATTRIBUTIONS, AttributionSnapshot
 
 log = logging.getLogger("chorus.console")
@@ -107,7 +107,7 @@ def snapshot_line(v: dict[str, Any]) -> str:
     bands = " ".join(f"{b}={_pct(s).strip()}|{_pct(v['panel'].get('bands', {}).get(b)).strip()}"
                      for b, s in v["bands"].items())
     top = v["top"][0] if v.get("top") else None
-    culprit = f" top={top['did']}:{_pct(top['share']).strip()}" if top else ""
+    culprit = f" top={who(top, 64)}:{_pct(top['share']).strip()}" if top else ""
     return (f"[{v['window_end']}] {v['topic']}/{v['indicator']}: F={v['value']:.4g} "
             f"n={v['n_agents']} bands(full|panel) {bands} tvd={_num(v['panel'].get('tvd')):.3f} "
             f"residual={relative_residual(v):.1e}{culprit}")
@@ -134,7 +134,7 @@ def topic_panel(topic: str, values: list[dict[str, Any]], agents: float | None, 
     for v in values:
         top = v.get("top", [])[:top_n]
         if top:
-            culprits = ", ".join(f"{shorten(t['did'], 18)} {_pct(t['share']).strip()}" for t in top)
+            culprits = ", ".join(f"{who(t)} {_pct(t['share']).strip()}" for t in top)
             parts.append(Text(f"top {v['indicator']}: {culprits}", overflow="fold"))
     window_end = max(v["window_end"] for v in values)
     stamp = time.strftime("%H:%M:%S", time.localtime(window_end))

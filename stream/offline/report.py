@@ -39,7 +39,7 @@ from typing import Iterable
 
 import numpy as np
 
-from stream.display import percent, shorten, utc_stamp
+from stream.display import percent, utc_stamp, who
 from stream.schemas import TOPIC_ATTRIBUTIONS, AttributionSnapshot
 
 DPI = 110
@@ -244,7 +244,7 @@ def fig_top(plt, focus: dict[str, AttributionSnapshot], indicator: str, path: Pa
     fig, axes = _grid(plt, len(topics), width=6.4, height=3.8)
     for ax, topic in zip(axes, topics):
         top = focus[topic].top
-        labels = [f"{shorten(e['did'], 22)} ({e.get('followers', 0):,} fol.)" for e in top][::-1]
+        labels = [f"{who(e, 22)} ({e.get('followers', 0):,} fol.)" for e in top][::-1]
         ax.barh(np.arange(len(top)), [100 * e["share"] for e in top][::-1], color="tab:red")
         ax.set_yticks(np.arange(len(top)), labels, fontsize=7)
         ax.set_xlabel("share of attribution (%)")
@@ -360,7 +360,7 @@ def _markdown(snaps, at, ginis, figures, indicators, source) -> str:
                 f"| {topic} | {utc_stamp(s.window_end)} | {s.value + 0.0:.6g} | {s.baseline_value + 0.0:.6g} | "
                 f"{s.completeness_residual:.3g} | {s.n_agents} | {_num(p.get('tvd'))} | {_num(p.get('spearman'))} | "
                 f"{_num(p.get('rescale'), '.4g')} | {_num(p.get('rescale_residual'))} | {ginis[(topic, ind)]:.4f} | "
-                f"{top['did'] if top else 'n/a'} | {_pct(top['share']) if top else 'n/a'} | "
+                f"{who(top, 64) if top else 'n/a'} | {_pct(top['share']) if top else 'n/a'} | "
                 f"{top.get('followers', 'n/a') if top else 'n/a'} |")
         lines += ["", "Band shares, full scale / visibility panel:", "",
                   "| topic | " + " | ".join(bands) + " |", "|---" * (len(bands) + 1) + "|"]

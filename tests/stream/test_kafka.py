@@ -17,7 +17,7 @@ from aiokafka.errors import UnsupportedVersionError
 from stream.config import Settings
 from stream.kafka import ReadToEnd, check_topics, ensure_topics, make_consumer, make_producer, topic_config
 from stream.schemas import TOPIC_ALERTS, TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_EVENTS, TOPIC_FEATURES, \
-    TOPIC_GRAPH
+    TOPIC_GRAPH, TOPIC_IDENTITIES
 from stream.topics import registry, stage_topics
 
 OPS = "chorus-worker-ops"
@@ -32,13 +32,14 @@ def test_retention_per_topic():
                   TOPIC_FEATURES: 7 * 86_400_000,
                   TOPIC_GRAPH: -1,  # follows: keep them all
                   TOPIC_ATTRIBUTIONS: 7 * 86_400_000, TOPIC_ALERTS: 30 * 86_400_000,
-                  TOPIC_DEAD_LETTER: 7 * 86_400_000}
-    assert {s.cleanup_policy for s in reg.values()} == {"delete"}  # compaction would drop graph edges
+                  TOPIC_DEAD_LETTER: 7 * 86_400_000, TOPIC_IDENTITIES: -1}
+    # compaction would drop graph edges; identities keep the latest handle per DID
+    assert {n: s.cleanup_policy for n, s in reg.items() if s.cleanup_policy != "delete"} == {TOPIC_IDENTITIES: "compact"}
     assert topic_config(TOPIC_EVENTS, 600) == topic_config(OPS, 600) == {"retention.ms": "1200000",
                                                                          "cleanup.policy": "delete"}
     assert topic_config(TOPIC_GRAPH) == {"retention.ms": "-1", "cleanup.policy": "delete"}
     # every stage takes its topics from the same registry
-    for stage in ("ingest", "worker", "operator", "alerts"):
+    for stage in ("ingest", "worker", "operator", "alerts", "backfill"):
         for s in stage_topics(stage, DEMO):
             assert s == reg[s.name]
 

@@ -21,7 +21,7 @@ from operators.service.state import OperatorState
 from stream.backfill.fetch import Limits
 from stream.backfill.service import Backfill, Options
 from stream.kafka import make_consumer
-from stream.schemas import TOPIC_GRAPH, GraphEdge, graph_key, graph_value
+from stream.schemas import TOPIC_GRAPH, TOPIC_IDENTITIES, GraphEdge, graph_key, graph_value
 from stream.sim.relay import FrameSource, Relay
 from stream.sim.repos import SyntheticRepos
 from stream.sim.synth import Population
@@ -53,6 +53,23 @@ def read_graph(bootstrap: str, quiet_s: float = 1.5) -> list[GraphEdge]:
                         assert m.key == graph_key(json.loads(m.value))  # key = the follow record URI
                         out.append(e)
                         last = time.monotonic()
+        finally:
+            await c.stop()
+        return out
+    return asyncio.run(main())
+
+
+def read_values(bootstrap: str, topic: str, quiet_s: float = 1.5) -> list[dict]:
+    """Every value of ``topic`` as a dict (until ``quiet_s`` without new ones)."""
+    async def main():
+        c = make_consumer(bootstrap, topic)
+        await c.start()
+        out, last = [], time.monotonic()
+        try:
+            while time.monotonic() - last < quiet_s:
+                for msgs in (await c.getmany(timeout_ms=300)).values():
+                    out += [json.loads(m.value) for m in msgs]
+                    last = time.monotonic() if msgs else last
         finally:
             await c.stop()
         return out
@@ -141,6 +158,10 @@ def test_backfill_during_the_live_stream_gives_the_exact_graph(fresh_broker, tmp
     before = {k for d, seq, k in changes if d in heads and seq <= heads[d]}
     after = {k for d, seq, k in changes if d in heads and seq > heads[d]}
     assert before == after == {FOLLOW, UNFOLLOW}
+
+    # handles from the DID documents, next to their DIDs on chorus.identities
+    handles = {v["did"]: v["handle"] for v in read_values(fresh_broker.bootstrap, TOPIC_IDENTITIES)}
+    assert handles == {pop.did(i): repos.handle(i) for i in range(pop.n) if pop.did(i) in heads}
 
     live = live_graph_ops(pop)
     want = truth(pop)
