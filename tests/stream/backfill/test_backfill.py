@@ -39,28 +39,8 @@ def options(server: SyncServer, **kw) -> Options:
     return Options(relay=server.url, plc=server.plc_url, allow_nets=LOOPBACK, progress=False, **kw)
 
 
-def read_graph(bootstrap: str, quiet_s: float = 1.5) -> list[GraphEdge]:
-    """Every chorus.graph value (until ``quiet_s`` without new ones)."""
-    async def main():
-        c = make_consumer(bootstrap, TOPIC_GRAPH)
-        await c.start()
-        out, last = [], time.monotonic()
-        try:
-            while time.monotonic() - last < quiet_s:
-                for tp, msgs in (await c.getmany(timeout_ms=300)).items():
-                    for m in msgs:
-                        e = GraphEdge.from_bytes(m.value)
-                        assert m.key == graph_key(json.loads(m.value))  # key = the follow record URI
-                        out.append(e)
-                        last = time.monotonic()
-        finally:
-            await c.stop()
-        return out
-    return asyncio.run(main())
-
-
-def read_values(bootstrap: str, topic: str, quiet_s: float = 1.5) -> list[dict]:
-    """Every value of ``topic`` as a dict (until ``quiet_s`` without new ones)."""
+def read_topic(bootstrap: str, topic: str, quiet_s: float = 1.5) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of ``topic`` (until ``quiet_s`` without new ones)."""
     async def main():
         c = make_consumer(bootstrap, topic)
         await c.start()
@@ -68,12 +48,21 @@ def read_values(bootstrap: str, topic: str, quiet_s: float = 1.5) -> list[dict]:
         try:
             while time.monotonic() - last < quiet_s:
                 for msgs in (await c.getmany(timeout_ms=300)).values():
-                    out += [json.loads(m.value) for m in msgs]
+                    out += [(m.key, m.value) for m in msgs]
                     last = time.monotonic() if msgs else last
         finally:
             await c.stop()
         return out
     return asyncio.run(main())
+
+
+def read_graph(bootstrap: str, quiet_s: float = 1.5) -> list[GraphEdge]:
+    """Every chorus.graph value, each checked against the schema and its key (the record URI)."""
+    out = []
+    for key, value in read_topic(bootstrap, TOPIC_GRAPH, quiet_s):
+        assert key == graph_key(json.loads(value))
+        out.append(GraphEdge.from_bytes(value))
+    return out
 
 
 def truth(pop: Population) -> set[tuple[str, str]]:
@@ -160,7 +149,7 @@ def test_backfill_during_the_live_stream_gives_the_exact_graph(fresh_broker, tmp
     assert before == after == {FOLLOW, UNFOLLOW}
 
     # handles from the DID documents, next to their DIDs on chorus.identities
-    handles = {v["did"]: v["handle"] for v in read_values(fresh_broker.bootstrap, TOPIC_IDENTITIES)}
+    handles = {json.loads(v)["did"]: json.loads(v)["handle"] for _, v in read_topic(fresh_broker.bootstrap, TOPIC_IDENTITIES)}
     assert handles == {pop.did(i): repos.handle(i) for i in range(pop.n) if pop.did(i) in heads}
 
     live = live_graph_ops(pop)
