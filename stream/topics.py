@@ -48,7 +48,7 @@ FOREVER = -1
 @dataclass(frozen=True)
 class TopicSpec:
     """One topic as chorus creates it: ``retention_ms`` (-1: forever), ``cleanup_policy``
-    (``delete``), and why (README's topic table)."""
+    (``delete``; ``compact`` for chorus.identities), and why (README's topic table)."""
 
     name: str
     partitions: int
