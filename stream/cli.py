@@ -203,9 +203,9 @@ def backfill(
     import signal
 
     from stream.backfill.checkpoint import CheckpointError
-    from stream.backfill.fetch import Limits, parse_networks
-    from stream.backfill.graph_file import GraphFileError
-    from stream.backfill.listing import ListingError
+    from stream.backfill.fetch import Limits, parse_networks, refused_addresses
+    from stream.backfill.graph_file import GraphFileError, check_file
+    from stream.backfill.listing import ListingError, read_dids_file
     from stream.backfill.service import Backfill, BackfillError, Options, run_graph_file
     from stream.config import bootstrap_servers, relay_http_url
     from stream.metrics import serve
@@ -213,6 +213,33 @@ def backfill(
     if sum(x is not None for x in (relay, pds, dids, graph_file)) > 1:
         fail("give at most one of --relay, --pds, --dids, --graph-file")
     s = settings(kafka=kafka, plc_url=plc, allow_nets=allow_net or None)
+    # The inputs first (files, URLs, networks), before anything connects: a bad one is one line.
+    try:
+        nets = parse_networks(s.allow_nets)
+    except ValueError as exc:
+        fail(str(exc))
+    default_relay = None if relay or pds or dids or graph_file else relay_http_url(s.relay)
+    hosts: list[tuple[str, str]] = []  # (the flag that names it, URL) of what this run will fetch from
+    if pds is not None:
+        hosts = [("--pds", pds)]
+    elif graph_file is None:
+        hosts = [("--relay", relay)] if relay else [("--relay (CHORUS_RELAY)", default_relay)] if default_relay else []
+        hosts.append(("--plc", s.plc_url))
+    for flag, value in hosts:
+        if not value.startswith(("http://", "https://")):
+            fail(f"{flag} must be an http(s) URL, got {value!r}")
+    try:
+        if dids is not None:
+            read_dids_file(dids)
+        if graph_file is not None:
+            check_file(graph_file)
+    except (ListingError, GraphFileError) as exc:
+        fail(str(exc))
+    for flag, value in hosts:
+        refused = refused_addresses(value, nets)
+        if refused:
+            fail(f"{flag} {value} resolves to a non-public address ({', '.join(refused[:3])}); "
+                 f"allow it with --allow-net {refused[0]} (or CHORUS_ALLOW_NETS)")
     url = s.kafka
     if url is None:
         from stream.local.runner import running_instance
@@ -222,16 +249,12 @@ def backfill(
         fail("the backfill needs Kafka: pass --kafka kafka://host:port or set CHORUS_KAFKA (or start `chorus run`)")
     try:
         bootstrap = bootstrap_servers(url)
-        parse_networks(s.allow_nets)
     except (ConfigError, ValueError) as exc:
         fail(str(exc))
-    for flag, value in (("--relay", relay), ("--pds", pds), ("--plc", s.plc_url)):
-        if value is not None and not value.startswith(("http://", "https://")):
-            fail(f"{flag} must be an http(s) URL, got {value!r}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with contextlib.suppress(OSError):  # metrics are optional here (another chorus may hold the port)
         serve(s.metrics_host, s.metrics_port)
-    opts = Options(relay=relay or (None if pds or dids else relay_http_url(s.relay)), pds=pds, dids_file=dids,
+    opts = Options(relay=relay or default_relay, pds=pds, dids_file=dids,
                    plc=s.plc_url, allow_nets=list(s.allow_nets), max_car_bytes=int(max_car_mb * 1024 * 1024),
                    limits=Limits(concurrency=concurrency, per_host=per_host, total_timeout_s=timeout,
                                  retries=retries),
@@ -239,7 +262,7 @@ def backfill(
 
     async def main() -> str:
         if graph_file is not None:
-            st = await run_graph_file(bootstrap, s.state_dir, graph_file, s.kafka_idempotence, restart)
+            st = await run_graph_file(bootstrap, s.state_dir, graph_file, s.kafka_idempotence, restart, checked=True)
             return f"{st.edges:,} follow pairs from {graph_file}"
         bf = Backfill(bootstrap, s.state_dir, opts, idempotence=s.kafka_idempotence)
         loop = asyncio.get_running_loop()

@@ -150,6 +150,34 @@ def allowed_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_net
     return ip.is_global and not ip.is_multicast
 
 
+def refused_addresses(url: str, allow_nets: Iterable[Network]) -> list[str]:
+    """The addresses ``url``'s host resolves to (now, with the system resolver) that
+    :func:`allowed_address` refuses; [] when all are allowed or the host does not resolve (that
+    is found, and reported, on the first request). For a start-up check of the URLs a user gives:
+    a run whose PLC directory or relay is refused would only count every repository as refused."""
+    try:
+        u = URL(url)
+        host, port = u.host, u.port
+    except (ValueError, TypeError):
+        return []
+    if not host:
+        return []
+    try:
+        literal = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        literal = None
+    if literal is not None:
+        ips = [literal]
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return []
+        ips = [ipaddress.ip_address(i[4][0].split("%", 1)[0]) for i in infos]
+    nets = list(allow_nets)
+    return sorted({str(ip) for ip in ips if not allowed_address(ip, nets)})
+
+
 class VettingResolver(AbstractResolver):
     """The connector's resolver: the system's answers (getaddrinfo), every address vetted."""
 

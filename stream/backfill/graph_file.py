@@ -33,9 +33,10 @@ def _is_parquet(path: Path) -> bool:
     return path.suffix.lower() in (".parquet", ".pq")
 
 
-def read_pairs(path: Path, skip: int = 0) -> Iterator[tuple[int, list[str], list[str]]]:
+def read_pairs(path: Path, skip: int = 0, validate: bool = True) -> Iterator[tuple[int, list[str], list[str]]]:
     """(index of the first row, followers, followed) per batch, from row ``skip`` on; validates
-    every row (raises GraphFileError)."""
+    every row unless ``validate`` is False (the file was :func:`check_file` d) (raises
+    GraphFileError: missing columns, unreadable, and with ``validate`` a bad row)."""
     import pyarrow as pa
 
     path = Path(path)
@@ -68,13 +69,20 @@ def read_pairs(path: Path, skip: int = 0) -> Iterator[tuple[int, list[str], list
             cols = {name: batch.column(name).to_pylist() for name in COLUMNS}
             lo = max(0, skip - row)
             src, dst = cols["followed"][lo:], cols["follower"][lo:]
-            _check_rows(path, row + lo, dst, src, where)
+            if validate:
+                _check_rows(path, row + lo, dst, src, where)
             yield row + lo, dst, src
             row += n
     except GraphFileError:
         raise
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         raise GraphFileError(f"cannot read graph file {path}: {str(exc).splitlines()[0]}") from None
+
+
+def check_file(path: Path) -> int:
+    """Validate the whole file (columns, every row) before anything is published; returns its row
+    count. Raises GraphFileError naming the first bad line (CSV) or row (Parquet)."""
+    return sum(len(follower) for _, follower, _ in read_pairs(path))
 
 
 def _check_columns(path: Path, names: list[str]) -> None:
@@ -94,13 +102,13 @@ def _check_rows(path: Path, first: int, follower: list, followed: list, where: C
 
 
 async def import_file(producer, path: Path, skip: int = 0, time_us: int | None = None,
-                      on_batch: Callable[[int, int], None] | None = None) -> int:
+                      on_batch: Callable[[int, int], None] | None = None, validate: bool = True) -> int:
     """Publish every pair from row ``skip`` on; ``on_batch(rows done, batch rows)`` after each batch
-    is acknowledged. Returns the rows published."""
+    is acknowledged (``validate``: as :func:`read_pairs`). Returns the rows published."""
     path = Path(path)
     t = int(path.stat().st_mtime * 1_000_000) if time_us is None else int(time_us)
     total = 0
-    batches = read_pairs(path, skip)
+    batches = read_pairs(path, skip, validate)
     while True:
         item = await asyncio.to_thread(next, batches, None)  # pyarrow reads and validation off the loop
         if item is None:

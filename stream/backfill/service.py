@@ -338,9 +338,10 @@ class Backfill:
 
 
 async def run_graph_file(bootstrap: str, state_dir: Path, path: Path, idempotence: bool = True,
-                         restart: bool = False) -> State:
+                         restart: bool = False, checked: bool = False) -> State:
     """`chorus backfill --graph-file`: import pairs (:mod:`stream.backfill.graph_file`), resuming
-    from the checkpoint's row (its cursor); counts rows in ``edges``."""
+    from the checkpoint's row (its cursor); counts rows in ``edges``. ``checked``: the whole file
+    was validated already (:func:`~stream.backfill.graph_file.check_file`; rows are not again)."""
     from stream.backfill.graph_file import import_file, read_pairs
     from stream.kafka import ensure_topics, make_producer
     from stream.schemas import TOPIC_GRAPH, TOPIC_PARTITIONS
@@ -351,7 +352,8 @@ async def run_graph_file(bootstrap: str, state_dir: Path, path: Path, idempotenc
     state = ckpt.load()
     if state.finished:
         return state
-    next(read_pairs(path, int(state.cursor or 0)), None)  # column and first-batch errors before Kafka
+    if not checked:
+        next(read_pairs(path, int(state.cursor or 0)), None)  # column and first-batch errors before Kafka
     try:
         await asyncio.wait_for(ensure_topics(bootstrap, {TOPIC_GRAPH: TOPIC_PARTITIONS[TOPIC_GRAPH]}), 30)
         producer = make_producer(bootstrap, idempotence)
@@ -365,7 +367,7 @@ async def run_graph_file(bootstrap: str, state_dir: Path, path: Path, idempotenc
         ckpt.save(state)
 
     try:
-        await import_file(producer, path, int(state.cursor or 0), on_batch=saved)
+        await import_file(producer, path, int(state.cursor or 0), on_batch=saved, validate=not checked)
     finally:
         with contextlib.suppress(Exception):
             await producer.stop()

@@ -298,7 +298,7 @@ def test_bad_input_gets_one_line_errors(broker, tmp_path):
                                     capture_output=True, text=True, timeout=120)
     dead = f"http://127.0.0.1:{free_port()}"
     _one_line_error(run("--relay", dead, "--allow-net", "127.0.0.0/8"), "cannot list repositories", dead)
-    _one_line_error(run("--relay", dead), "cannot list repositories", "non-public")  # loopback not allowed
+    _one_line_error(run("--relay", dead), f"--relay {dead}", "non-public", "--allow-net")  # loopback not allowed
     pop = Population(60, seed=14, events_per_account=1)
     with ThreadRelay(pop) as relay:
         _one_line_error(run("--relay", relay.http_url, "--plc", dead, "--allow-net", "127.0.0.0/8"),
