@@ -65,7 +65,7 @@ def run(
                                 "(1: live; more replays the same events faster, lag then means nothing)."),
     duration: Optional[float] = typer.Option(None, min=0.0, help="Stop by itself after this many seconds."),
     metrics_port: Optional[int] = typer.Option(None, help="Metrics port (default 9464; 0 = any free port)."),
-    no_console: bool = typer.Option(False, "--no-console", help="No live view: print only the start and stop lines."),
+    no_console: bool = typer.Option(False, "--no-console", help="No live view: print plain log lines (stdout) instead."),
 ) -> None:
     """Everything in one process tree on the embedded default, with a live console view."""
     import asyncio
@@ -76,7 +76,8 @@ def run(
     s = settings(profile=profile, kafka=kafka, metrics_port=metrics_port)
     log_dir = Path(s.state_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(log_dir / "run.log")
+    # Without the live view, the run's log lines (in-process parts) go to stdout as well as run.log.
+    setup_logging(log_dir / "run.log", echo=sys.stdout if no_console else None)
     opts = RunOptions(synthetic=synthetic, seed=seed, rate=rate, speed=speed, console=not no_console,
                       log_dir=log_dir)
     try:

@@ -70,6 +70,10 @@ OPERATOR_DEVICE_MEMORY = Gauge("chorus_operator_device_memory_bytes", "Bytes in 
 OPERATOR_SNAPSHOT_AGE = Gauge(
     "chorus_operator_snapshot_age_seconds", "Seconds since the operator's last state snapshot (NaN: none yet)."
 )
+# NaN until the first checkpoint/snapshot is written: a gauge starts at 0, which would read as a
+# checkpoint written just now (a false "fresh") before there is any.
+WORKER_CHECKPOINT_AGE.set(float("nan"))
+OPERATOR_SNAPSHOT_AGE.set(float("nan"))
 
 # --- attribution (per topic, indicator) ---------------------------------------------------
 _TI = ["topic", "indicator"]

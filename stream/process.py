@@ -1,6 +1,7 @@
 """Process setup shared by every chorus command: logging, the event loop, signals, one-line errors.
 
-- :func:`setup_logging`: one log format for every stage (stderr, or a file for `chorus run`).
+- :func:`setup_logging`: one log format for every stage (stderr, or a file for `chorus run`,
+  echoed on stdout with ``--no-console``).
 - :func:`install`: the asyncio event loop, uvloop where installed (``Settings.uvloop``).
 - :func:`run_service`: a stage's blocking entry: the loop, SIGINT/SIGTERM asking the service to
   stop (it then finishes its work in order), ``asyncio.run``.
@@ -20,7 +21,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TextIO, TypeVar
 
 T = TypeVar("T")
 
@@ -28,10 +29,15 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def setup_logging(filename: str | Path | None = None, level: int = logging.INFO) -> None:
+def setup_logging(filename: str | Path | None = None, level: int = logging.INFO,
+                  echo: TextIO | None = None) -> None:
     """Log records of ``level`` and above as ``time LEVEL logger: message`` to stderr, or
-    appended to ``filename``."""
-    logging.basicConfig(level=level, format=LOG_FORMAT, filename=filename)
+    appended to ``filename`` and, with ``echo`` (a text stream, e.g. ``sys.stdout`` for
+    ``chorus run --no-console``), also written there."""
+    handlers: list[logging.Handler] = [logging.FileHandler(filename) if filename else logging.StreamHandler()]
+    if echo is not None and filename:
+        handlers.append(logging.StreamHandler(echo))
+    logging.basicConfig(level=level, format=LOG_FORMAT, handlers=handlers)
 
 
 def install(use_uvloop: bool = True) -> str:

@@ -90,3 +90,23 @@ def test_no_watch_without_the_variable_or_for_another_parent(monkeypatch):
     assert exit_with_parent() is False
     monkeypatch.setenv(PARENT_PID_ENV, str(os.getppid() + 1))  # not our parent: nothing to watch
     assert exit_with_parent() is False
+
+
+def test_run_logs_go_to_the_file_and_with_echo_to_stdout_too(tmp_path):
+    """`chorus run --no-console` (echo=sys.stdout): each log line in run.log and on stdout, not on
+    stderr (which keeps the one-line errors); without echo, the file only."""
+    code = textwrap.dedent("""
+        import logging, sys
+        from stream.process import setup_logging
+        setup_logging(sys.argv[1], echo=sys.stdout if sys.argv[2] == "1" else None)
+        logging.getLogger("chorus.operator").info("hop %d published", 7)
+        logging.getLogger("chorus.operator").debug("not at INFO")
+    """)
+    for echo in ("1", "0"):
+        log = tmp_path / f"run-{echo}.log"
+        r = subprocess.run([sys.executable, "-c", code, str(log), echo], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        lines = log.read_text().splitlines()
+        assert len(lines) == 1 and lines[0].endswith(" INFO chorus.operator: hop 7 published"), lines
+        assert r.stdout.splitlines() == (lines if echo == "1" else []), r.stdout
+        assert r.stderr == ""
