@@ -22,10 +22,13 @@ its values; a kink or boundary layer that falls between all nodes is invisible t
 estimate as well. Non-finite results are never returned: :class:`NonFiniteError` names what is
 not finite (F(x), F(b), which agents' phi; e.g. sqrt at 0 has an infinite gradient).
 
-The node loop is a ``lax.scan`` that carries one gradient accumulator, so memory is O(N d), not
-O(steps N d); with ``node_batch = k`` each scan step evaluates k nodes at once (``jax.vmap``),
+The node loop is a ``lax.fori_loop`` that carries one gradient accumulator, so memory is O(N d),
+not O(steps N d); with ``node_batch = k`` each loop step evaluates k nodes at once (``jax.vmap``),
 memory O(k N d), fewer and larger kernels (for accelerators). The whole computation is one
-jit-compiled program, cached on (F's static part, shapes, dtypes). F is passed *through* jit as
+jit-compiled program, cached on (F's static part, shapes, dtypes). The number of passes is a
+runtime value and the node arrays are padded to a bucket of PASS_BUCKET passes, so the rule and
+the number of nodes do not enter the cache key: the service's quadrature ladder (3 to 65 nodes,
+both rules) runs one compiled program per indicator and shape, not one per rung. F is passed *through* jit as
 an argument: its array leaves (an indicator's graph, for instance) are runtime inputs, not
 constants baked into the program, so a new graph of the same shape reuses the compiled program.
 Array leaves are found with ``jax.tree_util``; every other leaf (and a plain Python function,
@@ -59,6 +62,7 @@ __all__ = [
 
 _TRACES = 0
 ACCELERATOR_NODE_BATCH = 8  # node_batch default off CPU: fastest on one H100 (BENCHMARKS.md)
+PASS_BUCKET = 128  # node arrays are padded to a multiple of this many passes: one program per bucket
 
 
 class Attribution(NamedTuple):
@@ -179,28 +183,30 @@ def resolve_baseline(F: Callable, x: jax.Array, baseline) -> jax.Array:
 
 
 @partial(jax.jit, static_argnums=0)
-def _attribute_core(static, dyn, x, b, alphas, weights, eweights):
-    """alphas, weights, eweights (embedded rule): (passes, node_batch); one scan step per pass,
-    its nodes vmapped. Returns the Attribution and finiteness flags (inputs, F(x), F(b), phi)."""
+def _attribute_core(static, dyn, x, b, alphas, weights, eweights, passes):
+    """alphas, weights, eweights (embedded rule): (rows, node_batch), of which the first ``passes``
+    rows (an int32 scalar, a runtime value) are the rule's; one loop step per pass, its nodes
+    vmapped. The rows are padded to a fixed bucket (:data:`PASS_BUCKET`), so every rule of up to
+    that many passes runs the same compiled program. Returns the Attribution and finiteness flags
+    (inputs, F(x), F(b), phi)."""
     global _TRACES
     _TRACES += 1
     F = join_callable(static, dyn)
     value = check_scalar(F, x)
     grad = jax.grad(lambda z: F(z).astype(x.dtype))
     d = x - b
+    shape = (alphas.shape[1],) + (1,) * x.ndim
 
-    def one_node(acc, awe):
-        a, w, e = awe
-        gk = grad(b + a[0] * d)
-        return (acc[0] + w[0] * gk, acc[1] + e[0] * gk), None
-
-    def node_batch(acc, awe):
-        a, w, e = (v.reshape(v.shape + (1,) * x.ndim) for v in awe)
+    def one_pass(i, acc):
+        a, w, e = alphas[i], weights[i], eweights[i]
+        if alphas.shape[1] == 1:
+            gk = grad(b + a[0] * d)
+            return acc[0] + w[0] * gk, acc[1] + e[0] * gk
+        a, w, e = (v.reshape(shape) for v in (a, w, e))
         gk = jax.vmap(grad)(b + a * d)
-        return (acc[0] + jnp.sum(w * gk, axis=0), acc[1] + jnp.sum(e * gk, axis=0)), None  # no dot: no TF32
+        return acc[0] + jnp.sum(w * gk, axis=0), acc[1] + jnp.sum(e * gk, axis=0)  # no dot: no TF32
 
-    body = one_node if alphas.shape[1] == 1 else node_batch
-    (g, ge), _ = jax.lax.scan(body, (jnp.zeros_like(x), jnp.zeros_like(x)), (alphas, weights, eweights))
+    g, ge = jax.lax.fori_loop(0, passes, one_pass, (jnp.zeros_like(x), jnp.zeros_like(x)))
     phi = d * g
     baseline_value = F(b)
     flags = jnp.stack([jnp.isfinite(x).all() & jnp.isfinite(b).all(), jnp.isfinite(value),
@@ -211,16 +217,18 @@ def _attribute_core(static, dyn, x, b, alphas, weights, eweights):
 
 @lru_cache(maxsize=64)
 def _device_nodes(steps: int, rule: str, node_batch: int, dtype) -> tuple[jax.Array, ...]:
-    """Nodes, weights and embedded weights as (passes, node_batch) arrays on the default device
-    (cached: no host copy per call). A last, partial pass is filled with weight-0 copies of the
-    last node."""
+    """Nodes, weights and embedded weights as (rows, node_batch) arrays on the default device,
+    and the number of passes (int32 scalar); cached: no host copy per call. A last, partial pass
+    is filled with weight-0 copies of the last node; rows past the passes (up to a multiple of
+    :data:`PASS_BUCKET`) are weight-0 padding the loop never reaches."""
     alphas, weights, eweights = embedded(steps, rule)
     passes = -(-steps // node_batch)
-    fill = passes * node_batch - steps
-    alphas = np.concatenate([alphas, np.full(fill, alphas[-1])]).reshape(passes, node_batch)
-    weights, eweights = (np.concatenate([w, np.zeros(fill)]).reshape(passes, node_batch)
+    rows = -(-passes // PASS_BUCKET) * PASS_BUCKET
+    fill = rows * node_batch - steps
+    alphas = np.concatenate([alphas, np.full(fill, alphas[-1])]).reshape(rows, node_batch)
+    weights, eweights = (np.concatenate([w, np.zeros(fill)]).reshape(rows, node_batch)
                          for w in (weights, eweights))
-    return tuple(jnp.asarray(v, dtype=dtype) for v in (alphas, weights, eweights))
+    return (*(jnp.asarray(v, dtype=dtype) for v in (alphas, weights, eweights)), jnp.asarray(passes, jnp.int32))
 
 
 def _check_node_batch(node_batch, steps: int) -> int:
@@ -247,7 +255,7 @@ def attribute(
     population mean for scale-invariant indicators). steps: quadrature nodes (>= 1).
     rule: "gauss-legendre" (default), "midpoint" or "gauss-legendre-graded" (nodes graded toward
     the baseline: fewer nodes for saturating indicators such as cascade_reach; see
-    operators.quadrature). node_batch: quadrature nodes evaluated together in one scan step
+    operators.quadrature). node_batch: quadrature nodes evaluated together in one loop step
     (vmapped; capped at steps); memory O(node_batch N d). None = 1 on CPU (fastest there),
     ACCELERATOR_NODE_BATCH on a GPU/TPU backend (fewer, larger kernels).
     "gauss-kronrod" / "gauss-kronrod-graded": steps = 2n + 1 (odd), the Kronrod extension of the

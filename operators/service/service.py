@@ -187,8 +187,8 @@ class OperatorService:
     overrides the attribution_error alert's); a rule name (operators.quadrature) uses it with
     ``steps`` nodes. ``active_only`` (default): per topic,
     cascade_reach runs on the follow graph restricted to edges out of the topic's active agents
-    (kept incrementally, ``OperatorState.active_graph``; its panel on the active panel members'
-    edges) and the graph-free indicators on the active rows only -- the same phi, R(x), R(b) as
+    (``OperatorState.active_graph``: an edge list rebuilt per hop for a small graph, else kept
+    incrementally; its panel on the active panel members' edges) and the graph-free indicators on the active rows only -- the same phi, R(x), R(b) as
     the full inputs (agents with zero input are exact null players that move nothing on the path;
     operators.subgraph). False: every indicator on the full graph and all rows (the reference).
     """

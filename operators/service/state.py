@@ -52,6 +52,11 @@ from operators.subgraph import ActiveSubgraph
 
 MIN_CAPACITY = 1024
 D = len(FEATURE_COLUMNS)
+# Up to this many present edges the per-topic and panel graphs are plain edge lists (the "sorted"
+# layout) padded to one shared capacity (see OperatorState.active_graph): every topic, panel and
+# sample then runs one compiled program, and a hop costs no compile while the graph grows within
+# it. Above, the incremental bucketed subgraphs (operators.subgraph): faster per pass at scale.
+SMALL_EDGES = 1 << 17
 
 
 def _pow2_at_least(n: int, floor: int = MIN_CAPACITY) -> int:
@@ -251,7 +256,10 @@ class TopicView:
 class OperatorState:
     """DID registry, per-topic feature matrices, follower counts and follow edges (see module doc)."""
 
-    def __init__(self, capacity: int = MIN_CAPACITY, edge_capacity: int = MIN_CAPACITY):
+    def __init__(self, capacity: int = MIN_CAPACITY, edge_capacity: int = MIN_CAPACITY,
+                 small_edges: int = SMALL_EDGES):
+        self.small_edges = int(small_edges)
+        self._list_capacity = MIN_CAPACITY          # edge capacity of the small-graph edge lists
         self.capacity = _pow2_at_least(capacity)
         self.edge_capacity = _pow2_at_least(edge_capacity)
         self.index: dict[str, int] = {}
@@ -553,37 +561,67 @@ class OperatorState:
             self._graph_dirty = False
         return self._graph
 
-    def panel_graph(self, rows, slot: str = "") -> FollowGraph:
+    def small(self) -> bool:
+        """Whether the graph is small enough for edge-list subgraphs (``small_edges``, SMALL_EDGES)."""
+        return self.n_edges <= self.small_edges
+
+    def _edge_list(self, rows: np.ndarray) -> FollowGraph:
+        """The present edges out of ``rows`` as a "sorted"-layout graph padded to (capacity, the
+        shared edge-list capacity): a power of two at least the whole graph's edge count, which
+        only grows, so every subgraph of the same node capacity has the same shapes."""
+        sub = self._edges.out_edges(rows)
+        return FollowGraph.padded(sub >> 32, sub & 0xFFFFFFFF, max(self.n_rows, 1), self.capacity,
+                                  self._list_cap(), layout="sorted")
+
+    def _list_cap(self) -> int:
+        """The shared edge-list capacity: a power of two >= the present edges; it only grows."""
+        self._list_capacity = _pow2_at_least(max(self.n_edges, 1), self._list_capacity)
+        return self._list_capacity
+
+    def panel_graph(self, rows, slot: str = ""):
         """The follow graph restricted to edges out of ``rows`` (a panel), padded like :meth:`graph`.
 
         For cascade reach with every agent outside ``rows`` at q = 0 (the panel attribution, zero
         baseline) this gives exactly the full graph's R and attribution: an edge i -> j with
         q_i = 0 adds log1p(0) = 0 to S_j. Cached per (rows, edge set, capacity) in cache ``slot``
-        (one per topic when the rows differ by topic), rebuilt at least at the slot's previous
-        table sizes, so each slot's compiled program keeps its shapes.
+        (one per topic when the rows differ by topic). A small graph (:meth:`small`): an edge
+        list of the shared capacity (the same shapes as :meth:`active_graph`'s); else bucketed,
+        rebuilt at least at the slot's previous table sizes, so each slot's compiled program
+        keeps its shapes.
         """
         rows = np.unique(np.asarray(rows, np.int64))
-        key = (self._edges_version, self.capacity, rows.tobytes())
+        small = self.small()
+        key = (self._edges_version, self.capacity, rows.tobytes(), self._list_cap() if small else "bucketed")
         cached = self._panel_graphs.get(slot)
-        if cached is not None and cached[1].n != self.capacity:
-            cached = None
         if cached is not None and cached[0] == key:
             return cached[1]
-        sub = self._edges.out_edges(rows)
-        prev = cached[1] if cached is not None else None
-        e_cap = _pow2_at_least(sub.size, prev.num_edges if prev is not None else MIN_CAPACITY)
-        g = FollowGraph.padded(sub >> 32, sub & 0xFFFFFFFF, max(self.n_rows, 1), self.capacity, e_cap,
-                               capacities=prev.capacities if prev is not None else None)
+        if small:
+            g = self._edge_list(rows)
+        else:
+            prev = cached[1] if cached is not None and cached[0][3] == "bucketed" and cached[1].n == self.capacity else None
+            sub = self._edges.out_edges(rows)
+            e_cap = _pow2_at_least(sub.size, prev.num_edges if prev is not None else MIN_CAPACITY)
+            g = FollowGraph.padded(sub >> 32, sub & 0xFFFFFFFF, max(self.n_rows, 1), self.capacity, e_cap,
+                                   capacities=prev.capacities if prev is not None else None)
         self._panel_graphs[slot] = (key, g)
         return g
 
-    def active_graph(self, topic: str, active) -> GraphStack:
+    def active_graph(self, topic: str, active):
         """The follow graph restricted to edges out of (a superset of) the agents ``active`` (bool,
-        (capacity,)) in ``topic``, kept incrementally (:class:`operators.subgraph.ActiveSubgraph`).
+        (capacity,)) in ``topic``.
 
         For cascade reach with the zero baseline this gives exactly the full graph's R(x), R(0) and
         phi whenever every agent with x_i != 0 is active (module docstring of operators.subgraph).
+        A small graph (:meth:`small`): the edges out of the active agents, collected afresh as an
+        edge list of the shared capacity (a :class:`FollowGraph`, "sorted" layout). Else kept
+        incrementally (:class:`operators.subgraph.ActiveSubgraph`, a :class:`GraphStack`).
         """
+        if self.small():
+            if self._subgraphs:  # the graph shrank below the threshold: the incremental ones go
+                self._subgraphs.clear()
+                self._log_keys, self._log_add, self._log_start = [], [], 0
+            active = np.asarray(active, bool)
+            return self._edge_list(np.flatnonzero(active[: self.n_rows]))
         sg = self._subgraphs.get(topic)
         if sg is None:
             sg = self._subgraphs[topic] = ActiveSubgraph(self._edges.out_edges, shared=self._subgraph_shapes)

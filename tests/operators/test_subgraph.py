@@ -68,7 +68,7 @@ def test_active_subgraph_gives_the_full_graph_phi_across_hops(rng):
     a fresh full graph, and the base is built once (rebuilds switched off: only the layers move)."""
     n = 400
     src, dst = random_graph(rng, n, 6000)
-    st = OperatorState()
+    st = OperatorState(small_edges=0)  # the incremental subgraphs (a graph above SMALL_EDGES)
     dids = [f"did:plc:{i:04d}" for i in range(n)]
     st.load(dids, np.bincount(src, minlength=n), {}, 60, src[:5000], dst[:5000])
     cap = st.capacity
@@ -110,7 +110,7 @@ def test_active_subgraph_gives_the_full_graph_phi_across_hops(rng):
 def test_subgraph_rebuilds_when_the_layers_grow_and_stays_exact(rng):
     n = 200
     src, dst = random_graph(rng, n, 3000)
-    st = OperatorState()
+    st = OperatorState(small_edges=0)
     dids = [f"did:plc:{i:04d}" for i in range(n)]
     st.load(dids, np.zeros(n), {}, 60, src[:1000], dst[:1000])
     mask = np.zeros(st.capacity, bool)

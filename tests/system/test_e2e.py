@@ -98,6 +98,14 @@ TAIL_BANDS = ("10-50", "bottom50")        # follower rank >= 10%: where the part
 ALERT_RULES = "cooldown_s: 0\nrules:\n  new_top_culprit:\n    min_share: 0.02\n"
 
 
+# Counters of faults and recoveries: served (HELP) but with samples only once one happened, which a
+# clean run may not see (a label set is created by the first fault it counts).
+FAULT_ONLY = {"chorus_ingest_frames_invalid_total", "chorus_ingest_seq_resets_total",
+              "chorus_ingest_replayed_frames_total", "chorus_ingest_event_time_clamped_total",
+              "chorus_attribution_skipped_total", "chorus_records_rejected_total",
+              "chorus_kafka_send_retries_total", "chorus_run_part_restarts_total"}
+
+
 def design_metric_names() -> set[str]:
     """Every metric name DESIGN.md lists (histograms by their base name)."""
     import re
@@ -152,7 +160,6 @@ async def _collect(bootstrap: str, done, deadline: float, alive) -> tuple[list[d
     return snaps, alerts
 
 
-@pytest.mark.xfail(strict=False, reason="known (closing note 2026-11-30): on a 2-core machine the operator's first hops take 40-80 s (the per-hop quadrature ladder compiles each rung per shape) against a 5 s hop, so the run falls behind the stream; runs and reports, does not gate CI until the hop is fast again")
 @pytest.mark.timeout(RUN_LIMIT_S + 60)
 def test_chorus_run_end_to_end(tmp_path):
     """One `chorus run` (embedded broker, synthetic relay, ingester, worker, operator): the planted
@@ -245,10 +252,11 @@ def test_chorus_run_end_to_end(tmp_path):
 
         # Metrics: every name in DESIGN.md is served, with samples (invalid frames only if any).
         text, counts = served_samples(note["metrics"])
-        for name in sorted(design_metric_names()):
-            assert f"# HELP {name.removesuffix('_total')}" in text or f"# HELP {name}" in text, name
-            if name != "chorus_ingest_frames_invalid_total":
-                assert counts.get(name, 0) > 0, f"{name} has no samples"
+        names = sorted(design_metric_names())
+        unserved = [n for n in names if f"# HELP {n.removesuffix('_total')}" not in text and f"# HELP {n}" not in text]
+        assert not unserved, unserved
+        empty = [n for n in names if counts.get(n, 0) == 0 and n not in FAULT_ONLY]
+        assert not empty, f"metrics with no samples: {empty}"
 
         # A second run is refused while this one runs.
         r = chorus("run", "--no-console", "--metrics-port", "0", "--duration", "1", env=env)

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from operators.service.service import OperatorService
+from operators.service.state import OperatorState
 from stream.config import Settings
 from stream.kafka import ensure_topics, make_consumer, make_producer
 from stream.schemas import (TOPIC_ALERTS, TOPIC_ATTRIBUTIONS, TOPIC_FEATURES, TOPIC_GRAPH, Alert, AttributionSnapshot,
@@ -181,16 +182,20 @@ def test_non_finite_snapshot_is_skipped_and_counted(monkeypatch):
 
 
 
-def test_active_only_hops_equal_the_full_graph_reference_across_hops():
+@pytest.mark.parametrize("small_edges", [None, 0], ids=["edge-lists", "incremental"])
+def test_active_only_hops_equal_the_full_graph_reference_across_hops(small_edges):
     """The default service (cascade_reach on each topic's active subgraph, polarization on the
     active rows) publishes the same snapshots as the reference (full graph, all rows), hop after
-    hop, while agents go quiet or start posting and follows are added and removed."""
+    hop, while agents go quiet or start posting and follows are added and removed; with the
+    small-graph edge lists (the default at this size) and with the incremental bucketed subgraphs
+    (``small_edges=0``, what a large graph gets)."""
     rng = np.random.default_rng(11)
     n, topics = 300, ("a", "b")
     dids = [f"did:{i}" for i in range(n)]
     followers = (rng.pareto(1.2, n) * 10).astype(int)
     settings = Settings(indicators=["cascade_reach", "polarization"])
-    fast = OperatorService(settings, steps=12, rule="gauss-legendre-graded")
+    state = OperatorState() if small_edges is None else OperatorState(small_edges=small_edges)
+    fast = OperatorService(settings, steps=12, rule="gauss-legendre-graded", state=state)
     ref = OperatorService(settings, steps=12, rule="gauss-legendre-graded", active_only=False)
     pairs = {(int(s), int(d)) for s, d in zip(rng.integers(0, n, 4000), rng.integers(0, n, 4000)) if s != d}
     t = 0
@@ -226,7 +231,10 @@ def test_active_only_hops_equal_the_full_graph_reference_across_hops():
                 assert g.panel["bands"][band] == pytest.approx(w.panel["bands"][band], abs=1e-5)
             assert g.panel["tvd"] == pytest.approx(w.panel["tvd"], abs=1e-5)
             assert [e["did"] for e in g.top[:5]] == [e["did"] for e in w.top[:5]]
-    assert fast.state.subgraph("a").builds == 1  # the graph changed every hop; no full rebuild
+    if small_edges is None:
+        assert fast.state.small() and fast.state.subgraph("a") is None  # edge lists, no subgraph kept
+    else:
+        assert fast.state.subgraph("a").builds == 1  # the graph changed every hop; no full rebuild
 
 
 def test_unknown_indicator_is_a_clear_error():

@@ -169,13 +169,14 @@ def test_bulk_load_matches_streamed_updates():
     assert bulk.take_changed() == {"t"} and bulk.n_edges == 29
 
 
-def test_panel_subgraph_gives_exactly_the_full_graph_panel_attribution():
+@pytest.mark.parametrize("small_edges", [None, 0], ids=["edge-list", "bucketed"])
+def test_panel_subgraph_gives_exactly_the_full_graph_panel_attribution(small_edges):
     from tests.helpers.operators_data import heavy_features, random_graph, reach_reference
 
     rng = np.random.default_rng(11)
     n = 300
     src, dst = random_graph(rng, n, 2400)
-    st = OperatorState()
+    st = OperatorState() if small_edges is None else OperatorState(small_edges=small_edges)
     st.load([f"did:{i}" for i in range(n)], np.bincount(src, minlength=n), {}, 60, src, dst)
     panel = np.argsort(-st.followers[:n], kind="stable")[:20]
     sub = st.panel_graph(panel)
@@ -194,3 +195,42 @@ def test_panel_subgraph_gives_exactly_the_full_graph_panel_attribution():
     assert not np.asarray(part.phi)[np.setdiff1d(np.arange(st.capacity), panel)].any()
     st.apply_edge(edge("add", f"did:{panel[0]}", "did:299", 10**6))   # edge set changed: rebuilt
     assert st.panel_graph(panel) is not sub
+
+
+def test_small_graph_subgraphs_share_one_compiled_program_across_topics_panels_and_hops():
+    """Below SMALL_EDGES every topic's active subgraph and every panel is an edge list of one
+    shared capacity: after the first attribution, other topics, panels and later hops with a
+    changed graph compile nothing (the quadrature rule and node count do not enter the program
+    either), and each answer is the exact one (closed form on the explicit graph)."""
+    from operators.attribution import attribute, trace_count
+    from tests.helpers.operators_data import heavy_features, random_graph, reach_reference
+
+    rng = np.random.default_rng(5)
+    n = 400
+    src, dst = random_graph(rng, n, 3000)
+    st = OperatorState()
+    st.load([f"did:{i}" for i in range(n)], np.bincount(src, minlength=n), {}, 60, src[:1100], dst[:1100])
+    assert st.small()
+    x = np.zeros(st.capacity, np.float32)
+    x[:n] = heavy_features(rng, n, 1)[:, 0]
+    before = None
+    for hop, (rule, steps) in enumerate([("gauss-kronrod-graded", 17), ("gauss-kronrod-graded", 9),
+                                         ("gauss-legendre", 5), ("gauss-kronrod-graded", 33)]):
+        if hop:
+            for k in range(1100 + 300 * (hop - 1), 1100 + 300 * hop):  # grows every hop (within 2,048)
+                st.apply_edge(edge("add", f"did:{src[k]}", f"did:{dst[k]}", 10**6 + k))
+        active = rng.random(st.capacity) < 0.4
+        active[n:] = False
+        panel = np.argsort(-st.followers[:n], kind="stable")[:20]
+        for g, members in ((st.active_graph(f"t{hop % 2}", active), active),
+                           (st.panel_graph(panel[active[panel]], f"t{hop % 2}/panel"), None)):
+            keep = active.copy() if members is not None else np.isin(np.arange(st.capacity), panel) & active
+            xs = np.where(keep, x, 0.0).astype(np.float32)
+            res = attribute(indicators.cascade_reach(g, p=0.3), xs, np.zeros_like(xs), steps=steps, rule=rule)
+            if before is None:
+                before = trace_count()
+            s_all, d_all = (np.array(v) for v in st.edges())
+            q = 0.3 * (1 - np.exp(-xs[:n].astype(np.float64)))
+            assert float(res.value) == pytest.approx(reach_reference(s_all, d_all, n, q), rel=1e-5)
+    assert st.n_edges == 2000
+    assert trace_count() == before  # one program: topics, panels, rules, node counts, a growing graph
