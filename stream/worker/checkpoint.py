@@ -7,8 +7,10 @@ assigned when it was taken, the next offset to read of every ``chorus.events`` a
 it covers, and the outputs not yet acknowledged by Kafka then (re-sent after a restore: every
 output is idempotent downstream).
 
-Writes are atomic: a temporary file, fsync, rename (``ckpt-<sequence>.npz``), then the oldest
-beyond ``keep`` are removed. Reading takes the newest file that is whole: a file cut short (a
+Writes are atomic: a temporary file, fsync, rename (``ckpt-<sequence>-<tag>.npz``; the tag names
+the partition assignment, so workers sharing the directory never replace or prune each other's
+files), then the oldest of the same tag beyond ``keep`` are removed, and files of other tags older
+than ``stale_s`` (their offsets are past the input's retention). Reading takes the newest file that is whole: a file cut short (a
 crash while writing, a full disk) or with a flipped bit fails the zip's structure or a member's
 CRC and is skipped with a warning, and the previous checkpoint is used. A checkpoint of another
 format, or of another window, is never misread: it is skipped with a one-line error saying why
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -39,9 +42,10 @@ class CheckpointMismatch(ValueError):
 class CheckpointDir:
     """The checkpoints of one worker (one directory, e.g. ``CHORUS_STATE_DIR/worker/<app id>``)."""
 
-    def __init__(self, path: Path | str, keep: int = 2):
+    def __init__(self, path: Path | str, keep: int = 2, stale_s: float | None = None):
         self.path = Path(path)
         self.keep = max(1, keep)
+        self.stale_s = stale_s
 
     def files(self) -> list[Path]:
         """Checkpoint files, newest first."""
@@ -49,12 +53,21 @@ class CheckpointDir:
             return []
         return sorted(self.path.glob("ckpt-*.npz"), reverse=True)
 
-    def write(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-        """Write one checkpoint atomically (blocking: run it in a thread); returns its path."""
+    @staticmethod
+    def tag_of(path: Path) -> str:
+        """The tag of a checkpoint file name ("" for files named before tags)."""
+        parts = path.stem.split("-", 2)
+        return parts[2] if len(parts) > 2 else ""
+
+    def write(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], tag: str = "") -> Path:
+        """Write one checkpoint atomically (blocking: run it in a thread); returns its path.
+        ``tag``: letters and digits naming what it covers (the partition assignment)."""
+        if not tag.isalnum() and tag:
+            raise ValueError(f"checkpoint tag {tag!r} must be letters and digits")
         self.path.mkdir(parents=True, exist_ok=True)
         files = self.files()
         seq = int(files[0].stem.split("-")[1]) + 1 if files else 1
-        final = self.path / f"ckpt-{seq:012d}.npz"
+        final = self.path / (f"ckpt-{seq:012d}-{tag}.npz" if tag else f"ckpt-{seq:012d}.npz")
         tmp = final.with_suffix(".tmp")
         payload = {**arrays, META: np.frombuffer(json.dumps({**meta, "format": FORMAT}).encode(), np.uint8)}
         with open(tmp, "wb") as f:
@@ -70,8 +83,17 @@ class CheckpointDir:
                 os.close(dfd)
         except OSError:
             pass
-        for old in self.files()[self.keep:]:
+        mine = [f for f in self.files() if self.tag_of(f) == tag]
+        for old in mine[self.keep:]:
             old.unlink(missing_ok=True)
+        if self.stale_s is not None:
+            now = time.time()
+            for old in self.files():
+                try:
+                    if self.tag_of(old) != tag and now - old.stat().st_mtime > self.stale_s:
+                        old.unlink(missing_ok=True)
+                except OSError:  # removed meanwhile by another worker
+                    pass
         return final
 
     @staticmethod

@@ -20,11 +20,14 @@ go to chorus.features when the clock leaves it, or after ``idle_flush_s`` second
 (then later changes go out with the next hop).
 
 State lives in memory, not in Faust tables (a changelog write per event would cost more than the
-whole pipeline). It is rebuilt by replay: chorus.events offsets are never committed, and on every
-partition assignment (start, restart, another worker joining or leaving) each worker clears its
-state and re-reads its chorus.events partitions from the earliest retained offset (:func:`replay`,
-inside the assignment callback, before Faust resumes): merged by event time, with the ops for
-partitions it owns applied at once, so the clock never runs ahead of a partition still replaying
+whole pipeline), and in checkpoint files (stream/worker/checkpoint.py). chorus.events offsets are
+never committed: on every partition assignment (start, restart, another worker joining or
+leaving) each worker clears its state and, in a task after the assignment callback, adopts the
+newest checkpoint that covers every partition it now holds (the same assignment, or more
+partitions, e.g. one taken before another worker joined: :meth:`WindowStore.retain` keeps the
+state of the partitions held) and re-reads what follows its offsets, or, without one, its
+chorus.events partitions from the earliest retained offset (:func:`replay`): merged by event
+time, with the ops for partitions it owns applied at once, so the clock never runs ahead of a partition still replaying
 (a clock racing ahead would drop posts as late and lose the engagement credited to them later).
 One worker thus rebuilds exactly the state of an uninterrupted run; with several, ops for other
 workers' partitions still take the ops topic. The ops are idempotent (keyed by record URI), so
@@ -42,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import heapq
+from hashlib import blake2b
 import json
 import logging
 import time
@@ -119,12 +123,14 @@ class Pipeline:
     Ops are routed by CRC-32 of the owner DID modulo the partition count (fast, stable).
     """
 
-    def __init__(self, settings: Settings, partitions: int, ops_topic: str = f"{APP_ID}-ops"):
+    def __init__(self, settings: Settings, partitions: int, ops_topic: str = f"{APP_ID}-ops",
+                 events_partitions: int | None = None):
         self.window = settings.window
         lexicon = Lexicon.load(settings.topics_file)
         self.topics = lexicon.names
         self.classifier = Classifier(lexicon)
         self.partitions = partitions
+        self.events_partitions = events_partitions or partitions  # of chorus.events
         self.ops_topic = ops_topic
         self.guard = RecordGuard.from_settings("worker", settings)
         self.invalid = 0  # input records rejected (self.guard.rejected says why)
@@ -207,7 +213,7 @@ class Pipeline:
         try:
             if owned is not None:
                 self.out_records += store.advance(ev["time_us"])
-            ops, edges = store.ingest(ev)
+            ops, edges = store.ingest(ev, partition)
         except Exception as exc:  # noqa: BLE001 - one record must never stop the worker
             self.invalid += 1
             self.guard.reject(TOPIC_EVENTS, partition, offset, exc,
@@ -257,21 +263,37 @@ class Pipeline:
         inside), so no message is processed halfway through it."""
         out = [[t, _b64(k), _b64(v), p] for t, k, v, p, _h in unacked]
         meta = {"window": list(self.window), "assigned": sorted(map(list, self.assigned)),
+                "partitions": {"events": self.events_partitions, "ops": self.partitions},
                 "offsets": {k: {str(p): o for p, o in v.items()} for k, v in self.offsets.items()},
                 "ticked": self.ticked, "unacked": out,
                 "buffered": {"records": self.out_records, "edges": self.out_edges,
                              "ops": {str(p): b for p, b in self.out_ops.items()}}}
         return self.store.to_arrays(), meta
 
+    def assignment_tag(self) -> str:
+        """A short name of the partitions held (checkpoint files of one assignment share it)."""
+        return blake2b(json.dumps(sorted(map(list, self.assigned))).encode(), digest_size=5).hexdigest()
+
+    def owns(self, did: str) -> bool:
+        """Whether this worker holds the ops partition of ``did`` (its owner state lives here)."""
+        return (self.ops_topic, crc32(did.encode()) % self.partitions) in self.assigned
+
     def load(self, meta: dict, arrays: dict) -> list:
-        """Adopt a checkpoint (see :meth:`snapshot`); returns its unacknowledged messages to
-        re-send first."""
+        """Adopt a checkpoint (see :meth:`snapshot`) of this assignment or of more partitions than
+        it (then only the state of the partitions held now is kept: :meth:`WindowStore.retain`);
+        returns its unacknowledged messages to re-send first (outputs are idempotent downstream)."""
         self.reset()
         self.store = WindowStore.from_arrays(arrays, self.classifier, window_s=self.window[0], hop_s=self.window[1])
-        self.offsets = {k: {int(p): o for p, o in v.items()} for k, v in meta["offsets"].items()}
+        held = {"events": {p for t, p in self.assigned if t == TOPIC_EVENTS},
+                "ops": {p for t, p in self.assigned if t == self.ops_topic}}
+        split = {tuple(tp) for tp in meta["assigned"]} != self.assigned
+        if split:
+            self.store.retain(held["events"], self.owns)
+        self.offsets = {k: {int(p): o for p, o in v.items() if int(p) in held.get(k, ())}
+                        for k, v in meta["offsets"].items()}
         self.ticked = meta["ticked"]
         buf = meta["buffered"]
-        self.out_records = list(buf["records"])
+        self.out_records = [r for r in buf["records"] if not split or self.owns(r["did"])]
         self.out_edges = [tuple(e) for e in buf["edges"]]
         self.out_ops = {int(p): b for p, b in buf["ops"].items()}
         self.buffered = sum(map(len, self.out_ops.values()))
@@ -374,7 +396,7 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
         raise ValueError("the worker needs Kafka: set CHORUS_KAFKA or --kafka (kafka://host:port)")
     partitions = topic_registry.partitions(settings, TOPIC_EVENTS)
     n_ops = ops_partitions or topic_registry.partitions(settings, topic_registry.ops_topic(app_id))
-    pipe = Pipeline(settings, n_ops, topic_registry.ops_topic(app_id))
+    pipe = Pipeline(settings, n_ops, topic_registry.ops_topic(app_id), events_partitions=partitions)
     idle_s = idle_flush_s if idle_flush_s is not None else float(settings.window[1])
     session_s = max(10.0, 2 * rebalance_timeout_s)
     app = app_class(
@@ -422,7 +444,9 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
     def due() -> bool:
         return pipe.buffered >= BATCH or len(pipe.out_records) >= BATCH
 
-    ckdir = CheckpointDir(checkpoint_dir(settings, app_id))
+    # files of other assignments (other workers sharing the directory, earlier assignments) are
+    # removed once older than the input's retention (2 windows): their offsets are gone by then
+    ckdir = CheckpointDir(checkpoint_dir(settings, app_id), stale_s=2.0 * settings.window[0])
     state = {"task": None, "last_ckpt": time.monotonic(), "writing": False}
 
     async def gate(msg) -> bool:
@@ -467,7 +491,7 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
         meta["kafka"] = bootstrap_servers(settings.kafka)
         state["writing"], state["last_ckpt"] = True, time.monotonic()
         try:
-            path = await asyncio.to_thread(ckdir.write, arrays, meta)
+            path = await asyncio.to_thread(ckdir.write, arrays, meta, pipe.assignment_tag())
         except OSError as exc:
             log.error("cannot write a checkpoint to %s: %s", ckdir.path, exc)
             return
@@ -502,12 +526,14 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
 
     async def restore(assigned_tps: set, generation: int) -> None:
         """Rebuild the state of this assignment: from the newest whole checkpoint of the same
-        assignment and window (then replay only what came after it), else by replaying the
-        assigned chorus.events partitions from their beginning."""
+        window that covers every partition held now (the same assignment, or a larger one, e.g.
+        taken before another worker joined: the state of the partitions held is kept), then
+        replay only what came after it; else by replaying the assigned chorus.events partitions
+        from their beginning."""
         t0 = time.monotonic()
+        pipe.restored_from = None
         events_tps = sorted(tp.partition for tp in assigned_tps if tp.topic == TOPIC_EVENTS)
         owned = {tp.partition for tp in assigned_tps if tp.topic == ops_name}
-        want = sorted([t, p] for t, p in pipe.assigned)
 
         bounds = await partition_bounds(bootstrap_servers(settings.kafka), [
             *(TP(TOPIC_EVENTS, p) for p in events_tps), *(TP(ops_name, p) for p in owned)])
@@ -526,8 +552,13 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
             if list(meta["window"]) != list(settings.window):
                 raise CheckpointMismatch(f"checkpoint for a {meta['window'][0]} s / {meta['window'][1]} s "
                                          f"window; this worker runs {settings.window[0]} s / {settings.window[1]} s")
-            if sorted(map(list, meta["assigned"])) != want:
-                raise CheckpointMismatch("checkpoint of another partition assignment")
+            have = {tuple(tp) for tp in meta["assigned"]}
+            if not pipe.assigned <= have:
+                raise CheckpointMismatch("checkpoint of partitions that do not cover this assignment")
+            counts = {"events": pipe.events_partitions, "ops": pipe.partitions}
+            if have != pipe.assigned and meta.get("partitions") != counts:
+                raise CheckpointMismatch(f"checkpoint of other partition counts ({meta.get('partitions')}, "
+                                         f"now {counts}): its state does not split by today's partitions")
 
         found = await asyncio.to_thread(ckdir.latest, accept) if settings.checkpoint_interval_s > 0 else None
         resend: list = []
@@ -564,9 +595,13 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
         pipe.update_metrics()
         metrics.WORKER_RECOVERY.labels(phase="replay").set(0)
         metrics.WORKER_RECOVERY_SECONDS.set(pipe.recovery_s)
-        log.info("assigned %d partitions; %s; replayed %d events of %s in %.1fs", len(pipe.assigned),
-                 f"restored {found[0].name}" if found else "no checkpoint", replayed, TOPIC_EVENTS,
-                 pipe.recovery_s)
+        how = "no checkpoint"
+        if found is not None:
+            how = f"restored {found[0].name}"
+            if len(found[1]["assigned"]) != len(pipe.assigned):
+                how += f" (taken with {len(found[1]['assigned'])} partitions; the state of these kept)"
+        log.info("assigned %d partitions; %s; replayed %d events of %s in %.1fs", len(pipe.assigned), how,
+                 replayed, TOPIC_EVENTS, pipe.recovery_s)
         state["last_ckpt"] = time.monotonic()
 
     @app.on_partitions_revoked.connect

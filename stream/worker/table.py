@@ -174,6 +174,14 @@ class HashTable:
         self.used = _rebuild(a, keep, new)
         self.a = new
 
+    def keep(self, mask: np.ndarray) -> None:
+        """Keep only the slots where ``mask`` (one bool per slot of :attr:`a`) is True; rebuilt at
+        the capacity where the kept entries fill REBUILD_LOAD."""
+        keep = mask & (self.a[:, 0] != 0)
+        new = np.zeros((_capacity(int(keep.sum())), self.a.shape[1]), np.int64)
+        self.used = _rebuild(self.a, keep, new)
+        self.a = new
+
     def load(self, a: np.ndarray) -> None:
         """Adopt ``a`` (a table array from :attr:`a` of the same width, e.g. from a checkpoint)."""
         if a.ndim != 2 or a.shape[1] != 1 + self.width or a.shape[0] < 1:

@@ -58,7 +58,10 @@ early (idle input); a hop is closed once: later changes go out with the next hop
 user without a record for the closed hop yet, at the next ``flush()`` (still idle input).
 
 Checkpoints: :meth:`WindowStore.to_arrays` / :meth:`WindowStore.from_arrays` (the whole state as
-named numpy arrays, format :data:`STATE_FORMAT`); see stream/worker/checkpoint.py.
+named numpy arrays, format :data:`STATE_FORMAT`); see stream/worker/checkpoint.py. Every registry
+entry keeps the chorus.events partition its event came from, so a checkpoint of some partitions
+splits: :meth:`WindowStore.retain` keeps the state of a subset of them (a rebalance that gives a
+worker fewer partitions restores from a checkpoint that covers more).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ from stream.worker.table import HashTable, Interner, key_of
 
 Op = tuple  # (code, owner DID, time_us, ...): see apply()
 POSTS, ENG, STANCE, REPOSTS = range(4)
-STATE_FORMAT = 2  # version of to_arrays(); 1 was the dict-of-objects store (never checkpointed)
+STATE_FORMAT = 3  # version of to_arrays(); 2 had no input partition per record, 1 was the dict-of-objects store
 
 LIKE, REPOST, REPLY, QUOTE = range(4)  # engagement labels (ops carry the code)
 LABELS = ("like", "repost", "reply", "quote")
@@ -89,6 +92,8 @@ _B31 = (1 << 31) - 1
 _BASE_MARGIN = 1 << 20  # buckets kept below the first bucket seen (relative bucket >= 0)
 _STANCE_OFF = 1 << 20
 _S_OFF = 1 << 14  # packed stance delta offset in a contribution code
+_PART_SHIFT = 34  # a registry entry's aux: author id (bits 0-31), flags (32, 33), input partition + 1 (34-53)
+_PART_BITS = (1 << 20) - 1
 
 
 class BadEvent(ValueError):
@@ -377,8 +382,10 @@ class WindowStore:
 
     # -- stage 1: the author's side --------------------------------------------------------
 
-    def ingest(self, ev: dict[str, Any]) -> tuple[list[Op], list[tuple]]:
-        """One chorus.events value (a dict) -> (ops for owners, graph edges).
+    def ingest(self, ev: dict[str, Any], partition: int = -1) -> tuple[list[Op], list[tuple]]:
+        """One chorus.events value (a dict) -> (ops for owners, graph edges). ``partition``: the
+        chorus.events partition it came from (-1: unknown), kept with its registry entry so that
+        the author state splits by partition (:meth:`retain`).
 
         Edges are ``(op, src, dst, time_us, record uri, rev)``: ``("add", followed, follower, t,
         uri, rev)`` for a follow, ``("remove", None, follower, t, uri, rev)`` for a deleted follow
@@ -394,10 +401,11 @@ class WindowStore:
         if not isinstance(did, str) or not isinstance(uri, str):
             raise BadEvent("did and uri must be strings")
         b = t // self.hop_us
+        part = (min(max(partition, -1), _PART_BITS - 1) + 1) << _PART_SHIFT
         if kind == "delete":
             if FOLLOW_PATH in uri:
                 return [], [("remove", None, did, t, uri, ev.get("rev"))]
-            return self._retract(did, key_of(uri), t)
+            return self._retract(did, key_of(uri), t, part)
         if kind == "account":
             if ev.get("active") is False:
                 return self._retract_account(did, t)
@@ -431,7 +439,7 @@ class WindowStore:
                 q_key, qc_key = key_of(quote), key_of(uri + "#q")
                 self._quote[key] = (self._id(q_did), q_key, qc_key)
                 ops.append(("eng", q_did, t, q_key, qc_key, QUOTE, did))
-            self.records.put(key, (meta, aid | bool(topics) << 32 | bool(q_did) << 33))
+            self.records.put(key, (meta, aid | bool(topics) << 32 | bool(q_did) << 33 | part))
         elif kind in ("like", "repost"):
             s_uri = ev.get("subject_uri")
             if not s_uri:
@@ -442,14 +450,14 @@ class WindowStore:
             s_key = key_of(s_uri)
             rel = self._rel(b)
             code, label = (_LIKE, LIKE) if kind == "like" else (_REPOST, REPOST)
-            self.records.put(key, (code | rel << 3 | (self._id(s_did) + 1) << 34, self._id(did)))
+            self.records.put(key, (code | rel << 3 | (self._id(s_did) + 1) << 34, self._id(did) | part))
             ops = [("eng", s_did, t, s_key, key, label, did)]
         else:
             raise BadEvent(f"unknown event kind {kind!r}")
         self._held[b] = self._held.get(b, 0) + 1
         return ops, []
 
-    def _retract(self, did: str, key: int, t: int) -> tuple[list[Op], list[tuple]]:
+    def _retract(self, did: str, key: int, t: int, part: int = 0) -> tuple[list[Op], list[tuple]]:
         recs = self.records
         i = recs.slot(key)
         if i < 0:
@@ -477,7 +485,7 @@ class WindowStore:
         b = t // self.hop_us
         if self.cur is not None:
             b = max(b, self.cur - self.n + 1)
-        recs.put(key, (_X | self._rel(b) << 3, aux & _M32))
+        recs.put(key, (_X | self._rel(b) << 3, aux & _M32 | (part or aux & (_PART_BITS << _PART_SHIFT))))
         self._held[b] = self._held.get(b, 0) + 1
         return ops, []
 
@@ -699,6 +707,51 @@ class WindowStore:
         self._dk.free(unused.tolist())
         self.ids_recycled += unused.size
         self._gc_live = len(self._dk)
+
+    def retain(self, partitions: set[int], owns: Callable[[str], bool]) -> None:
+        """Drop the state this worker does not hold after a partition assignment: author state
+        (the record registry, quotes, held counts) of records that came from a chorus.events
+        partition not in ``partitions``, and owner state (post table, credits, reposts made,
+        waiting engagement, totals, contributions, last records, changed users) of every DID
+        for which ``owns(did)`` is False (its ops partition belongs to another worker). What is
+        left is the state of a worker that held only those partitions all along (the clock is
+        global). Registry entries without a partition (``ingest`` without one) are dropped."""
+        a = self.records.a
+        part = ((a[:, 2] >> _PART_SHIFT) & _PART_BITS) - 1
+        self.records.keep(np.isin(part, np.fromiter(partitions, np.int64, len(partitions))))
+        if self._quote:
+            a = self.records.a
+            kept = set(a[a[:, 0] != 0, 0].tolist())
+            self._quote = {k: q for k, q in self._quote.items() if k in kept}
+        a = self.records.a
+        live = (a[:, 0] != 0) & self._live_record(a)
+        held = np.unique(((a[live, 1] >> 3) & _B31) + self._base, return_counts=True) if self._base is not None else ((), ())
+        self._held = {int(b): int(c) for b, c in zip(*held)}  # (recounted from the entries kept)
+
+        n = self._dk.size
+        mine = np.zeros(max(n, 1), bool)
+        for i in range(n):
+            did = self._dk.did(i)
+            mine[i] = did is not None and owns(did)
+        for table in (self.posts, self.credits, self.made):
+            table.keep(mine[table.a[:, 1] & _M32])
+        self.pending.keep(mine[self.pending.a[:, 2] & _M32])
+        a = self.pending.a
+        waiting = a[a[:, 0] != 0, 1]
+        self._pending_s.keep(np.isin(self._pending_s.a[:, 0], waiting))
+        rows = self._row_of[:n]
+        gone = np.flatnonzero(~mine[:n] & (rows >= 0))
+        self._tot[rows[gone]] = 0
+        self._agents[:] = 0
+        self._agents[: len(self._topics)] = np.count_nonzero(
+            self._tot[:, :, 0] | self._tot[:, :, 1] | self._tot[:, :, 3], axis=0)
+        for r in self._rows.values():
+            u = np.frombuffer(r.uid, np.int32)
+            u[(u >= 0) & ~mine[np.maximum(u, 0)]] = -1
+        self._last[:n][~mine[:n]] = 0
+        self.dirty = {i for i in self.dirty if mine[i]}
+        self._emitted = {i for i in self._emitted if mine[i]}
+        self.gc()
 
     def held_events(self) -> int:
         """Registry entries (events and deletions) of the buckets in the window."""

@@ -35,6 +35,27 @@ def test_write_read_round_trip_keeps_two_and_gives_the_newest(tmp_path):
         np.testing.assert_array_equal(arrays[k], want[k], err_msg=k)
 
 
+def test_workers_sharing_the_directory_keep_their_own_files(tmp_path):
+    """Tags (one per partition assignment): each keeps its own newest two, whatever the other
+    writes; a file of another tag is removed only once older than stale_s."""
+    import os
+    import time
+
+    d = CheckpointDir(tmp_path, keep=2, stale_s=3600)
+    arrays = store_after(random_stream(3)[:50]).to_arrays()
+    old = d.write(arrays, {"n": 0}, tag="all")
+    a = [d.write(arrays, {"n": i}, tag="aaa1") for i in range(3)]
+    b = [d.write(arrays, {"n": i}, tag="bbb2") for i in range(3)]
+    assert d.files() == [b[2], b[1], a[2], a[1], old]
+    assert CheckpointDir.tag_of(old) == "all" and d.latest()[0] == b[2]
+    hour_ago = time.time() - 3601
+    os.utime(old, (hour_ago, hour_ago))
+    d.write(arrays, {"n": 3}, tag="aaa1")
+    assert old not in d.files() and b[2] in d.files()  # stale: its offsets are past retention
+    with pytest.raises(ValueError, match="letters and digits"):
+        d.write(arrays, {}, tag="../x")
+
+
 @pytest.mark.parametrize("damage", ["truncated", "bit_flip"])
 def test_a_torn_or_corrupt_checkpoint_is_detected_and_the_previous_one_used(tmp_path, damage, caplog):
     d = CheckpointDir(tmp_path, keep=2)

@@ -8,7 +8,7 @@ import zlib
 import pytest
 
 from stream.worker.table import key_of
-from stream.worker.windows import WindowStore
+from stream.worker.windows import STATE_FORMAT, WindowStore
 
 HOP, WIN = 60, 180  # n = 3 buckets
 K = 28_333_334  # a bucket index; T0 = K * HOP is hop-aligned
@@ -341,22 +341,30 @@ def test_random_stream_matches_brute_force_oracle(seed):
             assert got[did]["topics"][t] == pytest.approx(v, abs=1e-9), (did, t)
 
 
+def run_partitioned(parts, events, author, owner, partition=lambda did: -1):
+    """Feed ``events`` to stores ``parts`` as workers would: each event to its author's store
+    (``author(did)``; ``partition(did)``: its chorus.events partition), each op to its owner's
+    (``owner(did)``); every store sees time move (the app broadcasts hop ticks). The records."""
+    recs = []
+    for ev in events:
+        for p in parts:
+            recs += p.advance(ev["time_us"])
+        ops, _ = author(ev["did"]).ingest(ev, partition(ev["did"]))
+        while ops:
+            op = ops.pop(0)
+            ops += owner(op[1]).apply(op)
+    for p in parts:
+        recs += p.flush()
+    return recs
+
+
 def test_partitioned_state_gives_the_same_records():
     """Three stores, each owning the DIDs that hash to it (authors for ingest, owners for ops)."""
     events = random_stream(7)
     one, _ = run(store(), events)
     parts = [store() for _ in range(3)]
     home = lambda did: parts[zlib.crc32(did.encode()) % 3]  # noqa: E731
-    recs = []
-    for ev in events:
-        for p in parts:  # every part sees time move (the app broadcasts hop ticks)
-            recs += p.advance(ev["time_us"])
-        ops, _ = home(ev["did"]).ingest(ev)
-        while ops:
-            op = ops.pop(0)
-            ops += home(op[1]).apply(op)
-    for p in parts:
-        recs += p.flush()
+    recs = run_partitioned(parts, events, home, home)
     assert sorted(map(repr, recs)) == sorted(map(repr, one))
 
 
@@ -420,8 +428,43 @@ def test_state_round_trip_mid_stream_gives_the_same_records():
 
     meta = json.loads(bytes(arrays["meta"]))
     arrays["meta"] = np.frombuffer(json.dumps({**meta, "format": 1}).encode(), np.uint8)
-    with pytest.raises(ValueError, match="format 1, this chorus reads 2"):
+    with pytest.raises(ValueError, match=f"format 1, this chorus reads {STATE_FORMAT}"):
         WindowStore.from_arrays(arrays, fake_classify)
+
+
+@pytest.mark.parametrize("seed", [9, 10])
+def test_a_state_split_by_partition_continues_as_the_uninterrupted_run(seed):
+    """A rebalance from one worker to two: the first store's state at mid-stream (a checkpoint),
+    split by retain() into the state of two workers (events partitions by one hash of the author,
+    ops partitions by crc32 of the owner, as in the worker), continues with the events routed by
+    partition and the ops by owner; the records, old and new, are those of one store all along."""
+    events = random_stream(seed, n_users=60, n_events=900)
+    one, _ = run(store(), events)
+    n = 4
+    part_of = lambda did: zlib.adler32(did.encode()) % n  # noqa: E731 - the events partition of an author
+    ops_part = lambda did: zlib.crc32(did.encode()) % n  # noqa: E731
+    s = store()
+    half = len(events) // 2
+    recs = []
+    for ev in events[:half]:
+        recs += s.advance(ev["time_us"])
+        ops, _ = s.ingest(ev, part_of(ev["did"]))
+        s.apply_local(ops)
+    arrays = {k: v.copy() for k, v in s.to_arrays().items()}
+    held = s.held_events()
+    workers = [({0, 1}, {0, 3}), ({2, 3}, {1, 2})]  # (events partitions, ops partitions)
+    parts = []
+    for events_parts, ops_parts in workers:
+        w = WindowStore.from_arrays({k: v.copy() for k, v in arrays.items()}, fake_classify)  # (adopts them)
+        w.retain(events_parts, lambda did, o=ops_parts: ops_part(did) in o)
+        parts.append(w)
+    # each holds some of the registry (recounted from the entries kept: a record later deleted counts once)
+    assert 0 < parts[0].held_events() < held and 0 < parts[1].held_events() < held
+    assert parts[0].held_events() + parts[1].held_events() <= held
+    author = lambda did: parts[0] if part_of(did) in workers[0][0] else parts[1]  # noqa: E731
+    owner = lambda did: parts[0] if ops_part(did) in workers[0][1] else parts[1]  # noqa: E731
+    recs += run_partitioned(parts, events[half:], author, owner, part_of)
+    assert sorted(map(repr, recs)) == sorted(map(repr, one))
 
 
 def test_engagement_names_the_owner_of_the_post_or_credits_nothing():

@@ -47,17 +47,20 @@ async def graph_records(broker):
     return out
 
 
+def quiet(meta):
+    """Whether a checkpoint holds no output in flight (nothing unacknowledged or buffered). A restore
+    from such a checkpoint re-sends nothing; one taken while an output was in flight re-sends it
+    (at least once)."""
+    buf = meta["buffered"]
+    return not (meta["unacked"] or buf["records"] or buf["edges"] or any(buf["ops"].values()))
+
+
 def test_restart_restores_the_checkpoint_skips_a_torn_one_and_republishes_nothing(fresh_broker, tmp_path):
     s = settings(fresh_broker, tmp_path)
     ckdir = CheckpointDir(checkpoint_dir(s, APP_ID))
 
     def covering(n):
-        """The two newest checkpoint files if both cover n chorus.events events and hold no output in
-        flight (nothing unacknowledged or buffered), else []. A restore from such a checkpoint
-        re-sends nothing; one taken while an output was in flight re-sends it (at least once)."""
-        def quiet(meta):
-            buf = meta["buffered"]
-            return not (meta["unacked"] or buf["records"] or buf["edges"] or any(buf["ops"].values()))
+        """The two newest checkpoint files if both cover n chorus.events events and are quiet, else []."""
         newest = ckdir.files()[:2]  # the two newest checkpoints, both such
         try:
             metas = [(f, ckdir.read_meta(f)) for f in newest]
@@ -141,3 +144,70 @@ def test_a_worker_joining_during_a_long_restore_settles_the_group_once(fresh_bro
     assert slow["left"] == 0
     assert matches(final(feats), EXPECTED), final(feats)
     assert set(edges) == set(EXPECTED_EDGES)
+
+
+def test_a_second_worker_joining_restores_from_the_first_ones_checkpoint_as_does_the_first(
+        fresh_broker, tmp_path, monkeypatch):
+    """One worker checkpoints every partition; events come after its last checkpoint; a second
+    worker joins (sharing the checkpoint directory). Both restore from that checkpoint, each
+    keeping the state of the partitions it now holds, and replay only the events after it (not
+    the input from its beginning); features and edges are exact, nothing re-published."""
+    s = settings(fresh_broker, tmp_path)
+    ckdir = CheckpointDir(checkpoint_dir(s, APP_ID))
+    frozen, real_write = {"on": False}, CheckpointDir.write
+
+    def write(self, *args, **kw):  # no checkpoint after `frozen`: the join finds the one before
+        if frozen["on"]:
+            raise OSError("test: no more checkpoints")
+        return real_write(self, *args, **kw)
+
+    monkeypatch.setattr(CheckpointDir, "write", write)
+
+    def quiet_newest(n):
+        try:
+            newest = ckdir.files()[0]
+            meta = ckdir.read_meta(newest)
+        except (IndexError, OSError, zipfile.BadZipFile, KeyError, ValueError):
+            return None
+        return newest if sum(meta["offsets"]["events"].values()) == n and quiet(meta) else None
+
+    async def main():
+        w1, t1 = start(s)
+        await wait_assigned([w1], [t1])
+        await produce(fresh_broker, EVENTS[:7])
+        deadline = time.monotonic() + 60
+        while True:
+            if quiet_newest(7):
+                frozen["on"] = True
+                ckpt = quiet_newest(7)  # (none written meanwhile, or retry)
+                if ckpt:
+                    break
+                frozen["on"] = False
+            assert time.monotonic() < deadline, "no quiet checkpoint of the first events"
+            await asyncio.sleep(0.1)
+        await produce(fresh_broker, EVENTS[7:9])  # after the checkpoint
+        while sum(w1.pipeline.offsets["events"].values()) < 9:
+            assert time.monotonic() < deadline, "the first worker did not read the events after the checkpoint"
+            await asyncio.sleep(0.1)
+        w2, t2 = start(s)
+        await wait_assigned([w1, w2], [t1, t2], timeout=60)
+        while not (w1.pipeline.ready and w2.pipeline.ready):
+            assert time.monotonic() < deadline + 60, "restores did not finish"
+            await asyncio.sleep(0.1)
+        pipes = (w1.pipeline, w2.pipeline)
+        restored = [p.restored_from for p in pipes]
+        replayed = [p.replayed for p in pipes]
+        held = [p.store.held_events() for p in pipes]
+        graph_before = await graph_records(fresh_broker)
+        await produce(fresh_broker, EVENTS[9:])
+        out = await collect(fresh_broker, EXPECTED)
+        await stop([w1, w2], [t1, t2])
+        return out, ckpt, restored, replayed, held, graph_before
+
+    (feats, _, edges), ckpt, restored, replayed, held, graph_before = asyncio.run(main())
+    assert restored == [str(ckpt), str(ckpt)], (restored, ckpt)
+    assert sum(replayed) == 2, replayed  # the two events after the checkpoint, each by its partition's holder
+    assert sum(held) == 7 and all(held), held  # the registry (9 events, 2 follows not held) split between them
+    assert matches(final(feats), EXPECTED), final(feats)
+    assert sorted(graph_before) == sorted(EXPECTED_EDGES[:2])  # the follows went out once, before the join
+    assert sorted(edges) == sorted(EXPECTED_EDGES)
