@@ -52,7 +52,7 @@ _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 def is_did(value: Any) -> bool:
     """A syntactically valid DID (any method)."""
-    return (isinstance(value, str) and len(value) <= MAX_DID_CHARS and _sf.DID_RE.match(value) is not None
+    return (isinstance(value, str) and len(value) <= MAX_DID_CHARS and _sf.DID_RE.fullmatch(value) is not None
             and ("%" not in value or _BAD_PERCENT.search(value) is None))
 
 
@@ -67,7 +67,8 @@ def is_tid(value: Any) -> bool:
 
 def is_handle(value: Any) -> bool:
     """A syntactically valid handle (ASCII domain name, 2+ labels, TLD not starting with a digit)."""
-    return isinstance(value, str) and value.isascii() and _sf.is_valid_handle(value)
+    return (isinstance(value, str) and value.isascii() and not value.endswith("\n")  # the SDK's "$" lets one through
+            and _sf.is_valid_handle(value))
 
 
 @lru_cache(maxsize=4096)
@@ -82,7 +83,7 @@ def is_nsid(value: Any) -> bool:
 
 def is_record_key(value: Any) -> bool:
     return (isinstance(value, str) and value not in _sf.INVALID_RECORD_KEYS
-            and _sf.RKEY_RE.match(value) is not None)
+            and _sf.RKEY_RE.fullmatch(value) is not None)
 
 
 class AtUri(NamedTuple):
