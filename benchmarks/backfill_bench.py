@@ -217,7 +217,9 @@ def run(quick: bool = False) -> str:
         header(),
         f"{n:,} synthetic repositories of {FOLLOWS} follow records each (+ a profile), real getRepo CAR files, "
         "served precomputed by an aiohttp server in another process on loopback; the backfill in this process "
-        f"(concurrency 64, uvloop) into the embedded Tansu broker (acks=all, one batch per repository). "
+        f"(concurrency 64, uvloop) into the embedded Tansu broker (acks=all; values encoded from a per-repository "
+        "template and appended to one aiokafka batch per partition shared by the repositories in flight, handed "
+        "over whole with send_batch). "
         f"Python {platform.python_version()}. `per CPU-s` = this process's CPU time: the backfill's rate on one "
         "core when it is not waiting on the server or the broker.",
         "",

@@ -49,6 +49,7 @@ COVERED = ("done", *INACTIVE)
 # XRPC error names of com.atproto.sync.getRepo -> status
 REPO_ERRORS = {"RepoNotFound": "not_found", "RepoDeactivated": "deactivated", "RepoTakendown": "takendown",
                "RepoSuspended": "suspended", "RepoDeleted": "deleted"}
+TICK_S = 0.1  # progress bar updates at most this often
 MAX_UNREACHABLE = 5  # consecutive connection failures of the PLC directory before giving up
 
 
@@ -100,6 +101,7 @@ class Backfill:
         self._stopping = False
         self._dirty = False
         self._progress = None
+        self._ticked = 0.0
         self.started = time.monotonic()
 
     # --- counts ------------------------------------------------------------------------------
@@ -151,6 +153,7 @@ class Backfill:
             await asyncio.wait_for(producer.start(), 30)
         except Exception as exc:  # noqa: BLE001 - aiokafka raises its own errors
             raise BackfillError(f"cannot reach Kafka at {self.bootstrap}: {exc!r}") from None
+        publisher = None
         try:
             publisher = await GraphPublisher.create(producer)
             async with Fetcher(opts.limits, parse_networks(opts.allow_nets)) as fetcher:
@@ -163,6 +166,8 @@ class Backfill:
                 await self._drive(pages, fetcher, resolver, publisher)
         finally:
             with contextlib.suppress(Exception):
+                if publisher is not None:
+                    await publisher.aclose()
                 await producer.stop()
         return self.state
 
@@ -315,16 +320,20 @@ class Backfill:
         self._task = self._progress.add_task("backfill", total=max(self.listed, 1), completed=self.settled,
                                              edges=self.state.edges, rate=0.0, coverage=self.coverage)
 
-    def _tick(self) -> None:
+    def _tick(self, force: bool = False) -> None:
         if self._progress is None:
             return
+        now = time.monotonic()
+        if not force and now - self._ticked < TICK_S:  # a repository is ~1 ms: no redraw data per repository
+            return
+        self._ticked = now
         rate = self.settled / max(time.monotonic() - self.started, 1e-9)
         self._progress.update(self._task, total=max(self.listed, 1), completed=self.settled,
                               edges=self.state.edges, rate=rate, coverage=self.coverage)
 
     def _stop_progress(self) -> None:
         if self._progress is not None:
-            self._tick()
+            self._tick(force=True)
             self._progress.stop()
             self._progress = None
 
