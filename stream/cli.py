@@ -210,6 +210,7 @@ def backfill(
     from stream.backfill.service import Backfill, BackfillError, Options, run_graph_file
     from stream.config import bootstrap_servers, relay_http_url
     from stream.metrics import serve
+    from stream.topics import stage_topics
 
     if sum(x is not None for x in (relay, pds, dids, graph_file)) > 1:
         fail("give at most one of --relay, --pds, --dids, --graph-file")
@@ -259,11 +260,12 @@ def backfill(
                    plc=s.plc_url, allow_nets=list(s.allow_nets), max_car_bytes=int(max_car_mb * 1024 * 1024),
                    limits=Limits(concurrency=concurrency, per_host=per_host, total_timeout_s=timeout,
                                  retries=retries),
-                   restart=restart, progress=not no_progress)
+                   restart=restart, progress=not no_progress, topics=stage_topics("backfill", s))
 
     async def main() -> str:
         if graph_file is not None:
-            st = await run_graph_file(bootstrap, s.state_dir, graph_file, s.kafka_idempotence, restart, checked=True)
+            st = await run_graph_file(bootstrap, s.state_dir, graph_file, s.kafka_idempotence, restart, checked=True,
+                                      topics=opts.topics)
             return f"{st.edges:,} follow pairs from {graph_file}"
         bf = Backfill(bootstrap, s.state_dir, opts, idempotence=s.kafka_idempotence)
         loop = asyncio.get_running_loop()

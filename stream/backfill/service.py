@@ -32,6 +32,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from stream import metrics
 from stream.backfill.car import RepoError, read_follows
@@ -40,6 +41,9 @@ from stream.backfill.fetch import Fetcher, FetchError, Limits, parse_networks
 from stream.backfill.identity import PLC_DIRECTORY, IdentityError, Resolver
 from stream.backfill.listing import Page, Repo, dids_pages, list_repos, read_dids_file
 from stream.backfill.publish import GraphPublisher
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
 
 log = logging.getLogger("chorus.backfill")
 
@@ -70,6 +74,7 @@ class Options:
     progress: bool = True
     save_every_s: float = 1.0
     web_scheme: str = "https"
+    topics: Any = None  # what to create: stream.topics.stage_topics("backfill", settings); None: registry defaults
 
     @property
     def source(self) -> str:
@@ -133,7 +138,6 @@ class Backfill:
     # --- the run -----------------------------------------------------------------------------
     async def run(self) -> State:
         """Backfill until the listing is exhausted (or :meth:`stop`); returns the final state."""
-        from stream.kafka import ensure_topics, make_producer
         from stream.schemas import TOPIC_GRAPH, TOPIC_IDENTITIES, TOPIC_PARTITIONS
 
         opts = self.opts
@@ -146,13 +150,8 @@ class Backfill:
             return self.state
         self._done_before = set(self.state.done)
         dids = read_dids_file(opts.dids_file) if opts.dids_file is not None else None
-        try:
-            await asyncio.wait_for(ensure_topics(self.bootstrap, {t: TOPIC_PARTITIONS[t] for t in
-                                                                  (TOPIC_GRAPH, TOPIC_IDENTITIES)}), 30)
-            producer = make_producer(self.bootstrap, self.idempotence)
-            await asyncio.wait_for(producer.start(), 30)
-        except Exception as exc:  # noqa: BLE001 - aiokafka raises its own errors
-            raise BackfillError(f"cannot reach Kafka at {self.bootstrap}: {exc!r}") from None
+        producer = await start_producer(self.bootstrap, self.idempotence, opts.topics or
+                                        {t: TOPIC_PARTITIONS[t] for t in (TOPIC_GRAPH, TOPIC_IDENTITIES)})
         publisher = None
         try:
             publisher = await GraphPublisher.create(producer)
@@ -346,13 +345,37 @@ class Backfill:
                 + f"), {self.state.edges:,} edges, coverage {self.coverage:.1%}")
 
 
+async def start_producer(bootstrap: str, idempotence: bool, topics) -> "AIOKafkaProducer":
+    """Create ``topics`` (specs, :func:`stream.topics.stage_topics`, or {name: partitions}) and
+    start a producer; raises BackfillError (one line) when Kafka cannot be had. aiokafka's own line
+    per failed dial is held back meanwhile (the error says it all)."""
+    from stream.kafka import ensure_topics, make_producer
+
+    kafka_log = logging.getLogger("aiokafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)
+    producer = None
+    try:
+        await asyncio.wait_for(ensure_topics(bootstrap, topics), 30)
+        producer = make_producer(bootstrap, idempotence)
+        await asyncio.wait_for(producer.start(), 30)
+        return producer
+    except Exception as exc:  # noqa: BLE001 - aiokafka raises its own errors
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+        raise BackfillError(f"cannot reach Kafka at {bootstrap}: {exc!r}") from None
+    finally:
+        kafka_log.setLevel(level)
+
+
 async def run_graph_file(bootstrap: str, state_dir: Path, path: Path, idempotence: bool = True,
-                         restart: bool = False, checked: bool = False) -> State:
+                         restart: bool = False, checked: bool = False, topics=None) -> State:
     """`chorus backfill --graph-file`: import pairs (:mod:`stream.backfill.graph_file`), resuming
     from the checkpoint's row (its cursor); counts rows in ``edges``. ``checked``: the whole file
-    was validated already (:func:`~stream.backfill.graph_file.check_file`; rows are not again)."""
+    was validated already (:func:`~stream.backfill.graph_file.check_file`; rows are not again);
+    ``topics``: as :class:`Options`."""
     from stream.backfill.graph_file import import_file, read_pairs
-    from stream.kafka import ensure_topics, make_producer
     from stream.schemas import TOPIC_GRAPH, TOPIC_PARTITIONS
 
     ckpt = Checkpoint(state_dir, f"graph-file:{Path(path).resolve()}")
@@ -363,12 +386,7 @@ async def run_graph_file(bootstrap: str, state_dir: Path, path: Path, idempotenc
         return state
     if not checked:
         next(read_pairs(path, int(state.cursor or 0)), None)  # column and first-batch errors before Kafka
-    try:
-        await asyncio.wait_for(ensure_topics(bootstrap, {TOPIC_GRAPH: TOPIC_PARTITIONS[TOPIC_GRAPH]}), 30)
-        producer = make_producer(bootstrap, idempotence)
-        await asyncio.wait_for(producer.start(), 30)
-    except Exception as exc:  # noqa: BLE001 - aiokafka raises its own errors
-        raise BackfillError(f"cannot reach Kafka at {bootstrap}: {exc!r}") from None
+    producer = await start_producer(bootstrap, idempotence, topics or {TOPIC_GRAPH: TOPIC_PARTITIONS[TOPIC_GRAPH]})
 
     def saved(rows: int, n: int) -> None:
         state.cursor, state.edges = str(rows), state.edges + n

@@ -314,6 +314,18 @@ def test_bad_input_gets_one_line_errors(broker, tmp_path):
     _one_line_error(run("--relay", "ftp://x"), "--relay must be an http(s) URL")
 
 
+async def _partitions(bootstrap: str, topic: str) -> int:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (t,) = await admin.describe_topics([topic])
+        return len(t["partitions"])
+    finally:
+        await admin.close()
+
+
 def test_graph_file_csv_and_parquet(fresh_broker, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -324,10 +336,12 @@ def test_graph_file_csv_and_parquet(fresh_broker, tmp_path):
     pq.write_table(pa.table({"follower": [a for a, _ in pairs[:30]], "followed": [b for _, b in pairs[:30]]}),
                    tmp_path / "g.parquet")
     env = _env(tmp_path / "state")
+    env["CHORUS_PARTITIONS_CHORUS_GRAPH"] = "3"  # the backfill creates its topics as the settings say
     for f in (csv, tmp_path / "g.parquet"):
         r = subprocess.run([sys.executable, "-m", "stream.cli", "backfill", "--kafka", fresh_broker.url,
                             "--graph-file", str(f)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
     edges = read_graph(fresh_broker.bootstrap)
     assert len(edges) == len(pairs) + 30
+    assert asyncio.run(_partitions(fresh_broker.bootstrap, TOPIC_GRAPH)) == 3
     assert {(e.dst, e.src) for e in edges} == set(pairs) and all(e.op == "add" for e in edges)
