@@ -8,7 +8,8 @@ the measurement itself (the test suite runs a short one).
 ``chorus run``'s parts (``stream.local.runner.Runner``: embedded broker, synthetic relay, ingester,
 worker subprocess, operator, metrics endpoint) with the default 6 h window and a 10 min hop. The
 relay's event time runs ``speed`` = 6 h / (M / 3 min) times the wall clock, so the window is full
-after the first third of the run and slides for the rest; it serves R frames (events) per wall
+after the first third of the run and slides for the rest (it starts M * speed minutes in the past
+and ends 2 minutes before now: event time ahead of the wall clock is clamped or refused); it serves R frames (events) per wall
 second, a synthetic population of R * M * 60 / 4 accounts (4 events each, after its follow graph).
 Every ``sample_s`` seconds: RSS of each process (this one: relay, ingester, operator; the worker;
 the broker), consumer lag per stage (``chorus_consumer_lag`` from the merged /metrics), the
@@ -62,7 +63,7 @@ async def soak(minutes: float, rate: float, *, window_s: int = WINDOW_S, hop_s: 
     ``settings_kw``: further Settings (e.g. ``indicators``)."""
     from stream.config import Settings
     from stream.kafka import make_consumer
-    from stream.local.runner import Runner, RunOptions
+    from stream.local.runner import RelayPart, Runner, RunOptions
     from stream.schemas import TOPIC_ATTRIBUTIONS, loads
 
     duration_s = minutes * 60
@@ -73,13 +74,19 @@ async def soak(minutes: float, rate: float, *, window_s: int = WINDOW_S, hop_s: 
     root = Path(tmp.name) if tmp else Path(state_dir)
     settings = Settings(state_dir=root, metrics_port=0, window_s=window_s, hop_s=hop_s,
                         operator_snapshot_interval_s=60.0, checkpoint_interval_s=60.0, **settings_kw)
-    runner = Runner(settings, RunOptions(synthetic=accounts, seed=1, rate=rate / speed, speed=speed, console=False))
+    # Event time runs in the past and ends near now: the ingester clamps a time ahead of its wall
+    # clock to +60 s and every consumer rejects input more than max_clock_skew_s ahead, so a
+    # compressed clock that started now would leave the firehose clamped and the graph rejected.
+    end_margin_s = 120.0
+    start_us = int((time.time() - duration_s * speed - RelayPart.FOLLOW_SPAN_S - end_margin_s) * 1e6)
+    runner = Runner(settings, RunOptions(synthetic=accounts, seed=1, rate=rate / speed, speed=speed, console=False,
+                                         start_time_us=start_us))
     await runner.start()
     samples, hops, seen = [], [], set()
     consumer = None
     try:
         relay = runner.part("relay")
-        wall0 = relay.start_time_us / 1e6  # the relay's event time started at its wall-clock start
+        wall0 = relay.started_s  # the wall clock when the relay began at event time start_time_us
         consumer = make_consumer(runner.bootstrap, TOPIC_ATTRIBUTIONS)
         await consumer.start()
         t0 = time.monotonic()

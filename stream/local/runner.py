@@ -342,15 +342,17 @@ class RelayPart:
 
     name = "relay"
     EVENTS_PER_ACCOUNT = 4.0
+    FOLLOW_SPAN_S = 10.0
 
     def __init__(self, accounts: int, seed: int, rate: float, host: str = "127.0.0.1",
-                 start_time_us: int | None = None, follow_span_s: float = 10.0, speed: float = 1.0):
+                 start_time_us: int | None = None, follow_span_s: float = FOLLOW_SPAN_S, speed: float = 1.0):
         if speed <= 0:
             raise ValueError(f"speed must be > 0, got {speed}")
         self.accounts, self.seed, self.rate, self.host = accounts, seed, rate, host
         self.start_time_us, self.follow_span_s, self.speed = start_time_us, follow_span_s, speed
         self.population: Any = None
         self.relay: Any = None
+        self.started_s: float | None = None  # wall clock (unix s) when it began serving start_time_us
 
     def make_population(self):
         from stream.sim.synth import Population
@@ -369,6 +371,7 @@ class RelayPart:
         source = FrameSource.from_population(self.population, start_time_us=start)
         repos = SyntheticRepos(self.population, 1, start)
         self.relay = Relay(source, self.host, 0, speed=self.speed, repos=repos)
+        self.started_s = time.time()
         await self.relay.start()
 
     @property
