@@ -76,8 +76,9 @@ def time_bounds(max_skew_s: float, hop_s: float = 0.0, now_s: float | None = Non
 def _not_ahead(value: int, info: ValidationInfo, bound: str, scale: float) -> int:
     limit = (info.context or {}).get(bound)
     if limit is not None and value / scale > limit:
-        raise PydanticCustomError("time_bounds", "{field} {value} lies {ahead:.0f} s ahead of the allowed bound",
-                                  {"field": info.field_name, "value": value, "ahead": value / scale - limit})
+        # (pydantic fills {name} placeholders only, no format specs: the number is rounded here)
+        raise PydanticCustomError("time_bounds", "{field} {value} lies {ahead} s ahead of the allowed bound",
+                                  {"field": info.field_name, "value": value, "ahead": round(value / scale - limit)})
     return value
 
 

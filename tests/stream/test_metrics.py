@@ -15,3 +15,4 @@ def test_checkpoint_and_snapshot_ages_are_nan_before_the_first_one():
     samples = dict(line.rsplit(" ", 1) for line in r.stdout.splitlines() if line and not line.startswith("#"))
     assert samples["chorus_operator_snapshot_age_seconds"] == "NaN"
     assert samples["chorus_worker_checkpoint_age_seconds"] == "NaN"
+
