@@ -46,6 +46,7 @@ Non-finite phi raises :class:`operators.attribution.NonFiniteError` naming the a
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -91,9 +92,30 @@ def _followers(followers) -> np.ndarray:
     return f
 
 
+_BAND_INDEX_CACHE: dict[tuple, np.ndarray] = {}  # (dtype, shape, content digest, bands) -> index
+_BAND_INDEX_CACHE_SIZE = 8
+
+
 def band_index(followers, bands=DEFAULT_BANDS) -> np.ndarray:
-    """Index into ``bands`` of each agent's band, int array (N,)."""
+    """Index into ``bands`` of each agent's band, int array (N,), read-only.
+
+    O(N log N) (a sort and searches); the last few results are kept, keyed by the followers'
+    content (a 128-bit BLAKE2b digest, O(N)), since a hop asks for the same followers' bands once
+    per topic, indicator, panel and sample."""
     f = _followers(followers)
+    key = (f.dtype.str, f.shape, hashlib.blake2b(np.ascontiguousarray(f), digest_size=16).digest(),
+           tuple(map(tuple, bands)))
+    hit = _BAND_INDEX_CACHE.get(key)
+    if hit is None:
+        hit = _band_index(f, bands)
+        hit.flags.writeable = False
+        if len(_BAND_INDEX_CACHE) >= _BAND_INDEX_CACHE_SIZE:
+            _BAND_INDEX_CACHE.pop(next(iter(_BAND_INDEX_CACHE)))
+        _BAND_INDEX_CACHE[key] = hit
+    return hit
+
+
+def _band_index(f: np.ndarray, bands) -> np.ndarray:
     n = f.size
     asc = np.sort(f)
     more = n - np.searchsorted(asc, f, side="right")

@@ -279,6 +279,7 @@ class OperatorState:
         self._edges_version = 0                     # bumped whenever the edge set changes
         self._present: tuple[int, np.ndarray] | None = None  # (version, sorted present keys)
         self._panel_graphs: dict[str, tuple[tuple, FollowGraph]] = {}  # cache slot -> (key, graph)
+        self._panel_shapes: dict = {}               # table sizes shared by every bucketed panel graph
         self._subgraphs: dict[str, ActiveSubgraph] = {}  # topic -> active subgraph (cascade reach)
         self._log_keys: list[int] = []              # edge changes since the oldest subgraph update
         self._log_add: list[bool] = []
@@ -586,8 +587,9 @@ class OperatorState:
         q_i = 0 adds log1p(0) = 0 to S_j. Cached per (rows, edge set, capacity) in cache ``slot``
         (one per topic when the rows differ by topic). A small graph (:meth:`small`): an edge
         list of the shared capacity (the same shapes as :meth:`active_graph`'s); else bucketed,
-        rebuilt at least at the slot's previous table sizes, so each slot's compiled program
-        keeps its shapes.
+        built at least at the table sizes of every panel graph built before (all slots), so the
+        panels and samples of every topic share one compiled program, which retraces only when
+        a table outgrows its size (it then doubles).
         """
         rows = np.unique(np.asarray(rows, np.int64))
         small = self.small()
@@ -597,12 +599,13 @@ class OperatorState:
             return cached[1]
         if small:
             g = self._edge_list(rows)
-        else:
-            prev = cached[1] if cached is not None and cached[0][3] == "bucketed" and cached[1].n == self.capacity else None
+        else:  # at least the table sizes of every panel graph built before (all slots): one program
+            shapes = self._panel_shapes if self._panel_shapes.get("capacity") == self.capacity else {}
             sub = self._edges.out_edges(rows)
-            e_cap = _pow2_at_least(sub.size, prev.num_edges if prev is not None else MIN_CAPACITY)
+            e_cap = _pow2_at_least(sub.size, shapes.get("edges", MIN_CAPACITY))
             g = FollowGraph.padded(sub >> 32, sub & 0xFFFFFFFF, max(self.n_rows, 1), self.capacity, e_cap,
-                                   capacities=prev.capacities if prev is not None else None)
+                                   capacities=shapes.get("caps"))
+            self._panel_shapes = {"capacity": self.capacity, "edges": g.num_edges, "caps": g.capacities}
         self._panel_graphs[slot] = (key, g)
         return g
 

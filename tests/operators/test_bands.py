@@ -138,3 +138,17 @@ def test_precomputed_phi_full_and_errors(rng):
     np.testing.assert_array_equal(res.phi_full, phi)
     with pytest.raises(ValueError, match="followers has 39"):
         bands.panel_comparison(indicators.volume(0), x, f[:39])
+
+
+def test_band_index_is_kept_by_content_not_by_array():
+    """The band index is cached by the followers' content: an array changed in place (the
+    operator updates follower counts in place) gets its new bands, equal to a fresh computation
+    by rank (closed form: 0.1 % of 1,000 agents = the top agent alone in the first band)."""
+    f = np.arange(1000, dtype=np.int64)
+    first = bands.band_index(f)
+    assert not first.flags.writeable
+    assert first[999] == 0 and first[998] != 0          # the most followed agent, alone at the top
+    f[0] = 10**6                                        # in place: agent 0 is now the most followed
+    again = bands.band_index(f)
+    assert again[0] == 0 and again[999] != 0
+    np.testing.assert_array_equal(again, bands._band_index(f.copy(), bands.DEFAULT_BANDS))
