@@ -78,7 +78,7 @@ def header(command: str | None = None) -> str:
         f"- command: `{cmd}`",
         f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
     ]
-    commit = _git_commit()
+    commit = os.environ.get("CHORUS_BENCH_COMMIT") or _git_commit()  # a copy without .git (GPU lease)
     if commit:
         lines.append(f"- commit: {commit}")
     return "\n".join(lines) + "\n"
