@@ -379,8 +379,8 @@ def checkpoint_dir(settings: Settings, app_id: str = APP_ID) -> Path:
 
 
 def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float | None = None,
-              rebalance_timeout_s: float = 5.0, ops_partitions: int | None = None,
-              app_class: type[faust.App] = faust_lean.App) -> tuple[faust.App, Pipeline]:
+              rebalance_timeout_s: float = 5.0, session_timeout_s: float | None = None,
+              ops_partitions: int | None = None, app_class: type[faust.App] = faust_lean.App) -> tuple[faust.App, Pipeline]:
     """The Faust app (not started) and its pipeline, configured from ``settings``.
 
     ``app_class``: :class:`stream.worker.faust_lean.App` (stock ``faust.App`` semantics with a leaner
@@ -389,6 +389,10 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
     ``idle_flush_s``: close the current hop after this many seconds without input (default: the
     hop). ``rebalance_timeout_s``: how long the group coordinator waits for members to rejoin;
     the embedded broker holds a first join for about this long, so keep it short.
+    ``session_timeout_s``: how long the coordinator waits for a heartbeat (one a second) before it
+    drops a member (default: ``max(10, 2 * rebalance_timeout_s)``). The embedded broker (Tansu)
+    also holds a new group's first join for half of it, rounded up to whole seconds (5 s at the
+    default), so tests that start many workers pass a few seconds.
     ``ops_partitions``: the ops topic's actual partition count when it already exists with another
     count than the registry's (:func:`ensure_worker_topics`); ops are routed over that many.
     """
@@ -398,7 +402,7 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
     n_ops = ops_partitions or topic_registry.partitions(settings, topic_registry.ops_topic(app_id))
     pipe = Pipeline(settings, n_ops, topic_registry.ops_topic(app_id), events_partitions=partitions)
     idle_s = idle_flush_s if idle_flush_s is not None else float(settings.window[1])
-    session_s = max(10.0, 2 * rebalance_timeout_s)
+    session_s = session_timeout_s if session_timeout_s is not None else max(10.0, 2 * rebalance_timeout_s)
     app = app_class(
         app_id,
         broker=f"kafka://{bootstrap_servers(settings.kafka)}",

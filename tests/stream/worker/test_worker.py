@@ -74,8 +74,13 @@ def settings(broker):
     return Settings(kafka=broker.url, kafka_idempotence=False, window_s=3 * HOP, hop_s=HOP)
 
 
+# The group's session timeout: the embedded broker holds a new group's first join for half of it
+# (the production default, 10 s, would cost 5 s per worker start); heartbeats go once a second.
+SESSION_TIMEOUT_S = 4.0
+
+
 def new_worker(broker):
-    w = Worker(settings(broker), idle_flush_s=1.0, rebalance_timeout_s=2.0)
+    w = Worker(settings(broker), idle_flush_s=1.0, rebalance_timeout_s=2.0, session_timeout_s=SESSION_TIMEOUT_S)
     return w, asyncio.create_task(w.run())
 
 

@@ -17,8 +17,8 @@ from stream.schemas import TOPIC_EVENTS, TOPIC_GRAPH
 from stream.worker import faust_app
 from stream.worker.checkpoint import CheckpointDir
 from stream.worker.faust_app import APP_ID, Worker, checkpoint_dir
-from tests.stream.worker.test_worker import (EVENTS, EXPECTED, EXPECTED_EDGES, HOP, collect, final, matches,
-                                             produce, stop, wait_assigned)
+from tests.stream.worker.test_worker import (EVENTS, EXPECTED, EXPECTED_EDGES, HOP, SESSION_TIMEOUT_S, collect, final,
+                                             matches, produce, stop, wait_assigned)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -29,7 +29,7 @@ def settings(broker, tmp_path, interval=0.3):
 
 
 def start(s):
-    w = Worker(s, idle_flush_s=1.0, rebalance_timeout_s=2.0)
+    w = Worker(s, idle_flush_s=1.0, rebalance_timeout_s=2.0, session_timeout_s=SESSION_TIMEOUT_S)
     return w, asyncio.create_task(w.run())
 
 
@@ -99,7 +99,7 @@ def test_restart_restores_the_checkpoint_skips_a_torn_one_and_republishes_nothin
 
 
 def test_a_worker_joining_during_a_long_restore_settles_the_group_once(fresh_broker, tmp_path, monkeypatch):
-    """The first worker's restore takes longer than the session timeout (10 s): it runs after the
+    """The first worker's restore takes longer than the session timeout (4 s): it runs after the
     assignment callback, so the group stays healthy; the second worker's join cancels it and
     the group settles at once (first worker: 2 assignments, second: 1), with exact results."""
     real_replay, slow = faust_app.replay, {"left": 1}
@@ -131,7 +131,7 @@ def test_a_worker_joining_during_a_long_restore_settles_the_group_once(fresh_bro
         settle_s = time.monotonic() - t0
         while not (w1.pipeline.ready and w2.pipeline.ready):
             await asyncio.sleep(0.1)
-        await asyncio.sleep(12)  # longer than the session timeout: no further rebalance comes
+        await asyncio.sleep(2 * SESSION_TIMEOUT_S)  # longer than the session timeout: no further rebalance comes
         assignments = (w1.pipeline.assignments, w2.pipeline.assignments)
         await produce(fresh_broker, EVENTS[6:])
         out = await collect(fresh_broker, EXPECTED)
