@@ -75,6 +75,7 @@ no hop-to-hop alerts (new culprit, band shift).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -211,6 +212,7 @@ class OperatorService:
         # per-agent error target, relative to max |phi|: the attribution_error alert's tolerance
         self.tolerance = float(tolerance if tolerance is not None else self.engine.rules["attribution_error"].threshold)
         self._rung: dict[tuple[str, str], int] = {}  # (topic, indicator) -> ladder index to start at
+        self._panel_cache: tuple | None = None  # (key, (followers padded, panel, sample)), see _panel_members
         self.last_quadrature: dict[tuple[str, str], tuple[str, int]] = {}  # (topic, indicator) -> (rule, steps)
         self.hop_s = self.settings.window[1]
         self.last_end: int | None = None          # window_end of the last recompute
@@ -431,12 +433,9 @@ class OperatorService:
         """
         st = self.state
         n = st.n_rows
-        k = max(1, min(self.panel_k, n))
-        f_pad = np.full(st.capacity, -1, np.int64)
-        f_pad[:n] = st.followers[:n]
-        sample, _ = visibility_sample(f_pad, SAMPLE_FACTOR * k, seed=0, eligible=np.arange(st.capacity) < n)
+        f_pad, panel, sample = self._panel_members()
         out = {}
-        for name, members in (("panel", panel_agents(f_pad, k)), ("sample", sample)):
+        for name, members in (("panel", panel), ("sample", sample)):
             phi_panel = self._members_phi(spec, F, x, b, members, active, compact, error, f"{topic}/{name}")
             pc = panel_comparison(F, x, f_pad, members=members, baseline=b, phi_full=phi_full,
                                     phi_panel=phi_panel)
@@ -448,6 +447,21 @@ class OperatorService:
                          "rescale": _finite(pc.rescale), "rescale_residual": _finite(pc.rescale_residual),
                          "bands_spanned": pc.bands_spanned}
         return {**out["panel"], "sample": out["sample"]}
+
+    def _panel_members(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(followers padded with -1 to the capacity, the top-``panel_k`` panel, the visibility
+        sample): the same for every topic and indicator of a hop, so kept until the follower
+        counts, the rows or the capacity change (keyed by the counts' content)."""
+        st = self.state
+        n = st.n_rows
+        k = max(1, min(self.panel_k, n))
+        key = (n, st.capacity, k, hashlib.blake2b(np.ascontiguousarray(st.followers[:n]), digest_size=16).digest())
+        if self._panel_cache is None or self._panel_cache[0] != key:
+            f_pad = np.full(st.capacity, -1, np.int64)
+            f_pad[:n] = st.followers[:n]
+            sample, _ = visibility_sample(f_pad, SAMPLE_FACTOR * k, seed=0, eligible=np.arange(st.capacity) < n)
+            self._panel_cache = (key, (f_pad, panel_agents(f_pad, k), sample))
+        return self._panel_cache[1]
 
     def _members_phi(self, spec: IndicatorSpec, F, x, b, members: np.ndarray, active, compact,
                      error, slot: str = "") -> np.ndarray:
