@@ -27,6 +27,7 @@ from stream.sim.repos import SyntheticRepos
 from stream.sim.synth import Population
 from stream.sim.xrpc import SyncServer
 from stream.worker.windows import WindowStore
+from tests.helpers.cli import invoke
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[3]
@@ -231,10 +232,10 @@ def test_sigkill_mid_way_then_restart_gives_the_same_edge_set(fresh_broker, tmp_
         assert "coverage 100.0%" in err and err.strip().count("\n") == 0, err
     edges = read_graph(fresh_broker.bootstrap)
     assert {(e.src, e.dst) for e in edges} == truth(pop)  # nothing missing, nothing extra
-    # a third run finds the checkpoint complete and publishes nothing
-    third = _cli(*args, env=_env(state))
-    _, err = third.communicate(timeout=60)
-    assert third.returncode == 0 and len(read_graph(fresh_broker.bootstrap, quiet_s=1.0)) == len(edges), err
+    # a third run (in-process: tests/helpers/cli.py) finds the checkpoint complete and publishes nothing
+    env = {k: v for k, v in _env(state).items() if k.startswith("CHORUS_")}
+    third = invoke(args, env)
+    assert third.returncode == 0 and len(read_graph(fresh_broker.bootstrap, quiet_s=1.0)) == len(edges), third.stderr
 
 
 # --- faulty and hostile hosts ----------------------------------------------------------------------
@@ -290,13 +291,18 @@ def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 def test_bad_input_gets_one_line_errors(broker, tmp_path):
+    """The first case runs the real `chorus` subprocess (its stderr holds the one line and no log
+    line); the others run the command in-process (tests/helpers/cli.py)."""
     from stream.local.broker import free_port
 
     env = _env(tmp_path / "state")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "stream.cli", "backfill", "--kafka", broker.url,  # noqa: E731
-                                     "--no-progress", "--retries", "0", *a], cwd=ROOT, env=env,
-                                    capture_output=True, text=True, timeout=120)
+    base = ["backfill", "--kafka", broker.url, "--no-progress", "--retries", "0"]
+    chorus_env = {k: v for k, v in env.items() if k.startswith("CHORUS_")}
+    run = lambda *a: invoke([*base, *a], chorus_env)  # noqa: E731
     dead = f"http://127.0.0.1:{free_port()}"
+    _one_line_error(subprocess.run([sys.executable, "-m", "stream.cli", *base, "--relay", dead, "--allow-net",
+                                    "127.0.0.0/8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120),
+                    "cannot list repositories", dead)
     _one_line_error(run("--relay", dead, "--allow-net", "127.0.0.0/8"), "cannot list repositories", dead)
     _one_line_error(run("--relay", dead), f"--relay {dead}", "non-public", "--allow-net")  # loopback not allowed
     pop = Population(60, seed=14, events_per_account=1)
@@ -337,10 +343,13 @@ def test_graph_file_csv_and_parquet(fresh_broker, tmp_path):
                    tmp_path / "g.parquet")
     env = _env(tmp_path / "state")
     env["CHORUS_PARTITIONS_CHORUS_GRAPH"] = "3"  # the backfill creates its topics as the settings say
-    for f in (csv, tmp_path / "g.parquet"):
-        r = subprocess.run([sys.executable, "-m", "stream.cli", "backfill", "--kafka", fresh_broker.url,
-                            "--graph-file", str(f)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
+    # the CSV through the real `chorus` subprocess, the Parquet file in-process (tests/helpers/cli.py)
+    args = ["backfill", "--kafka", fresh_broker.url, "--graph-file"]
+    r = subprocess.run([sys.executable, "-m", "stream.cli", *args, str(csv)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = invoke([*args, str(tmp_path / "g.parquet")], {k: v for k, v in env.items() if k.startswith("CHORUS_")})
+    assert r.returncode == 0, r.stderr
     edges = read_graph(fresh_broker.bootstrap)
     assert len(edges) == len(pairs) + 30
     assert asyncio.run(_partitions(fresh_broker.bootstrap, TOPIC_GRAPH)) == 3

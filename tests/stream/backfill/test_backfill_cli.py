@@ -2,7 +2,9 @@
 file, a graph file with missing columns or a bad DID deep inside it, with the line number) and
 the URLs given (a PLC directory, relay or PDS on a non-public address without --allow-net) are
 one-line `chorus: error: ...` lines with a non-zero exit. Kafka here is a port nobody listens on
-(or none is configured), so reaching Kafka first would give a different error."""
+(or none is configured), so reaching Kafka first would give a different error. The cases run the
+command in-process (tests/helpers/cli.py); the last one, which goes on to Kafka, runs the real
+`chorus` subprocess."""
 
 from __future__ import annotations
 
@@ -16,17 +18,22 @@ import pytest
 from stream.backfill.fetch import parse_networks, refused_addresses
 from stream.backfill.graph_file import BATCH_ROWS
 from stream.local.broker import free_port
+from tests.helpers.cli import invoke
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[3]
 GOOD = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"
 
 
-def backfill(tmp_path: Path, *args: str, kafka: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
-    env.update(CHORUS_STATE_DIR=str(tmp_path / "state"), CHORUS_METRICS_PORT="0")
+def backfill(tmp_path: Path, *args: str, kafka: bool = True, subprocess_: bool = False) -> subprocess.CompletedProcess:
+    """`chorus backfill --no-progress [--kafka DEAD] ARGS` in-process (``subprocess_``: the real command)."""
+    env = dict(CHORUS_STATE_DIR=str(tmp_path / "state"), CHORUS_METRICS_PORT="0")
     dead_kafka = ["--kafka", f"kafka://127.0.0.1:{free_port()}"] if kafka else []
-    return subprocess.run([sys.executable, "-m", "stream.cli", "backfill", "--no-progress", *dead_kafka, *args],
+    args = ("backfill", "--no-progress", *dead_kafka, *args)
+    if not subprocess_:
+        return invoke(args, env)
+    env.update({k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")})
+    return subprocess.run([sys.executable, "-m", "stream.cli", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
 
 
@@ -68,8 +75,9 @@ def test_a_non_public_url_without_allow_net_is_refused_at_start(tmp_path):
                        f"--relay {url}", "non-public address", "--allow-net")
         one_line_error(backfill(tmp_path, "--pds", url), f"--pds {url}", "--allow-net")
     # allowed: the check passes and the run goes on to Kafka (unreachable here: its own one line,
-    # without aiokafka's log line per failed dial)
-    r = backfill(tmp_path, "--dids", str(dids), "--plc", f"http://127.0.0.1:{port}", "--allow-net", "127.0.0.0/8")
+    # without aiokafka's log line per failed dial, on the real process's stderr)
+    r = backfill(tmp_path, "--dids", str(dids), "--plc", f"http://127.0.0.1:{port}", "--allow-net", "127.0.0.0/8",
+                 subprocess_=True)
     one_line_error(r, "cannot reach Kafka", code=1)
 
 
