@@ -33,6 +33,7 @@ from stream.ingest.publisher import AckTracker
 from stream.sim.relay import FrameSource, Relay
 from stream.schemas import TOPIC_EVENTS, Event
 from stream.sim.synth import Population
+from tests.helpers.cli import invoke
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -466,10 +467,10 @@ def test_cli_unreachable_kafka_fails_in_one_line(tmp_path):
     (["--cursor", "-5"], "cursor"),
 ])
 def test_cli_bad_flags_fail_in_one_line(tmp_path, args, message):
+    """In-process (tests/helpers/cli.py); the real `chorus ingest` process is the test above's."""
     env = {"CHORUS_KAFKA": "kafka://127.0.0.1:1", "CHORUS_STATE_DIR": str(tmp_path)}
-    p = chorus(*args, env=env)
-    out, err = p.communicate(timeout=60)
-    lines = err.decode().strip().splitlines()
+    p = invoke(["ingest", *args], env)
+    lines = p.stderr.strip().splitlines()
     assert p.returncode != 0 and len(lines) == 1 and message in lines[0], lines
 
 

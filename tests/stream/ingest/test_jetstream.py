@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from stream.sim import frames as sim_frames
 from stream.sim.jetstream import jetstream_items
 from stream.sim.relay import FrameSource, Relay
 from stream.sim.synth import Population
+from tests.helpers.cli import invoke
 from tests.stream.ingest.test_ingest import account_dids, canon, consume_all
 
 pytestmark = pytest.mark.timeout(120)
@@ -246,12 +246,11 @@ def test_ingester_and_cli_refuse_bad_jetstream_urls(tmp_path):
         Ingester(s, jetstream="wss://host/subscribe?wantedCollections=x")
     with pytest.raises(IngestError, match="not both"):
         Ingester(s, relay="ws://a/xrpc", jetstream="ws://b/subscribe")
-    env = {**os.environ, "CHORUS_KAFKA": "kafka://127.0.0.1:1", "CHORUS_STATE_DIR": str(tmp_path)}
+    env = {"CHORUS_KAFKA": "kafka://127.0.0.1:1", "CHORUS_STATE_DIR": str(tmp_path)}
     for args, message in [(["--relay", "ws://a/xrpc", "--jetstream", "ws://b/subscribe"], "not both"),
                           (["--jetstream", "http://b/subscribe"], "ws://")]:
-        p = subprocess.run([sys.executable, "-m", "stream.cli", "ingest", *args], env=env, capture_output=True,
-                           timeout=60, cwd=Path(__file__).parents[3])
-        lines = p.stderr.decode().strip().splitlines()
+        p = invoke(["ingest", *args], env)  # in-process (tests/helpers/cli.py)
+        lines = p.stderr.strip().splitlines()
         assert p.returncode != 0 and len(lines) == 1 and message in lines[0], lines
 
 
