@@ -41,7 +41,7 @@ def _did(i: int) -> str:
 def _build(n: int) -> tuple[list[str], dict[str, bytes]]:
     import random
 
-    from stream.sim import frames as fr
+    from stream.sim import frames as frame_codec
 
     rng = random.Random(1)
     dids = [_did(i) for i in range(n)]
@@ -49,10 +49,10 @@ def _build(n: int) -> tuple[list[str], dict[str, bytes]]:
     cars = {}
     for i, did in enumerate(dids):
         subjects = rng.sample(range(n), FOLLOWS + 1)
-        records = [(f"{fr.FOLLOW}/{fr.tid(t0 + 1000 * k, k)}", fr.follow_record(dids[s], t0))
+        records = [(f"{frame_codec.FOLLOW}/{frame_codec.tid(t0 + 1000 * k, k)}", frame_codec.follow_record(dids[s], t0))
                    for k, s in enumerate(x for x in subjects if x != i)][:FOLLOWS]
         records.append(("app.bsky.actor.profile/self", {"$type": "app.bsky.actor.profile", "displayName": did}))
-        cars[did] = fr.repo_car(did, fr.tid(t0 + 10**9, i & 0x3FF), records)
+        cars[did] = frame_codec.repo_car(did, frame_codec.tid(t0 + 10**9, i & 0x3FF), records)
     return dids, cars
 
 

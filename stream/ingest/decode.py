@@ -42,7 +42,7 @@ from atproto_client.models.utils import get_or_create
 from atproto_subscription import ErrorFrame, Frame, FrameDecodingError
 
 from stream import protocol
-from stream.ingest import normalize as nz
+from stream.ingest import normalize
 from stream.protocol import MAX_FRAME_BYTES, datetime_us as time_us  # noqa: F401 - time_us: re-exported
 
 MAX_RECORD_BYTES = 256 * 1024  # one record block; far above any record of the collections chorus reads
@@ -87,7 +87,7 @@ def decode_frame(raw: bytes | str, received_us: int | None = None) -> Decoded:
 def clamp_times(d: Decoded, received_us: int | None) -> Decoded:
     """Clamp ``d``'s event times to ``received_us`` + tolerance (:func:`normalize.event_time_us`)."""
     if received_us is not None and d.time_us is not None and d.events:
-        t, clamped = nz.event_time_us(d.time_us, received_us)
+        t, clamped = normalize.event_time_us(d.time_us, received_us)
         if clamped:
             for ev in d.events:
                 ev["time_us"] = t
@@ -138,8 +138,8 @@ def _decode(raw: bytes | str) -> Decoded:
         out.invalid.append("invalid_did")
     elif t == "#account":
         try:
-            out.events.append(nz.account_event(msg.did, seq, tus, bool(msg.active), msg.status))
-        except nz.InvalidOp as exc:
+            out.events.append(normalize.account_event(msg.did, seq, tus, bool(msg.active), msg.status))
+        except normalize.InvalidOp as exc:
             out.invalid.append(exc.reason)
     elif t == "#identity":
         handle = getattr(msg, "handle", None)
@@ -169,23 +169,23 @@ def _decode_commit(body: Any) -> Decoded:
     for op in ops:
         try:
             if not isinstance(op, dict):
-                raise nz.InvalidOp("op_shape")
-            collection, rkey = nz.split_path(op.get("path"))
-            kind = nz.KINDS.get(collection)
+                raise normalize.InvalidOp("op_shape")
+            collection, rkey = normalize.split_path(op.get("path"))
+            kind = normalize.KINDS.get(collection)
             if kind is None:
                 continue
             action = op.get("action")
-            extra = {"rev": rev} if rev is not None and collection == nz.FOLLOW else {}
+            extra = {"rev": rev} if rev is not None and collection == normalize.FOLLOW else {}
             if action == "delete":
-                out.events.append(nz.event("delete", did, collection, rkey, seq, tus, collection=collection,
+                out.events.append(normalize.event("delete", did, collection, rkey, seq, tus, collection=collection,
                                            **extra))
             elif action == "create":
                 if car is None:
                     car = _Car(body.get("blocks"))
                 record = car.record(op.get("cid"))
-                out.events.append(nz.event(kind, did, collection, rkey, seq, tus,
-                                           **nz.record_fields(collection, record), **extra))
-        except nz.InvalidOp as exc:
+                out.events.append(normalize.event(kind, did, collection, rkey, seq, tus,
+                                           **normalize.record_fields(collection, record), **extra))
+        except normalize.InvalidOp as exc:
             out.invalid.append(exc.reason)
     return out
 
@@ -265,21 +265,21 @@ class _Car:
     def record(self, cid: Any) -> Any:
         """The decoded block ``cid`` names; raises InvalidOp with the reason it cannot be had."""
         if self.error:
-            raise nz.InvalidOp("car")
+            raise normalize.InvalidOp("car")
         span = self.index.get(cid) if isinstance(cid, bytes) else None
         if span is None:
-            raise nz.InvalidOp("missing_block" if self.complete else "car")
+            raise normalize.InvalidOp("missing_block" if self.complete else "car")
         start, end = span
         if end - start > MAX_RECORD_BYTES:
-            raise nz.InvalidOp("record_too_large")
+            raise normalize.InvalidOp("record_too_large")
         try:
             record = libipld.decode_dag_cbor(self.raw[start:end])
         except RecursionError:
-            raise nz.InvalidOp("record_depth") from None
+            raise normalize.InvalidOp("record_depth") from None
         except ValueError as exc:
-            raise nz.InvalidOp("record_utf8" if "UnicodeDecodeError" in str(exc) else "record_cbor") from None
+            raise normalize.InvalidOp("record_utf8" if "UnicodeDecodeError" in str(exc) else "record_cbor") from None
         if too_deep(record, MAX_RECORD_DEPTH):
-            raise nz.InvalidOp("record_depth")
+            raise normalize.InvalidOp("record_depth")
         return record
 
 

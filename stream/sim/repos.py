@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from stream.sim import frames as fr
+from stream.sim import frames as frame_codec
 from stream.sim.synth import (ACCOUNT, DEFAULT_START_US, DELETE, FOLLOW, SYNC, UNFOLLOW, Population)
 
 PROFILE = "app.bsky.actor.profile"
@@ -42,7 +42,7 @@ class RepoState:
     @property
     def follows(self) -> set[tuple[str, str]]:
         """(rkey, subject DID) of its follow records."""
-        return {(p.split("/", 1)[1], r["subject"]) for p, r in self.records if p.startswith(fr.FOLLOW + "/")}
+        return {(p.split("/", 1)[1], r["subject"]) for p, r in self.records if p.startswith(frame_codec.FOLLOW + "/")}
 
 
 class SyntheticRepos:
@@ -95,9 +95,9 @@ class SyntheticRepos:
         pos = self._c_pos[self._c_start[i]:self._c_start[i + 1]]
         k = int(np.searchsorted(pos, p, side="right"))
         if k == 0:
-            return fr.tid(self.base_us - 1, i & 0x3FF)  # the pre-existing state
+            return frame_codec.tid(self.base_us - 1, i & 0x3FF)  # the pre-existing state
         j = int(pos[k - 1])
-        return fr.tid(self.base_us + int(self.pop.timeline.t[j]), (self.first_seq + j) & 0x3FF)
+        return frame_codec.tid(self.base_us + int(self.pop.timeline.t[j]), (self.first_seq + j) & 0x3FF)
 
     def status(self, i: int, head_seq: int | None) -> str | None:
         j = self._deact.get(i)
@@ -112,7 +112,7 @@ class SyntheticRepos:
         pre = range(int(self._pre_start[i]), int(self._pre_start[i + 1]))
         for j in pre:
             c = int(np.searchsorted(pop._follow_commits, j, side="right")) - 1
-            follows[fr.tid(int(self._ft[c]), j & 0x3FF)] = fr.follow_record(dids[src[j]].decode(), int(self._ft[c]))
+            follows[frame_codec.tid(int(self._ft[c]), j & 0x3FF)] = frame_codec.follow_record(dids[src[j]].decode(), int(self._ft[c]))
         p = self.position(head_seq)
         for j in self._f_pos[self._f_start[i]:self._f_start[i + 1]]:
             j = int(j)
@@ -120,17 +120,17 @@ class SyntheticRepos:
                 break
             t = self.base_us + int(tl.t[j])
             if tl.kind[j] == FOLLOW:
-                follows[fr.tid(t, j & 0x3FF)] = fr.follow_record(dids[int(tl.target[j])].decode(), t)
+                follows[frame_codec.tid(t, j & 0x3FF)] = frame_codec.follow_record(dids[int(tl.target[j])].decode(), t)
             else:
                 follows.pop(pop._follow_rkey(j, self.base_us, self._ft), None)
         records = [(f"{PROFILE}/self", {"$type": PROFILE, "displayName": f"user {i}"})]
-        records += [(f"{fr.FOLLOW}/{rkey}", rec) for rkey, rec in follows.items()]
+        records += [(f"{frame_codec.FOLLOW}/{rkey}", rec) for rkey, rec in follows.items()]
         return RepoState(pop.did(i), self.rev(i, head_seq), self.status(i, head_seq), records)
 
     def car(self, i: int, head_seq: int | None) -> bytes:
         """Account i's repository as a getRepo CAR file."""
         st = self.state(i, head_seq)
-        return fr.repo_car(st.did, st.rev, st.records)
+        return frame_codec.repo_car(st.did, st.rev, st.records)
 
     def handle(self, i: int) -> str:
         return f"user{i}.bsky.social"
@@ -149,7 +149,7 @@ class SyntheticRepos:
     def listing(self, i: int, head_seq: int | None) -> dict[str, Any]:
         """Account i's ``com.atproto.sync.listRepos`` entry (``head``: a stand-in CID)."""
         did, rev = self.pop.did(i), self.rev(i, head_seq)
-        entry: dict[str, Any] = {"did": did, "head": fr.cid_str(fr.cid_of(f"{did}/{rev}".encode())), "rev": rev,
+        entry: dict[str, Any] = {"did": did, "head": frame_codec.cid_str(frame_codec.cid_of(f"{did}/{rev}".encode())), "rev": rev,
                                  "active": True}
         status = self.status(i, head_seq)
         if status is not None:

@@ -47,7 +47,6 @@ and one ``#sync`` frame. Ground truth: :meth:`Population.expected`.
 from __future__ import annotations
 
 import json
-import re
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
@@ -56,7 +55,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from stream.sim import frames as fr
+from stream.sim import frames as frame_codec
 
 DEFAULT_START_US = 1_735_689_600_000_000  # 2025-01-01T00:00:00Z
 B32 = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz234567", dtype=np.uint8)
@@ -512,7 +511,7 @@ class Population:
         base = self.activity_start_us(start_time_us)
         deleted = [self.uri(int(j), base) for j in tl.subject[tl.kind == DELETE]]
         ft = self._follow_commit_times(DEFAULT_START_US if start_time_us is None else int(start_time_us))
-        deleted += [f"at://{self.did(int(tl.author[i]))}/{fr.FOLLOW}/{self._follow_rkey(int(i), base, ft)}"
+        deleted += [f"at://{self.did(int(tl.author[i]))}/{frame_codec.FOLLOW}/{self._follow_rkey(int(i), base, ft)}"
                     for i in np.flatnonzero(tl.kind == UNFOLLOW)]
         return {"deleted": deleted, "deactivated": [self.did(int(i)) for i in self._roles["deactivated"]]}
 
@@ -533,7 +532,7 @@ class Population:
         templates = REPLY_TEMPLATES if tl.kind[i] == REPLY else TEMPLATES
         return templates[(w >> 8) % len(templates)].format(term=terms[(w >> 12) % len(terms)], sent=word)
 
-    def _items(self, start_time_us: int) -> Iterator[tuple[int, int, int, list[fr.Op] | None]]:
+    def _items(self, start_time_us: int) -> Iterator[tuple[int, int, int, list[frame_codec.Op] | None]]:
         """(time_us, kind code, author index, ops) for every frame, in order; ops None for
         #account/#identity/#sync. Follow commits use kind code -1."""
         src, dst = self.follow_edges
@@ -544,7 +543,7 @@ class Population:
         dids = self.did_bytes
         for c in range(n_fc if self.graph_on_firehose else 0):
             a, b, t = int(starts[c]), int(starts[c + 1]), int(ft[c])
-            ops = [fr.Op("create", fr.FOLLOW, fr.tid(t, j & 0x3FF), fr.follow_record(dids[src[j]].decode(), t))
+            ops = [frame_codec.Op("create", frame_codec.FOLLOW, frame_codec.tid(t, j & 0x3FF), frame_codec.follow_record(dids[src[j]].decode(), t))
                    for j in range(a, b)]
             yield t, -1, int(dst[a]), ops
         tl = self.timeline
@@ -556,41 +555,41 @@ class Population:
         for i in range(len(tl.t)):
             t, k, a = base + int(tl.t[i]), int(tl.kind[i]), int(tl.author[i])
             if k == FOLLOW:
-                rec = fr.follow_record(dids[int(tl.target[i])].decode(), t)
-                yield t, k, a, [fr.Op("create", fr.FOLLOW, fr.tid(t, i & 0x3FF), rec)]
+                rec = frame_codec.follow_record(dids[int(tl.target[i])].decode(), t)
+                yield t, k, a, [frame_codec.Op("create", frame_codec.FOLLOW, frame_codec.tid(t, i & 0x3FF), rec)]
                 continue
             if k == UNFOLLOW:
-                yield t, k, a, [fr.Op("delete", fr.FOLLOW, self._follow_rkey(i, base, ft))]
+                yield t, k, a, [frame_codec.Op("delete", frame_codec.FOLLOW, self._follow_rkey(i, base, ft))]
                 continue
             if k >= ACCOUNT:
                 yield t, k, a, None
                 continue
-            rkey = fr.tid(t, i & 0x3FF)
+            rkey = frame_codec.tid(t, i & 0x3FF)
             if k == DELETE:
                 j = int(tl.subject[i])
-                coll = fr.POST if tl.kind[j] <= QUOTE else fr.LIKE
-                yield t, k, a, [fr.Op("delete", coll, fr.tid(base + int(tl.t[j]), j & 0x3FF))]
+                coll = frame_codec.POST if tl.kind[j] <= QUOTE else frame_codec.LIKE
+                yield t, k, a, [frame_codec.Op("delete", coll, frame_codec.tid(base + int(tl.t[j]), j & 0x3FF))]
                 continue
 
             def ref(j: int) -> dict:
                 refs_left[j] -= 1
                 cid = cids[j] if refs_left[j] > 0 else cids.pop(j)
-                return fr.strong_ref(self.uri(j, base), cid)
+                return frame_codec.strong_ref(self.uri(j, base), cid)
 
             j = int(tl.subject[i])
             if k == LIKE:
-                rec = fr.like_record(ref(j), t)
+                rec = frame_codec.like_record(ref(j), t)
             elif k == REPOST:
-                rec = fr.repost_record(ref(j), t)
+                rec = frame_codec.repost_record(ref(j), t)
             else:
                 langs = list(LANGS[(int(tl.word[i]) >> 20) % len(LANGS)])
                 reply = (ref(int(tl.root[i])), ref(j)) if k == REPLY else None
                 quote = ref(j) if k == QUOTE else None
-                rec = fr.post_record(self._text(i), t, langs, reply=reply, quote=quote)
-            coll = fr.POST if k <= QUOTE else fr.LIKE if k == LIKE else fr.REPOST
+                rec = frame_codec.post_record(self._text(i), t, langs, reply=reply, quote=quote)
+            coll = frame_codec.POST if k <= QUOTE else frame_codec.LIKE if k == LIKE else frame_codec.REPOST
             if refs_left[i] > 0:
-                cids[i] = fr.cid_str(fr.encode_record(rec)[0])
-            yield t, k, a, [fr.Op("create", coll, rkey, rec)]
+                cids[i] = frame_codec.cid_str(frame_codec.encode_record(rec)[0])
+            yield t, k, a, [frame_codec.Op("create", coll, rkey, rec)]
 
     def _follow_commit_times(self, start_time_us: int) -> np.ndarray:
         """Times (us) of the pre-existing graph's follow commits (before the activity span)."""
@@ -601,14 +600,14 @@ class Population:
     def pre_follow_rkey(self, j: int, ft: np.ndarray) -> str:
         """Record key of pre-existing follow edge j (``ft``: :meth:`_follow_commit_times`)."""
         c = int(np.searchsorted(self._follow_commits, j, side="right")) - 1
-        return fr.tid(int(ft[c]), j & 0x3FF)
+        return frame_codec.tid(int(ft[c]), j & 0x3FF)
 
     def _follow_rkey(self, i: int, base_us: int, ft: np.ndarray) -> str:
         """Record key of the follow that timeline entry i (an UNFOLLOW) deletes."""
         tl = self.timeline
         j = int(tl.subject[i])
         if j >= 0:
-            return fr.tid(base_us + int(tl.t[j]), j & 0x3FF)
+            return frame_codec.tid(base_us + int(tl.t[j]), j & 0x3FF)
         return self.pre_follow_rkey(int(tl.target[i]), ft)
 
     def final_follow_edges(self) -> tuple[np.ndarray, np.ndarray]:
@@ -638,8 +637,8 @@ class Population:
         """AT-URI of the record created by timeline entry i (``base_us`` = activity start time)."""
         tl = self.timeline
         k = int(tl.kind[i])
-        coll = fr.POST if k <= QUOTE else fr.LIKE if k == LIKE else fr.REPOST
-        return f"at://{self.did(int(tl.author[i]))}/{coll}/{fr.tid(base_us + int(tl.t[i]), i & 0x3FF)}"
+        coll = frame_codec.POST if k <= QUOTE else frame_codec.LIKE if k == LIKE else frame_codec.REPOST
+        return f"at://{self.did(int(tl.author[i]))}/{coll}/{frame_codec.tid(base_us + int(tl.t[i]), i & 0x3FF)}"
 
     def timed_frames(self, start_seq: int = 1, start_time_us: int | None = None) -> Iterator[tuple[int, int, bytes]]:
         """(seq, time_us, frame) for the whole population: follow graph first, then activity."""
@@ -647,13 +646,13 @@ class Population:
         for seq, (t, k, a, ops) in enumerate(self._items(t0), start=start_seq):
             did = self.did(a)
             if ops is not None:
-                data = fr.commit_frame(seq, did, ops, t)
+                data = frame_codec.commit_frame(seq, did, ops, t)
             elif k == ACCOUNT:
-                data = fr.account_frame(seq, did, False, "deactivated", time_us=t)
+                data = frame_codec.account_frame(seq, did, False, "deactivated", time_us=t)
             elif k == IDENTITY:
-                data = fr.identity_frame(seq, did, handle=f"user{a}.bsky.social", time_us=t)
+                data = frame_codec.identity_frame(seq, did, handle=f"user{a}.bsky.social", time_us=t)
             else:
-                data = fr.sync_frame(seq, did, time_us=t)
+                data = frame_codec.sync_frame(seq, did, time_us=t)
             yield seq, t, data
 
     def frames(self, start_seq: int = 1, start_time_us: int | None = None) -> Iterator[tuple[int, bytes]]:
@@ -674,13 +673,13 @@ class Population:
                 ev: dict[str, Any] = {"did": did, "rkey": op.rkey, "uri": f"at://{did}/{op.path}",
                                       "seq": seq, "time_us": t}
                 rec = op.record
-                if op.collection == fr.FOLLOW:
-                    ev["rev"] = fr.tid(t, seq & 0x3FF)  # commit_frame's default rev
+                if op.collection == frame_codec.FOLLOW:
+                    ev["rev"] = frame_codec.tid(t, seq & 0x3FF)  # commit_frame's default rev
                 if op.action == "delete":
                     ev.update(kind="delete", collection=op.collection)
-                elif op.collection == fr.FOLLOW:
+                elif op.collection == frame_codec.FOLLOW:
                     ev.update(kind="follow", subject_did=rec["subject"])
-                elif op.collection == fr.POST:
+                elif op.collection == frame_codec.POST:
                     ev.update(kind="post", text=rec["text"], langs=rec.get("langs"))
                     if "reply" in rec:
                         ev.update(reply_parent=rec["reply"]["parent"]["uri"], reply_root=rec["reply"]["root"]["uri"])
@@ -688,15 +687,7 @@ class Population:
                         ev["quote_uri"] = rec["embed"]["record"]["uri"]
                 else:
                     uri = rec["subject"]["uri"]
-                    ev.update(kind="like" if op.collection == fr.LIKE else "repost", subject_uri=uri,
+                    ev.update(kind="like" if op.collection == frame_codec.LIKE else "repost", subject_uri=uri,
                               subject_did=uri.split("/")[2])
                 yield ev
 
-
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def topics_in(text: str, topics: dict[str, list[str]]) -> set[str]:
-    """Topics whose terms occur in ``text`` as whole words/phrases (the lexicon's documented rule)."""
-    toks = " " + " ".join(_WORD.findall(text.lower())) + " "
-    return {name for name, terms in topics.items() if any(f" {term} " in toks for term in terms)}

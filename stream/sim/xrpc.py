@@ -22,7 +22,7 @@ from typing import Callable
 
 from aiohttp import web
 
-from stream.sim import frames as fr
+from stream.sim import frames as frame_codec
 from stream.sim.repos import SyntheticRepos
 
 CAR_TYPE = "application/vnd.ipld.car"
@@ -127,10 +127,10 @@ class SyncServer:
         st = self.repos.state(i, head)
         records = st.records
         if fault == "oversize":
-            records = records + [("app.bsky.feed.post/pad", fr.post_record("x" * OVERSIZE_BYTES, 0))]
-        car = fr.repo_car(st.did, st.rev, records)
+            records = records + [("app.bsky.feed.post/pad", frame_codec.post_record("x" * OVERSIZE_BYTES, 0))]
+        car = frame_codec.repo_car(st.did, st.rev, records)
         if fault == "bad_block":  # the last block's bytes replaced by a CBOR break code
-            data = fr.encode_record(records[-1][1])[1]
+            data = frame_codec.encode_record(records[-1][1])[1]
             car = car.replace(data, b"\xff" * len(data))
         self.served_at[did] = asyncio.get_running_loop().time()
         return web.Response(body=car, content_type=CAR_TYPE)

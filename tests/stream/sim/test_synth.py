@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 
 import numpy as np
@@ -11,8 +12,18 @@ from atproto import CAR, parse_subscribe_repos_message
 from atproto_subscription.frames import Frame
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from stream.sim import frames as fr
-from stream.sim.synth import Population, follower_counts, load_topics, topics_in
+from stream.sim import frames as frame_codec
+from stream.sim.synth import Population, follower_counts, load_topics
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def topics_in(text: str, topics: dict[str, list[str]]) -> set[str]:
+    """Oracle: topics whose terms occur in ``text`` as whole words/phrases (the lexicon's
+    documented rule, written independently of stream.worker.lexicon)."""
+    toks = " " + " ".join(_WORD.findall(text.lower())) + " "
+    return {name for name, terms in topics.items() if any(f" {term} " in toks for term in terms)}
+
 
 pytestmark = pytest.mark.timeout(120)
 START = 1_700_000_000_000_000
@@ -69,7 +80,7 @@ def test_follow_graph_matches_follower_counts(pop, decoded):
     # the follow records on the wire say the same: repo = follower, subject = followed
     follows = Counter()
     for _, typ, msg, blocks in decoded:  # the follow graph comes first (graph_on_firehose)
-        if typ != "Commit" or not msg.ops[0].path.startswith(fr.FOLLOW):
+        if typ != "Commit" or not msg.ops[0].path.startswith(frame_codec.FOLLOW):
             break
         for op in msg.ops:
             follows[blocks[op.cid]["subject"]] += 1
@@ -115,16 +126,16 @@ def test_events_match_wire_content(pop, decoded):
         for op in msg.ops:
             coll, rkey = op.path.split("/")
             ev = {"did": msg.repo, "rkey": rkey, "uri": f"at://{msg.repo}/{op.path}", "seq": seq,
-                  "time_us": fr.parse_iso_time_us(msg.time)}
-            if coll == fr.FOLLOW:
+                  "time_us": frame_codec.parse_iso_time_us(msg.time)}
+            if coll == frame_codec.FOLLOW:
                 ev["rev"] = msg.rev
             if op.action == "delete":
                 ev.update(kind="delete", collection=coll)
             else:
                 rec = blocks[op.cid]
-                if coll == fr.FOLLOW:
+                if coll == frame_codec.FOLLOW:
                     ev.update(kind="follow", subject_did=rec["subject"])
-                elif coll == fr.POST:
+                elif coll == frame_codec.POST:
                     ev.update(kind="post", text=rec["text"], langs=rec.get("langs"))
                     if "reply" in rec:
                         ev.update(reply_parent=rec["reply"]["parent"]["uri"], reply_root=rec["reply"]["root"]["uri"])
@@ -207,7 +218,7 @@ def test_retractions(pop):
     # deactivated accounts are silent after their #account frame
     times = {}
     for seq, t, data in pop.timed_frames(start_time_us=START):
-        h, b = fr.split_frame(data)
+        h, b = frame_codec.split_frame(data)
         if h["t"] == "#account":
             assert b["active"] is False and b["status"] == "deactivated"
             times[b["did"]] = t
@@ -245,7 +256,7 @@ def test_graph_not_on_the_firehose_by_default_and_changes_live():
         if ev["kind"] == "follow":
             assert ev["rkey"] not in records[ev["did"]]
             records[ev["did"]][ev["rkey"]] = ev["subject_did"]
-        elif ev.get("collection") == fr.FOLLOW:
+        elif ev.get("collection") == frame_codec.FOLLOW:
             assert records[ev["did"]].pop(ev["rkey"], None) is not None, "an unfollow deletes an existing follow"
     deact = set(pop.retractions()["deactivated"])
     edges = {(d, s) for d, recs in records.items() if d not in deact for s in recs.values()}
