@@ -132,11 +132,20 @@ class CheckpointDir:
                             type(exc).__name__, exc)
         return None
 
-    def latest_meta(self) -> dict[str, Any] | None:
-        """The meta of the newest checkpoint whose meta reads (not verified; for positioning)."""
+    def furthest_offsets(self, kind: str = "events", kafka: str | None = None) -> dict[int, int]:
+        """{partition: the largest next offset any checkpoint here records} for ``kind``
+        (``events`` or ``ops``), from the metas that read (not verified) and, with ``kafka``,
+        were taken on that cluster (meta ``kafka``); for positioning a consumer: each is at
+        most the partition's end offset now."""
+        out: dict[int, int] = {}
         for path in self.files():
             try:
-                return self.read_meta(path)
+                meta = self.read_meta(path)
+                if kafka is not None and meta.get("kafka") != kafka:
+                    continue
+                offsets = meta["offsets"].get(kind, {})
             except (CheckpointMismatch, OSError, zipfile.BadZipFile, KeyError, ValueError, EOFError):
                 continue
-        return None
+            for p, off in offsets.items():
+                out[int(p)] = max(out.get(int(p), 0), int(off))
+        return out

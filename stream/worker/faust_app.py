@@ -619,8 +619,8 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
     @app.on_partitions_assigned.connect
     async def on_assigned(sender_, assigned, **kwargs) -> None:  # noqa: ARG001
         # Nothing long here: the group must settle whatever the state size. Record the
-        # assignment, point Faust's chorus.events positions at the newest checkpoint's offsets
-        # (its offsets are never committed), and restore in a task (restore()); the agents wait
+        # assignment, point Faust's chorus.events positions at the checkpoints' offsets
+        # (they are never committed), and restore in a task (restore()); the agents wait
         # for it (gate()) and skip what it fed (``pipe.skip`` / ``pipe.ops_skip``: partition ->
         # first offset not replayed). A rebalance during a restore cancels it; the next one starts
         # over from the checkpoint.
@@ -636,10 +636,12 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
         events_tps = [tp for tp in assigned if tp.topic == TOPIC_EVENTS]
         pipe.skip = {tp.partition: 1 << 62 for tp in events_tps}
         pipe.ops_skip = {tp.partition: 1 << 62 for tp in assigned if tp.topic == ops_name}
-        meta = ckdir.latest_meta() if settings.checkpoint_interval_s > 0 else None
-        offsets = (meta or {}).get("offsets", {}).get("events", {})
+        # (any checkpoint's offset is at most where the restore's replay will end, from where
+        # the agents go on: the furthest one here, whichever worker wrote it, skips the most)
+        offsets = (ckdir.furthest_offsets("events", bootstrap_servers(settings.kafka))
+                   if settings.checkpoint_interval_s > 0 else {})
         for tp in events_tps:
-            await app.consumer.seek(tp, int(offsets.get(str(tp.partition), 0)))
+            await app.consumer.seek(tp, offsets.get(tp.partition, 0))
         state["task"] = asyncio.ensure_future(restore(set(assigned), pipe.generation))
 
     return app, pipe

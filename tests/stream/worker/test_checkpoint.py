@@ -56,6 +56,20 @@ def test_workers_sharing_the_directory_keep_their_own_files(tmp_path):
         d.write(arrays, {}, tag="../x")
 
 
+def test_furthest_offsets_take_every_checkpoint_of_the_cluster(tmp_path):
+    """Where a consumer may start (restore skips up to the replay's end): per partition the
+    largest offset any checkpoint of this cluster records, whichever assignment wrote it."""
+    d = CheckpointDir(tmp_path)
+    arrays = store_after(random_stream(3)[:50]).to_arrays()
+    d.write(arrays, {"kafka": "k:1", "offsets": {"events": {"0": 5, "1": 9}, "ops": {"0": 2}}}, tag="aa")
+    d.write(arrays, {"kafka": "k:1", "offsets": {"events": {"1": 4, "2": 7}}}, tag="bb")
+    d.write(arrays, {"kafka": "other:1", "offsets": {"events": {"3": 99}}}, tag="cc")
+    (tmp_path / "ckpt-000000000099-zz.npz").write_bytes(b"torn")  # unreadable: ignored
+    assert d.furthest_offsets("events", "k:1") == {0: 5, 1: 9, 2: 7}
+    assert d.furthest_offsets("ops", "k:1") == {0: 2}
+    assert d.furthest_offsets("events")[3] == 99
+
+
 @pytest.mark.parametrize("damage", ["truncated", "bit_flip"])
 def test_a_torn_or_corrupt_checkpoint_is_detected_and_the_previous_one_used(tmp_path, damage, caplog):
     d = CheckpointDir(tmp_path, keep=2)
