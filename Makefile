@@ -23,12 +23,13 @@ run: $(STAMP)
 	$(BIN)/chorus run --profile demo
 
 # Tests other than tests/system/ run on WORKERS processes (pytest-xdist), a test file per process
-# at a time (module fixtures are built once): about half of their time is waiting on brokers and
-# consumer groups, which the other process fills. The wall-clock system tests run alone after them.
+# at a time (module fixtures are built once): most of their wall time is waiting (consumer groups,
+# brokers, subprocess start-ups; ~200 s of CPU in ~750 s of test time), which three processes on
+# two cores overlap. The wall-clock system tests run alone after them.
 # Bytecode caches are written even where PYTHONDONTWRITEBYTECODE is set: without them every worker
 # (and every `chorus` subprocess) compiles the project's modules and pytest re-rewrites the asserts
 # of every test module on every run, about 4 s of CPU per worker.
-WORKERS ?= 2
+WORKERS ?= 3
 PYTEST  := env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest
 UNIT    := $(PYTEST) tests --ignore=tests/system -n $(WORKERS) --dist loadfile
 
