@@ -118,15 +118,15 @@ class CheckpointDir:
 
     def latest(self, accept=None) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]] | None:
         """The newest whole checkpoint that ``accept(meta)`` takes (it raises CheckpointMismatch
-        to refuse, with the reason), or None. Broken and refused files are logged and skipped."""
+        to refuse, with the reason), or None. Broken and refused files are logged (WARNING) and skipped."""
         for path in self.files():
             try:
                 meta, arrays = self.read(path)
                 if accept is not None:
                     accept(meta)
                 return path, meta, arrays
-            except CheckpointMismatch as exc:
-                log.error("not using %s", exc)
+            except CheckpointMismatch as exc:  # a changed setup (cluster, window), not a fault
+                log.warning("not using %s", exc)
             except (OSError, zipfile.BadZipFile, KeyError, ValueError, EOFError) as exc:
                 log.warning("checkpoint %s is broken (%s: %s); trying the previous one", path,
                             type(exc).__name__, exc)

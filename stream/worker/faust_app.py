@@ -545,7 +545,9 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
         def accept(meta: dict) -> None:
             if meta.get("kafka") != bootstrap_servers(settings.kafka):
                 raise CheckpointMismatch(f"checkpoint of the Kafka cluster at {meta.get('kafka')}, not "
-                                         f"{bootstrap_servers(settings.kafka)}")
+                                         f"{bootstrap_servers(settings.kafka)} (expected when the cluster "
+                                         "changed, e.g. each `chorus run` starts a new embedded broker): "
+                                         "rebuilding the state from the topics")
             for kind, topic in (("events", TOPIC_EVENTS), ("ops", ops_name)):
                 for p, off in meta["offsets"].get(kind, {}).items():
                     lo = bounds.get((topic, int(p)), (0, 0))[0]

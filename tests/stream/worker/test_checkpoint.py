@@ -101,7 +101,7 @@ def test_an_older_format_or_another_window_is_refused_with_a_clear_error(tmp_pat
     members[META] = np.frombuffer(json.dumps({"format": 0, "window": [WIN, HOP]}).encode(), np.uint8)
     with open(path, "wb") as f:
         np.savez(f, **members)
-    with caplog.at_level(logging.ERROR, logger="chorus.worker.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="chorus.worker.checkpoint"):
         assert d.latest() is None
     assert any(f"has format 0; this chorus reads format {FORMAT}" in r.getMessage() for r in caplog.records)
 
@@ -112,9 +112,11 @@ def test_an_older_format_or_another_window_is_refused_with_a_clear_error(tmp_pat
             raise CheckpointMismatch("checkpoint for another window")
 
     caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="chorus.worker.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="chorus.worker.checkpoint"):
         assert d.latest(accept) is None
-    assert any("another window" in r.getMessage() for r in caplog.records)
+    # a changed setup (another window, or another cluster: a new embedded broker per `chorus run`)
+    # is expected, so a WARNING, not an ERROR
+    assert [r.levelno for r in caplog.records if "another window" in r.getMessage()] == [logging.WARNING]
     # the store's own format is checked too
     meta = json.loads(bytes(arrays["meta"]))
     arrays["meta"] = np.frombuffer(json.dumps({**meta, "format": STATE_FORMAT - 1}).encode(), np.uint8)
