@@ -556,9 +556,15 @@ class OperatorService:
                         self._ingest(tp.topic, tp.partition, msgs)
                         self._offsets[(tp.topic, tp.partition)] = msgs[-1].offset + 1
                     if self.hop_due(caught_up=not batch and await self._caught_up(consumer)):
+                        t0 = time.monotonic()
                         snaps = await asyncio.to_thread(self.recompute)
                         await self._publish(sender, snaps)
-                        await alerts.evaluate_and_publish(snaps)
+                        fired = await alerts.evaluate_and_publish(snaps)
+                        if snaps:  # one line per hop: what `chorus run --no-console` shows while it runs
+                            log.info("hop window_end=%s: %d snapshots (%d topics), %d alerts, %d agents, "
+                                     "%d edges, in %.1f s", self.last_end, len(snaps),
+                                     len({s.topic for s in snaps}), len(fired), self.state.n_rows,
+                                     self.state.n_edges, time.monotonic() - t0)
                         await self._observe(consumer)
                         await self._maybe_snapshot(bootstrap)
                     dead = self.guard.take_dead_letters()
