@@ -74,6 +74,16 @@ def run(
     from stream.local.runner import run as run_all
 
     s = settings(profile=profile, kafka=kafka, metrics_port=metrics_port)
+    # The operator's settings before anything starts (broker, relay): a typo is one line, exit 2.
+    from operators.service.alert_sink import load_rules
+    from operators.service.alerts import AlertConfigError
+    from operators.service.service import check_indicators
+
+    try:
+        check_indicators(s.indicators)
+        load_rules(s.alerts_file)
+    except (AlertConfigError, ValueError) as exc:
+        fail(str(exc).splitlines()[0])
     log_dir = Path(s.state_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     # Without the live view, the run's log lines (in-process parts) go to stdout as well as run.log.
@@ -173,7 +183,14 @@ def operator(
         fail(f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: {exc.strerror or exc}", code=1)
 
     # The standard loop: the operator's time goes to JAX, not to the event loop.
-    run_service(svc.run, svc.stop, use_uvloop=False)
+    try:
+        run_service(svc.run, svc.stop, use_uvloop=False)
+    except (OSError, ConnectionError) as exc:
+        fail(kafka_error_line(s.kafka, exc, "start the operator's consumers"), code=1)
+    except Exception as exc:
+        if is_kafka_error(exc):
+            fail(kafka_error_line(s.kafka, exc, "start the operator's consumers"), code=1)
+        raise
 
 
 @app.command()
@@ -382,6 +399,11 @@ def alerts(
     from stream.offline.alerts_tail import follow
     from stream.config import bootstrap_servers
 
+    if rule is not None:
+        from operators.service.alerts import RULE_NAMES
+
+        if rule not in RULE_NAMES:
+            fail(f"unknown rule {rule!r} for --rule (known: {', '.join(RULE_NAMES)})")
     s = settings(kafka=kafka)
     url = s.kafka
     if url is None:

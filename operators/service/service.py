@@ -178,6 +178,13 @@ def top_agents(phi: np.ndarray, k: int = TOP_K) -> list[tuple[int, float]]:
     return [(int(i), float(share[i])) for i in idx if share[i] > 0]
 
 
+def check_indicators(names) -> None:
+    """Raise ValueError (one line, the known names) if any of ``names`` is not in :data:`INDICATORS`."""
+    unknown = [n for n in names if n not in INDICATORS]
+    if unknown:
+        raise ValueError(f"unknown indicator(s) {', '.join(unknown)}; known: {', '.join(INDICATORS)}")
+
+
 class OperatorService:
     """``await OperatorService(settings).run()`` until ``await stop()``; or call
     :meth:`apply_features` / :meth:`apply_edge` / :meth:`recompute` directly (no Kafka).
@@ -198,9 +205,7 @@ class OperatorService:
                  state: OperatorState | None = None, engine: AlertEngine | None = None,
                  rule: str | None = None, active_only: bool = True, tolerance: float | None = None):
         self.settings = settings or Settings()
-        unknown = [n for n in self.settings.indicators if n not in INDICATORS]
-        if unknown:
-            raise ValueError(f"unknown indicator(s) {', '.join(unknown)}; known: {', '.join(INDICATORS)}")
+        check_indicators(self.settings.indicators)
         self.specs = [INDICATORS[n] for n in self.settings.indicators]
         s = self.settings
         self.steps = s.steps if steps is None else steps

@@ -1,0 +1,64 @@
+"""Start-up errors of `chorus run`, `operator`, `alerts` and `backfill` found by a new-user trial:
+each is one ``chorus: error: ...`` line on stderr (no traceback) with its exit status, and for
+`chorus run` nothing is started first (no broker, no state written)."""
+
+from __future__ import annotations
+
+import socket
+
+from tests.helpers.cli import invoke
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_error_line(stderr: str) -> str:
+    """The ``chorus: error:`` line, asserting there is exactly one and no traceback."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("chorus: error: ")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_operator_with_unreachable_kafka_is_one_line(tmp_path):
+    port = closed_port()
+    r = invoke(["operator", "--kafka", f"kafka://127.0.0.1:{port}", "--metrics-port", "0"],
+               env={"CHORUS_STATE_DIR": str(tmp_path)})
+    assert r.returncode == 1
+    line = one_error_line(r.stderr)
+    assert line.startswith(f"chorus: error: cannot reach Kafka at kafka://127.0.0.1:{port}"), line
+
+
+def test_alerts_with_an_unknown_rule_is_one_line_listing_the_rules(tmp_path):
+    from operators.service.alerts import RULE_NAMES
+
+    r = invoke(["alerts", "--from-beginning", "--rule", "new_top_culpritt",
+                "--kafka", f"kafka://127.0.0.1:{closed_port()}"], env={"CHORUS_STATE_DIR": str(tmp_path)})
+    assert r.returncode == 2
+    line = one_error_line(r.stderr)
+    assert "unknown rule 'new_top_culpritt'" in line
+    assert all(name in line for name in RULE_NAMES), line
+
+
+def test_run_refuses_a_bad_alerts_file_or_indicator_before_starting_anything(tmp_path):
+    state = tmp_path / "state"
+    bad_key = tmp_path / "alerts.yaml"
+    bad_key.write_text("rules:\n  new_top_culpritt:\n    threshold: 1\n")
+    bad_threshold = tmp_path / "alerts2.yaml"
+    bad_threshold.write_text("rules:\n  band_shift:\n    min_shift: -3\n")
+    cases = [
+        ({"CHORUS_ALERTS_FILE": str(bad_key)}, "unknown alert rule(s): new_top_culpritt"),
+        ({"CHORUS_ALERTS_FILE": str(bad_threshold)}, "must be a finite number >= 0"),
+        ({"CHORUS_INDICATORS": '["cascade_reach","nope"]'}, "unknown indicator(s) nope; known: "),
+    ]
+    for env, expected in cases:
+        r = invoke(["run", "--no-console", "--duration", "5", "--metrics-port", "0"],
+                   env={"CHORUS_STATE_DIR": str(state), **env})
+        assert r.returncode == 2, (env, r.stderr)
+        line = one_error_line(r.stderr)
+        assert expected in line, (env, line)
+        assert not state.exists(), "chorus run started something before refusing its settings"
