@@ -528,6 +528,25 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
         if settings.checkpoint_interval_s > 0 and time.monotonic() - state["last_ckpt"] >= settings.checkpoint_interval_s:
             await checkpoint()
 
+    async def restore_retrying(assigned_tps: set, generation: int) -> None:
+        """:func:`restore`, retried with backoff (1 s doubling to 30 s) while this assignment is
+        current: a restore that raised (Kafka unreachable mid-replay, a broken read) would
+        otherwise leave the agents waiting for it forever, silently."""
+        delay_s = 1.0
+        while generation == pipe.generation:
+            try:
+                await restore(assigned_tps, generation)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - logged in one line, retried
+                log.error("restoring the window state failed (%s: %s); retrying in %.0f s",
+                          type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", delay_s)
+                metrics.WORKER_RECOVERY.labels(phase="replay").set(0)
+                await asyncio.sleep(delay_s)
+                delay_s = min(30.0, 2 * delay_s)
+                pipe.reset()
+
     async def restore(assigned_tps: set, generation: int) -> None:
         """Rebuild the state of this assignment: from the newest whole checkpoint of the same
         window that covers every partition held now (the same assignment, or a larger one, e.g.
@@ -644,7 +663,7 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
                    if settings.checkpoint_interval_s > 0 else {})
         for tp in events_tps:
             await app.consumer.seek(tp, offsets.get(tp.partition, 0))
-        state["task"] = asyncio.ensure_future(restore(set(assigned), pipe.generation))
+        state["task"] = asyncio.ensure_future(restore_retrying(set(assigned), pipe.generation))
 
     return app, pipe
 
