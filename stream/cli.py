@@ -259,11 +259,14 @@ def backfill(
         if refused:
             fail(f"{flag} {value} resolves to a non-public address ({', '.join(refused[:3])}); "
                  f"allow it with --allow-net {refused[0]} (or CHORUS_ALLOW_NETS)")
-    url = s.kafka
+    url, idempotence = s.kafka, s.kafka_idempotence
     if url is None:
         from stream.local.runner import running_instance
 
-        url = (running_instance(s.state_dir) or {}).get("kafka")
+        note = running_instance(s.state_dir) or {}
+        url = note.get("kafka")
+        if note.get("embedded"):  # the run's embedded broker lacks idempotent producers (as its parts do)
+            idempotence = False
     if url is None:
         fail("the backfill needs Kafka: pass --kafka kafka://host:port or set CHORUS_KAFKA (or start `chorus run`)")
     try:
@@ -281,10 +284,10 @@ def backfill(
 
     async def main() -> str:
         if graph_file is not None:
-            st = await run_graph_file(bootstrap, s.state_dir, graph_file, s.kafka_idempotence, restart, checked=True,
+            st = await run_graph_file(bootstrap, s.state_dir, graph_file, idempotence, restart, checked=True,
                                       topics=opts.topics)
             return f"{st.edges:,} follow pairs from {graph_file}"
-        bf = Backfill(bootstrap, s.state_dir, opts, idempotence=s.kafka_idempotence)
+        bf = Backfill(bootstrap, s.state_dir, opts, idempotence=idempotence)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, bf.stop)

@@ -6,7 +6,8 @@
 - :func:`run_service`: a stage's blocking entry: the loop, SIGINT/SIGTERM asking the service to
   stop (it then finishes its work in order), ``asyncio.run``.
 - :func:`is_kafka_error` / :func:`kafka_error_line`: which failures mean "Kafka cannot be reached"
-  and the one line (``chorus: error: cannot reach Kafka ...``) the command prints for them.
+  and the one line (``chorus: error: cannot reach Kafka ...``) the command prints for them;
+  :func:`kafka_start_error`: the same for a producer's start, naming a refused idempotent producer.
 
 Event loop: the ingester and the Faust worker spend most of their CPU in the event loop (one
 Kafka message per event); uvloop runs the same asyncio code on libuv. Measured on the 2-core CI
@@ -133,3 +134,22 @@ def kafka_error_line(url: str | None, exc: BaseException, doing: str = "") -> st
     """The one line for a Kafka failure: ``cannot reach Kafka at URL[ (could not DOING)]: detail``."""
     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return f"cannot reach Kafka at {url}" + (f" (could not {doing})" if doing else "") + f": {detail}"
+
+
+PRODUCER_START = "start the producer"
+
+
+def kafka_start_error(bootstrap: str, step: str, exc: BaseException, idempotence: bool) -> str:
+    """One line saying what failed while a producer started (``step``: what was being done).
+
+    A broker that *answered* with an error while an idempotent producer started (``step`` is
+    :data:`PRODUCER_START`; the InitProducerId request) most likely lacks idempotent producers (the
+    embedded Tansu broker does), so the line says so and how to turn idempotence off, instead of
+    calling Kafka unreachable."""
+    from aiokafka.errors import BrokerResponseError
+
+    if idempotence and step == PRODUCER_START and isinstance(exc, BrokerResponseError):
+        return (f"Kafka at {bootstrap} refused an idempotent producer ({type(exc).__name__} on InitProducerId): "
+                "the broker may not support idempotent producers; set CHORUS_KAFKA_IDEMPOTENCE=false to "
+                "produce without idempotence")
+    return kafka_error_line(bootstrap, exc, step)

@@ -350,21 +350,24 @@ async def start_producer(bootstrap: str, idempotence: bool, topics) -> "AIOKafka
     start a producer; raises BackfillError (one line) when Kafka cannot be had. aiokafka's own line
     per failed dial is held back meanwhile (the error says it all)."""
     from stream.kafka import ensure_topics, make_producer
+    from stream.process import PRODUCER_START, kafka_start_error
 
     kafka_log = logging.getLogger("aiokafka")
     level = kafka_log.level
     kafka_log.setLevel(logging.CRITICAL)
     producer = None
+    step = "create the topics"
     try:
         await asyncio.wait_for(ensure_topics(bootstrap, topics), 30)
         producer = make_producer(bootstrap, idempotence)
+        step = PRODUCER_START
         await asyncio.wait_for(producer.start(), 30)
         return producer
     except Exception as exc:  # noqa: BLE001 - aiokafka raises its own errors
         if producer is not None:
             with contextlib.suppress(Exception):
                 await producer.stop()
-        raise BackfillError(f"cannot reach Kafka at {bootstrap}: {exc!r}") from None
+        raise BackfillError(kafka_start_error(bootstrap, step, exc, idempotence)) from None
     finally:
         kafka_log.setLevel(level)
 

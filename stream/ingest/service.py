@@ -24,14 +24,14 @@ import logging
 import urllib.parse
 from typing import Any
 
-from aiokafka.errors import BrokerResponseError, KafkaError
+from aiokafka.errors import KafkaError
 
 from stream.config import ConfigError, Settings, bootstrap_servers
 from stream.ingest.cursor import CursorError, CursorStore
 from stream.ingest.reader import Backoff, FirehoseReader
 from stream.kafka import check_topics, ensure_topics, make_producer
 from stream.metrics import INGEST_CURSOR
-from stream.process import kafka_error_line, run_service, setup_logging
+from stream.process import PRODUCER_START, kafka_start_error, run_service, setup_logging
 from stream.ingest.publisher import AckTracker, CursorCommitter, Publisher
 from stream.schemas import TOPIC_EVENTS
 from stream.topics import stage_topics
@@ -41,19 +41,6 @@ log = logging.getLogger("chorus.ingest")
 
 class IngestError(RuntimeError):
     """The ingester cannot start (bad settings, Kafka unreachable, unreadable cursor): one line."""
-
-
-def kafka_start_error(bootstrap: str, step: str, exc: BaseException, idempotence: bool) -> str:
-    """One line saying what failed when the producer could not start.
-
-    A broker that *answered* with an error while an idempotent producer started (the InitProducerId
-    request) most likely lacks idempotent producers (the embedded Tansu broker does), so the line says
-    so and how to turn idempotence off, instead of calling Kafka unreachable."""
-    if idempotence and step == "start the producer" and isinstance(exc, BrokerResponseError):
-        return (f"Kafka at {bootstrap} refused an idempotent producer ({type(exc).__name__} on InitProducerId): "
-                "the broker may not support idempotent producers; set CHORUS_KAFKA_IDEMPOTENCE=false to "
-                "produce without idempotence")
-    return kafka_error_line(bootstrap, exc, step)
 
 
 class Ingester:
@@ -124,7 +111,7 @@ class Ingester:
                 ensure_topics(self.bootstrap, stage_topics("ingest", self.settings)), self._kafka_timeout)
             await asyncio.wait_for(check_topics(self.bootstrap, stage_topics("ingest", self.settings), "ingest"),
                                    self._kafka_timeout)
-            step = "start the producer"
+            step = PRODUCER_START
             await asyncio.wait_for(producer.start(), self._kafka_timeout)
         except (KafkaError, OSError, asyncio.TimeoutError) as exc:
             with contextlib.suppress(Exception):

@@ -106,7 +106,8 @@ class RunLock:
         return self
 
     def write(self, info: dict[str, Any]) -> None:
-        """Replace the note (pid, kafka URL, metrics URL, relay URL) other commands can read."""
+        """Replace the note (pid, kafka URL, embedded: whether that is the run's own broker, metrics
+        URL, relay URL) other commands can read."""
         if self._fd is None:
             return
         data = json.dumps(info).encode()
@@ -552,7 +553,8 @@ class Runner:
                 from stream.local.console import Console
 
                 await self._start_part(Console(self.bootstrap, self.metrics.registry, self.settings))
-            self.lock.write({"pid": os.getpid(), "kafka": self.kafka_url, "metrics": self.metrics.url,
+            self.lock.write({"pid": os.getpid(), "kafka": self.kafka_url, "embedded": self._embedded,
+                             "metrics": self.metrics.url,
                              "relay": self.relay_url, "started": time.time(),
                              "synthetic": {"accounts": relay.accounts, "seed": relay.seed,
                                            "rate": relay.rate, "speed": relay.speed,

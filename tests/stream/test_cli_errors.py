@@ -1,19 +1,12 @@
-"""Start-up errors of `chorus run`, `operator`, `alerts` and `backfill` found by a new-user trial:
+"""Start-up errors of `chorus run`, `operator`, `alerts` and `backfill` found by a new-user trial
+(the backfill cases against a real embedded broker, which refuses idempotent producers):
 each is one ``chorus: error: ...`` line on stderr (no traceback) with its exit status, and for
 `chorus run` nothing is started first (no broker, no state written)."""
 
 from __future__ import annotations
 
-import socket
-
+from stream.local.broker import free_port as closed_port  # a loopback port nothing listens on
 from tests.helpers.cli import invoke
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def one_error_line(stderr: str) -> str:
@@ -62,3 +55,27 @@ def test_run_refuses_a_bad_alerts_file_or_indicator_before_starting_anything(tmp
         line = one_error_line(r.stderr)
         assert expected in line, (env, line)
         assert not state.exists(), "chorus run started something before refusing its settings"
+
+
+def test_backfill_names_a_refused_idempotent_producer_and_uses_a_running_runs_broker(fresh_broker, tmp_path):
+    graph = tmp_path / "g.csv"
+    graph.write_text("follower,followed\n" + "".join(
+        f"did:plc:{a * 24},did:plc:{b * 24}\n" for a, b in (("a", "b"), ("b", "c"))))
+    env = {"CHORUS_STATE_DIR": str(tmp_path / "state"), "CHORUS_METRICS_PORT": "0"}
+    # an explicit --kafka with idempotence on (the default): the line names the cause and the fix
+    r = invoke(["backfill", "--no-progress", "--graph-file", str(graph), "--kafka", fresh_broker.url], env=env)
+    assert r.returncode == 1, r.stderr
+    line = one_error_line(r.stderr)
+    assert "refused an idempotent producer" in line and "CHORUS_KAFKA_IDEMPOTENCE=false" in line, line
+    # the documented default target: a running `chorus run` (its note in the state dir) on its
+    # embedded broker; the backfill then produces without idempotence, as the run's own parts do
+    from stream.local.runner import RunLock
+
+    lock = RunLock(tmp_path / "state").acquire()
+    try:
+        lock.write({"pid": 1, "kafka": fresh_broker.url, "embedded": True})
+        r = invoke(["backfill", "--no-progress", "--graph-file", str(graph)], env=env)
+    finally:
+        lock.release()
+    assert r.returncode == 0, r.stderr
+    assert "chorus backfill: 2 follow pairs" in r.stderr, r.stderr
