@@ -186,10 +186,10 @@ def operator(
     try:
         run_service(svc.run, svc.stop, use_uvloop=False)
     except (OSError, ConnectionError) as exc:
-        fail(kafka_error_line(s.kafka, exc, "start the operator's consumers"), code=1)
+        fail(kafka_error_line(s.kafka, exc, "start the operator"), code=1)
     except Exception as exc:
         if is_kafka_error(exc):
-            fail(kafka_error_line(s.kafka, exc, "start the operator's consumers"), code=1)
+            fail(kafka_error_line(s.kafka, exc, "start the operator"), code=1)
         raise
 
 
