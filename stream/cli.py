@@ -303,6 +303,12 @@ def backfill(
     typer.echo(f"chorus backfill: {line}", err=True)
 
 
+# `chorus relay --synthetic`: the population, its repositories and frames are built in memory up
+# front, about 8 KiB per account (10^11 accounts asked for ~745 GiB); 200,000 (~1.5 GiB) is ten
+# times the default world.
+RELAY_SYNTHETIC_MAX = 200_000
+
+
 @app.command()
 def relay(
     recording: Optional[Path] = typer.Option(None, help="Serve this recording (from `chorus record`)."),
@@ -326,8 +332,18 @@ def relay(
     repos = None
     if recording is not None and synthetic is not None:
         fail("give either --recording or --synthetic, not both")
-    if rate is not None and rate <= 0 or speed is not None and speed <= 0:
-        fail("--rate and --speed must be positive")
+    import math
+
+    for flag, value in (("--rate", rate), ("--speed", speed)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            fail(f"{flag} must be a finite number > 0 (got {value})")
+    if not 0 <= port <= 65535:
+        fail(f"--port must be 0..65535 (got {port})")
+    if start_us is not None and start_us < 0:
+        fail(f"--start-us must be >= 0 (got {start_us})")
+    if synthetic is not None and not 1 <= synthetic <= RELAY_SYNTHETIC_MAX:
+        fail(f"--synthetic must be 1..{RELAY_SYNTHETIC_MAX:,} (got {synthetic}): the relay holds the whole "
+             "population's repositories and frames in memory")
     try:
         if recording is not None:
             source = FrameSource.from_recording(recording)
