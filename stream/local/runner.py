@@ -317,7 +317,8 @@ class BrokerPart:
 
     async def start(self) -> None:
         self.broker.log_path.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self.broker.start)
+        self.broker.spawn()  # here, not in a worker thread: the broker dies with the thread that spawned it
+        await asyncio.to_thread(self.broker.wait_ready)
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.broker.stop)
