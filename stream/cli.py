@@ -12,13 +12,44 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 
 from pydantic import ValidationError
 
 from stream.config import ConfigError, Settings
 from stream.process import is_kafka_error, kafka_error_line, run_service, setup_logging
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """The ``chorus`` group: a click usage error (unknown flag or command, a value that does not
+    parse or is out of range) prints ONE line ``chorus: error: <message>`` and exits 2 (README
+    "Contracts", CLI), instead of typer's boxed usage panel; ``--help`` output is typer's own."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        from typer._click import exceptions as click  # typer >= 0.24 vendors click (no public name)
+
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.NoArgsIsHelpError as exc:  # bare `chorus`: the help, as before
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            typer.echo(f"chorus: error: {exc.format_message()}", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineUsageErrors, add_completion=False, no_args_is_help=True,
+                  help=__doc__.splitlines()[0])
 
 # Options shared by `chorus operator` and `chorus analyze` (the same operator settings).
 INDICATOR_OPTION = typer.Option(None, help="Indicator (repeatable; default cascade_reach and polarization).")
@@ -36,6 +67,21 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def command_has_flag(name: str) -> bool:
+    """Whether the running command has a parameter called ``name`` (False outside a command)."""
+    from typer._click.globals import get_current_context  # typer vendors click
+
+    ctx = get_current_context(silent=True)
+    return ctx is not None and any(p.name == name for p in ctx.command.params)
+
+
+def setting_source(field: str) -> str:
+    """Where setting ``field`` comes from for the running command: its flag and the environment
+    variable, or only the variable when the command has no such flag."""
+    env = f"CHORUS_{field.upper()}"
+    return f"flag --{field.replace('_', '-')} or {env}" if command_has_flag(field) else env
+
+
 def settings(**overrides) -> Settings:
     """Settings with flag overrides (None means: not given on the command line)."""
     try:
@@ -44,9 +90,10 @@ def settings(**overrides) -> Settings:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err.get("loc", ()))
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-        if not field:  # a rule across settings (window and hop)
-            fail(f"invalid settings: {msg}")
-        fail(f"invalid setting {field} (flag --{field.replace('_', '-')} or CHORUS_{field.upper()}): {msg}")
+        if not field:  # a rule across settings (window and hop: no command has flags for them)
+            fail(f"invalid settings: {msg}" if command_has_flag("window") else
+                 f"invalid settings (CHORUS_WINDOW_S, CHORUS_HOP_S): {msg}")
+        fail(f"invalid setting {field} ({setting_source(field)}): {msg}")
     except ConfigError as exc:
         fail(str(exc))
     raise AssertionError("unreachable")
