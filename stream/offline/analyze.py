@@ -49,7 +49,7 @@ import numpy as np
 
 from stream.config import Settings
 from stream.ingest.decode import decode_frame
-from stream.schemas import AttributionSnapshot, Features, GraphEdge, graph_value
+from stream.schemas import AttributionSnapshot, Features, GraphEdge, graph_value, time_bounds
 from stream.worker.lexicon import Classifier, Lexicon
 from stream.worker.windows import BadEvent, WindowStore
 
@@ -155,13 +155,21 @@ class Analyzer:
         self.service = OperatorService(settings, steps=steps, panel_k=panel_k)
         self.hops = 0
         self.invalid_events = 0
+        self.time_ahead = 0  # events dated beyond the live bound (skipped, see feed)
 
     def feed(self, ev: dict) -> list[AttributionSnapshot]:
+        """Process one chorus.events dict. An event dated more than ``Settings.max_clock_skew_s``
+        after the current wall clock is skipped and counted in ``time_ahead``, the live guard's
+        rule (:func:`stream.schemas.time_bounds`): one such event would otherwise move the window
+        clock to its date and close every hop up to it, cutting the analysis short."""
         store = self.store
         try:
             t = int(ev["time_us"])
         except (KeyError, TypeError, ValueError):
             self.invalid_events += 1
+            return []
+        if t / 1e6 > time_bounds(self.settings.max_clock_skew_s)["max_time_s"]:
+            self.time_ahead += 1
             return []
         before = store.closed
         records = store.advance(t)
@@ -252,6 +260,8 @@ def analyze(source: Source, settings: Settings, *, steps: int | None = None, pan
     invalid = dict(source.invalid)
     if az.invalid_events:
         invalid["event"] = az.invalid_events
+    if az.time_ahead:
+        invalid["time_ahead"] = az.time_ahead
     return AnalyzeResult(snaps, az.agent_attributions() if agents else None, n_events, az.hops, invalid)
 
 

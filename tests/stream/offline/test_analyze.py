@@ -228,3 +228,23 @@ def test_cli_errors(tmp_path):
     r = runner.invoke(app, ["analyze", str(csv), "-o", str(tmp_path / "x.jsonl"), "--no-progress"])
     assert r.exit_code == 2 and "no event could be read" in r.output, r.output
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_events_dated_ahead_of_the_clock_are_skipped_as_time_ahead(small_pop, tmp_path):
+    """One post dated 2100 (or 10^23 us) among good lines: skipped and counted as time_ahead (the
+    live guard's rule), not allowed to move the window clock and cut the analysis short."""
+    lines = jetstream_lines(small_pop)
+    post = next(ln for ln in lines if '"app.bsky.feed.post"' in ln)
+    future = [post.replace(f'"time_us": {json.loads(post)["time_us"]}', f'"time_us": {t}')
+              for t in (4_102_444_800_000_000, 99999999999999999999999)]
+    assert all(json.loads(f)["time_us"] > 4e15 for f in future)
+    mid = len(lines) // 3
+    clean, dirty = tmp_path / "clean.jsonl", tmp_path / "dirty.jsonl"
+    clean.write_text("\n".join(lines) + "\n")
+    dirty.write_text("\n".join(lines[:mid] + future + lines[mid:]) + "\n")
+    settings = Settings(window_s=WINDOW, hop_s=HOP)
+    want = offline_analyze.analyze(offline_analyze.open_source(clean), settings, steps=8, progress=False)
+    got = offline_analyze.analyze(offline_analyze.open_source(dirty), settings, steps=8, progress=False)
+    assert got.invalid.get("time_ahead") == 2 and "time_ahead" not in want.invalid
+    assert want.hops >= 10 and got.hops == want.hops
+    assert [s.window_end for s in got.snapshots] == [s.window_end for s in want.snapshots]
