@@ -617,7 +617,9 @@ def report(
         fail("give a snapshot file or --kafka kafka://host:port (one of them)")
     try:
         if snapshots is not None:
-            snaps, source = offline_report.select(offline_analyze.read_snapshots(snapshots), lo, hi), str(snapshots)
+            s = settings()  # a window_end ahead of the clock refuses the file, as the live guard does
+            read = offline_analyze.read_snapshots(snapshots, max_skew_s=s.max_clock_skew_s, hop_s=s.hop_s)
+            snaps, source = offline_report.select(read, lo, hi), str(snapshots)
         else:
             bootstrap = bootstrap_servers(url)
             snaps, source = asyncio.run(offline_report.fetch_snapshots(bootstrap, lo, hi, topic=topic)), f"{topic} on {url}"

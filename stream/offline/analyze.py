@@ -338,16 +338,27 @@ def _read_rows(path: Path) -> list[dict]:
         raise AnalyzeError(f"{path}: not a Parquet file ({str(exc).splitlines()[0]})") from None
 
 
-def read_snapshots(path: str | Path) -> list[AttributionSnapshot]:
-    """Snapshots from a file written by :func:`write_snapshots` (either format)."""
+def read_snapshots(path: str | Path, max_skew_s: float | None = None, hop_s: float = 0.0) -> list[AttributionSnapshot]:
+    """Snapshots from a file written by :func:`write_snapshots` (either format). With
+    ``max_skew_s``, a window_end more than that plus ``hop_s`` seconds after the wall clock refuses
+    the file (AnalyzeError), the live guard's rule (:func:`stream.schemas.time_bounds`)."""
+    from pydantic import ValidationError
+
     path = Path(path)
+    context = None if max_skew_s is None else time_bounds(max_skew_s, hop_s)
     out = []
     for row in _read_rows(path):
         if "bands_json" in row:
             row = {k: v for k, v in row.items() if not k.startswith("panel_") and not k.endswith("_json")} | {
                 k: json.loads(row[f"{k}_json"]) for k in _NESTED if row.get(f"{k}_json") not in (None, "null")}
         try:
-            out.append(AttributionSnapshot.model_validate(row))
+            out.append(AttributionSnapshot.model_validate(row, context=context))
+        except ValidationError as exc:
+            ahead = [e for e in exc.errors(include_url=False) if e["type"] == "time_bounds"]
+            if ahead:
+                raise AnalyzeError(f"{path}: {ahead[0]['msg']} (the wall clock plus CHORUS_MAX_CLOCK_SKEW_S): "
+                                   "a snapshot from the future, refusing the file") from None
+            raise AnalyzeError(f"{path}: not a chorus.attributions snapshot ({str(exc).splitlines()[0]})") from None
         except ValueError as exc:
             raise AnalyzeError(f"{path}: not a chorus.attributions snapshot ({str(exc).splitlines()[0]})") from None
     return out

@@ -248,3 +248,24 @@ def test_events_dated_ahead_of_the_clock_are_skipped_as_time_ahead(small_pop, tm
     assert got.invalid.get("time_ahead") == 2 and "time_ahead" not in want.invalid
     assert want.hops >= 10 and got.hops == want.hops
     assert [s.window_end for s in got.snapshots] == [s.window_end for s in want.snapshots]
+
+
+@pytest.mark.parametrize("window_end", [4_102_444_810, 10**17])
+def test_report_refuses_a_snapshot_from_the_future_in_one_line(tmp_path, window_end):
+    """A window_end beyond the clock (as an unguarded analyze once wrote): one line, exit 2, no
+    OSError (Errno 75 from the date axis)."""
+    from tests.helpers.cli import invoke
+
+    s = AttributionSnapshot(topic="t", indicator="volume", window_end=window_end, value=2.0, baseline_value=0.0,
+                            completeness_residual=0.0, n_agents=2, bands={"top0.1": 1.0, "bottom50": 0.0},
+                            panel={"k": 1, "bands": {"top0.1": 1.0, "bottom50": 0.0}, "tvd": 0.0,
+                                   "spearman": None, "rescale": 1.0, "rescale_residual": 0.0},
+                            top=[{"did": "did:plc:a", "share": 1.0, "followers": 3}])
+    good = s.model_copy(update={"window_end": 1_735_689_600})
+    path = tmp_path / "s.jsonl"
+    offline_analyze.write_snapshots(path, [good, s], {"source": "test"})
+    r = invoke(["report", str(path), "-o", str(tmp_path / "out")], env={"CHORUS_STATE_DIR": str(tmp_path)})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("chorus: error: ") and f"window_end {window_end}" in lines[0] and "future" in lines[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
