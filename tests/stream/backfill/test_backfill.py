@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from operators.service.state import OperatorState
+from tests.helpers.synth_truth import expected_events
 from stream.backfill.fetch import Limits
 from stream.backfill.service import Backfill, Options
 from stream.kafka import make_consumer
@@ -77,7 +78,7 @@ def live_graph_ops(pop: Population) -> list[GraphEdge]:
 
     store = WindowStore(600, 10, Classifier(Lexicon.load(None)))
     out = []
-    for ev in pop.events(start_time_us=START):
+    for ev in expected_events(pop, start_time_us=START):
         _, edges = store.process(ev)
         out += [GraphEdge(**graph_value(*e)) for e in edges]
     for did in pop.retractions()["deactivated"]:  # the #account frames' events

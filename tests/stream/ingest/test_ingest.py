@@ -1,7 +1,7 @@
 """Ingester: decoding, ack tracking, cursor store, and relay -> ingester -> embedded broker end to end.
 
 Truth for the end-to-end tests is the generator's own record of what it emitted
-(``stream.sim.synth.Population.events()`` / hand-built ops), never the ingester's output.
+(``tests.helpers.synth_truth.expected_events`` / hand-built ops), never the ingester's output.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
+from tests.helpers.synth_truth import expected_events
 from stream.sim import frames as sim_frames
 from stream.local.broker import free_port
 from stream.config import Settings
@@ -52,7 +53,7 @@ def canon(ev: dict) -> str:
 
 def population_truth(pop: Population) -> Counter:
     """Expected record events of a population (account retractions: :func:`account_dids`)."""
-    return Counter(canon(e) for e in pop.events())
+    return Counter(canon(e) for e in expected_events(pop))
 
 
 def account_dids(pop: Population) -> Counter:

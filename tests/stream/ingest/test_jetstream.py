@@ -2,7 +2,7 @@
 `chorus ingest --jetstream` end to end into the embedded broker with reconnects and no loss.
 
 Expectations: hand-written Jetstream messages with hand-written events, and the synthetic
-population's own record of what it emitted (``Population.events()``), never the decoder's output.
+population's own record of what it emitted (``tests.helpers.synth_truth.expected_events``), never the decoder's output.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import websockets
 
+from tests.helpers.synth_truth import expected_events
 from stream.config import Settings
 from stream.ingest.jetstream import REWIND_US, WANTED_COLLECTIONS, decode_message
 from stream.ingest.reader import Backoff
@@ -226,7 +227,7 @@ def test_jetstream_ingest_end_to_end_with_reconnects_and_no_loss(fresh_broker, t
     assert conns[n_conn].cursor == last - REWIND_US  # the restart dialed the stored cursor, rewound
     assert again.published == 0 and ing.reader.resets == 0 and again.reader.resets == 0
 
-    truth = list(pop.events())
+    truth = list(expected_events(pop))
     values = asyncio.run(consume_all(fresh_broker.bootstrap, len(truth) + pop.expected()["account"]))
     records = [v for v in values if v["kind"] != "account"]
     assert Counter(strip_times(v) for v in records) == Counter(strip_times(e) for e in truth)  # exact, once

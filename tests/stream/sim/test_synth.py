@@ -12,6 +12,7 @@ from atproto import CAR, parse_subscribe_repos_message
 from atproto_subscription.frames import Frame
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+from tests.helpers.synth_truth import expected_events
 from stream.sim import frames as frame_codec
 from stream.sim.synth import Population, follower_counts, load_topics
 
@@ -118,7 +119,7 @@ def test_expected_counts_match_decoded_frames(pop, decoded):
 
 
 def test_events_match_wire_content(pop, decoded):
-    """Population.events() is exactly what the frames carry (the ingester's expected output)."""
+    """tests.helpers.synth_truth.expected_events is exactly what the frames carry (the ingester's expected output)."""
     wire = []
     for seq, typ, msg, blocks in decoded:
         if typ != "Commit":
@@ -145,7 +146,7 @@ def test_events_match_wire_content(pop, decoded):
                     ev.update(kind=coll.rsplit(".", 1)[1], subject_uri=rec["subject"]["uri"],
                               subject_did=rec["subject"]["uri"].split("/")[2])
             wire.append(ev)
-    assert list(pop.events(start_seq=10, start_time_us=START)) == wire
+    assert list(expected_events(pop, start_seq=10, start_time_us=START)) == wire
 
 
 def test_references_point_to_earlier_records_with_right_cids(pop, decoded):
@@ -172,7 +173,7 @@ def test_references_point_to_earlier_records_with_right_cids(pop, decoded):
 
 def test_topics_and_sentiment_vocabulary(pop):
     topics = load_topics()
-    texts = [e["text"] for e in pop.events(start_time_us=START) if e["kind"] == "post"]
+    texts = [e["text"] for e in expected_events(pop, start_time_us=START) if e["kind"] == "post"]
     found = [topics_in(t, topics) for t in texts]
     assert all(len(s) <= 1 for s in found), "a post is about at most one topic"
     off = sum(not s for s in found) / len(found)
@@ -201,7 +202,7 @@ def test_planted_episode(pop):
     base = pop.activity_start_us(START)
     lo, hi = base + truth["start_us"], base + truth["end_us"]
     by = Counter()
-    for e in pop.events(start_time_us=START):
+    for e in expected_events(pop, start_time_us=START):
         if e["kind"] == "post" and lo <= e["time_us"] <= hi and truth["topic"] in topics_in(e["text"], topics):
             by["participant" if e["did"] in set(truth["participants"]) else
                "celebrity" if e["did"] in set(truth["celebrities"]) else "other"] += 1
@@ -212,7 +213,7 @@ def test_planted_episode(pop):
 
 def test_retractions(pop):
     r = pop.retractions(START)
-    events = list(pop.events(start_time_us=START))
+    events = list(expected_events(pop, start_time_us=START))
     deleted = [e["uri"] for e in events if e["kind"] == "delete"]
     assert sorted(deleted) == sorted(r["deleted"]) and deleted
     # deactivated accounts are silent after their #account frame
@@ -252,7 +253,7 @@ def test_graph_not_on_the_firehose_by_default_and_changes_live():
     src, dst = pop.follow_edges
     pre = {(pop.did(int(b)), pop.did(int(a))) for a, b in zip(src, dst)}
     assert {(d, s) for d, recs in records.items() for s in recs.values()} == pre
-    for ev in pop.events(start_time_us=START):
+    for ev in expected_events(pop, start_time_us=START):
         if ev["kind"] == "follow":
             assert ev["rkey"] not in records[ev["did"]]
             records[ev["did"]][ev["rkey"]] = ev["subject_did"]
