@@ -249,6 +249,9 @@ def backfill(
     graph_file: Optional[Path] = typer.Option(None, help="Import follow pairs (CSV or Parquet with columns "
                                               "follower, followed) instead of reading repositories."),
     plc: Optional[str] = typer.Option(None, help="PLC directory (default: CHORUS_PLC_URL, https://plc.directory)."),
+    plc_export: Optional[bool] = typer.Option(None, "--plc-export/--no-plc-export", help="Resolve did:plc from the "
+                                              "PLC directory's /export, read once into CHORUS_STATE_DIR (default: "
+                                              "with a relay's listing, not with --dids); off: one request per DID."),
     kafka: Optional[str] = typer.Option(None, help="kafka://host:port (default: CHORUS_KAFKA, else the running "
                                         "`chorus run`)."),
     concurrency: int = typer.Option(32, min=1, max=1024, help="Repositories fetched at once, overall."),
@@ -278,6 +281,8 @@ def backfill(
 
     if sum(x is not None for x in (relay, pds, dids, graph_file)) > 1:
         fail("give at most one of --relay, --pds, --dids, --graph-file")
+    if plc_export and (pds is not None or graph_file is not None):
+        fail("--plc-export resolves DIDs: not with --pds or --graph-file (they resolve none)")
     s = settings(kafka=kafka, plc_url=plc, allow_nets=allow_net or None)
     # The inputs first (files, URLs, networks), before anything connects: a bad one is one line.
     try:
@@ -323,7 +328,7 @@ def backfill(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with contextlib.suppress(OSError):  # metrics are optional here (another chorus may hold the port)
         serve(s.metrics_host, s.metrics_port)
-    opts = Options(relay=relay or default_relay, pds=pds, dids_file=dids,
+    opts = Options(relay=relay or default_relay, pds=pds, dids_file=dids, plc_export=plc_export,
                    plc=s.plc_url, allow_nets=list(s.allow_nets), max_car_bytes=int(max_car_mb * 1024 * 1024),
                    limits=Limits(concurrency=concurrency, per_host=per_host, total_timeout_s=timeout,
                                  retries=retries),

@@ -161,6 +161,10 @@ BACKFILL_REPOS = Counter(
     "chorus_backfill_repos", "Repositories the backfill finished, by status (done, or why skipped).", ["status"]
 )
 BACKFILL_EDGES = Counter("chorus_backfill_edges", "Follow edges the backfill published (acknowledged).")
+BACKFILL_PLC_OPS = Counter(
+    "chorus_backfill_plc_ops",
+    "PLC directory export operations the backfill read, by status (applied, or why skipped).", ["status"]
+)
 GRAPH_COVERAGE = Gauge(
     "chorus_graph_coverage_ratio",
     "Repositories backfilled (or known inactive) / repositories listed: how complete the graph is.",

@@ -12,6 +12,11 @@ Handles are displayed, never trusted for anything: they are what the document cl
 verified back through DNS/HTTPS); the relay's ``#identity`` events carry verified ones. Whether
 the PDS address is public is checked when it is fetched (:mod:`stream.backfill.fetch`).
 
+With a mirror of the PLC directory's export (:mod:`stream.backfill.plc_export`, set as
+:attr:`Resolver.mirror`), a ``did:plc`` the mirror holds is answered from it (no request; the same
+rules applied when the operation was read: ``pds_base``, ``valid_handle``, a tombstone is
+``did_tombstoned``, no usable PDS ``no_pds``); one it lacks (created since) is fetched as above.
+
 Failures raise :class:`IdentityError` with a ``reason``: ``unsupported_did``, ``did_not_found``,
 ``did_tombstoned``, ``did_unresolvable`` (other status / fetch failure: its reason is kept when it
 is ``private_address``, ``too_large``...), ``bad_did_doc``, ``did_mismatch``, ``no_pds``.
@@ -24,10 +29,14 @@ import re
 import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from atproto_core.did_doc import DidDocument
 
 from stream.backfill.fetch import Fetcher, FetchError
+
+if TYPE_CHECKING:
+    from stream.backfill.plc_export import ExportMirror
 
 PLC_DIRECTORY = "https://plc.directory"
 MAX_DOC_BYTES = 64 * 1024
@@ -49,6 +58,7 @@ class Identity:
     did: str
     pds: str  # base URL, no trailing slash
     handle: str | None
+    from_export: bool = False  # from the export mirror (may be older than a DID document)
 
 
 def valid_handle(value: object) -> str | None:
@@ -74,14 +84,17 @@ def pds_base(url: object) -> str | None:
 
 
 class Resolver:
-    """Resolve DIDs with a :class:`Fetcher` (cached: ``cache_size`` most recent)."""
+    """Resolve DIDs with a :class:`Fetcher` (cached: ``cache_size`` most recent), ``did:plc``
+    from ``mirror`` first when one is set."""
 
     def __init__(self, fetcher: Fetcher, plc_url: str = PLC_DIRECTORY, web_scheme: str = "https",
-                 cache_size: int = 10_000):
+                 cache_size: int = 10_000, mirror: "ExportMirror | None" = None):
         self.fetcher, self.plc_url, self.web_scheme = fetcher, plc_url.rstrip("/"), web_scheme
         self.cache_size = cache_size
+        self.mirror = mirror
         self._cache: OrderedDict[str, Identity] = OrderedDict()
         self.resolved = 0  # successful document fetches
+        self.from_export = 0  # DIDs answered by the mirror
         self.unreachable = 0  # consecutive connection-level failures of the directory
 
     def document_url(self, did: str) -> str:
@@ -97,11 +110,30 @@ class Resolver:
             return f"{self.web_scheme}://{host}/.well-known/did.json"
         raise IdentityError("unsupported_did", f"unsupported DID method: {did[:80]!r}")
 
-    async def resolve(self, did: str) -> Identity:
-        hit = self._cache.get(did)
-        if hit is not None:
-            self._cache.move_to_end(did)
-            return hit
+    def _exported(self, did: str) -> Identity | None:
+        """``did`` from the mirror (None: not there); raises IdentityError for a tombstone / no PDS."""
+        from stream.backfill.plc_export import NO_PDS, TOMBSTONE
+
+        row = self.mirror.lookup(did) if self.mirror is not None and did.startswith("did:plc:") else None
+        if row is None:
+            return None
+        state, pds, handle = row
+        if state == TOMBSTONE:
+            raise IdentityError("did_tombstoned", f"{did}: tombstoned (PLC export)")
+        if state == NO_PDS or pds is None:
+            raise IdentityError("no_pds", f"{did}: no usable #atproto_pds service (PLC export)")
+        self.from_export += 1
+        return Identity(did, pds, handle, from_export=True)
+
+    async def resolve(self, did: str, fresh: bool = False) -> Identity:
+        """``did``'s identity; ``fresh``: from its DID document, neither the cache nor the mirror.
+        Raises :class:`IdentityError`."""
+        if not fresh:
+            hit = self._cache.get(did) or self._exported(did)
+            if hit is not None:
+                if not hit.from_export:
+                    self._cache.move_to_end(did)
+                return hit
         url = self.document_url(did)
         try:
             resp = await self.fetcher.get(url, max_bytes=MAX_DOC_BYTES, accept="application/json")

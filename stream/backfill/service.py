@@ -3,8 +3,10 @@
 Flow: a listing (:mod:`stream.backfill.listing`: listRepos on a relay or a PDS, or a DIDs file)
 feeds a bounded queue; ``concurrency`` workers take one repository each: skip it when the listing
 says it is inactive, resolve its DID to its PDS and handle (:mod:`stream.backfill.identity`;
-skipped with ``--pds``), fetch ``com.atproto.sync.getRepo`` (:mod:`stream.backfill.fetch`, capped
-at ``max_car_bytes``), read its follow records (:mod:`stream.backfill.car`) and publish one ``add``
+skipped with ``--pds``; for a relay's listing, ``did:plc`` from a mirror of the PLC directory's
+export, :mod:`stream.backfill.plc_export`, read to its end first; a repository whose PDS from
+the mirror no longer has it is tried once more at the PDS of its current DID document), fetch
+``com.atproto.sync.getRepo`` (:mod:`stream.backfill.fetch`, capped at ``max_car_bytes``), read its follow records (:mod:`stream.backfill.car`) and publish one ``add``
 per follow with the repository's rev (:mod:`stream.backfill.publish`). A repository that cannot be
 had is counted by reason (``chorus_backfill_repos_total{status}``) and skipped; it never stops the
 others. Progress is checkpointed (:mod:`stream.backfill.checkpoint`) every ``save_every_s`` and at
@@ -32,7 +34,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from stream import metrics
 from stream.backfill.car import RepoError, read_follows
@@ -40,6 +42,7 @@ from stream.backfill.checkpoint import Checkpoint, State
 from stream.backfill.fetch import Fetcher, FetchError, Limits, parse_networks
 from stream.backfill.identity import PLC_DIRECTORY, IdentityError, Resolver
 from stream.backfill.listing import Page, Repo, dids_pages, list_repos, read_dids_file
+from stream.backfill.plc_export import ExportError, ExportMirror, ExportStats, mirror_path, sync_export
 from stream.backfill.publish import GraphPublisher
 
 if TYPE_CHECKING:
@@ -54,6 +57,8 @@ COVERED = ("done", *INACTIVE)
 REPO_ERRORS = {"RepoNotFound": "not_found", "RepoDeactivated": "deactivated", "RepoTakendown": "takendown",
                "RepoSuspended": "suspended", "RepoDeleted": "deleted"}
 TICK_S = 0.1  # progress bar updates at most this often
+# getRepo statuses that may only mean the account moved since the PLC export was read
+MOVED = ("not_found", "deactivated", "unreachable", "unresolvable", "timeout")
 MAX_UNREACHABLE = 5  # consecutive connection failures of the PLC directory before giving up
 
 
@@ -74,6 +79,7 @@ class Options:
     progress: bool = True
     save_every_s: float = 1.0
     web_scheme: str = "https"
+    plc_export: bool | None = None  # did:plc from the directory's export; None: for a relay's listing only
     topics: Any = None  # what to create: stream.topics.stage_topics("backfill", settings); None: registry defaults
 
     @property
@@ -83,6 +89,12 @@ class Options:
         if self.pds is not None:
             return f"pds:{self.pds.rstrip('/')}"
         return f"relay:{(self.relay or '').rstrip('/')}"
+
+    @property
+    def use_plc_export(self) -> bool:
+        if self.pds is not None:
+            return False
+        return self.dids_file is None if self.plc_export is None else self.plc_export
 
 
 @dataclass
@@ -97,7 +109,10 @@ class Backfill:
 
     def __init__(self, bootstrap: str, state_dir: Path, options: Options, idempotence: bool = True):
         self.bootstrap, self.opts, self.idempotence = bootstrap, options, idempotence
+        self.state_dir = Path(state_dir)
         self.checkpoint = Checkpoint(state_dir, options.source)
+        self.export: ExportStats | None = None  # the PLC export read this run (None: not used)
+        self.refreshed = 0  # repositories fetched again at the PDS of a fresh DID document
         self.state = State(options.source)
         self._pages: deque[_PageTrack] = deque()
         self._done_before: set[str] = set()
@@ -152,7 +167,7 @@ class Backfill:
         dids = read_dids_file(opts.dids_file) if opts.dids_file is not None else None
         producer = await start_producer(self.bootstrap, self.idempotence, opts.topics or
                                         {t: TOPIC_PARTITIONS[t] for t in (TOPIC_GRAPH, TOPIC_IDENTITIES)})
-        publisher = None
+        publisher = resolver = None
         try:
             publisher = await GraphPublisher.create(producer)
             async with Fetcher(opts.limits, parse_networks(opts.allow_nets)) as fetcher:
@@ -162,13 +177,60 @@ class Backfill:
                 else:
                     base = opts.pds or opts.relay
                     pages = list_repos(fetcher, base, self.state.cursor)
+                if opts.use_plc_export:  # after the listing's first page: a dead relay is said first
+                    first = await anext(pages, None)
+                    if first is not None:
+                        resolver.mirror = await self._read_export(fetcher)
+                        pages = _prepend(first, pages)
                 await self._drive(pages, fetcher, resolver, publisher)
         finally:
+            if resolver is not None and resolver.mirror is not None:
+                resolver.mirror.close()
             with contextlib.suppress(Exception):
                 if publisher is not None:
                     await publisher.aclose()
                 await producer.stop()
         return self.state
+
+    async def _read_export(self, fetcher: Fetcher) -> ExportMirror | None:
+        """The PLC directory's export read to its end into the mirror (None: the directory has
+        none, each DID is resolved with its own request); raises BackfillError."""
+        plc = self.opts.plc
+        mirror = ExportMirror(mirror_path(self.state_dir, plc))
+        progress = task = None
+        if self.opts.progress:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            progress = Progress(SpinnerColumn(), TextColumn("PLC export"), TextColumn("{task.fields[ops]:,} operations"),
+                                TextColumn("{task.fields[mib]:,.0f} MiB"), TimeElapsedColumn(), transient=True)
+            progress.start()
+            task = progress.add_task("plc", total=None, ops=0, mib=0.0)
+
+        def on_page(st: ExportStats) -> None:
+            if progress is not None:
+                progress.update(task, ops=st.applied + sum(st.by_reason.values()), mib=st.bytes / 2**20)
+
+        try:
+            self.export = await sync_export(fetcher, plc, mirror, on_page=on_page, stopped=lambda: self._stopping)
+        except ExportError as exc:
+            mirror.close()
+            if exc.reason == "not_supported":
+                log.warning("%s; resolving each DID with its own request", exc)
+                return None
+            if exc.reason in ("unreachable", "unresolvable", "timeout"):
+                raise BackfillError(f"cannot reach the PLC directory at {plc}: {exc}") from None
+            raise BackfillError(f"cannot read the PLC directory's export at {plc}: {exc} "
+                                "(--no-plc-export: one request per DID instead)") from None
+        finally:
+            if progress is not None:
+                progress.stop()
+        bad = {k: v for k, v in sorted(self.export.by_reason.items()) if k != "nullified"}
+        if bad:
+            log.warning("PLC export: operations skipped: %s", ", ".join(f"{k} {v}" for k, v in bad.items()))
+        if not self.export.complete:  # stopped mid-way: older entries could be stale (resumed next run)
+            mirror.close()
+            return None
+        return mirror
 
     def stop(self) -> None:
         """Stop taking new repositories; :meth:`run` returns after the ones in flight (saved)."""
@@ -255,18 +317,30 @@ class Backfill:
         if not repo.active:
             return (repo.status if repo.status in INACTIVE else "inactive"), 0
         did = repo.did
-        handle = None
         if self.opts.pds is not None:
-            base = self.opts.pds.rstrip("/")
-        else:
+            return await self._fetch(did, self.opts.pds.rstrip("/"), None, fetcher, publisher)
+        try:
+            ident = await resolver.resolve(did)
+        except IdentityError as exc:
+            if resolver.unreachable >= MAX_UNREACHABLE and resolver.resolved == 0:
+                raise BackfillError(f"cannot reach the PLC directory at {resolver.plc_url}: {exc}") from None
+            log.debug("%s: %s", did, exc)
+            return exc.reason, 0
+        status, n = await self._fetch(did, ident.pds, ident.handle, fetcher, publisher)
+        if status in MOVED and ident.from_export:  # the export may predate a move to another PDS
             try:
-                ident = await resolver.resolve(did)
+                fresh = await resolver.resolve(did, fresh=True)
             except IdentityError as exc:
-                if resolver.unreachable >= MAX_UNREACHABLE and resolver.resolved == 0:
-                    raise BackfillError(f"cannot reach the PLC directory at {resolver.plc_url}: {exc}") from None
                 log.debug("%s: %s", did, exc)
-                return exc.reason, 0
-            base, handle = ident.pds, ident.handle
+                return status, n
+            if fresh.pds != ident.pds:
+                self.refreshed += 1
+                return await self._fetch(did, fresh.pds, fresh.handle, fetcher, publisher)
+        return status, n
+
+    async def _fetch(self, did: str, base: str, handle: str | None, fetcher: Fetcher,
+                     publisher: GraphPublisher) -> tuple[str, int]:
+        """(status, edges published) for the repository of ``did`` at the PDS ``base``."""
         try:
             resp = await fetcher.get(f"{base}/xrpc/com.atproto.sync.getRepo", {"did": did},
                                      max_bytes=self.opts.max_car_bytes, accept=CAR_TYPE)
@@ -343,6 +417,12 @@ class Backfill:
         return (f"{self.settled:,} repos ({c.get('done', 0):,} done, {inactive:,} inactive"
                 + (", failed: " + ", ".join(f"{k} {v}" for k, v in failed.items()) if failed else "")
                 + f"), {self.state.edges:,} edges, coverage {self.coverage:.1%}")
+
+
+async def _prepend(first: Page, rest: AsyncIterator[Page]) -> AsyncIterator[Page]:
+    yield first
+    async for page in rest:
+        yield page
 
 
 async def start_producer(bootstrap: str, idempotence: bool, topics) -> "AIOKafkaProducer":

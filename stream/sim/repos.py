@@ -12,13 +12,15 @@ firehose after ``head`` reconcile by rev as they would on the network.
 
 DID documents: ``did:plc`` documents with the handle ``user<i>.bsky.social`` in ``alsoKnownAs``
 (the handle the population's ``#identity`` frames announce) and an ``#atproto_pds`` service at the
-URL the caller gives. The commit's signature and the listing's ``head`` CID are stand-ins (nothing
+URL the caller gives; the same identity as a PLC export entry (:func:`plc_export_entry`). The
+commit's signature and the listing's ``head`` CID are stand-ins (nothing
 here signs; chorus does not verify).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
 
@@ -28,6 +30,25 @@ from stream.sim import frames as frame_codec
 from stream.sim.synth import (ACCOUNT, DEFAULT_START_US, DELETE, FOLLOW, SYNC, UNFOLLOW, Population)
 
 PROFILE = "app.bsky.actor.profile"
+
+
+def plc_export_entry(did: str, seq: int, pds_url: str | None, handle: str | None, *, tombstone: bool = False,
+                     prev: str | None = None, nullified: bool = False) -> dict[str, Any]:
+    """One line of a PLC directory's ``/export`` (did-method-plc): a ``plc_operation`` setting
+    ``pds_url`` and ``handle`` (``prev`` None: the genesis operation), or a ``plc_tombstone``.
+    Keys and signature are stand-ins (nothing here signs; chorus does not verify)."""
+    if tombstone:
+        op: dict[str, Any] = {"type": "plc_tombstone", "prev": prev, "sig": "c3RhbmQtaW4"}
+    else:
+        op = {"type": "plc_operation", "rotationKeys": ["did:key:zQ3shStandIn"],
+              "verificationMethods": {"atproto": "did:key:zQ3shStandIn"},
+              "alsoKnownAs": [f"at://{handle}"] if handle else [],
+              "services": {"atproto_pds": {"type": "AtprotoPersonalDataServer", "endpoint": pds_url}},
+              "prev": prev, "sig": "c3RhbmQtaW4"}
+    cid = frame_codec.cid_str(frame_codec.cid_of(f"{did}/{seq}".encode()))
+    created = datetime.fromtimestamp(1_704_067_200 + seq / 1000, timezone.utc).isoformat(timespec="milliseconds")
+    return {"type": "sequenced_op", "seq": seq, "did": did, "operation": op, "cid": cid, "nullified": nullified,
+            "createdAt": created.replace("+00:00", "Z")}
 
 
 @dataclass(frozen=True)

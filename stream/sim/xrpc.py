@@ -7,7 +7,11 @@ Served for a :class:`stream.sim.repos.SyntheticRepos` as of the relay's current 
   opaque to clients).
 - ``GET /xrpc/com.atproto.sync.getRepo?did=``: the repository as a CAR file
   (``application/vnd.ipld.car``); ``400 {error: RepoNotFound | RepoDeactivated | RepoTakendown}``.
-- ``GET /plc/{did}``: the DID document (so ``--plc http://HOST:PORT/plc``); ``404`` if unknown.
+- ``GET /plc/{did}``: the DID document (so ``--plc http://HOST:PORT/plc``); ``404`` if unknown,
+  ``410`` if tombstoned.
+- ``GET /plc/export?count=&after=``: the directory's operation log as JSON lines (did-method-plc's
+  export: one genesis ``plc_operation`` per account in population order, then the faults' later
+  operations; ``seq`` numbers them, ``after`` is a seq; ``count`` 1..1000, default 10).
 
 Fault injection for the backfill's tests (constructor arguments): ``throttle`` answers the first
 ``throttle`` getRepo requests with ``429`` and ``Retry-After: retry_after_s``; ``faults`` maps a
@@ -17,13 +21,14 @@ DID to one of :data:`FAULTS`. ``requests`` counts what was asked, by endpoint.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from typing import Callable
 
 from aiohttp import web
 
 from stream.sim import frames as frame_codec
-from stream.sim.repos import SyntheticRepos
+from stream.sim.repos import SyntheticRepos, plc_export_entry
 
 CAR_TYPE = "application/vnd.ipld.car"
 # what a faulty repository or DID document does
@@ -35,8 +40,19 @@ FAULTS = {
     "redirect_loop": "getRepo: 302 to itself, forever",
     "private_pds": "PLC: the DID document's PDS is http://10.0.0.1 (a private address)",
     "metadata_pds": "PLC: the DID document's PDS is http://169.254.169.254 (link-local)",
+    "tombstoned": "PLC: 410 for the DID document; the export's last operation is a plc_tombstone",
+    "nullified": "PLC export: a later operation (PDS http://10.0.0.2, another handle) marked nullified",
+    "export_missing": "PLC export: the DID is not in it (created after the export was read)",
+    "moved": "PLC export: the PDS is an old one (http://127.0.0.1:9, nothing listens); the document's is current",
+}
+# what the whole export does (constructor argument export_fault)
+EXPORT_FAULTS = {
+    "oversize": "every page starts with an EXPORT_OVERSIZE_BYTES line (over the backfill's page cap)",
+    "garbage": "every page is HTML, not JSON lines",
+    "absent": "404: the directory has no export",
 }
 OVERSIZE_BYTES = 3 * 1024 * 1024
+EXPORT_OVERSIZE_BYTES = 9 * 1024 * 1024
 
 
 class SyncServer:
@@ -48,10 +64,14 @@ class SyncServer:
 
     def __init__(self, repos: SyntheticRepos, head: Callable[[], int | None], host: str = "127.0.0.1",
                  port: int = 0, throttle: int = 0, retry_after_s: float = 1.0,
-                 faults: dict[str, str] | None = None):
+                 faults: dict[str, str] | None = None, export_fault: str | None = None):
         bad = set((faults or {}).values()) - FAULTS.keys()
         if bad:
             raise ValueError(f"unknown fault(s) {sorted(bad)}; known: {sorted(FAULTS)}")
+        if export_fault is not None and export_fault not in EXPORT_FAULTS:
+            raise ValueError(f"unknown export fault {export_fault!r}; known: {sorted(EXPORT_FAULTS)}")
+        self.export_fault = export_fault
+        self._export_log: list[dict] | None = None
         self.repos, self.head, self.host, self.port = repos, head, host, port
         self.throttle, self.retry_after_s = int(throttle), retry_after_s
         self.faults = dict(faults or {})
@@ -72,6 +92,7 @@ class SyncServer:
         app = web.Application()
         app.router.add_get("/xrpc/com.atproto.sync.listRepos", self._list_repos)
         app.router.add_get("/xrpc/com.atproto.sync.getRepo", self._get_repo)
+        app.router.add_get("/plc/export", self._plc_export)
         app.router.add_get("/plc/{did}", self._plc)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -141,6 +162,53 @@ class SyncServer:
         i = self.repos.index(did)
         if i is None:
             return web.json_response({"message": f"DID not registered: {did}"}, status=404)
-        pds = {"private_pds": "http://10.0.0.1", "metadata_pds": "http://169.254.169.254"}.get(
+        if self.faults.get(did) == "tombstoned":
+            return web.json_response({"message": f"DID not available: {did}"}, status=410)
+        return web.json_response(self.repos.did_document(i, self._pds(did)))
+
+    def _pds(self, did: str) -> str:
+        """The PDS the DID document of ``did`` names."""
+        return {"private_pds": "http://10.0.0.1", "metadata_pds": "http://169.254.169.254"}.get(
             self.faults.get(did, ""), self.url)
-        return web.json_response(self.repos.did_document(i, pds))
+
+    def export_log(self) -> list[dict]:
+        """The directory's operation log (entries as :func:`~stream.sim.repos.plc_export_entry`)."""
+        log, pop = [], self.repos.pop
+        for i in range(self.repos.n):
+            did = pop.did(i)
+            fault = self.faults.get(did)
+            if fault != "export_missing":
+                pds = "http://127.0.0.1:9" if fault == "moved" else self._pds(did)
+                log.append(plc_export_entry(did, len(log) + 1, pds, self.repos.handle(i)))
+        for did, fault in self.faults.items():
+            i = self.repos.index(did)
+            if i is None or fault not in ("tombstoned", "nullified"):
+                continue
+            prev = next(e["cid"] for e in log if e["did"] == did)
+            if fault == "tombstoned":
+                log.append(plc_export_entry(did, len(log) + 1, None, None, tombstone=True, prev=prev))
+            else:
+                log.append(plc_export_entry(did, len(log) + 1, "http://10.0.0.2", "evil.example.com", prev=prev,
+                                            nullified=True))
+        return log
+
+    async def _plc_export(self, request: web.Request) -> web.Response:
+        self.requests["plc_export"] += 1
+        if self.export_fault == "absent":
+            return web.json_response({"message": "Not Found"}, status=404)
+        try:
+            count = int(request.query.get("count", 10))
+            after = int(request.query.get("after", 0))
+        except ValueError:
+            return web.json_response({"message": "count and after must be integers"}, status=400)
+        if not 1 <= count <= 1000:
+            return web.json_response({"message": "count must be 1..1000"}, status=400)
+        if self.export_fault == "garbage":
+            return web.Response(text="<html><body>maintenance</body></html>\n", content_type="text/html")
+        if self._export_log is None:  # built on first use: it names this server's URL (its port)
+            self._export_log = self.export_log()
+        log = self._export_log
+        page = [json.dumps(e, separators=(",", ":")) for e in log[after:after + count]]  # seq k at index k - 1
+        if self.export_fault == "oversize":
+            page.insert(0, json.dumps({"pad": "x" * EXPORT_OVERSIZE_BYTES}))
+        return web.Response(text="\n".join(page) + ("\n" if page else ""), content_type="application/jsonlines")

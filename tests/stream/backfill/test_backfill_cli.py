@@ -60,6 +60,8 @@ def test_input_files_are_checked_before_kafka(tmp_path):
     rows = [f"did:plc:f{i:022d},did:plc:s{i:022d}\n" for i in range(bad_line - 2)]
     csv.write_text("follower,followed\n" + "".join(rows) + f"{GOOD},did:web:\n" + rows[0])
     one_line_error(backfill(tmp_path, "--graph-file", str(csv)), f"line {bad_line}", "followed is not a DID")
+    # --plc-export where no DID is resolved
+    one_line_error(backfill(tmp_path, "--pds", "https://pds.example.com", "--plc-export"), "--plc-export", "--pds")
 
 
 def test_a_non_public_url_without_allow_net_is_refused_at_start(tmp_path):
