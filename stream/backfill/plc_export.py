@@ -51,12 +51,11 @@ from typing import Callable
 
 from stream import metrics
 from stream.backfill.fetch import Fetcher, FetchError
-from stream.backfill.identity import _PLC, pds_base, valid_handle
+from stream.backfill.identity import _PLC, NO_PDS, OK, TOMBSTONE, pds_base, valid_handle
 
 EXPORT_COUNT = 1000  # plc.directory's largest page
 MAX_LINE_BYTES = 16 * 1024  # one operation (plc.directory refuses operations over a few KiB)
 MAX_PAGE_BYTES = 8 * 1024 * 1024  # one page of 1,000 lines (real ones: ~0.5 MiB)
-OK, NO_PDS, TOMBSTONE = 0, 1, 2  # ExportMirror states
 FORMAT = "1"
 
 
