@@ -7,7 +7,10 @@ also serves its whole operation log, paged (did-method-plc; https://web.plc.dire
     -> JSON lines {did, operation, cid, nullified, createdAt[, seq, type]}, oldest first, N <= 1000
 
 The next page is ``after=`` the last line's ``seq`` (directories that number their log) or else
-its ``createdAt``; a page shorter than ``count`` is the end of the log (as of now). A DID's current
+its ``createdAt`` (then operations sharing the timestamp at a page boundary can be skipped: their
+DID then resolves from an older operation or, missing, with its own request; an account whose PDS
+changed is re-fetched at its document's, :mod:`stream.backfill.service`); a page shorter than
+``count`` is the end of the log (as of now). A DID's current
 state is its latest operation that is not ``nullified``:
 
 - ``plc_operation``: PDS = ``services.atproto_pds.endpoint`` (type ``AtprotoPersonalDataServer``),

@@ -198,6 +198,23 @@ def test_a_hostile_or_absent_export_raises_one_line(tmp_path, fault, reason):
     assert held == 0 and cursor is None
 
 
+@contextlib.asynccontextmanager
+async def export_server(handler):
+    """A directory whose /export is ``handler``: its base URL (stopped on exit, or by cleanup())."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_get("/export", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", runner
+    finally:
+        await runner.cleanup()
+
+
 def test_an_unreachable_directory_and_a_stuck_cursor_raise(tmp_path):
     from aiohttp import web
 
@@ -206,21 +223,14 @@ def test_an_unreachable_directory_and_a_stuck_cursor_raise(tmp_path):
                                            for _ in range(2)))
 
     async def main():
-        app = web.Application()
-        app.router.add_get("/export", stuck)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
         mirror = ExportMirror(tmp_path / "m.sqlite")
         try:
-            async with Fetcher(LIMITS, parse_networks(LOOPBACK)) as f:
+            async with export_server(stuck) as (url, runner), Fetcher(LIMITS, parse_networks(LOOPBACK)) as f:
                 with pytest.raises(ExportError) as a:
-                    await sync_export(f, f"http://127.0.0.1:{port}", mirror, count=2)
+                    await sync_export(f, url, mirror, count=2)
                 await runner.cleanup()
                 with pytest.raises(ExportError) as b:
-                    await sync_export(f, f"http://127.0.0.1:{port}", mirror, count=2)
+                    await sync_export(f, url, mirror, count=2)
                 async with Fetcher(LIMITS, []) as strict:  # loopback not allowed: refused
                     with pytest.raises(ExportError) as c:
                         await sync_export(strict, "http://127.0.0.1:9", mirror)
@@ -230,6 +240,39 @@ def test_an_unreachable_directory_and_a_stuck_cursor_raise(tmp_path):
 
     a, b, c = asyncio.run(main())
     assert a.reason == "stuck_cursor" and b.reason == "unreachable" and c.reason == "private_address"
+
+
+def test_a_directory_without_seq_pages_by_created_at(tmp_path):
+    """Older directories number nothing: the next page is after the last line's createdAt."""
+    from aiohttp import web
+
+    dids = ["did:plc:" + c * 24 for c in "abcde"]
+    entries = []
+    for k, did in enumerate(dids):
+        e = plc_export_entry(did, k + 1, f"https://pds{k}.example.com", f"user{k}.example.com")
+        del e["seq"], e["type"]
+        entries.append(e)
+    asked = []
+
+    async def legacy(request):
+        after, count = request.query.get("after", ""), int(request.query["count"])
+        asked.append(after)
+        page = [e for e in entries if e["createdAt"] > after][:count]
+        return web.Response(text="\n".join(json.dumps(e) for e in page))
+
+    async def main():
+        mirror = ExportMirror(tmp_path / "m.sqlite")
+        try:
+            async with export_server(legacy) as (url, _), Fetcher(LIMITS, parse_networks(LOOPBACK)) as f:
+                st = await sync_export(f, url, mirror, count=2)
+            return st, {d: mirror.lookup(d) for d in dids}, mirror.cursor
+        finally:
+            mirror.close()
+
+    st, rows, cursor = asyncio.run(main())
+    assert st.complete and st.pages == 3 and st.applied == 5
+    assert asked == ["", entries[1]["createdAt"], entries[3]["createdAt"]] and cursor == entries[4]["createdAt"]
+    assert rows == {d: (OK, f"https://pds{k}.example.com", f"user{k}.example.com") for k, d in enumerate(dids)}
 
 
 # --- a relay-mode backfill through the export -------------------------------------------------------
