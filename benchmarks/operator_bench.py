@@ -391,7 +391,7 @@ def run(quick: bool = False, sizes=None, log=print, density: bool | None = None)
            "Gauss-Legendre (the default), and at **equal accuracy**: the fewest nodes, per quadrature rule, "
            "whose max per-agent error against ref is <= 1% of max |ref| -- the bound sampled Shapley's standard "
            "error is run to, here applied to the actual error -- timed with the rule that needs fewest "
-           "(`gauss-legendre-graded`: Gauss-Legendre on a = t^2, operators.quadrature). *ideal* = permutations x "
+           "(`gauss-legendre-graded`: Gauss-Legendre on a = t^3, operators.quadrature). *ideal* = permutations x "
            "(N + 1) F evaluations / (2 x nodes + 2 evaluation-equivalents of Aumann-Shapley: a forward and "
            "a backward pass per node, F(x), F(b)): the ratio if one F evaluation cost the same in both.", "",
            f"| N | AS, {STEPS} nodes (ms) | sampled / AS | ideal | nodes for 1%: Gauss-Legendre | nodes for 1%: graded "

@@ -42,6 +42,9 @@ followers, pi_i = min(1, c (1 + followers_i)^exponent), c such that sum pi = siz
 that selection bias (present for a linear F too) with the scaling bias; the residual does not.
 
 Non-finite phi raises :class:`operators.attribution.NonFiniteError` naming the agents.
+
+Every function taking ``followers`` (counts, (N,)) also takes a :class:`BandIndex` computed once
+from them: the same result without ranking the agents again (the service ranks once per hop).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ __all__ = [
     "DEFAULT_BANDS",
     "BAND_NAMES",
     "band_index",
+    "BandIndex",
     "band_of",
     "band_shares",
     "band_mass",
@@ -114,6 +118,55 @@ def band_index(followers, bands=DEFAULT_BANDS) -> np.ndarray:
     return hit
 
 
+@dataclass(frozen=True, eq=False)
+class BandIndex:
+    """Each agent's band, ranked once from the follower counts. Every band function that takes
+    ``followers`` also takes a BandIndex in its place and then skips the ranking and the content
+    digest (a hop asks ~100 times for the same agents' bands: O(N) each instead of O(N log N)).
+
+    ``index``: int array (N,), read-only, into ``bands``. Build with :meth:`of`.
+    """
+
+    index: np.ndarray
+    bands: tuple
+
+    @classmethod
+    def of(cls, followers, bands=DEFAULT_BANDS) -> "BandIndex":
+        """The bands of ``followers`` (1-D, finite; raises ValueError otherwise)."""
+        if isinstance(followers, BandIndex):
+            return followers.check(bands)
+        return cls(band_index(followers, bands), _bands_key(bands))
+
+    @property
+    def size(self) -> int:
+        return int(self.index.size)
+
+    def padded(self, size: int) -> "BandIndex":
+        """The same bands for ``size`` >= N rows, rows N.. in the last band (padding rows of a
+        device array: never panel members, phi = 0, so they change no share)."""
+        idx = np.full(size, len(self.bands) - 1, self.index.dtype)
+        idx[: self.size] = self.index
+        idx.flags.writeable = False
+        return BandIndex(idx, self.bands)
+
+    def check(self, bands) -> "BandIndex":
+        """Itself, if computed for ``bands``; else raises ValueError."""
+        if self.bands != _bands_key(bands):
+            raise ValueError("a BandIndex computed for other bands")
+        return self
+
+
+def _bands_key(bands) -> tuple:
+    return tuple(map(tuple, bands))
+
+
+def _index_of(followers, bands) -> np.ndarray:
+    """The band index (N,) of ``followers`` (counts or a :class:`BandIndex`)."""
+    if isinstance(followers, BandIndex):
+        return followers.check(bands).index
+    return band_index(followers, bands)
+
+
 def _band_index(f: np.ndarray, bands) -> np.ndarray:
     n = f.size
     asc = np.sort(f)
@@ -143,9 +196,8 @@ def _per_agent(phi, n: int | None = None) -> np.ndarray:
 
 def _signed_mass(phi, followers, bands) -> np.ndarray:
     """(2, len(bands)): positive and negative attribution mass per band."""
-    f = _followers(followers)
-    p = _per_agent(phi, f.size)
-    idx = band_index(f, bands)
+    idx = _index_of(followers, bands)
+    p = _per_agent(phi, idx.size)
     return np.stack([np.bincount(idx, weights=np.maximum(p, 0), minlength=len(bands)),
                      np.bincount(idx, weights=np.maximum(-p, 0), minlength=len(bands))])
 
@@ -221,16 +273,25 @@ def visibility_sample(followers, size: int, seed: int = 0, exponent: float = 1.0
     if ok.shape != f.shape:
         raise ValueError(f"eligible has shape {ok.shape}, expected {f.shape}")
     weight = np.where(ok, (1.0 + np.maximum(f, 0.0)) ** float(exponent), 0.0)
-    target = float(min(int(size), int(ok.sum())))
-    lo, hi = 0.0, 1.0
-    while np.minimum(1.0, hi * weight).sum() < target:
-        hi *= 2.0
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if np.minimum(1.0, mid * weight).sum() < target else (lo, mid)
-    pi = np.minimum(1.0, hi * weight)
+    c = _inclusion_scale(weight, min(int(size), int(ok.sum())))
+    pi = np.where(weight > 0, 1.0, 0.0) if np.isinf(c) else np.minimum(1.0, c * weight)
     members = np.flatnonzero(np.random.default_rng(seed).random(f.size) < pi)
     return members, pi
+
+
+def _inclusion_scale(weight: np.ndarray, target: int) -> float:
+    """c with sum_i min(1, c w_i) = target (w >= 0, 0 < target <= #{w > 0}; inf when every
+    positive weight must be taken). Water-filling, O(N log N): with w sorted descending and m
+    the number capped at 1, c = (target - m) / sum_{i >= m} w_i for the least m with
+    c w_m <= 1 (then c w_{m-1} >= 1 holds too)."""
+    pos = np.sort(weight[weight > 0])[::-1]
+    if target <= 0:
+        return 0.0
+    if target >= pos.size:
+        return float("inf")
+    suffix = np.cumsum(pos[::-1])[::-1]  # suffix[m] = sum of pos[m:]
+    c = (target - np.arange(pos.size)) / suffix
+    return float(c[np.argmax(c * pos <= 1.0)])
 
 
 @dataclass(frozen=True)
@@ -283,28 +344,31 @@ def panel_comparison(
     the panel), e.g. computed on a smaller equivalent input.
     """
     xa = as_features(x)
-    f = _followers(followers)
-    if f.size != xa.shape[0]:
-        raise ValueError(f"followers has {f.size} entries but x has {xa.shape[0]} agents")
+    bi = BandIndex.of(followers)
+    f = None if isinstance(followers, BandIndex) else _followers(followers)
+    if bi.size != xa.shape[0]:
+        raise ValueError(f"followers has {bi.size} entries but x has {xa.shape[0]} agents")
     b = resolve_baseline(F, xa, baseline)
     if phi_full is None:
         phi_full = attribute(F, xa, b, steps=steps, rule=rule).phi
-    full = _per_agent(phi_full, f.size)
+    full = _per_agent(phi_full, bi.size)
     if members is None:
+        if f is None:
+            raise ValueError("the top-k panel needs follower counts, not a BandIndex (or pass members)")
         panel = panel_agents(f, k)
     else:
         panel = np.asarray(members, dtype=np.int64).reshape(-1)
-        if panel.size and (panel.min() < 0 or panel.max() >= f.size):
-            raise ValueError(f"members must be agent indices in [0, {f.size})")
-    in_panel = np.zeros(f.size, bool)
+        if panel.size and (panel.min() < 0 or panel.max() >= bi.size):
+            raise ValueError(f"members must be agent indices in [0, {bi.size})")
+    in_panel = np.zeros(bi.size, bool)
     in_panel[panel] = True
     if phi_panel is None:
         mask = jnp.asarray(in_panel).reshape((-1,) + (1,) * (xa.ndim - 1))
         phi_panel = attribute(F, jnp.where(mask, xa, b), b, steps=steps, rule=rule).phi
-    phi_panel = _per_agent(phi_panel, f.size)
+    phi_panel = _per_agent(phi_panel, bi.size)
 
-    spanned = int(np.unique(band_index(f)[panel]).size)
-    tvd = band_tvd(band_distribution(full, f), band_distribution(phi_panel, f)) if spanned >= 2 else float("nan")
+    spanned = int(np.unique(bi.index[panel]).size)
+    tvd = band_tvd(band_distribution(full, bi), band_distribution(phi_panel, bi)) if spanned >= 2 else float("nan")
     c, resid, rho = rescale_fit(full[panel], phi_panel[panel])
-    return PanelComparison(panel, band_shares(phi_panel, f), band_shares(full, f), tvd, rho, c, resid,
+    return PanelComparison(panel, band_shares(phi_panel, bi), band_shares(full, bi), tvd, rho, c, resid,
                            full, phi_panel, spanned)

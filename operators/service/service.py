@@ -94,7 +94,7 @@ from stream.schemas import (TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_FEATURE
                             AttributionSnapshot, Features, GraphEdge, Identity)
 
 from operators import indicators
-from operators.bands import (band_distribution, band_mass, band_shares, band_tvd, panel_agents,
+from operators.bands import (BandIndex, band_distribution, band_mass, band_shares, band_tvd, panel_agents,
                               panel_comparison, visibility_sample)
 from operators.service.alert_sink import AlertPublisher, load_rules
 from operators.service.alerts import AlertEngine
@@ -335,8 +335,9 @@ class OperatorService:
             raise NonFinite(f"non-finite {spec.columns} in the state")
         F, b, res, phi_full, compact, err_full, error = self._full(topic, spec, x, active)
         phi, followers = phi_full[:n], st.followers[:n]
-        bands = band_shares(phi, followers)
-        mass = band_mass(phi, followers)
+        ranked = self._panel_members()[3]  # the real rows' bands, ranked once per follower state
+        bands = band_shares(phi, ranked)
+        mass = band_mass(phi, ranked)
         panel = self._panel(spec, F, x, b, phi_full, active, compact, error, topic)
         top = [{"did": st.dids[r], "share": s, "followers": int(followers[r]), "phi": float(phi[r]),
                 "error": float(err_full[r])} for r, s in top_agents(phi)]
@@ -438,25 +439,26 @@ class OperatorService:
         """
         st = self.state
         n = st.n_rows
-        f_pad, panel, sample = self._panel_members()
+        f_pad, panel, sample, ranked, ranked_pad = self._panel_members()
         out = {}
         for name, members in (("panel", panel), ("sample", sample)):
             phi_panel = self._members_phi(spec, F, x, b, members, active, compact, error, f"{topic}/{name}")
-            pc = panel_comparison(F, x, f_pad, members=members, baseline=b, phi_full=phi_full,
+            pc = panel_comparison(F, x, ranked_pad, members=members, baseline=b, phi_full=phi_full,
                                     phi_panel=phi_panel)
             # band comparison over the real rows (padding is never a member and has phi = 0)
-            tvd = (band_tvd(band_distribution(phi_full[:n], f_pad[:n]),
-                              band_distribution(pc.phi_panel[:n], f_pad[:n])) if pc.informative else None)
-            out[name] = {"k": int(members.size), "bands": band_shares(pc.phi_panel[:n], f_pad[:n]),
+            tvd = (band_tvd(band_distribution(phi_full[:n], ranked),
+                              band_distribution(pc.phi_panel[:n], ranked)) if pc.informative else None)
+            out[name] = {"k": int(members.size), "bands": band_shares(pc.phi_panel[:n], ranked),
                          "tvd": None if tvd is None else _finite(tvd), "spearman": _finite(pc.spearman),
                          "rescale": _finite(pc.rescale), "rescale_residual": _finite(pc.rescale_residual),
                          "bands_spanned": pc.bands_spanned}
         return {**out["panel"], "sample": out["sample"]}
 
-    def _panel_members(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _panel_members(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, BandIndex, BandIndex]:
         """(followers padded with -1 to the capacity, the top-``panel_k`` panel, the visibility
-        sample): the same for every topic and indicator of a hop, so kept until the follower
-        counts, the rows or the capacity change (keyed by the counts' content)."""
+        sample, the real rows' bands, the padded rows' bands): the same for every topic and
+        indicator of a hop, so kept until the follower counts, the rows or the capacity change
+        (keyed by the counts' content)."""
         st = self.state
         n = st.n_rows
         k = max(1, min(self.panel_k, n))
@@ -465,7 +467,8 @@ class OperatorService:
             f_pad = np.full(st.capacity, -1, np.int64)
             f_pad[:n] = st.followers[:n]
             sample, _ = visibility_sample(f_pad, SAMPLE_FACTOR * k, seed=0, eligible=np.arange(st.capacity) < n)
-            self._panel_cache = (key, (f_pad, panel_agents(f_pad, k), sample))
+            ranked = BandIndex.of(st.followers[:n])  # bands among the real agents
+            self._panel_cache = (key, (f_pad, panel_agents(f_pad, k), sample, ranked, ranked.padded(st.capacity)))
         return self._panel_cache[1]
 
     def _members_phi(self, spec: IndicatorSpec, F, x, b, members: np.ndarray, active, compact,

@@ -152,3 +152,51 @@ def test_band_index_is_kept_by_content_not_by_array():
     again = bands.band_index(f)
     assert again[0] == 0 and again[999] != 0
     np.testing.assert_array_equal(again, bands._band_index(f.copy(), bands.DEFAULT_BANDS))
+
+
+def test_band_index_object_gives_the_same_results_as_counts(rng):
+    """A BandIndex ranked once stands in for the follower counts everywhere (the service ranks
+    once per hop): the same shares, masses, distributions and panel comparison; a BandIndex of
+    other bands is refused, and the top-k panel (which needs the counts) says so."""
+    n = 2000
+    f = np.floor(rng.pareto(1.2, n) * 10).astype(np.int64)
+    phi = rng.normal(size=n) * (rng.random(n) < 0.4)
+    ranked = bands.BandIndex.of(f)
+    np.testing.assert_array_equal(ranked.index, bands.band_index(f))
+    assert bands.band_shares(phi, ranked) == bands.band_shares(phi, f)
+    assert bands.band_mass(phi, ranked) == bands.band_mass(phi, f)
+    np.testing.assert_array_equal(bands.band_distribution(phi, ranked), bands.band_distribution(phi, f))
+    g = FollowGraph(*random_graph(rng, n, 6 * n), n)
+    F, x = indicators.cascade_reach(g), jnp.asarray(rng.random(n) * 3, jnp.float32)
+    members, _ = bands.visibility_sample(f, 60, seed=1)
+    a = bands.panel_comparison(F, x, f, members=members, steps=8)
+    b = bands.panel_comparison(F, x, ranked, members=members, steps=8)
+    assert (a.bands, a.full_bands, a.bands_spanned) == (b.bands, b.full_bands, b.bands_spanned)
+    assert a.rescale_residual == pytest.approx(b.rescale_residual)
+    other = (("top", 0.0, 0.5), ("rest", 0.5, 1.0))
+    with pytest.raises(ValueError, match="other bands"):
+        bands.band_shares(phi, ranked, bands=other)
+    with pytest.raises(ValueError, match="follower counts"):
+        bands.panel_comparison(F, x, ranked, k=10, steps=8)
+    with pytest.raises(ValueError, match="shape"):
+        bands.band_shares(phi[:10], ranked)
+
+
+@pytest.mark.parametrize("n,size,exponent", [(1000, 100, 1.0), (200, 150, 2.0), (50, 50, 1.0), (5000, 7, 0.5)])
+def test_visibility_sample_inclusion_probabilities_by_bisection(n, size, exponent, rng):
+    """pi_i = min(1, c w_i) with sum pi = size: the water-filling c equals the root found by
+    plain bisection on sum_i min(1, c w_i) (an independent computation), capped agents included."""
+    f = np.floor(rng.pareto(0.8, n) * 3)
+    eligible = rng.random(n) < 0.9
+    _, pi = bands.visibility_sample(f, size, exponent=exponent, eligible=eligible)
+    w = np.where(eligible, (1.0 + f) ** exponent, 0.0)
+    target = min(size, int(eligible.sum()))
+    lo, hi = 0.0, 1.0
+    while np.minimum(1.0, hi * w).sum() < target:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if np.minimum(1.0, mid * w).sum() < target else (lo, mid)
+    np.testing.assert_allclose(pi, np.minimum(1.0, hi * w), rtol=1e-9, atol=1e-12)
+    assert pi.sum() == pytest.approx(target)
+    assert np.all(pi[~eligible] == 0)
