@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -196,7 +197,14 @@ class Backfill:
         """The PLC directory's export read to its end into the mirror (None: the directory has
         none, each DID is resolved with its own request); raises BackfillError."""
         plc = self.opts.plc
-        mirror = ExportMirror(mirror_path(self.state_dir, plc))
+        path = mirror_path(self.state_dir, plc)
+        try:
+            return await self._sync_mirror(ExportMirror(path), plc, fetcher)
+        except sqlite3.Error as exc:  # a damaged file, a full disk, another run holding it
+            raise BackfillError(f"cannot use the PLC export mirror {path}: {exc} (remove it, or pass "
+                                "--no-plc-export)") from None
+
+    async def _sync_mirror(self, mirror: ExportMirror, plc: str, fetcher: Fetcher) -> ExportMirror | None:
         progress = task = None
         if self.opts.progress:
             from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -211,9 +219,12 @@ class Backfill:
                 progress.update(task, ops=st.applied + sum(st.by_reason.values()), mib=st.bytes / 2**20)
 
         try:
-            self.export = await sync_export(fetcher, plc, mirror, on_page=on_page, stopped=lambda: self._stopping)
-        except ExportError as exc:
+            self.export = await sync_export(fetcher, plc, mirror, on_page=on_page,
+                                            stopped=lambda: self._stopping)
+        except (ExportError, sqlite3.Error) as exc:
             mirror.close()
+            if not isinstance(exc, ExportError):
+                raise
             if exc.reason == "not_supported":
                 log.warning("%s; resolving each DID with its own request", exc)
                 return None

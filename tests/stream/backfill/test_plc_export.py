@@ -315,14 +315,20 @@ def test_relay_backfill_resolves_through_the_export(fresh_broker, tmp_path):
 
 def test_relay_backfill_without_a_usable_export(fresh_broker, tmp_path):
     """A directory without an export: every DID resolved with its own request, all done; an
-    oversized export page: a one-line BackfillError before any repository."""
+    oversized export page or a damaged mirror file: a one-line BackfillError before any
+    repository."""
     pop = Population(50, seed=22, events_per_account=1)
     deact = set(pop.retractions()["deactivated"])
 
-    async def main(fault: str):
+    async def main(fault: str | None, damaged: bool = False):
         relay = Relay(FrameSource.from_population(pop, 1, START), repos=SyntheticRepos(pop, 1, START),
                       sync={"export_fault": fault})
         async with relay:
+            if damaged:
+                path = mirror_path(tmp_path / "damaged", relay.sync.plc_url)
+                path.parent.mkdir()
+                path.write_bytes(b"not a database" * 100)
+                fault = "damaged"
             opts = Options(relay=relay.sync.url, plc=relay.sync.plc_url, allow_nets=LOOPBACK, progress=False,
                            limits=LIMITS)
             bf = Backfill(fresh_broker.bootstrap, tmp_path / fault, opts, idempotence=False)
@@ -338,3 +344,6 @@ def test_relay_backfill_without_a_usable_export(fresh_broker, tmp_path):
     bf, server, exc = asyncio.run(main("oversize"))
     assert exc is not None and "\n" not in str(exc) and "export" in str(exc) and "--no-plc-export" in str(exc)
     assert server.requests["getRepo"] == 0 and not bf.state.counts
+    bf, server, exc = asyncio.run(main(None, damaged=True))
+    assert exc is not None and "\n" not in str(exc) and "mirror" in str(exc) and "--no-plc-export" in str(exc)
+    assert server.requests["getRepo"] == 0 and server.requests["plc_export"] == 0
