@@ -41,6 +41,22 @@ convenience-like sample instead: Poisson sampling with inclusion probability ris
 followers, pi_i = min(1, c (1 + followers_i)^exponent), c such that sum pi = size. Its TVD mixes
 that selection bias (present for a linear F too) with the scaling bias; the residual does not.
 
+Scaling bias of a sample, mass-weighted (``scaling_bias``, what the ``panel_disagreement``
+alert uses). On the members m of a sample S, with full-scale phi f_m, the sample's own
+attribution p_m (F on S alone) and inclusion probabilities pi_m, the per-agent rescale factor is
+r_m = f_m / p_m (for p_m != 0). With weights w_m = |p_m| / pi_m (attribution mass, Horvitz-Thompson
+weighted so the sums estimate population sums over everyone the sample stands for):
+
+    c* = sum w r / sum w = sum (f sgn p / pi) / sum (|p| / pi)
+    residual^2 = sum w (r - c*)^2 / sum w r^2 = sum (f - c* p)^2 / (pi |p|) / sum f^2 / (pi |p|)
+
+c* is the best single rescale (the weighted mean factor; 1 - c* the share a small study
+overstates by) and the residual the weighted spread of the factors around it, in [0, 1]: 0 iff one
+rescale reconciles every member. For an additive F, p = f on S exactly, so c* = 1 and the
+residual is 0; it is positive only when the members interact with agents outside S *unequally*
+(a community whose members share followers, against members whose followers are unrelated).
+Unlike the plain L2 residual it is not dominated by the few most-followed members.
+
 Non-finite phi raises :class:`operators.attribution.NonFiniteError` naming the agents.
 
 Every function taking ``followers`` (counts, (N,)) also takes a :class:`BandIndex` computed once
@@ -73,6 +89,7 @@ __all__ = [
     "panel_comparison",
     "visibility_sample",
     "rescale_fit",
+    "scaling_bias",
 ]
 
 # (name, lo, hi): fractions of the population from the top
@@ -328,6 +345,36 @@ def rescale_fit(full: np.ndarray, panel: np.ndarray) -> tuple[float, float, floa
     f_norm = float(np.linalg.norm(full))
     resid = float(np.linalg.norm(full - c * panel)) / f_norm if f_norm > 0 else 0.0
     return c, resid, rho
+
+
+def scaling_bias(full, own, inclusion=None) -> tuple[float, float]:
+    """(c*, residual) of the mass-weighted, Horvitz-Thompson weighted best single rescale of a
+    sample's own attribution ``own`` to the full-scale ``full`` on its members (module
+    docstring, "Scaling bias of a sample").
+
+    full, own: per-member attributions (m,) (or (m, d), summed over features); inclusion: the
+    members' inclusion probabilities (m,) in (0, 1] (None: all 1, unweighted). Members with
+    own = 0 carry no rescale factor and are left out. Returns (0.0, 0.0) when fewer than two
+    members are left (no spread to measure). Raises ValueError for mismatched shapes or an
+    inclusion probability outside (0, 1], NonFiniteError for a non-finite attribution.
+    """
+    f, p = _per_agent(full), _per_agent(own)
+    if f.shape != p.shape:
+        raise ValueError(f"full has {f.size} members but own has {p.size}")
+    pi = np.ones_like(f) if inclusion is None else np.asarray(inclusion, dtype=np.float64).reshape(-1)
+    if pi.shape != f.shape:
+        raise ValueError(f"inclusion has {pi.size} entries, expected {f.size}")
+    if not (np.all(pi > 0) and np.all(pi <= 1)):
+        raise ValueError("inclusion probabilities must lie in (0, 1]")
+    keep = p != 0
+    if keep.sum() < 2:
+        return 0.0, 0.0
+    f, p, pi = f[keep], p[keep], pi[keep]
+    a = np.abs(p)
+    c = float(np.sum(f * np.sign(p) / pi) / np.sum(a / pi))
+    den = float(np.sum(f * f / (pi * a)))
+    resid = float(np.sqrt(np.sum((f - c * p) ** 2 / (pi * a)) / den)) if den > 0 else 0.0
+    return c, resid
 
 
 def panel_comparison(

@@ -130,6 +130,13 @@ SAMPLE_TVD = Gauge(
     "Band total-variation distance full vs the visibility-biased sample's attribution.",
     _TI,
 )
+SAMPLE_SCALING_RESIDUAL = Gauge(
+    "chorus_attribution_sample_scaling_residual",
+    "Attribution scaling bias on the visibility sample of active agents: residual of the best single "
+    "rescale of its own attribution to the full one, mass- and Horvitz-Thompson-weighted "
+    "(operators.bands.scaling_bias; 0 without interactions between agents).",
+    _TI,
+)
 RECOMPUTE_SECONDS = Histogram(
     "chorus_operator_recompute_seconds",
     "Wall time of one attribution recompute (one topic, one indicator).",

@@ -7,12 +7,17 @@ Rules, each evaluated per ``(topic, indicator)`` on every :class:`stream.schemas
   reference (nothing is "new" without a previous hop).
 - ``band_shift``: some band's share moved by ``|s_t - s_{t-1}| >= min_shift`` between consecutive
   hops (shares are fractions of total attribution, so the shift is in share units, 0..1 per band).
-- ``panel_disagreement``: the attribution scaling bias on the visibility panel: the relative
-  residual of the best single rescale of the panel's attribution to the full-scale one on the
-  panel members, ``panel.rescale_residual >= min_rescale_residual``. Zero (silent) for any F
-  without interactions between agents (volume, any sum of per-agent terms); positive when agents
-  interact (shared followers, a common mean). The band TVD is not used: a top-k panel at large N
-  lies in one band, where the TVD says nothing about F.
+- ``panel_disagreement``: the attribution scaling bias on the visibility sample of the topic's
+  active agents: ``panel.sample.scaling_residual >= min_rescale_residual``, the mass- and
+  Horvitz-Thompson-weighted residual of the best single rescale of the sample's own attribution
+  (F on the sample alone) to the full-scale one on the same agents
+  (:func:`operators.bands.scaling_bias`). Exactly 0 (silent) for any F without interactions
+  between agents (volume, sum(log1p(x)), any sum of per-agent terms); positive when sampled
+  agents interact with agents outside the sample unequally (a community sharing followers).
+  ``by_indicator`` overrides the threshold per indicator; ``null`` turns the rule off for it
+  (polarization by default: every agent interacts with every other through the common mean, so
+  its residual is large in every topic and says nothing about an episode; measurement in
+  ``operators/data/alerts.yaml``).
 - ``completeness_residual``: relative completeness residual (:func:`relative_residual`)
   ``|sum(phi) - (F(x) - F(b))| / |F(x) - F(b)|`` (the denominator floored at 1e-6 |F|, see
   :func:`operators.attribution.relative_residual`) above ``tolerance``. It certifies the sum
@@ -62,9 +67,15 @@ class Rule:
     severity: Severity = "warning"
     cooldown_s: float = 600.0
     enabled: bool = True
+    by_indicator: tuple[tuple[str, float | None], ...] = ()  # per-indicator threshold; None: off
+
+    def threshold_for(self, indicator: str) -> float | None:
+        """The threshold for ``indicator`` (``by_indicator``, else ``threshold``); None: rule off."""
+        return dict(self.by_indicator).get(indicator, self.threshold)
 
 
-PANEL_RESIDUAL_DEFAULT = 0.20  # see operators/data/alerts.yaml for the measurement behind it
+PANEL_RESIDUAL_DEFAULT = 0.008  # see operators/data/alerts.yaml for the measurement behind it
+PANEL_BY_INDICATOR_DEFAULT = (("polarization", None),)
 
 # Threshold key each rule takes in the config file (a readable alias of ``threshold``).
 THRESHOLD_KEYS = {
@@ -75,10 +86,13 @@ THRESHOLD_KEYS = {
     "attribution_error": "tolerance",
 }
 
+PER_INDICATOR = ("panel_disagreement",)  # rules that take a by_indicator section
+
 DEFAULT_RULES: dict[str, Rule] = {
     "new_top_culprit": Rule("new_top_culprit", 0.05, "warning"),
     "band_shift": Rule("band_shift", 0.10, "warning"),
-    "panel_disagreement": Rule("panel_disagreement", PANEL_RESIDUAL_DEFAULT, "info"),
+    "panel_disagreement": Rule("panel_disagreement", PANEL_RESIDUAL_DEFAULT, "info",
+                               by_indicator=PANEL_BY_INDICATOR_DEFAULT),
     "completeness_residual": Rule("completeness_residual", 1e-3, "critical"),
     "attribution_error": Rule("attribution_error", 1e-3, "warning"),
 }
@@ -109,7 +123,7 @@ def rules_from_dict(cfg: dict[str, Any] | None) -> dict[str, Rule]:
         if not isinstance(spec, dict):
             raise AlertConfigError(f"alert rule {name!r} must be a mapping")
         tkey = THRESHOLD_KEYS[name]
-        bad = set(spec) - {"enabled", "severity", "cooldown_s", tkey}
+        bad = set(spec) - {"enabled", "severity", "cooldown_s", tkey} - ({"by_indicator"} if name in PER_INDICATOR else set())
         if bad:
             raise AlertConfigError(f"alert rule {name!r}: unknown key(s) {', '.join(sorted(bad))} "
                                    f"(threshold key is {tkey!r})")
@@ -122,12 +136,21 @@ def rules_from_dict(cfg: dict[str, Any] | None) -> dict[str, Rule]:
             severity=severity,
             cooldown_s=_number(spec.get("cooldown_s", default_cooldown), f"{name}.cooldown_s", minimum=0.0),
             enabled=bool(spec.get("enabled", True)),
+            by_indicator=_by_indicator(spec["by_indicator"], name) if "by_indicator" in spec else base.by_indicator,
         )
     unknown_rules = set(section) - set(DEFAULT_RULES)
     if unknown_rules:
         raise AlertConfigError(f"unknown alert rule(s): {', '.join(sorted(unknown_rules))} "
                                f"(known: {', '.join(RULE_NAMES)})")
     return out
+
+
+def _by_indicator(v: Any, rule: str) -> tuple[tuple[str, float | None], ...]:
+    """``{indicator: threshold or null}`` -> sorted pairs (null: the rule is off for it)."""
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise AlertConfigError(f"alert rule {rule!r}: by_indicator must map indicator names to a threshold or null")
+    return tuple(sorted((k, None if t is None else _number(t, f"{rule}.by_indicator.{k}", minimum=0.0))
+                        for k, t in v.items()))
 
 
 def _number(v: Any, what: str, minimum: float) -> float:
@@ -189,7 +212,7 @@ class AlertEngine:
         if st.last_fired_at is not None and snap.window_end < st.last_fired_at + rule.cooldown_s:
             return None
         st.last_fired_at, st.alerted = snap.window_end, True
-        evidence = {**evidence, "threshold": rule.threshold}
+        evidence = {**evidence, "threshold": rule.threshold_for(snap.indicator)}
         return Alert(
             id=alert_id(rule.name, snap.topic, snap.indicator, snap.window_end, fingerprint),
             rule=rule.name, topic=snap.topic, indicator=snap.indicator, window_end=snap.window_end,
@@ -238,16 +261,22 @@ def _band_shift(rule: Rule, snap: AttributionSnapshot, prev: AttributionSnapshot
 
 
 def _panel_disagreement(rule: Rule, snap: AttributionSnapshot, prev: AttributionSnapshot | None):
-    resid = snap.panel.get("rescale_residual")
-    if resid is None or not math.isfinite(float(resid)) or float(resid) < rule.threshold:
+    threshold = rule.threshold_for(snap.indicator)
+    sample = snap.panel.get("sample") or {}
+    resid = sample.get("scaling_residual")
+    if threshold is None or resid is None or not math.isfinite(float(resid)) or float(resid) < threshold:
         return None
-    evidence = {"rescale_residual": float(resid), "full_bands": dict(snap.bands),
-                "panel_bands": dict(snap.panel.get("bands", {}))}
-    for k in ("rescale", "spearman", "tvd", "k", "bands_spanned"):
-        if k in snap.panel:
-            evidence[k] = snap.panel[k]
-    return "level", (f"no single rescale reconciles the visibility panel with full scale "
-                     f"(residual {float(resid):.3f}, rescale {float(snap.panel.get('rescale') or 0):.3g})"), evidence
+    evidence = {"scaling_residual": float(resid), "scaling": sample.get("scaling"), "k": sample.get("k"),
+                "full_bands": dict(snap.bands),
+                "sample_bands": dict(sample.get("bands", {}))}
+    for k in ("rescale", "rescale_residual", "spearman", "tvd", "bands_spanned"):
+        if k in sample:
+            evidence[f"sample_{k}"] = sample[k]
+    if "rescale_residual" in snap.panel:
+        evidence["panel_rescale_residual"] = snap.panel["rescale_residual"]
+    return "level", (f"no single rescale reconciles a visibility sample's own attribution with full scale "
+                     f"(scaling residual {float(resid):.3g}, rescale {float(sample.get('scaling') or 0):.3g}): "
+                     f"sampled agents interact with the rest unequally"), evidence
 
 
 def relative_residual(snap: AttributionSnapshot) -> float:

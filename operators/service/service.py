@@ -38,10 +38,15 @@ bounded with mixed signs), with ``band_mass`` (positive and negative mass per ba
 
 Panel (``panel`` field): the top-``panel_k`` visibility panel's attribution against the full one on
 the panel members: best single rescale, its relative residual (zero unless agents interact: the
-attribution scaling bias; the ``panel_disagreement`` alert), Spearman's rho; the band TVD only when
-the panel spans two or more bands (else null). ``panel.sample``: the same for a visibility-biased
-sample (``bands.visibility_sample``, ``panel_k`` agents expected, inclusion probability
-proportional to 1 + followers, seed 0), which spans bands, so its TVD is informative.
+attribution scaling bias), Spearman's rho; the band TVD only when the panel spans two or more
+bands (else null). ``panel.sample``: the same for a visibility-biased sample of the topic's
+*active* agents (``bands.visibility_sample`` over the agents with non-zero input, inclusion
+probability proportional to 1 + followers, seed 0; expected size min(``panel_k``,
+SAMPLE_FRACTION of the active agents), so it is a small study at every scale), which spans
+bands, so its TVD is informative. Both carry ``scaling`` and ``scaling_residual``
+(``bands.scaling_bias``: the mass-weighted best single rescale and its residual, Horvitz-Thompson
+weighted by 1 / inclusion probability for the sample, unweighted for the top-k panel); the
+sample's ``scaling_residual`` is what the ``panel_disagreement`` alert tests.
 
 Bands are follower percentiles over every agent in state (each DID seen in features or
 graph), so they are the same across topics and indicators. ``n_agents`` counts the agents the
@@ -95,7 +100,7 @@ from stream.schemas import (TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_FEATURE
 
 from operators import indicators
 from operators.bands import (BandIndex, band_distribution, band_mass, band_shares, band_tvd, panel_agents,
-                              panel_comparison, visibility_sample)
+                              panel_comparison, scaling_bias, visibility_sample)
 from operators.service.alert_sink import AlertPublisher, load_rules
 from operators.service.alerts import AlertEngine
 from operators.attribution import NonFiniteError, attribute
@@ -108,7 +113,8 @@ TOP_K = 10
 KRONROD_STEPS = (3, 5, 9, 17, 33, 65)  # the ladder's node counts (2n + 1)
 START_STEPS = 17  # the first hop's rung
 STEP_DOWN_MARGIN = 100.0  # an estimate this far below tolerance tries one rung lower next hop
-SAMPLE_FACTOR = 1  # visibility sample size = SAMPLE_FACTOR * panel_k (expected): the panel's budget
+SAMPLE_FACTOR = 1  # visibility sample size <= SAMPLE_FACTOR * panel_k (expected): the panel's budget
+SAMPLE_FRACTION = 0.25  # ... and <= this share of the topic's active agents (a small study at test sizes too)
 
 
 # --- indicator specs: inputs from the (C, 4) feature matrix, and the indicator itself -----------
@@ -217,7 +223,7 @@ class OperatorService:
         # per-agent error target, relative to max |phi|: the attribution_error alert's tolerance
         self.tolerance = float(tolerance if tolerance is not None else self.engine.rules["attribution_error"].threshold)
         self._rung: dict[tuple[str, str], int] = {}  # (topic, indicator) -> ladder index to start at
-        self._panel_cache: tuple | None = None  # (key, (followers padded, panel, sample)), see _panel_members
+        self._panel_cache: tuple | None = None  # (key, (followers padded, panel, bands, padded bands)), see _panel_members
         self.last_quadrature: dict[tuple[str, str], tuple[str, int]] = {}  # (topic, indicator) -> (rule, steps)
         self.hop_s = self.settings.window[1]
         self.last_end: int | None = None          # window_end of the last recompute
@@ -335,7 +341,7 @@ class OperatorService:
             raise NonFinite(f"non-finite {spec.columns} in the state")
         F, b, res, phi_full, compact, err_full, error = self._full(topic, spec, x, active)
         phi, followers = phi_full[:n], st.followers[:n]
-        ranked = self._panel_members()[3]  # the real rows' bands, ranked once per follower state
+        ranked = self._panel_members()[2]  # the real rows' bands, ranked once per follower state
         bands = band_shares(phi, ranked)
         mass = band_mass(phi, ranked)
         panel = self._panel(spec, F, x, b, phi_full, active, compact, error, topic)
@@ -431,7 +437,8 @@ class OperatorService:
     def _panel(self, spec: IndicatorSpec, F, x, b, phi_full: np.ndarray, active=None, compact=None,
                error=None, topic: str = "") -> dict:
         """Visibility-panel comparison (k, bands, tvd, spearman, rescale, rescale_residual,
-        bands_spanned) and the same for the visibility sample (``sample``).
+        scaling, scaling_residual, bands_spanned) and the same for the visibility sample of the
+        topic's active agents (``sample``).
 
         Runs on the padded arrays (no retrace); padding rows get followers -1 so they never enter
         the panel or the sample, and band shares are taken over the real rows only. Members'
@@ -439,26 +446,28 @@ class OperatorService:
         """
         st = self.state
         n = st.n_rows
-        f_pad, panel, sample, ranked, ranked_pad = self._panel_members()
+        f_pad, panel, ranked, ranked_pad = self._panel_members()
+        sample, inclusion = self._sample(active)
         out = {}
-        for name, members in (("panel", panel), ("sample", sample)):
+        for name, members, pi in (("panel", panel, None), ("sample", sample, inclusion)):
             phi_panel = self._members_phi(spec, F, x, b, members, active, compact, error, f"{topic}/{name}")
             pc = panel_comparison(F, x, ranked_pad, members=members, baseline=b, phi_full=phi_full,
-                                    phi_panel=phi_panel)
+                                  phi_panel=phi_panel)
+            c, resid = scaling_bias(phi_full[members], pc.phi_panel[members], pi)
             # band comparison over the real rows (padding is never a member and has phi = 0)
             tvd = (band_tvd(band_distribution(phi_full[:n], ranked),
-                              band_distribution(pc.phi_panel[:n], ranked)) if pc.informative else None)
+                            band_distribution(pc.phi_panel[:n], ranked)) if pc.informative else None)
             out[name] = {"k": int(members.size), "bands": band_shares(pc.phi_panel[:n], ranked),
                          "tvd": None if tvd is None else _finite(tvd), "spearman": _finite(pc.spearman),
                          "rescale": _finite(pc.rescale), "rescale_residual": _finite(pc.rescale_residual),
+                         "scaling": _finite(c), "scaling_residual": _finite(resid),
                          "bands_spanned": pc.bands_spanned}
         return {**out["panel"], "sample": out["sample"]}
 
-    def _panel_members(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, BandIndex, BandIndex]:
-        """(followers padded with -1 to the capacity, the top-``panel_k`` panel, the visibility
-        sample, the real rows' bands, the padded rows' bands): the same for every topic and
-        indicator of a hop, so kept until the follower counts, the rows or the capacity change
-        (keyed by the counts' content)."""
+    def _panel_members(self) -> tuple[np.ndarray, np.ndarray, BandIndex, BandIndex]:
+        """(followers padded with -1 to the capacity, the top-``panel_k`` panel, the real rows'
+        bands, the padded rows' bands): the same for every topic and indicator of a hop, so kept
+        until the follower counts, the rows or the capacity change (keyed by the counts' content)."""
         st = self.state
         n = st.n_rows
         k = max(1, min(self.panel_k, n))
@@ -466,10 +475,21 @@ class OperatorService:
         if self._panel_cache is None or self._panel_cache[0] != key:
             f_pad = np.full(st.capacity, -1, np.int64)
             f_pad[:n] = st.followers[:n]
-            sample, _ = visibility_sample(f_pad, SAMPLE_FACTOR * k, seed=0, eligible=np.arange(st.capacity) < n)
             ranked = BandIndex.of(st.followers[:n])  # bands among the real agents
-            self._panel_cache = (key, (f_pad, panel_agents(f_pad, k), sample, ranked, ranked.padded(st.capacity)))
+            self._panel_cache = (key, (f_pad, panel_agents(f_pad, k), ranked, ranked.padded(st.capacity)))
         return self._panel_cache[1]
+
+    def _sample(self, active) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted member rows, their inclusion probabilities): the visibility-biased sample of the
+        real agents with non-zero input (``active``, (C,) bool), expected size min(``SAMPLE_FACTOR``
+        x ``panel_k``, ceil(``SAMPLE_FRACTION`` x #active)), seed 0. O(#active) per call."""
+        n = self.state.n_rows
+        rows = np.arange(n) if active is None else np.flatnonzero(np.asarray(active)[:n])
+        if rows.size == 0:
+            return rows, np.ones(0)
+        size = max(1, min(SAMPLE_FACTOR * max(1, self.panel_k), int(np.ceil(SAMPLE_FRACTION * rows.size))))
+        idx, pi = visibility_sample(self.state.followers[rows], size, seed=0)
+        return rows[idx], pi[idx]
 
     def _members_phi(self, spec: IndicatorSpec, F, x, b, members: np.ndarray, active, compact,
                      error, slot: str = "") -> np.ndarray:
@@ -510,8 +530,9 @@ class OperatorService:
                             (metrics.PANEL_RESCALE_RESIDUAL, "rescale_residual")):
             if s.panel.get(name) is not None:  # None: undefined (e.g. too few panel agents)
                 values.append(((gauge, key), s.panel[name]))
-        if (s.panel.get("sample") or {}).get("tvd") is not None:
-            values.append(((metrics.SAMPLE_TVD, key), s.panel["sample"]["tvd"]))
+        for gauge, name in ((metrics.SAMPLE_TVD, "tvd"), (metrics.SAMPLE_SCALING_RESIDUAL, "scaling_residual")):
+            if (s.panel.get("sample") or {}).get(name) is not None:
+                values.append(((gauge, key), s.panel["sample"][name]))
         if s.error:
             values += [((metrics.ERROR_ESTIMATE, key), s.error["relative"]), ((metrics.QUADRATURE_NODES, key), s.error["steps"])]
         for rank, e in enumerate(s.top, 1):

@@ -254,3 +254,62 @@ def test_visibility_sample_spans_bands_and_favours_the_visible(rng):
     assert res.informative and 0 < res.tvd < 1 and res.rescale_residual < 1e-6
     again, _ = bands.visibility_sample(f, 500, seed=3)
     np.testing.assert_array_equal(members, again)
+
+
+def _sample_scaling(F, x, followers, size, seed):
+    """scaling_bias of a visibility sample: the sample's own attribution (F on it alone) vs full."""
+    members, pi = bands.visibility_sample(followers, size, seed=seed)
+    res = bands.panel_comparison(F, x, followers, members=members, steps=65, rule="gauss-kronrod")
+    return bands.scaling_bias(res.phi_full[members], res.phi_panel[members], pi[members]), members
+
+
+@pytest.mark.parametrize("name", ["volume", "sum_log1p"])
+def test_sample_scaling_residual_is_zero_without_interactions(rng, graph, name):
+    """Additive F (linear or not): each agent's phi depends on its own x only, so the sample's own
+    attribution equals the full one on its members: c* = 1, residual 0 (float tolerance)."""
+    g, src, dst, followers = graph
+    x = rng.uniform(0.5, 3, g.n)
+    F = indicators.volume(0) if name == "volume" else (lambda z: jnp.sum(jnp.log1p(z)))
+    (c, resid), members = _sample_scaling(F, x, followers, 40, seed=1)
+    assert members.size > 20 and np.unique(bands.band_index(followers)[members]).size >= 3
+    assert resid < 1e-6 and c == pytest.approx(1.0, rel=1e-6)
+    # cascade reach on the same graph and sample: shared followers cross the sample boundary
+    (c, resid), _ = _sample_scaling(indicators.cascade_reach(g, p=0.5), x, followers, 40, seed=1)
+    assert resid > 1e3 * 1e-6 and c < 1  # the sample alone overstates its members' reach
+
+
+def test_sample_scaling_residual_closed_form():
+    """Agents A, B in the sample, C outside; A and C share a follower j, B's follower k follows B
+    only. Cascade reach, zero baseline, straight path, q(y) = p (1 - e^-y):
+    phi_A(full) = (1 - p) q(x_A) + p^2 x_A (1 - e^-(x_A + x_C)) / (x_A + x_C), phi_A(own) = q(x_A),
+    phi_B = q(x_B) in both. Weights |own| / pi, pi = (0.5, 1)."""
+    p, (xa, xb, xc) = 0.5, (2.0, 1.0, 3.0)
+    g = FollowGraph(np.array([0, 2, 1]), np.array([3, 3, 4]), 5)  # A -> j, C -> j, B -> k
+    x = np.array([xa, xb, xc, 0.0, 0.0])
+    q = lambda y: p * (1 - np.exp(-y))  # noqa: E731
+    fa = (1 - p) * q(xa) + p * p * xa * (1 - np.exp(-(xa + xc))) / (xa + xc)
+    f, o, pi = np.array([fa, q(xb)]), np.array([q(xa), q(xb)]), np.array([0.5, 1.0])
+    c_true = np.sum(f / pi) / np.sum(o / pi)
+    r_true = np.sqrt(np.sum((f - c_true * o) ** 2 / (pi * o)) / np.sum(f * f / (pi * o)))
+    res = bands.panel_comparison(indicators.cascade_reach(g, p=p), x, np.array([1, 1, 1, 0, 0]),
+                                 members=[0, 1], steps=65, rule="gauss-kronrod")
+    np.testing.assert_allclose(res.phi_full[:2], f, rtol=1e-5)
+    np.testing.assert_allclose(res.phi_panel[:2], o, rtol=1e-5)
+    c, resid = bands.scaling_bias(res.phi_full[:2], res.phi_panel[:2], pi)
+    assert c == pytest.approx(c_true, rel=1e-5) and resid == pytest.approx(r_true, rel=1e-4)
+    assert r_true > 0.05  # (0.077: the factors are f/o = 0.84 for A, 1 for B)
+    # without C's activity nothing crosses the boundary: one rescale (1) reconciles
+    res = bands.panel_comparison(indicators.cascade_reach(g, p=p), x * [1, 1, 0, 0, 0], np.array([1, 1, 1, 0, 0]),
+                                 members=[0, 1], steps=65, rule="gauss-kronrod")
+    assert bands.scaling_bias(res.phi_full[:2], res.phi_panel[:2], pi) == pytest.approx((1.0, 0.0), abs=1e-6)
+
+
+def test_scaling_bias_input_checks():
+    assert bands.scaling_bias([1.0], [1.0]) == (0.0, 0.0)  # one member: no spread
+    assert bands.scaling_bias([1.0, 2.5, 5.0], [0.0, 2.0, 4.0]) == pytest.approx((1.25, 0.0))  # own = 0 left out
+    with pytest.raises(ValueError, match="members"):
+        bands.scaling_bias([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        bands.scaling_bias([1.0, 2.0], [1.0, 2.0], [0.0, 1.0])
+    with pytest.raises(NonFiniteError):
+        bands.scaling_bias([1.0, np.nan], [1.0, 2.0])

@@ -20,7 +20,8 @@ def snap(end, top=(), bands=(0.2, 0.2, 0.2, 0.2, 0.2), panel_bands=None, tvd=Non
     return AttributionSnapshot(topic=topic, indicator=indicator, window_end=end, value=value, baseline_value=base,
                        completeness_residual=delta, n_agents=100, bands=bands,
                        panel={"bands": pb, "tvd": tvd, "spearman": 0.5, "rescale": 1.0,
-                              "rescale_residual": residual},
+                              "rescale_residual": 0.5,  # the top-k panel's: not what the rule tests
+                              "sample": {"k": 20, "bands": pb, "scaling": 0.9, "scaling_residual": residual}},
                        top=[{"did": d, "share": s, "followers": 1} for d, s in top], error=error or {})
 
 
@@ -69,12 +70,12 @@ def test_band_shift_between_hops():
 
 def test_panel_disagreement_dedups_while_ongoing_and_respects_cooldown():
     eng = only("panel_disagreement", cooldown=100.0, min_rescale_residual=0.1)
-    far = dict(residual=0.4)  # no single rescale reconciles the panel
+    far = dict(residual=0.4, indicator="cascade_reach")  # no single rescale reconciles the panel
     fired = [len(eng.evaluate(snap(t, **far))) for t in (0, 60, 120, 180, 240)]
     assert fired == [1, 0, 0, 0, 0]                      # ongoing condition: one alert
-    assert eng.evaluate(snap(300)) == []                 # cleared
+    assert eng.evaluate(snap(300, indicator="cascade_reach")) == []  # cleared
     assert len(eng.evaluate(snap(360, **far))) == 1      # back, and the cooldown (100 s) passed
-    assert eng.evaluate(snap(420)) == []                 # cleared
+    assert eng.evaluate(snap(420, indicator="cascade_reach")) == []  # cleared
     assert eng.evaluate(snap(440, **far)) == []          # new episode within the cooldown: silent
     assert len(eng.evaluate(snap(480, **far))) == 1      # same episode, cooldown over: alerts once
     assert eng.evaluate(snap(600, **far)) == []
@@ -92,7 +93,7 @@ def test_cooldown_per_key_and_independent_keys():
 
 def test_replayed_or_stale_snapshots_are_ignored():
     eng = only("panel_disagreement", cooldown=0.0, min_rescale_residual=0.1)
-    far = dict(residual=0.4)
+    far = dict(residual=0.4, indicator="cascade_reach")
     first = eng.evaluate(snap(60, **far))
     assert len(first) == 1
     assert eng.evaluate(snap(60, **far)) == [] and eng.evaluate(snap(0, **far)) == []
@@ -100,12 +101,29 @@ def test_replayed_or_stale_snapshots_are_ignored():
     assert only("panel_disagreement", cooldown=0.0, min_rescale_residual=0.1).evaluate(snap(60, **far))[0].id == first[0].id
 
 
-def test_panel_disagreement_ignores_band_tvd():
-    """A top-k panel in one band has TVD ~ 1 for any F (volume too): no alert without a residual."""
+def test_panel_disagreement_tests_the_samples_scaling_residual_per_indicator():
+    """The rule reads panel.sample.scaling_residual (not the top-k panel's residual, not the band
+    TVD: a top-k panel in one band has TVD ~ 1 for any F); polarization is off by default and
+    ``by_indicator`` sets a threshold per indicator (null: off)."""
     eng = only("panel_disagreement", cooldown=0.0, min_rescale_residual=0.1)
-    assert eng.evaluate(snap(0, panel_bands=(1.0, 0, 0, 0, 0), residual=0.0)) == []
-    out = eng.evaluate(snap(60, residual=0.25))
-    assert len(out) == 1 and out[0].evidence["rescale_residual"] == 0.25 and out[0].evidence["threshold"] == 0.1
+    cas = dict(indicator="cascade_reach")
+    assert eng.evaluate(snap(0, panel_bands=(1.0, 0, 0, 0, 0), residual=0.0, **cas)) == []
+    out = eng.evaluate(snap(60, residual=0.25, **cas))
+    assert len(out) == 1 and out[0].evidence["scaling_residual"] == 0.25 and out[0].evidence["threshold"] == 0.1
+    assert out[0].evidence["panel_rescale_residual"] == 0.5 and out[0].evidence["scaling"] == 0.9
+    assert eng.evaluate(snap(60, residual=0.9, indicator="polarization")) == []  # default: off
+    rules = rules_from_dict({"rules": {"panel_disagreement": {
+        "min_rescale_residual": 0.1, "by_indicator": {"polarization": 0.5, "cascade_reach": None}}}})
+    assert rules["panel_disagreement"].threshold_for("volume") == 0.1
+    eng = AlertEngine(rules)
+    assert eng.evaluate(snap(0, residual=0.9, **cas)) == []
+    assert eng.evaluate(snap(0, residual=0.4, indicator="polarization")) == []
+    (a,) = eng.evaluate(snap(60, residual=0.6, indicator="polarization"))
+    assert a.evidence["threshold"] == 0.5
+    with pytest.raises(AlertConfigError, match="by_indicator"):
+        rules_from_dict({"rules": {"panel_disagreement": {"by_indicator": {"polarization": "high"}}}})
+    with pytest.raises(AlertConfigError, match="by_indicator"):
+        rules_from_dict({"rules": {"band_shift": {"by_indicator": {}}}})
 
 
 def test_attribution_error_tolerance():
