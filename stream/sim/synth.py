@@ -9,8 +9,11 @@ quantiles (so the fractions hold exactly up to rounding): 30% have 0, 22% have 1
 exceed 1,000 (0.38% of all accounts), capped at ``min(n // 2, max(2000, n // 4))`` (so the >1,000 tail needs n > 2,000).
 
 Follow graph: account j gets exactly ``followers[j]`` distinct followers (never itself); followers
-are uniform over accounts, except that ``EPISODE["community"]`` of an episode participant's followers
-are other participants. These are ``app.bsky.graph.follow`` records authored by the follower,
+are uniform over accounts, except that ``EPISODE["community"]`` (0.9) of an episode participant's
+followers are other participants: the participants mostly follow each other, so the episode is a
+cascade among themselves and their attributions interact (what the ``panel_disagreement`` alert
+detects; with 0.3 their interactions were no stronger than a busy topic's, measured in
+operators/data/alerts.yaml). These are ``app.bsky.graph.follow`` records authored by the follower,
 made in ``follow_batch``-op commits during the first ``follow_span_s`` seconds (before the
 activity span). As on the real network, a consumer that starts later never sees them on the
 firehose: it backfills them from the repositories (:mod:`stream.sim.repos` serves them); with
@@ -82,7 +85,7 @@ EPISODE: dict[str, Any] = {
     "middle_share": 0.5,
     "posts": 2, "replies": 1, "reposts": 3, "likes": 6,  # per participant, all within the episode
     "celebrities": 3, "celebrity_posts": 2,  # top-0.1% accounts that also post on the topic
-    "community": 0.3,  # share of a participant's followers drawn from the other participants
+    "community": 0.9,  # share of a participant's followers drawn from the other participants
     "stance": -1, "stance_share": 0.8,
 }
 

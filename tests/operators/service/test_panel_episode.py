@@ -2,10 +2,10 @@
 through the operator service (``chorus analyze``'s pipeline): it fires for the planted episode's
 topic while the episode runs, and for nothing else (other topics, before and after it, volume).
 
-The planted episode here has ``community`` 0.9 (nine in ten of a participant's followers are other
-participants: a cascade among themselves). With the default 0.3 the participants' interactions
-differ from everyone else's no more than ordinary activity differences between topics, and no
-threshold separates them (measurement in operators/data/alerts.yaml)."""
+The planted episode's participants mostly follow each other (``EPISODE["community"]`` 0.9: a
+cascade among themselves), so their attributions interact with each other's far more than other
+agents' do. With ``community`` 0.3 they would differ no more than ordinary activity differences
+between topics, and no threshold separates that (measurement in operators/data/alerts.yaml)."""
 
 from __future__ import annotations
 
@@ -20,15 +20,14 @@ pytestmark = pytest.mark.timeout(240)
 
 WINDOW, HOP = 600, 300
 N = 1000
-EPISODE = {"community": 0.9}
 
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_alert_fires_for_the_episode_topic_only(seed):
     settings = Settings(indicators=["cascade_reach", "volume"], window_s=WINDOW, hop_s=HOP)
-    res = offline_analyze.analyze(offline_analyze.synthetic_source(N, seed, episode=EPISODE), settings,
+    res = offline_analyze.analyze(offline_analyze.synthetic_source(N, seed), settings,
                                   progress=False)
-    pop = Population(n=N, seed=seed, episode=EPISODE)
+    pop = Population(n=N, seed=seed)
     truth = pop.episode_truth()  # the population's plan
     t0 = pop.activity_start_us() // 1_000_000
     start, end = t0 + truth["start_us"] // 1_000_000, t0 + truth["end_us"] // 1_000_000
