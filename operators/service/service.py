@@ -223,6 +223,7 @@ class OperatorService:
         # per-agent error target, relative to max |phi|: the attribution_error alert's tolerance
         self.tolerance = float(tolerance if tolerance is not None else self.engine.rules["attribution_error"].threshold)
         self._rung: dict[tuple[str, str], int] = {}  # (topic, indicator) -> ladder index to start at
+        self._members_checked = False  # _panel_cache validated against the counts in this hop
         self._panel_cache: tuple | None = None  # (key, (followers padded, panel, bands, padded bands)), see _panel_members
         self.last_quadrature: dict[tuple[str, str], tuple[str, int]] = {}  # (topic, indicator) -> (rule, steps)
         self.hop_s = self.settings.window[1]
@@ -294,6 +295,7 @@ class OperatorService:
             return []
         self._expire_stale(end)
         st.settle()
+        self._members_checked = False  # the follower counts may have changed since the last hop
         changed = st.take_changed()
         if self._graph_changed:
             changed |= set(st.topics)
@@ -301,19 +303,22 @@ class OperatorService:
         self._pending_since, self._last_recompute = None, time.monotonic()
         self.last_end = end if self.last_end is None else max(end, self.last_end)
         snaps = []
-        for topic in sorted(changed):
-            view = st.features(topic)
-            for spec in self.specs:
-                t0 = time.perf_counter()
-                try:
-                    snap = self._attribute(topic, spec, view.x, end)
-                    _require_finite(snap)
-                except Exception as exc:  # noqa: BLE001 - skip this result, keep serving the others
-                    self._skip(topic, spec.name, end, exc)
-                    continue
-                metrics.RECOMPUTE_SECONDS.labels(topic=topic, indicator=spec.name).observe(time.perf_counter() - t0)
-                self._export(snap)
-                snaps.append(snap)
+        try:
+            for topic in sorted(changed):
+                view = st.features(topic)
+                for spec in self.specs:
+                    t0 = time.perf_counter()
+                    try:
+                        snap = self._attribute(topic, spec, view.x, end)
+                        _require_finite(snap)
+                    except Exception as exc:  # noqa: BLE001 - skip this result, keep serving the others
+                        self._skip(topic, spec.name, end, exc)
+                        continue
+                    metrics.RECOMPUTE_SECONDS.labels(topic=topic, indicator=spec.name).observe(time.perf_counter() - t0)
+                    self._export(snap)
+                    snaps.append(snap)
+        finally:
+            self._members_checked = False  # outside a hop the counts may change at any time
         return snaps
 
     def _skip(self, topic: str, indicator: str, end: int, exc: BaseException) -> None:
@@ -471,7 +476,10 @@ class OperatorService:
         st = self.state
         n = st.n_rows
         k = max(1, min(self.panel_k, n))
+        if self._members_checked and self._panel_cache is not None:  # within one hop: nothing changed
+            return self._panel_cache[1]
         key = (n, st.capacity, k, hashlib.blake2b(np.ascontiguousarray(st.followers[:n]), digest_size=16).digest())
+        self._members_checked = True
         if self._panel_cache is None or self._panel_cache[0] != key:
             f_pad = np.full(st.capacity, -1, np.int64)
             f_pad[:n] = st.followers[:n]
