@@ -215,6 +215,8 @@ def _signed_mass(phi, followers, bands) -> np.ndarray:
     """(2, len(bands)): positive and negative attribution mass per band."""
     idx = _index_of(followers, bands)
     p = _per_agent(phi, idx.size)
+    nz = np.flatnonzero(p)  # attributions are sparse (a topic's active agents, a panel): O(nnz) sums
+    p, idx = p[nz], idx[nz]
     return np.stack([np.bincount(idx, weights=np.maximum(p, 0), minlength=len(bands)),
                      np.bincount(idx, weights=np.maximum(-p, 0), minlength=len(bands))])
 
@@ -271,7 +273,13 @@ def panel_agents(followers, k: int = 100) -> np.ndarray:
     f = _followers(followers)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    return np.argsort(-f, kind="stable")[: min(int(k), f.size)]
+    k = min(int(k), f.size)
+    if k < f.size:  # O(N): the k-th largest count, then everyone above it and the first ties at it
+        kth = np.partition(f, f.size - k)[f.size - k]
+        cand = np.concatenate([np.flatnonzero(f > kth), np.flatnonzero(f == kth)[: k - int(np.sum(f > kth))]])
+    else:
+        cand = np.arange(f.size)
+    return cand[np.lexsort((cand, -f[cand]))]
 
 
 def visibility_sample(followers, size: int, seed: int = 0, exponent: float = 1.0,

@@ -200,3 +200,11 @@ def test_visibility_sample_inclusion_probabilities_by_bisection(n, size, exponen
     np.testing.assert_allclose(pi, np.minimum(1.0, hi * w), rtol=1e-9, atol=1e-12)
     assert pi.sum() == pytest.approx(target)
     assert np.all(pi[~eligible] == 0)
+
+
+@pytest.mark.parametrize("n,k", [(10, 3), (1000, 100), (50, 50), (7, 10), (5000, 1)])
+def test_panel_agents_ties_by_lower_index(n, k, rng):
+    """The top-k by followers (selected in O(N)) equals a stable sort's first k: ties at the k-th
+    count go to the lower index, most followed first; with many ties and with all equal."""
+    for f in (rng.integers(0, 5, n), np.floor(rng.pareto(1.0, n) * 3), np.zeros(n, np.int64)):
+        np.testing.assert_array_equal(bands.panel_agents(f, k), np.argsort(-f, kind="stable")[: min(k, n)])
