@@ -113,6 +113,9 @@ def run(
     duration: Optional[float] = typer.Option(None, min=0.0, help="Stop by itself after this many seconds."),
     metrics_port: Optional[int] = typer.Option(None, help="Metrics port (default 9464; 0 = any free port)."),
     no_console: bool = typer.Option(False, "--no-console", help="No live view: print plain log lines (stdout) instead."),
+    process: Optional[list[str]] = typer.Option(None, "--process", help="Run this part as its own process "
+                                                "(ingester, operator; repeatable), as docker compose does: "
+                                                "needed from about 500 events/s."),
 ) -> None:
     """Everything in one process tree on the embedded default, with a live console view."""
     import asyncio
@@ -120,6 +123,11 @@ def run(
     from stream.local.runner import RunError, RunOptions
     from stream.local.runner import run as run_all
 
+    from stream.local.runner import PROCESS_PARTS
+
+    unknown = sorted(set(process or ()) - set(PROCESS_PARTS))
+    if unknown:
+        fail(f"--process {unknown[0]}: choose from {', '.join(PROCESS_PARTS)}")
     s = settings(profile=profile, kafka=kafka, metrics_port=metrics_port)
     # The operator's settings before anything starts (broker, relay): a typo is one line, exit 2.
     from operators.service.alert_sink import load_rules
@@ -136,7 +144,7 @@ def run(
     # Without the live view, the run's log lines (in-process parts) go to stdout as well as run.log.
     setup_logging(log_dir / "run.log", echo=sys.stdout if no_console else None)
     opts = RunOptions(synthetic=synthetic, seed=seed, rate=rate, speed=speed, console=not no_console,
-                      log_dir=log_dir)
+                      log_dir=log_dir, processes=tuple(dict.fromkeys(process or ())))
     try:
         code = asyncio.run(run_all(s, opts, duration))
     except RunError as exc:

@@ -23,6 +23,19 @@ INGEST_SEQ_RESETS = Counter(
 INGEST_REPLAYED = Counter(
     "chorus_ingest_replayed_frames", "Frames dropped as replays (position not above the last one forwarded)."
 )
+INGEST_RECONNECTS = Counter(
+    "chorus_ingest_reconnects",
+    "Times the ingester dialed the source again after a connection ended (lost, closed or refused).",
+)
+INGEST_OUTDATED_CURSOR = Counter(
+    "chorus_ingest_outdated_cursor",
+    "Reconnects the relay answered with #info OutdatedCursor: the cursor was older than its retention.",
+)
+INGEST_SKIPPED = Counter(
+    "chorus_ingest_skipped_frames",
+    "Seqs jumped over after an OutdatedCursor: first seq received minus the cursor dialed minus 1 "
+    "(input lost; an upper bound where the relay's numbering has gaps).",
+)
 INGEST_TIME_CLAMPED = Counter(
     "chorus_ingest_event_time_clamped",
     "Events whose claimed time was later than receive time + tolerance; their event time was clamped.",

@@ -76,8 +76,11 @@ def on_stop_signals(stop: Callable[[], Any]) -> Callable[[], None]:
 
 def run_service(main: Callable[[], Awaitable[T]], stop: Callable[[], Any], use_uvloop: bool = True) -> T:
     """Run ``main()`` to its end on the chosen event loop, with SIGINT/SIGTERM calling ``stop()``
-    (which makes ``main`` return after a clean shutdown). Blocking; returns what ``main`` returns."""
+    (which makes ``main`` return after a clean shutdown). Blocking; returns what ``main`` returns.
+    Under `chorus run` (``CHORUS_PARENT_PID``) it also stops once `chorus run` is gone
+    (:func:`exit_with_parent`)."""
     install(use_uvloop)
+    exit_with_parent()
 
     async def _main() -> T:
         on_stop_signals(stop)

@@ -19,6 +19,11 @@ Sequence rules (README "Delivery"):
   is logged as an error and counted in ``chorus_ingest_seq_resets_total``, and ingest continues from
   the new numbering (S and what follows; live after ``FutureCursor``); the stored cursor follows
   it from the next acknowledged frame.
+- **Skip**: a connection dialed with cursor C that the relay answers with ``#info OutdatedCursor``
+  (C is older than what it retains) starts at its oldest retained frame S: the seqs C+1 .. S-1
+  are lost. Logged as an error and counted in ``chorus_ingest_skipped_frames_total`` (S - C - 1)
+  and ``chorus_ingest_outdated_cursor_total``; every dial after the first counts in
+  ``chorus_ingest_reconnects_total``.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ from atproto_subscription.websocket import AsyncWebsocketClient
 
 from stream.ingest.decode import FRAME_TYPES, WS_MAX_BYTES, Decoded, decode_frame
 from stream.ingest.jetstream import REWIND_US, WANTED_COLLECTIONS, decode_message
-from stream.metrics import (INGEST_FRAMES, INGEST_FRAMES_INVALID, INGEST_REPLAYED, INGEST_SEQ_RESETS,
-                            INGEST_TIME_CLAMPED)
+from stream.metrics import (INGEST_FRAMES, INGEST_FRAMES_INVALID, INGEST_OUTDATED_CURSOR, INGEST_RECONNECTS,
+                            INGEST_REPLAYED, INGEST_SEQ_RESETS, INGEST_SKIPPED, INGEST_TIME_CLAMPED)
 
 log = logging.getLogger("chorus.ingest")
 
@@ -165,6 +170,9 @@ class FirehoseReader:
         self.duplicates = 0
         self.resets = 0
         self.frames = 0
+        self.skipped = 0  # seqs jumped over after OutdatedCursor
+        self.outdated = 0  # OutdatedCursor answers
+        self._outdated = False  # the current connection was answered OutdatedCursor
         self.dialed: int | None = None  # cursor the current connection was dialed with
         self._first = False  # the current connection has not delivered a positioned frame yet
         self._client = (_JetstreamClient if jetstream else _FirehoseClient)(self, relay, recv_timeout)
@@ -185,7 +193,9 @@ class FirehoseReader:
     def connected(self, cursor: int | None) -> None:
         """A new connection is being dialed with ``cursor``."""
         self.connections += 1
-        self.dialed, self._first = cursor, True
+        if self.connections > 1:
+            INGEST_RECONNECTS.inc()
+        self.dialed, self._first, self._outdated = cursor, True, False
 
     def reset(self, why: str) -> None:
         """The source's numbering went back: count it, log it, forget the last seq forwarded."""
@@ -211,12 +221,22 @@ class FirehoseReader:
         self.progressed = True
         if d.info is not None:
             log.warning("relay info %s: %s", *d.info)
+            if d.info[0] == "OutdatedCursor" and self._first:
+                self._outdated = True
+                self.outdated += 1
+                INGEST_OUTDATED_CURSOR.inc()
         if d.seq is None:
             return
         if self._first:
             self._first = False
             if self.dialed is not None and d.seq < self.dialed:
                 self.reset(f"first frame after dialing with cursor {self.dialed} has seq {d.seq}")
+            elif self._outdated and self.dialed is not None and d.seq > self.dialed + 1:
+                lost = d.seq - self.dialed - 1
+                self.skipped += lost
+                INGEST_SKIPPED.inc(lost)
+                log.error("relay's retention passed cursor %d: resuming at seq %d, %d frames skipped",
+                          self.dialed, d.seq, lost)
         if self.last_seq is not None and d.seq <= self.last_seq:
             self.duplicates += 1
             INGEST_REPLAYED.inc()

@@ -27,6 +27,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,9 @@ OWNED_METRICS: dict[str, tuple[str, ...]] = {
     "worker": ("chorus_window_", "chorus_worker_") + SHARED_METRICS,
     "operator": ("chorus_attribution_", "chorus_operator_", "chorus_alerts_"),
 }
+# Parts `chorus run` can run as their own process (``RunOptions.processes``, ``--process``), as
+# docker-compose.yml runs every stage; the worker is one already (``RunOptions.worker``).
+PROCESS_PARTS = ("ingester", "operator")
 
 
 FATAL_PARTS = ("broker", "metrics")  # a failure of these stops the run
@@ -185,6 +189,8 @@ class CombinedCollector(Collector):
             for fam in c.families():
                 if fam.name in shared:
                     shared[fam.name].samples.extend(fam.samples)
+                elif fam.name.startswith(SHARED_METRICS):
+                    shared[fam.name] = fam  # a second child may carry samples of it too
                 else:
                     yield fam
         yield from shared.values()
@@ -447,6 +453,7 @@ class RunOptions:
     worker: str = "auto"           # "process", "inline" or "auto" (what stream.worker.faust_app supports)
     restart_backoff_s: float = 1.0  # first delay before restarting a part that died
     max_restart_backoff_s: float = 60.0
+    processes: tuple[str, ...] = ()  # parts of PROCESS_PARTS run as their own subprocess
     log_dir: Path | None = None    # default: <state_dir>/logs
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -461,6 +468,10 @@ class Runner:
 
     def __init__(self, settings: Settings, options: RunOptions | None = None):
         self.opts = options or RunOptions()
+        unknown = sorted(set(self.opts.processes) - set(PROCESS_PARTS))
+        if unknown:
+            raise RunError(f"cannot run {', '.join(unknown)} as its own process (choose from "
+                           f"{', '.join(PROCESS_PARTS)})")
         self.settings = settings
         settings.window  # validate window/hop now: raises ConfigError with a one-line message
         self.state_dir = Path(settings.state_dir)
@@ -564,13 +575,34 @@ class Runner:
             await self.stop()
             raise
 
+    def _proc_part(self, name: str, command: list[str], env: dict[str, str] | None = None) -> ProcPart:
+        """``chorus <command>`` as a subprocess part whose metrics the run's endpoint proxies."""
+        port = free_port()
+        child_env = self.child_env(port)
+        child_env.update(env or {})
+        part = ProcPart(name, [sys.executable, "-m", "stream.cli", *command], child_env,
+                        self.log_dir / f"{name}.log", metrics_port=port)
+        self.metrics.collector.children[name] = ChildMetrics(
+            f"http://127.0.0.1:{port}/metrics", OWNED_METRICS[name] + SHARED_METRICS)
+        return part
+
     def _operator_part(self) -> Part:
+        if "operator" in self.opts.processes:
+            return self._proc_part("operator", ["operator"])
         from operators.service.service import OperatorService
 
         s = self.child_settings()
         return TaskPart("operator", lambda: OperatorService(s))
 
     def _ingester_part(self) -> Part:
+        if "ingester" in self.opts.processes:
+            # Its own state directory, emptied now: the synthetic relay lives and dies with this
+            # run, so no cursor carries over from an earlier run; within the run a restarted
+            # ingester resumes from the cursor it stored there.
+            state = self.state_dir / "run-ingest"
+            shutil.rmtree(state, ignore_errors=True)
+            return self._proc_part("ingester", ["ingest", "--relay", self.relay_url],
+                                   {"CHORUS_STATE_DIR": str(state)})
         from stream.ingest.service import Ingester
 
         s = self.child_settings()
@@ -588,12 +620,7 @@ class Runner:
 
             s = self.child_settings()
             return TaskPart("worker", lambda: Worker(s))
-        port = free_port()
-        part = ProcPart("worker", [sys.executable, "-m", "stream.cli", "worker"], self.child_env(port),
-                        self.log_dir / "worker.log", metrics_port=port)
-        self.metrics.collector.children["worker"] = ChildMetrics(
-            f"http://127.0.0.1:{port}/metrics", OWNED_METRICS["worker"])
-        return part
+        return self._proc_part("worker", ["worker"])
 
     async def restart(self, name: str) -> None:
         """Stop and start one part in place (state must come back from Kafka)."""
@@ -700,4 +727,4 @@ async def run(settings: Settings, options: RunOptions, duration_s: float | None 
 
 __all__ = ["Runner", "RunOptions", "RunLock", "RunError", "run", "running_instance",
            "ChildMetrics", "CombinedCollector", "MetricsEndpoint", "TaskPart", "ProcPart",
-           "OWNED_METRICS"]
+           "OWNED_METRICS", "PROCESS_PARTS"]

@@ -126,6 +126,7 @@ class ConnectionReport:
     last_seq: int | None = None
     info: list[str] = field(default_factory=list)  # #info names sent
     error: str | None = None  # error frame sent, if any
+    skipped: int = 0  # seqs after the cursor no longer retained (OutdatedCursor): lost to the client
     dropped: bool = False
     closed: bool = False
     seqs: list[int] | None = None  # every seq sent, when Relay(track_seqs=True)
@@ -377,6 +378,8 @@ class Relay:
                 return
             if info:
                 report.info.append(info)
+                if report.cursor is not None and self.oldest_seq is not None:
+                    report.skipped = max(0, self.oldest_seq - report.cursor - 1)
                 await ws.send(info_frame(info, f"cursor {report.cursor} is older than the oldest retained seq "
                                                f"{self.oldest_seq}; streaming from there"))
             await self._stream(ws, report, pos, wanted if self.jetstream else None)

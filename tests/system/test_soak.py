@@ -20,8 +20,13 @@ def test_short_soak_records_memory_lag_and_hop_latency(tmp_path):
     samples, hops = res["samples"], res["hops"]
     assert len(samples) >= 10
     late = [s for s in samples if s["t"] >= res["fill_s"]]
-    for key in ("rss_main_mb", "rss_worker_mb", "rss_broker_mb"):
+    for key in ("rss_main_mb", "rss_worker_mb", "rss_broker_mb", "rss_ingester_mb", "rss_operator_mb"):
         assert all(s[key] and s[key] > 10 for s in late), key  # every process measured
+    # the ingester and the operator ran as their own processes, and nothing was lost on the way:
+    # the relay's own count (what it could not serve) and the ingester's agree on zero
+    assert res["processes"] == ("ingester", "operator")
+    assert res["relay"]["skipped"] == 0 and res["relay"]["outdated"] == 0 and res["relay"]["frames"] > 1000
+    assert all(s["skipped"] == 0 and s["outdated"] == 0 for s in late)
     assert any(s["lag_worker"] is not None for s in late) and any(s["lag_operator"] is not None for s in late)
     assert any(s["held"] for s in late)  # the worker holds the window
     # hops are published before and after the window filled (event time x30: a 60 s hop every 2 s

@@ -296,6 +296,7 @@ def test_relay_drops_connection_reconnects_without_loss(fresh_broker, tmp_path):
 
     ing, conns = asyncio.run(asyncio.wait_for(main(), 60))
     assert sum(c.dropped for c in conns) == 2 and len(conns) >= 3
+    assert ing.reader.connections == len(conns) and ing.reader.skipped == 0  # lost connections, no lost input
     # every reconnect resumed from an acknowledged cursor, not from scratch
     assert all(c.cursor is not None and c.cursor > 0 for c in conns[1:])
     expected = population_truth(pop)
@@ -305,6 +306,34 @@ def test_relay_drops_connection_reconnects_without_loss(fresh_broker, tmp_path):
     assert all(recs[k] >= n for k, n in expected.items())
     dupes = sum(recs.values()) - sum(expected.values())
     assert dupes == 0, f"{dupes} duplicates (replays are dropped by seq within one process)"
+
+
+def test_outdated_cursor_counts_the_frames_skipped(fresh_broker, tmp_path):
+    """A cursor older than the relay's retention: the relay answers OutdatedCursor and starts at its
+    oldest retained frame; the frames in between are lost, and the ingester says how many."""
+    frames = [(s, T0 + s, sim_frames.commit_frame(s, DID, [sim_frames.Op("create", sim_frames.POST, f"3p{s}", sim_frames.post_record(f"p{s}", T0 + s))],
+                                         T0 + s)) for s in range(1, 41)]
+    names = ("chorus_ingest_skipped_frames_total", "chorus_ingest_outdated_cursor_total", "chorus_ingest_reconnects_total")
+
+    async def main():
+        # retention 10 frames, trimmed frame by frame (chunk 1): seqs 31..40 retained once all are out
+        async with Relay(FrameSource(lambda: iter(frames), 1, 40), rate=100_000, retention=10, chunk=1) as relay:
+            while relay.produced < 40:
+                await asyncio.sleep(0.01)
+            assert relay.oldest_seq == 31
+            before = [metric(n) for n in names]
+            ing = Ingester(settings(fresh_broker, tmp_path), relay=relay.url, cursor=5, backoff=fast_backoff())
+            task = await run_until(ing, 40)
+            await ing.stop()
+            await task
+            return relay.connections, [metric(n) - b for n, b in zip(names, before)], ing.reader.skipped
+
+    conns, deltas, skipped = asyncio.run(asyncio.wait_for(main(), 60))
+    assert conns[0].cursor == 5 and conns[0].info == ["OutdatedCursor"] and conns[0].first_seq == 31
+    lost = list(range(6, 31))  # after the cursor, before the oldest retained frame
+    assert skipped == len(lost) == conns[0].skipped and deltas == [len(lost), 1, len(conns) - 1]
+    values = asyncio.run(consume_all(fresh_broker.bootstrap, 10))
+    assert sorted(v["text"] for v in values) == sorted(f"p{s}" for s in range(31, 41))
 
 
 def test_future_cursor_restarts_live(fresh_broker, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
 
-from stream.local.runner import OWNED_METRICS, ChildMetrics, CombinedCollector
+from stream.local.runner import OWNED_METRICS, SHARED_METRICS, ChildMetrics, CombinedCollector
 
 
 def test_shared_families_merge_local_and_child_samples():
@@ -32,3 +32,27 @@ def test_shared_families_merge_local_and_child_samples():
     assert 'chorus_records_rejected_total{reason="type",topic="chorus.features"} 2.0' in lines
     assert [ln for ln in lines if ln.startswith("chorus_window_agents")] == ['chorus_window_agents{topic="t"} 5.0']
     assert text.count("# TYPE chorus_kafka_unavailable gauge") == 1  # one family, not two
+
+
+def test_a_shared_family_two_children_carry_is_one_family():
+    """The worker and the operator as subprocesses both export chorus_consumer_lag{stage}: one
+    family on the merged endpoint, with both stages' samples (the local registry has none of it)."""
+    regs = {stage: CollectorRegistry() for stage in ("worker", "operator")}
+    for stage, reg in regs.items():
+        Gauge("chorus_consumer_lag", "x", ["stage", "partition"], registry=reg).labels(stage, "0").set(
+            3 if stage == "worker" else 7)
+    servers = {stage: start_http_server(0, addr="127.0.0.1", registry=reg)[0] for stage, reg in regs.items()}
+    try:
+        combined = CombinedCollector(CollectorRegistry())
+        for stage, server in servers.items():
+            combined.children[stage] = ChildMetrics(f"http://127.0.0.1:{server.server_port}/metrics",
+                                                    OWNED_METRICS[stage] + SHARED_METRICS)
+        out = CollectorRegistry(auto_describe=False)
+        out.register(combined)
+        text = generate_latest(out).decode()
+    finally:
+        for server in servers.values():
+            server.shutdown()
+    assert text.count("# TYPE chorus_consumer_lag gauge") == 1
+    assert 'chorus_consumer_lag{partition="0",stage="worker"} 3.0' in text
+    assert 'chorus_consumer_lag{partition="0",stage="operator"} 7.0' in text
