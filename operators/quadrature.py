@@ -16,7 +16,7 @@ one gradient of F per node):
   x^(-1/3) in t. Measured on cascade_reach at 1.67M agents / 100M edges (max x 5,101), per-agent
   error against 64 nodes, relative to max |phi|: t^2 at 20 / 24 / 28 nodes 2.2e-3 / 1.1e-3 /
   4.0e-4; t^3 7.0e-4 / 1.2e-4 / 2.0e-5; t^4 4.4e-4 / 5.5e-5 / 1.3e-5 (so t^3 meets 1e-3 with 20
-  nodes where t^2 needs 26; t^4 gains little more and is exact to a lower degree).
+  nodes where t^2 gives 1.1e-3 at 24; t^4 gains little more and is exact to a lower degree).
 - ``"gauss-kronrod"``: the Gauss-Kronrod rule K_{2n+1} (steps = 2n + 1, odd, >= 3): the n
   Gauss-Legendre nodes plus the n + 1 zeros of the Stieltjes polynomial E_{n+1} (Kronrod 1965),
   exact for degree <= 3n + 1 (n even) or 3n + 2 (n odd). ``"gauss-kronrod-graded"``: the same in t
