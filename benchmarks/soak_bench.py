@@ -37,6 +37,7 @@ from pathlib import Path
 from benchmarks import header
 
 WINDOW_S, HOP_S = 6 * 3600, 600
+RELAY_RETENTION_S = 120  # seconds of frames (at the soak's rate) the synthetic relay retains
 
 
 def _scrape(url: str) -> dict:
@@ -88,8 +89,12 @@ async def soak(minutes: float, rate: float, *, window_s: int = WINDOW_S, hop_s: 
     # compressed clock that started now would leave the firehose clamped and the graph rejected.
     end_margin_s = 120.0
     start_us = int((time.time() - duration_s * speed - RelayPart.FOLLOW_SPAN_S - end_margin_s) * 1e6)
+    # The relay keeps RELAY_RETENTION_S of frames (10,000 to 100,000): its log (~1 KB a frame) is
+    # full long before the window is, so its growth does not pass for the pipeline's.
+    retention = int(min(100_000, max(10_000, rate * RELAY_RETENTION_S)))
     runner = Runner(settings, RunOptions(synthetic=accounts, seed=1, rate=rate / speed, speed=speed, console=False,
-                                         start_time_us=start_us, processes=tuple(processes)))
+                                         start_time_us=start_us, processes=tuple(processes),
+                                         relay_retention=retention))
     await runner.start()
     samples, hops, seen = [], [], set()
     consumer = None
@@ -132,6 +137,8 @@ async def soak(minutes: float, rate: float, *, window_s: int = WINDOW_S, hop_s: 
                     "rss_operator_mb": _rss_mb(pid("operator")),
                     "lag_worker": lag.get("worker"), "lag_operator": lag.get("operator"),
                     "held": m.get(("chorus_worker_held_events", ()), None),
+                    "agents": m.get(("chorus_operator_agents", ()), None),
+                    "edges": m.get(("chorus_operator_edges", ()), None),
                     "reconnects": m.get(("chorus_ingest_reconnects_total", ()), None),
                     "outdated": m.get(("chorus_ingest_outdated_cursor_total", ()), None),
                     "skipped": m.get(("chorus_ingest_skipped_frames_total", ()), None),
@@ -147,6 +154,7 @@ async def soak(minutes: float, rate: float, *, window_s: int = WINDOW_S, hop_s: 
         await runner.stop()
         if tmp:
             tmp.cleanup()
+    relay_report["retention"] = retention
     return {"samples": samples, "hops": hops, "relay": relay_report, "speed": speed, "accounts": accounts,
             "fill_s": fill_s, "minutes": minutes, "rate": rate, "processes": tuple(processes)}
 
@@ -224,8 +232,9 @@ def run(quick: bool = False, minutes: float | None = None, rate: float | None = 
         "![soak](benchmarks/soak.png)",
         "",
         "| minute | " + " | ".join(f"RSS {label} (MiB)" for _, label in rss) +
-        " | lag worker | lag operator | held events | hops published | reconnects | OutdatedCursor | skipped frames |",
-        "|---:|" + "---:|" * (len(rss) + 7),
+        " | lag worker | lag operator | held events | operator agents | operator edges | hops published | "
+        "reconnects | OutdatedCursor | skipped frames |",
+        "|---:|" + "---:|" * (len(rss) + 9),
     ]
     fmt = lambda v, f="{:,.0f}": "n/a" if v is None else f.format(v)  # noqa: E731
     for minute in range(int(minutes) + 1):
@@ -235,14 +244,16 @@ def run(quick: bool = False, minutes: float | None = None, rate: float | None = 
         x = pick[-1]
         n_hops = sum(1 for h in res["hops"] if h["t"] <= minute * 60)
         lines.append(f"| {minute} | " + " | ".join(fmt(x.get(key)) for key, _ in rss) + " | "
-                     f"{fmt(x['lag_worker'])} | {fmt(x['lag_operator'])} | {fmt(x['held'])} | {n_hops} | "
+                     f"{fmt(x['lag_worker'])} | {fmt(x['lag_operator'])} | {fmt(x['held'])} | {fmt(x.get('agents'))} | "
+                     f"{fmt(x.get('edges'))} | {n_hops} | "
                      f"{fmt(x.get('reconnects'))} | {fmt(x.get('outdated'))} | {fmt(x.get('skipped'))} |")
     lost, rel = summ["lost"], res["relay"]
     lines += ["", f"Input lost: the ingester reconnected {lost['reconnects']} times, was answered OutdatedCursor "
               f"{lost['outdated']} times and skipped {lost['skipped']:,} frames "
               f"({'none lost' if not lost['skipped'] and not rel['skipped'] else 'the run lost input'}); the relay's own "
               f"count: {rel['connections']} connections, {rel['too_slow']} ConsumerTooSlow, {rel['outdated']} "
-              f"OutdatedCursor, {rel['skipped']:,} frames not served of {rel['frames']:,} produced.",
+              f"OutdatedCursor, {rel['skipped']:,} frames not served of {rel['frames']:,} produced (it retains "
+              f"{rel['retention']:,} frames).",
               "", "After the window filled (from the first sample past the dotted line to the last):", ""]
     for key, label in rss:
         v = summ[key]

@@ -353,10 +353,12 @@ class RelayPart:
     FOLLOW_SPAN_S = 10.0
 
     def __init__(self, accounts: int, seed: int, rate: float, host: str = "127.0.0.1",
-                 start_time_us: int | None = None, follow_span_s: float = FOLLOW_SPAN_S, speed: float = 1.0):
+                 start_time_us: int | None = None, follow_span_s: float = FOLLOW_SPAN_S, speed: float = 1.0,
+                 retention: int = 100_000):
         if speed <= 0:
             raise ValueError(f"speed must be > 0, got {speed}")
         self.accounts, self.seed, self.rate, self.host = accounts, seed, rate, host
+        self.retention = retention  # frames the relay keeps for reconnecting clients
         self.start_time_us, self.follow_span_s, self.speed = start_time_us, follow_span_s, speed
         self.population: Any = None
         self.relay: Any = None
@@ -378,7 +380,7 @@ class RelayPart:
         self.start_time_us = start
         source = FrameSource.from_population(self.population, start_time_us=start)
         repos = SyntheticRepos(self.population, 1, start)
-        self.relay = Relay(source, self.host, 0, speed=self.speed, repos=repos)
+        self.relay = Relay(source, self.host, 0, speed=self.speed, repos=repos, retention=self.retention)
         self.started_s = time.time()
         await self.relay.start()
 
@@ -454,6 +456,7 @@ class RunOptions:
     restart_backoff_s: float = 1.0  # first delay before restarting a part that died
     max_restart_backoff_s: float = 60.0
     processes: tuple[str, ...] = ()  # parts of PROCESS_PARTS run as their own subprocess
+    relay_retention: int = 100_000  # frames the synthetic relay keeps (its memory: ~1 KB each)
     log_dir: Path | None = None    # default: <state_dir>/logs
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -552,7 +555,8 @@ class Runner:
             except (OSError, TimeoutError, Exception) as exc:  # aiokafka raises its own errors
                 raise RunError(kafka_error_line(self.kafka_url, exc, "create the topics")) from None
             relay = RelayPart(self.opts.synthetic, self.opts.seed, self.opts.rate,
-                              start_time_us=self.opts.start_time_us, speed=self.opts.speed)
+                              start_time_us=self.opts.start_time_us, speed=self.opts.speed,
+                              retention=self.opts.relay_retention)
             await self._start_part(relay)
             self.relay_url = relay.url
             await self._start_part(self._operator_part())

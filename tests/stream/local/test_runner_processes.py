@@ -37,13 +37,15 @@ def test_ingester_and_operator_as_their_own_processes(tmp_path):
     settings = Settings(state_dir=tmp_path / "state", metrics_port=0, profile="demo", window_s=20, hop_s=5,
                         indicators=["volume"])
     runner = Runner(settings, RunOptions(synthetic=300, seed=3, rate=100.0, speed=4.0, start_time_us=start_us,
-                                         console=False, processes=("ingester", "operator")))
+                                         console=False, processes=("ingester", "operator"),
+                                         relay_retention=5000))
 
     async def main():
         await runner.start()
         procs = {}
         try:
             pop = runner.part("relay").population
+            assert runner.part("relay").relay.retention == 5000
             for name in ("ingester", "operator"):
                 procs[name] = runner.part(name).proc
                 assert procs[name].pid is not None and procs[name].returncode is None
