@@ -569,6 +569,9 @@ class OperatorService:
         if not self.settings.kafka:
             raise ValueError("the operator needs Kafka: set CHORUS_KAFKA or pass --kafka kafka://host:port")
         bootstrap = bootstrap_servers(self.settings.kafka)
+        # the panel's Spearman needs scipy.stats (imported lazily by operators.bands: ~1.4 s of CPU
+        # and ~60 MiB); a long-running operator pays it at start, not as a step in its steady state
+        import scipy.stats  # noqa: F401
         log.info("operator: JAX device %s; indicators %s; hop %ss", jax.devices()[0],
                  ", ".join(s.name for s in self.specs), self.hop_s)
         timeout_ms = int(self.settings.kafka_request_timeout_s * 1000)
