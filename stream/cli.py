@@ -7,6 +7,8 @@ module that does the work. Errors the user can fix print one line and exit non-z
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,6 +17,7 @@ import typer
 import typer.core
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from stream.config import ConfigError, Settings
 from stream.process import is_kafka_error, kafka_error_line, run_service, setup_logging
@@ -94,6 +97,12 @@ def settings(**overrides) -> Settings:
             fail(f"invalid settings: {msg}" if command_has_flag("window") else
                  f"invalid settings (CHORUS_WINDOW_S, CHORUS_HOP_S): {msg}")
         fail(f"invalid setting {field} ({setting_source(field)}): {msg}")
+    except SettingsError as exc:  # a CHORUS_* list setting whose value is not JSON (pydantic-settings)
+        m = re.search(r'field "(\w+)"', str(exc))
+        field = m.group(1) if m else "?"
+        raw = os.environ.get(f"CHORUS_{field.upper()}", "")
+        fail(f"invalid setting {field} ({setting_source(field)}): {raw!r} is not valid JSON; "
+             'write a list as a JSON array, e.g. ["a", "b"]')
     except ConfigError as exc:
         fail(str(exc))
     raise AssertionError("unreachable")
@@ -134,15 +143,21 @@ def run(
     from operators.service.alerts import AlertConfigError
     from operators.service.service import check_indicators
 
+    from stream.worker.lexicon import Lexicon
+
     try:
         check_indicators(s.indicators)
         load_rules(s.alerts_file)
-    except (AlertConfigError, ValueError) as exc:
+        Lexicon.load(s.topics_file)  # the worker's; a bad file would make it exit at every restart
+    except (AlertConfigError, ValueError) as exc:  # ConfigError is a ValueError
         fail(str(exc).splitlines()[0])
     log_dir = Path(s.state_dir) / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    # Without the live view, the run's log lines (in-process parts) go to stdout as well as run.log.
-    setup_logging(log_dir / "run.log", echo=sys.stdout if no_console else None)
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        # Without the live view, the run's log lines (in-process parts) go to stdout as well as run.log.
+        setup_logging(log_dir / "run.log", echo=sys.stdout if no_console else None)
+    except OSError as exc:
+        fail(f"cannot use the state directory {s.state_dir} (CHORUS_STATE_DIR): {exc.strerror or exc}")
     opts = RunOptions(synthetic=synthetic, seed=seed, rate=rate, speed=speed, console=not no_console,
                       log_dir=log_dir, processes=tuple(dict.fromkeys(process or ())))
     try:
@@ -319,18 +334,19 @@ def backfill(
         if refused:
             fail(f"{flag} {value} resolves to a non-public address ({', '.join(refused[:3])}); "
                  f"allow it with --allow-net {refused[0]} (or CHORUS_ALLOW_NETS)")
-    url, idempotence = s.kafka, s.kafka_idempotence
-    if url is None:
-        from stream.local.runner import running_instance
+    from stream.local.runner import running_instance
 
-        note = running_instance(s.state_dir) or {}
+    url, idempotence = s.kafka, s.kafka_idempotence
+    note = running_instance(s.state_dir) or {}
+    if url is None:
         url = note.get("kafka")
-        if note.get("embedded"):  # the run's embedded broker lacks idempotent producers (as its parts do)
-            idempotence = False
     if url is None:
         fail("the backfill needs Kafka: pass --kafka kafka://host:port or set CHORUS_KAFKA (or start `chorus run`)")
     try:
         bootstrap = bootstrap_servers(url)
+        # the run's embedded broker lacks idempotent producers (as its parts do), named or not
+        if note.get("embedded") and note.get("kafka") and bootstrap_servers(note["kafka"]) == bootstrap:
+            idempotence = False
     except (ConfigError, ValueError) as exc:
         fail(str(exc))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

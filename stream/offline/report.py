@@ -75,9 +75,9 @@ async def fetch_snapshots(bootstrap: str, since: int | None = None, until: int |
 
     guard = RecordGuard.from_settings("report", Settings())
     consumer = make_consumer(bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
     out: list[AttributionSnapshot] = []
     try:
+        await consumer.start()  # inside the try: a consumer that failed to start is closed too
         parts = consumer.partitions_for_topic(topic)
         if parts is None:
             await consumer.topics()  # metadata refresh

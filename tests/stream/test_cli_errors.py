@@ -79,3 +79,63 @@ def test_backfill_names_a_refused_idempotent_producer_and_uses_a_running_runs_br
         lock.release()
     assert r.returncode == 0, r.stderr
     assert "chorus backfill: 2 follow pairs" in r.stderr, r.stderr
+    # the same broker named with --kafka (what `chorus run` prints): still the run's embedded one
+    lock = RunLock(tmp_path / "state").acquire()
+    try:
+        lock.write({"pid": 1, "kafka": fresh_broker.url, "embedded": True})
+        r = invoke(["backfill", "--no-progress", "--restart", "--graph-file", str(graph),
+                    "--kafka", fresh_broker.url], env=env)
+    finally:
+        lock.release()
+    assert r.returncode == 0, r.stderr
+    assert "chorus backfill: 2 follow pairs" in r.stderr, r.stderr
+
+
+def test_a_list_setting_that_is_not_json_is_one_line(tmp_path):
+    """CHORUS_ALLOW_NETS / CHORUS_INDICATORS are JSON lists (README "Settings"); a bare value was a
+    pydantic-settings traceback in every command."""
+    cases = [(["alerts", "--limit", "1", "--kafka", f"kafka://127.0.0.1:{closed_port()}"],
+              {"CHORUS_ALLOW_NETS": "10.0.0.0/8"}, "allow_nets (CHORUS_ALLOW_NETS): '10.0.0.0/8' is not valid JSON"),
+             (["run", "--no-console", "--duration", "5", "--metrics-port", "0"],
+              {"CHORUS_INDICATORS": "cascade_reach"}, "indicators (CHORUS_INDICATORS): 'cascade_reach' is not valid JSON")]
+    for args, env, expected in cases:
+        r = invoke(args, env={"CHORUS_STATE_DIR": str(tmp_path / "state"), **env})
+        assert r.returncode == 2, (env, r.stderr)
+        assert expected in one_error_line(r.stderr), (env, r.stderr)
+    assert not (tmp_path / "state").exists()
+
+
+def test_run_refuses_a_bad_topics_file_or_state_dir_before_starting_anything(tmp_path):
+    state = tmp_path / "state"
+    r = invoke(["run", "--no-console", "--duration", "5", "--metrics-port", "0"],
+               env={"CHORUS_STATE_DIR": str(state), "CHORUS_TOPICS_FILE": str(tmp_path / "missing.json")})
+    assert r.returncode == 2, r.stderr  # before: the worker exited 2 at every restart, the run went on
+    assert "topics file not found" in one_error_line(r.stderr)
+    assert not state.exists(), "chorus run started something before refusing its settings"
+    a_file = tmp_path / "state-file"
+    a_file.write_text("")
+    r = invoke(["run", "--no-console", "--duration", "5", "--metrics-port", "0"],
+               env={"CHORUS_STATE_DIR": str(a_file)})
+    assert r.returncode == 2, r.stderr
+    assert f"cannot use the state directory {a_file} (CHORUS_STATE_DIR)" in one_error_line(r.stderr)
+
+
+def test_report_closes_its_consumer_when_kafka_is_unreachable(monkeypatch):
+    """`chorus report --kafka` at a closed port: the error line, then aiokafka's "Unclosed
+    AIOKafkaConsumer" warning, because a consumer whose start() failed was never stopped."""
+    import asyncio
+
+    import stream.kafka
+    from stream.offline.report import fetch_snapshots
+    from stream.process import is_kafka_error
+
+    made = []
+    real = stream.kafka.make_consumer
+    monkeypatch.setattr(stream.kafka, "make_consumer", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    raised = False
+    try:
+        asyncio.run(fetch_snapshots(f"127.0.0.1:{closed_port()}", timeout_s=5))
+    except Exception as exc:
+        raised = is_kafka_error(exc)
+    assert raised and len(made) == 1
+    assert made[0]._closed, "the consumer that failed to start was left open"
