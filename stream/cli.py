@@ -108,13 +108,21 @@ def settings(**overrides) -> Settings:
     raise AssertionError("unreachable")
 
 
+# `chorus relay/run/analyze --synthetic`: the population, its repositories and frames are built in
+# memory up front, about 8 KiB per account (10^11 accounts asked for ~745 GiB; `chorus run
+# --synthetic 10000000` was killed by the kernel's OOM killer at 24 GiB); 200,000 (~1.5 GiB) is ten
+# times the default world.
+RELAY_SYNTHETIC_MAX = 200_000
+
+
 # --- commands: each owner fills in the body of its own command only --------------------------
 
 @app.command()
 def run(
     profile: str = typer.Option(None, help="default (6 h window / 60 s hop) or demo (10 min / 10 s)."),
     kafka: Optional[str] = typer.Option(None, help="kafka://host:port; unset starts the embedded broker."),
-    synthetic: int = typer.Option(5000, min=50, help="Accounts in the synthetic population the local relay serves."),
+    synthetic: int = typer.Option(5000, min=50, max=RELAY_SYNTHETIC_MAX,
+                                  help="Accounts in the synthetic population the local relay serves."),
     seed: int = typer.Option(0, help="Seed of the synthetic population."),
     rate: float = typer.Option(50.0, min=0.1, help="Mean synthetic activity, events per second."),
     speed: float = typer.Option(1.0, min=0.01, help="Event time per wall-clock second of the synthetic relay "
@@ -379,12 +387,6 @@ def backfill(
     typer.echo(f"chorus backfill: {line}", err=True)
 
 
-# `chorus relay --synthetic`: the population, its repositories and frames are built in memory up
-# front, about 8 KiB per account (10^11 accounts asked for ~745 GiB); 200,000 (~1.5 GiB) is ten
-# times the default world.
-RELAY_SYNTHETIC_MAX = 200_000
-
-
 @app.command()
 def relay(
     recording: Optional[Path] = typer.Option(None, help="Serve this recording (from `chorus record`)."),
@@ -557,7 +559,8 @@ def bench(
 def analyze(
     input: Optional[Path] = typer.Argument(None, help="A recording (`chorus record`) or a Jetstream JSON-lines dump."),
     out: Path = typer.Option(..., "--out", "-o", help="Snapshot file: .parquet or .jsonl (by extension)."),
-    synthetic: Optional[int] = typer.Option(None, min=50, help="Analyze a synthetic population of N accounts instead."),
+    synthetic: Optional[int] = typer.Option(None, min=50, max=RELAY_SYNTHETIC_MAX,
+                                            help="Analyze a synthetic population of N accounts instead."),
     seed: int = typer.Option(0, help="Seed of the synthetic population."),
     agents: Optional[Path] = typer.Option(None, help="Also write per-agent attributions of the last window "
                                           "(.parquet or .jsonl)."),

@@ -139,3 +139,19 @@ def test_report_closes_its_consumer_when_kafka_is_unreachable(monkeypatch):
         raised = is_kafka_error(exc)
     assert raised and len(made) == 1
     assert made[0]._closed, "the consumer that failed to start was left open"
+
+
+def test_run_and_analyze_cap_the_synthetic_population_before_building_it(tmp_path):
+    """`chorus run --synthetic 10000000` built the population in memory until the kernel's OOM
+    killer stopped it (24 GiB); the relay's cap (stream.cli.RELAY_SYNTHETIC_MAX) applies to all three."""
+    from stream.cli import RELAY_SYNTHETIC_MAX
+
+    too_many = str(RELAY_SYNTHETIC_MAX + 1)
+    for args in (["run", "--no-console", "--duration", "5", "--metrics-port", "0", "--synthetic", too_many],
+                 ["analyze", "--synthetic", too_many, "-o", str(tmp_path / "s.jsonl")],
+                 ["relay", "--synthetic", too_many]):
+        r = invoke(args, env={"CHORUS_STATE_DIR": str(tmp_path / "state")})
+        assert r.returncode == 2, (args, r.stderr)
+        line = one_error_line(r.stderr)
+        assert "--synthetic" in line and f"{RELAY_SYNTHETIC_MAX}" in line.replace(",", ""), line
+    assert not (tmp_path / "state").exists() and not (tmp_path / "s.jsonl").exists()
