@@ -460,9 +460,9 @@ def relay(
 def record(
     url: str = typer.Argument(..., help="Relay base URI (ws://host:port/xrpc) or full subscribeRepos URL."),
     file: Path = typer.Argument(..., help="Recording file to write."),
-    cursor: Optional[int] = typer.Option(None, help="Start after this seq."),
-    limit: Optional[int] = typer.Option(None, help="Stop after N frames."),
-    duration: Optional[float] = typer.Option(None, help="Stop after S seconds."),
+    cursor: Optional[int] = typer.Option(None, min=0, help="Start after this seq."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Stop after N frames."),
+    duration: Optional[float] = typer.Option(None, min=0.0, help="Stop after S seconds."),
 ) -> None:
     """Save live frames with their seq to a file."""
     import asyncio

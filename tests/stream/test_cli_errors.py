@@ -155,3 +155,12 @@ def test_run_and_analyze_cap_the_synthetic_population_before_building_it(tmp_pat
         line = one_error_line(r.stderr)
         assert "--synthetic" in line and f"{RELAY_SYNTHETIC_MAX}" in line.replace(",", ""), line
     assert not (tmp_path / "state").exists() and not (tmp_path / "s.jsonl").exists()
+
+
+def test_record_refuses_negative_flags_before_connecting(tmp_path):
+    url = f"ws://127.0.0.1:{closed_port()}/xrpc"  # the flags are refused before any connection
+    for flag, value in (("--limit", "-1"), ("--limit", "0"), ("--cursor", "-3"), ("--duration", "-1")):
+        r = invoke(["record", url, str(tmp_path / "f.rec"), flag, value])
+        assert r.returncode == 2, (flag, r.stderr)
+        assert f"Invalid value for '{flag}'" in one_error_line(r.stderr), (flag, r.stderr)
+    assert not (tmp_path / "f.rec").exists()
