@@ -4,6 +4,7 @@ broker outages (:class:`ReliableSender`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,19 @@ from stream.config import PROFILES
 from stream.topics import TopicSpec, describe_ms, ops_topic, registry
 
 log = logging.getLogger("chorus.kafka")
+
+
+@contextlib.contextmanager
+def quiet_client_logs():
+    """aiokafka logs every failed dial at ERROR; while a stage starts, the one-line error it
+    raises when Kafka cannot be reached says it all, so its log is held to CRITICAL meanwhile."""
+    kafka_log = logging.getLogger("aiokafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        kafka_log.setLevel(level)
 
 
 def make_producer(bootstrap: str, idempotence: bool = True, **kw) -> AIOKafkaProducer:

@@ -39,6 +39,9 @@ def setup_logging(filename: str | Path | None = None, level: int = logging.INFO,
     if echo is not None and filename:
         handlers.append(logging.StreamHandler(echo))
     logging.basicConfig(level=level, format=LOG_FORMAT, handlers=handlers)
+    # JAX reports at INFO each accelerator plugin it did not find ("Unable to initialize backend
+    # 'tpu'"): noise on every start of a stage on a CPU or GPU machine
+    logging.getLogger("jax._src.xla_bridge").setLevel(max(level, logging.WARNING))
 
 
 def install(use_uvloop: bool = True) -> str:

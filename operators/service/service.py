@@ -563,7 +563,8 @@ class OperatorService:
     # --- Kafka loop -------------------------------------------------------------------------
     async def run(self) -> None:
         """Consume, recompute every hop, publish; returns after :meth:`stop`."""
-        from stream.kafka import ReliableSender, check_topics, ensure_topics, make_consumer, make_producer
+        from stream.kafka import (ReliableSender, check_topics, ensure_topics, make_consumer, make_producer,
+                                  quiet_client_logs)
         from stream.topics import stage_topics
 
         if not self.settings.kafka:
@@ -576,17 +577,27 @@ class OperatorService:
                  ", ".join(s.name for s in self.specs), self.hop_s)
         timeout_ms = int(self.settings.kafka_request_timeout_s * 1000)
         specs = stage_topics("operator", self.settings)
-        await ensure_topics(bootstrap, specs)
-        consumer = make_consumer(bootstrap, group_id=None,
-                                 auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20,
-                                 request_timeout_ms=timeout_ms)
-        producer = make_producer(bootstrap, idempotence=self.settings.kafka_idempotence,
-                                 request_timeout_ms=timeout_ms)
-        found = await check_topics(bootstrap, specs, "operator")
-        await consumer.start()
+        with quiet_client_logs():  # an unreachable Kafka: the error raised from here says it in one line
+            await ensure_topics(bootstrap, specs)
+            found = await check_topics(bootstrap, specs, "operator")
+            consumer = make_consumer(bootstrap, group_id=None,
+                                     auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20,
+                                     request_timeout_ms=timeout_ms)
+            try:
+                await consumer.start()
+            except BaseException:
+                await consumer.stop()
+                raise
         try:
             await self._position(consumer, bootstrap, found)
-            await producer.start()
+            producer = make_producer(bootstrap, idempotence=self.settings.kafka_idempotence,
+                                     request_timeout_ms=timeout_ms)
+            try:
+                with quiet_client_logs():
+                    await producer.start()
+            except BaseException:
+                await producer.stop()
+                raise
             try:
                 self.sender = sender = ReliableSender.for_aiokafka(producer, "operator")
                 alerts = AlertPublisher(sender, self.engine)

@@ -164,3 +164,21 @@ def test_record_refuses_negative_flags_before_connecting(tmp_path):
         assert r.returncode == 2, (flag, r.stderr)
         assert f"Invalid value for '{flag}'" in one_error_line(r.stderr), (flag, r.stderr)
     assert not (tmp_path / "f.rec").exists()
+
+
+def test_operator_start_failure_prints_no_client_log_noise(tmp_path):
+    """As a process (its real log handlers): the one error line and nothing from aiokafka's failed
+    dials or JAX's search for accelerator plugins (a new user saw both before the error)."""
+    import os
+    import subprocess
+    import sys
+
+    port = closed_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
+    env["CHORUS_STATE_DIR"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "stream.cli", "operator", "--kafka", f"kafka://127.0.0.1:{port}",
+                        "--metrics-port", "0"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1, r.stderr
+    one_error_line(r.stderr)
+    assert "aiokafka" not in r.stderr and "Unclosed" not in r.stderr, r.stderr
+    assert "Unable to initialize backend" not in r.stderr, r.stderr
