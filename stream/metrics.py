@@ -187,7 +187,13 @@ BACKFILL_PLC_OPS = Counter(
 )
 GRAPH_COVERAGE = Gauge(
     "chorus_graph_coverage_ratio",
-    "Repositories backfilled (or known inactive) / repositories listed: how complete the graph is.",
+    "Repositories backfilled (or known inactive) / repositories listed so far: how complete the graph "
+    "is, once chorus_backfill_listing_complete is 1 (before, an upper bound).",
+)
+BACKFILL_LISTING_COMPLETE = Gauge(
+    "chorus_backfill_listing_complete",
+    "1 once the backfill's listing of repositories has ended (the coverage's denominator is final), 0 while "
+    "it is still listing.",
 )
 
 # --- alerts -------------------------------------------------------------------------------

@@ -22,7 +22,9 @@ Statuses: ``done``; inactive repositories (nothing to backfill; they count as co
 ``deactivated``, ``takendown``, ``suspended``, ``deleted``, ``inactive``; failures (not covered):
 ``not_found``, the :class:`~stream.backfill.car.RepoError`, :class:`~stream.backfill.fetch.
 FetchError` and :class:`~stream.backfill.identity.IdentityError` reasons, ``http_error``.
-``chorus_graph_coverage_ratio`` = covered / listed.
+``chorus_graph_coverage_ratio`` = covered / listed so far; the listing is paged in as the queue
+drains, so until ``chorus_backfill_listing_complete`` is 1 the ratio is an upper bound (a run that
+has listed 2 pages of 100 may read 98 % with most of the network still unlisted).
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ class Backfill:
         self._fatal: BaseException | None = None
         self._failed = asyncio.Event()  # set with _fatal
         self._stopping = False
+        self.listing_complete = False  # the listing ended: the coverage's denominator is final
         self._dirty = False
         self._progress = None
         self._ticked = 0.0
@@ -162,6 +165,7 @@ class Backfill:
         self.state = self.checkpoint.load()
         if self.state.finished:
             metrics.GRAPH_COVERAGE.set(self.coverage)
+            metrics.BACKFILL_LISTING_COMPLETE.set(1)
             log.info("backfill of %s already complete (%s)", opts.source, self.checkpoint.path)
             return self.state
         self._done_before = set(self.state.done)
@@ -253,6 +257,7 @@ class Backfill:
                    for _ in range(self.opts.limits.concurrency)]
         saver = asyncio.create_task(self._saver())
         self._start_progress()
+        metrics.BACKFILL_LISTING_COMPLETE.set(0)
         finished = False
         try:
             async for page in pages:
@@ -268,7 +273,9 @@ class Backfill:
                 if self._stopping or self._fatal:
                     break
             else:
-                finished = True
+                finished = self.listing_complete = True
+                metrics.BACKFILL_LISTING_COMPLETE.set(1)
+                self._tick(force=True)
             joined = asyncio.create_task(queue.join())
             failed = asyncio.create_task(self._failed.wait())
             await asyncio.wait({joined, failed}, return_when=asyncio.FIRST_COMPLETED)
@@ -398,11 +405,13 @@ class Backfill:
         self._progress = Progress(
             TextColumn("backfill"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} repos"),
             TextColumn("{task.fields[edges]:,} edges"), TextColumn("{task.fields[rate]:,.0f} repos/s"),
-            TextColumn("coverage {task.fields[coverage]:.1%}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("coverage {task.fields[coverage]:.1%}{task.fields[listing]}"), TimeElapsedColumn(),
+            TimeRemainingColumn(),
             transient=False)
         self._progress.start()
         self._task = self._progress.add_task("backfill", total=max(self.listed, 1), completed=self.settled,
-                                             edges=self.state.edges, rate=0.0, coverage=self.coverage)
+                                             edges=self.state.edges, rate=0.0, coverage=self.coverage,
+                                             listing=self._listing_note())
 
     def _tick(self, force: bool = False) -> None:
         if self._progress is None:
@@ -413,7 +422,12 @@ class Backfill:
         self._ticked = now
         rate = self.settled / max(time.monotonic() - self.started, 1e-9)
         self._progress.update(self._task, total=max(self.listed, 1), completed=self.settled,
-                              edges=self.state.edges, rate=rate, coverage=self.coverage)
+                              edges=self.state.edges, rate=rate, coverage=self.coverage,
+                              listing=self._listing_note())
+
+    def _listing_note(self) -> str:
+        """What the coverage is of: final once the listing ended, else of the repos listed so far."""
+        return "" if self.listing_complete else " of listed so far (listing)"
 
     def _stop_progress(self) -> None:
         if self._progress is not None:

@@ -41,6 +41,7 @@ class Status:
     cursor: float | None = None
     agents: dict[str, float] = field(default_factory=dict)
     coverage: float | None = None  # chorus_graph_coverage_ratio: how complete the follow graph is
+    listing_complete: bool = True   # chorus_backfill_listing_complete (absent: no backfill, nothing to say)
 
 
 def read_status(registry, previous: Status | None, dt: float) -> Status:
@@ -55,6 +56,8 @@ def read_status(registry, previous: Status | None, dt: float) -> Status:
             st.cursor = fam.samples[0].value
         elif fam.name == "chorus_graph_coverage_ratio" and fam.samples:
             st.coverage = fam.samples[0].value
+        elif fam.name == "chorus_backfill_listing_complete" and fam.samples:
+            st.listing_complete = fam.samples[0].value >= 1
         elif fam.name == "chorus_window_agents":
             st.agents = {s.labels.get("topic", "?"): s.value for s in fam.samples}
     if previous is not None and dt > 0:
@@ -93,6 +96,8 @@ def status_line(st: Status) -> str:
     lag = "-" if st.lag_s is None else f"{st.lag_s:.1f}s"
     agents = sum(st.agents.values())
     graph = "" if st.coverage is None else f"  graph coverage {st.coverage:.1%}"
+    if graph and not st.listing_complete:
+        graph += " of listed so far (listing)"
     return (f"ingest {st.rate:7.1f} ev/s  events {st.events_total:.0f}  lag {lag}  window agents {agents:.0f}"
             + graph)
 

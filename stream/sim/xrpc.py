@@ -15,7 +15,9 @@ Served for a :class:`stream.sim.repos.SyntheticRepos` as of the relay's current 
 
 Fault injection for the backfill's tests (constructor arguments): ``throttle`` answers the first
 ``throttle`` getRepo requests with ``429`` and ``Retry-After: retry_after_s``; ``faults`` maps a
-DID to one of :data:`FAULTS`. ``requests`` counts what was asked, by endpoint.
+DID to one of :data:`FAULTS`; ``getrepo_delay_s`` answers every getRepo that much later (a slow
+PDS: keeps a backfill mid-way long enough to be killed there). ``requests`` counts what was asked,
+by endpoint.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class SyncServer:
 
     def __init__(self, repos: SyntheticRepos, head: Callable[[], int | None], host: str = "127.0.0.1",
                  port: int = 0, throttle: int = 0, retry_after_s: float = 1.0,
-                 faults: dict[str, str] | None = None, export_fault: str | None = None):
+                 faults: dict[str, str] | None = None, export_fault: str | None = None,
+                 getrepo_delay_s: float = 0.0):
         bad = set((faults or {}).values()) - FAULTS.keys()
         if bad:
             raise ValueError(f"unknown fault(s) {sorted(bad)}; known: {sorted(FAULTS)}")
@@ -74,6 +77,7 @@ class SyncServer:
         self._export_log: list[dict] | None = None
         self.repos, self.head, self.host, self.port = repos, head, host, port
         self.throttle, self.retry_after_s = int(throttle), retry_after_s
+        self.getrepo_delay_s = float(getrepo_delay_s)
         self.faults = dict(faults or {})
         self.requests: Counter[str] = Counter()
         self.throttled_at: list[float] = []  # loop time of every 429 sent
@@ -128,6 +132,8 @@ class SyncServer:
 
     async def _get_repo(self, request: web.Request) -> web.StreamResponse:
         self.requests["getRepo"] += 1
+        if self.getrepo_delay_s > 0:
+            await asyncio.sleep(self.getrepo_delay_s)
         if self.throttle > 0:
             self.throttle -= 1
             self.throttled_at.append(asyncio.get_running_loop().time())
