@@ -436,7 +436,9 @@ def relay(
             source = FrameSource.from_population(population, 1, start)
             repos = SyntheticRepos(population, 1, start)
             what = f"synthetic population n={population.n} seed={seed}"
-    except (OSError, RecordingError, ValueError) as exc:
+    except OSError as exc:  # e.g. a recording that does not exist: its path and the reason, no errno
+        fail(f"cannot read {exc.filename or recording}: {exc.strerror or exc}")
+    except (RecordingError, ValueError) as exc:
         fail(str(exc))
 
     def ready(r) -> None:

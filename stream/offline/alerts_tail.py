@@ -15,7 +15,7 @@ from typing import TextIO
 from stream.config import Settings
 from stream.display import utc_stamp
 from stream.guard import RecordGuard
-from stream.kafka import ensure_topics, make_consumer
+from stream.kafka import ensure_topics, make_consumer, quiet_client_logs
 from stream.schemas import TOPIC_ALERTS, Alert
 
 
@@ -36,10 +36,15 @@ async def follow(bootstrap: str, *, from_beginning: bool = False, as_json: bool 
     """Print alerts until ``stop`` is set or ``limit`` alerts were printed; returns the count.
     A record that is not a valid alert is skipped, counted and logged (:mod:`stream.guard`)."""
     guard = RecordGuard.from_settings("alerts", Settings())
-    await ensure_topics(bootstrap, {TOPIC_ALERTS: 1})
-    consumer = make_consumer(bootstrap, TOPIC_ALERTS, group_id=None,
-                             auto_offset_reset="earliest" if from_beginning else "latest")
-    await consumer.start()
+    with quiet_client_logs():  # an unreachable Kafka: the caller's one line says it
+        await ensure_topics(bootstrap, {TOPIC_ALERTS: 1})
+        consumer = make_consumer(bootstrap, TOPIC_ALERTS, group_id=None,
+                                 auto_offset_reset="earliest" if from_beginning else "latest")
+        try:
+            await consumer.start()
+        except BaseException:
+            await consumer.stop()
+            raise
     seen: set[str] = set()
     printed = 0
     try:

@@ -71,13 +71,14 @@ async def fetch_snapshots(bootstrap: str, since: int | None = None, until: int |
     """
     from stream.config import Settings
     from stream.guard import RecordGuard
-    from stream.kafka import ReadToEnd, make_consumer
+    from stream.kafka import ReadToEnd, make_consumer, quiet_client_logs
 
     guard = RecordGuard.from_settings("report", Settings())
     consumer = make_consumer(bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
     out: list[AttributionSnapshot] = []
     try:
-        await consumer.start()  # inside the try: a consumer that failed to start is closed too
+        with quiet_client_logs():  # an unreachable Kafka: the caller's one line says it
+            await consumer.start()  # inside the try: a consumer that failed to start is closed too
         parts = consumer.partitions_for_topic(topic)
         if parts is None:
             await consumer.topics()  # metadata refresh

@@ -5,8 +5,14 @@ each is one ``chorus: error: ...`` line on stderr (no traceback) with its exit s
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from stream.local.broker import free_port as closed_port  # a loopback port nothing listens on
 from tests.helpers.cli import invoke
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def one_error_line(stderr: str) -> str:
@@ -166,7 +172,8 @@ def test_record_refuses_negative_flags_before_connecting(tmp_path):
     assert not (tmp_path / "f.rec").exists()
 
 
-def test_operator_start_failure_prints_no_client_log_noise(tmp_path):
+@pytest.mark.parametrize("command", [["operator", "--metrics-port", "0"], ["alerts"], ["report", "-o", "out"]])
+def test_unreachable_kafka_prints_no_client_log_noise(command, tmp_path):
     """As a process (its real log handlers): the one error line and nothing from aiokafka's failed
     dials or JAX's search for accelerator plugins (a new user saw both before the error)."""
     import os
@@ -176,9 +183,16 @@ def test_operator_start_failure_prints_no_client_log_noise(tmp_path):
     port = closed_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
     env["CHORUS_STATE_DIR"] = str(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "stream.cli", "operator", "--kafka", f"kafka://127.0.0.1:{port}",
-                        "--metrics-port", "0"], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "stream.cli", *command, "--kafka", f"kafka://127.0.0.1:{port}"],
+                       capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert r.returncode == 1, r.stderr
-    one_error_line(r.stderr)
-    assert "aiokafka" not in r.stderr and "Unclosed" not in r.stderr, r.stderr
+    assert one_error_line(r.stderr).startswith(f"chorus: error: cannot reach Kafka at kafka://127.0.0.1:{port}")
+    assert "Unable connect" not in r.stderr and "Unclosed" not in r.stderr, r.stderr
     assert "Unable to initialize backend" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_relay_with_a_missing_recording_is_one_line(tmp_path):
+    r = invoke(["relay", "--recording", str(tmp_path / "nope.rec")])
+    assert r.returncode != 0
+    assert one_error_line(r.stderr) == f"chorus: error: cannot read {tmp_path / 'nope.rec'}: No such file or directory"
