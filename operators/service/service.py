@@ -99,8 +99,8 @@ from stream.schemas import (TOPIC_ATTRIBUTIONS, TOPIC_DEAD_LETTER, TOPIC_FEATURE
                             AttributionSnapshot, Features, GraphEdge, Identity)
 
 from operators import indicators
-from operators.bands import (BandIndex, band_distribution, band_mass, band_shares, band_tvd, panel_agents,
-                              panel_comparison, scaling_bias, visibility_sample)
+from operators.bands import (BandIndex, band_mass, band_shares, panel_agents, panel_comparison, scaling_bias,
+                              visibility_sample)
 from operators.service.alert_sink import AlertPublisher, load_rules
 from operators.service.alerts import AlertEngine
 from operators.attribution import NonFiniteError, attribute
@@ -224,7 +224,7 @@ class OperatorService:
         self.tolerance = float(tolerance if tolerance is not None else self.engine.rules["attribution_error"].threshold)
         self._rung: dict[tuple[str, str], int] = {}  # (topic, indicator) -> ladder index to start at
         self._members_checked = False  # _panel_cache validated against the counts in this hop
-        self._panel_cache: tuple | None = None  # (key, (followers padded, panel, bands, padded bands)), see _panel_members
+        self._panel_cache: tuple | None = None  # (key, (panel, bands, padded bands)), see _panel_members
         self.last_quadrature: dict[tuple[str, str], tuple[str, int]] = {}  # (topic, indicator) -> (rule, steps)
         self.hop_s = self.settings.window[1]
         self.last_end: int | None = None          # window_end of the last recompute
@@ -346,7 +346,7 @@ class OperatorService:
             raise NonFinite(f"non-finite {spec.columns} in the state")
         F, b, res, phi_full, compact, err_full, error = self._full(topic, spec, x, active)
         phi, followers = phi_full[:n], st.followers[:n]
-        ranked = self._panel_members()[2]  # the real rows' bands, ranked once per follower state
+        ranked = self._panel_members()[1]  # the real rows' bands, ranked once per follower state
         bands = band_shares(phi, ranked)
         mass = band_mass(phi, ranked)
         panel = self._panel(spec, F, x, b, phi_full, active, compact, error, topic)
@@ -445,34 +445,32 @@ class OperatorService:
         scaling, scaling_residual, bands_spanned) and the same for the visibility sample of the
         topic's active agents (``sample``).
 
-        Runs on the padded arrays (no retrace); padding rows get followers -1 so they never enter
-        the panel or the sample, and band shares are taken over the real rows only. Members'
+        Runs on the padded arrays (no retrace); the panel and the sample are drawn among the real
+        rows, which are ranked into bands among themselves (padding rows: last band, phi = 0, so
+        shares and TVD are the real rows'). Members'
         attributions (:meth:`_members_phi`) use the full attribution's rule and nodes.
         """
-        st = self.state
-        n = st.n_rows
-        f_pad, panel, ranked, ranked_pad = self._panel_members()
+        panel, _, ranked_pad = self._panel_members()
         sample, inclusion = self._sample(active)
         out = {}
         for name, members, pi in (("panel", panel, None), ("sample", sample, inclusion)):
             phi_panel = self._members_phi(spec, F, x, b, members, active, compact, error, f"{topic}/{name}")
+            # bands ranked among the real rows; padding rows sit in the last band with phi = 0, so
+            # the comparison's shares and TVD are those of the real rows
             pc = panel_comparison(F, x, ranked_pad, members=members, baseline=b, phi_full=phi_full,
                                   phi_panel=phi_panel)
             c, resid = scaling_bias(phi_full[members], pc.phi_panel[members], pi)
-            # band comparison over the real rows (padding is never a member and has phi = 0)
-            tvd = (band_tvd(band_distribution(phi_full[:n], ranked),
-                            band_distribution(pc.phi_panel[:n], ranked)) if pc.informative else None)
-            out[name] = {"k": int(members.size), "bands": band_shares(pc.phi_panel[:n], ranked),
-                         "tvd": None if tvd is None else _finite(tvd), "spearman": _finite(pc.spearman),
+            out[name] = {"k": int(members.size), "bands": pc.bands,
+                         "tvd": _finite(pc.tvd) if pc.informative else None, "spearman": _finite(pc.spearman),
                          "rescale": _finite(pc.rescale), "rescale_residual": _finite(pc.rescale_residual),
                          "scaling": _finite(c), "scaling_residual": _finite(resid),
                          "bands_spanned": pc.bands_spanned}
         return {**out["panel"], "sample": out["sample"]}
 
-    def _panel_members(self) -> tuple[np.ndarray, np.ndarray, BandIndex, BandIndex]:
-        """(followers padded with -1 to the capacity, the top-``panel_k`` panel, the real rows'
-        bands, the padded rows' bands): the same for every topic and indicator of a hop, so kept
-        until the follower counts, the rows or the capacity change (keyed by the counts' content)."""
+    def _panel_members(self) -> tuple[np.ndarray, BandIndex, BandIndex]:
+        """(the top-``panel_k`` panel, the real rows' bands, the same padded to the capacity): the
+        same for every topic and indicator of a hop, so kept until the follower counts, the rows or
+        the capacity change (keyed by the counts' content; checked once per hop)."""
         st = self.state
         n = st.n_rows
         k = max(1, min(self.panel_k, n))
@@ -481,10 +479,8 @@ class OperatorService:
         key = (n, st.capacity, k, hashlib.blake2b(np.ascontiguousarray(st.followers[:n]), digest_size=16).digest())
         self._members_checked = True
         if self._panel_cache is None or self._panel_cache[0] != key:
-            f_pad = np.full(st.capacity, -1, np.int64)
-            f_pad[:n] = st.followers[:n]
             ranked = BandIndex.of(st.followers[:n])  # bands among the real agents
-            self._panel_cache = (key, (f_pad, panel_agents(f_pad, k), ranked, ranked.padded(st.capacity)))
+            self._panel_cache = (key, (panel_agents(st.followers[:n], k), ranked, ranked.padded(st.capacity)))
         return self._panel_cache[1]
 
     def _sample(self, active) -> tuple[np.ndarray, np.ndarray]:
