@@ -1,9 +1,12 @@
 """The live console view of `chorus run`: what the pipeline currently says, per topic.
 
-Reads ``chorus.attributions`` (latest value per topic and indicator) and the metrics registry
+Reads ``chorus.attributions`` (latest value per topic and indicator), ``chorus.alerts`` (the latest
+alerts) and the metrics registry
 (ingest rate = d/dt of ``chorus_events_published_total``, ``chorus_ingest_lag_seconds``,
-``chorus_window_agents``). On a terminal it is a ``rich.live.Live`` view refreshed every second;
-otherwise it prints plain lines: each new snapshot once, and a status line every ``plain_every`` s.
+``chorus_window_agents``). On a terminal it is a ``rich.live.Live`` view refreshed every second,
+laid out for the terminal's size (:func:`layout`: a standard 80x24 terminal shows every topic and
+the latest alerts); otherwise it prints plain lines: each new snapshot and alert once, and a status
+line every ``plain_every`` s.
 """
 
 from __future__ import annotations
@@ -16,17 +19,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from rich.columns import Columns
 from rich.console import Console as RichConsole
 from rich.console import Group
 from rich.live import Live
-from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from operators import attribution
-from stream.display import percent, who
-from stream.schemas import TOPIC_ATTRIBUTIONS, AttributionSnapshot
+from stream.display import percent, shorten, who
+from stream.schemas import TOPIC_ALERTS, TOPIC_ATTRIBUTIONS, Alert, AttributionSnapshot
 
 log = logging.getLogger("chorus.console")
 
@@ -66,15 +67,27 @@ def read_status(registry, previous: Status | None, dt: float) -> Status:
 
 
 class Snapshots:
-    """Latest ``chorus.attributions`` value per (topic, indicator)."""
+    """Latest ``chorus.attributions`` value per (topic, indicator), and the latest alerts."""
+
+    MAX_ALERTS = 100
 
     def __init__(self) -> None:
         self.latest: dict[tuple[str, str], dict[str, Any]] = {}
         self.fresh: list[dict[str, Any]] = []  # received since the last plain print
+        self.alerts: list[dict[str, Any]] = []  # ``chorus.alerts`` values, newest first, ids distinct
+        self.fresh_alerts: list[dict[str, Any]] = []
 
     def add(self, value: dict[str, Any]) -> None:
         self.latest[(value["topic"], value["indicator"])] = value
         self.fresh.append(value)
+
+    def add_alert(self, value: dict[str, Any]) -> None:
+        """An alert (a chorus.alerts value); one redelivered with a known id is ignored."""
+        if any(a["id"] == value["id"] for a in self.alerts):
+            return
+        self.alerts.insert(0, value)
+        del self.alerts[self.MAX_ALERTS:]
+        self.fresh_alerts.append(value)
 
     def topics(self) -> list[str]:
         return sorted({t for t, _ in self.latest})
@@ -118,42 +131,138 @@ def snapshot_line(v: dict[str, Any]) -> str:
             f"residual={relative_residual(v):.1e}{culprit}")
 
 
-def topic_panel(topic: str, values: list[dict[str, Any]], agents: float | None, top_n: int = 5) -> Panel:
-    """A panel for one topic: band shares full vs panel per indicator, residuals, top culprits."""
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    table.add_column("band")
-    for v in values:
-        table.add_column(f"{v['indicator']}\nfull", justify="right")
-        table.add_column("\npanel", justify="right", style="cyan")
-    bands: list[str] = []
-    for v in values:
-        bands += [b for b in v["bands"] if b not in bands]
-    for b in bands:
-        row = [b]
-        for v in values:
-            row += [_pct(v["bands"].get(b)), _pct(v["panel"].get("bands", {}).get(b))]
-        table.add_row(*row)
-    table.add_row(*(["TVD"] + sum(([f"{_num(v['panel'].get('tvd')):.3f}", ""] for v in values), [])))
-    table.add_row(*(["residual"] + sum(([f"{relative_residual(v):.1e}", ""] for v in values), [])))
-    parts: list[Any] = [table]
-    for v in values:
-        top = v.get("top", [])[:top_n]
-        if top:
-            culprits = ", ".join(f"{who(t)} {_pct(t['share']).strip()}" for t in top)
-            parts.append(Text(f"top {v['indicator']}: {culprits}", overflow="fold"))
-    window_end = max(v["window_end"] for v in values)
-    stamp = time.strftime("%H:%M:%S", time.localtime(window_end))
-    n = f"{agents:.0f}" if agents is not None else str(max(v["n_agents"] for v in values))
-    return Panel(Group(*parts), title=f"[bold]{topic}[/] · {n} agents · window end {stamp}", expand=False)
+def alert_line(a: dict[str, Any]) -> str:
+    """One plain line per alert: ``alert [window_end] SEVERITY rule: summary``."""
+    return f"alert [{a['window_end']}] {a['severity'].upper()} {a['rule']}: {a['summary']}"
 
 
-def render(snaps: Snapshots, st: Status) -> Group:
-    """The whole live view."""
-    head = Text(status_line(st), style="bold green")
+INDICATOR_ABBREV = {"cascade_reach": "reach", "polarization": "polar", "volume": "vol",
+                    "concentration": "conc"}
+SEVERITY_STYLE = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
+BAND_ABBREV = {"bottom50": "bot50"}
+WIDE = 120  # from this many columns on: full indicator names, shares with a decimal, the TVD
+
+
+def _share_pair(full: float | None, panel: float | None, wide: bool) -> str:
+    """A band's share, full scale | visibility panel, in percent (``-``: the panel has none)."""
+    if wide:
+        return f"{percent(full)}|{percent(panel)}"
+    return f"{percent(full, digits=0).rstrip('%')}|{percent(panel, digits=0).rstrip('%')}"
+
+
+def _culprit(top: dict[str, Any], wide: bool, width: int) -> str:
+    """The top culprit in ``width`` characters: :func:`stream.display.who` when wide; else its handle,
+    or its DID without the ``did:plc:`` every synthetic and most real DIDs share."""
+    if wide:
+        return who(top, max(width - 7, 8))
+    return shorten(top.get("handle") or str(top.get("did", "?")).removeprefix("did:plc:"), max(width - 6, 4))
+
+
+def _alert_time(window_end: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(window_end))
+
+
+def layout(snaps: Snapshots, st: Status, width: int, height: int) -> Group:
+    """The live view for a ``width`` x ``height`` terminal: every section in at most ``height - 1``
+    lines (the last stays free for the cursor), no line wider than ``width``.
+
+    Sections: the status line; one compact row per topic and indicator (band shares full|panel in
+    percent, the relative completeness residual, the top culprit; a topic's agent count under its
+    name); the latest alerts, newest first, in whatever lines are left (at least one). Whatever is
+    too long is cut with an ellipsis; rows that do not fit at all are counted in a last row.
+    """
+    wide = width >= WIDE
+    free = max(height - 1, 6)
+    parts: list[Any] = [Text(status_line(st), style="bold green", no_wrap=True, overflow="ellipsis")]
+    used = 1
     if not snaps.latest:
-        return Group(head, Text("waiting for the first attribution snapshot (one hop)…", style="dim"))
-    panels = [topic_panel(t, snaps.of(t), st.agents.get(t)) for t in snaps.topics()]
-    return Group(head, Columns(panels))
+        parts.append(Text("waiting for the first attribution snapshot (one hop)…", style="dim",
+                          no_wrap=True, overflow="ellipsis"))
+        used += 1
+    else:
+        rows = [(t, v) for t in snaps.topics() for v in snaps.of(t)]
+        bands: list[str] = []
+        for _, v in rows:
+            bands += [b for b in v["bands"] if b not in bands]
+        window_end = max(v["window_end"] for _, v in rows)
+        parts.append(Text(f"window end {_alert_time(window_end)} · band shares of |phi|, full|panel %"
+                          + (" · culprit: top share" if wide else ""), style="dim", no_wrap=True,
+                          overflow="ellipsis"))
+        topic_w, ind_w, band_w = (14, 13, 12) if wide else (9, 5, 6)
+        fixed = [topic_w, ind_w] + [band_w] * len(bands) + ([5] if wide else []) + [7]
+        culprit_w = max(8, width - sum(fixed) - len(fixed))  # one space between columns
+        table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", padding=(0, 1, 0, 0),
+                      expand=False)
+        table.add_column("topic", no_wrap=True, overflow="ellipsis", width=topic_w)
+        table.add_column("indicator" if wide else "ind", no_wrap=True, overflow="ellipsis", width=ind_w)
+        for b in bands:
+            table.add_column(shorten(b if wide else BAND_ABBREV.get(b, b), band_w), justify="right", no_wrap=True, overflow="ellipsis", width=band_w)
+        if wide:
+            table.add_column("TVD", justify="right", no_wrap=True, width=5)
+        table.add_column("resid", justify="right", no_wrap=True, width=7)
+        table.add_column("top culprit: share", no_wrap=True, overflow="ellipsis", width=culprit_w)
+        budget = free - used - 1 - 1 - 2  # the title above, the header, the alerts' title and one alert
+        shown = rows
+        if len(shown) > budget:  # every topic first: one row each (its first indicator), then cut
+            budget -= 1  # the line that says so
+            firsts = [(t, snaps.of(t)[0]) for t in snaps.topics()]
+            shown = firsts[:max(budget, 1)]
+        previous = None
+        for t, v in shown:
+            if t != previous:
+                label, previous = t, t
+            else:  # a topic's second row: its agent count (the window's, else the snapshot's)
+                n = st.agents.get(t)
+                label = f"n={int(n) if n is not None else v['n_agents']}"
+            ind = v["indicator"] if wide else INDICATOR_ABBREV.get(v["indicator"], v["indicator"])
+            top = v["top"][0] if v.get("top") else None
+            culprit = f"{percent(top['share']).strip()} {_culprit(top, wide, culprit_w)}" if top else "-"
+            cells = [label, ind] + [_share_pair(v["bands"].get(b), v["panel"].get("bands", {}).get(b), wide)
+                                    for b in bands]
+            if wide:
+                cells.append(f"{_num(v['panel'].get('tvd')):.3f}")
+            cells += [f"{relative_residual(v):.1e}", culprit]
+            table.add_row(*cells)
+        parts.append(table)
+        if len(shown) < len(rows):
+            parts.append(Text(f"… {len(rows) - len(shown)} more rows (a taller terminal shows them)",
+                              style="dim", no_wrap=True, overflow="ellipsis"))
+        used += 2 + len(shown) + (len(shown) < len(rows))
+    left = max(free - used - 1, 1)
+    alerts = snaps.alerts[:left]
+    parts.append(Text(f"alerts ({len(snaps.alerts)} seen, latest first)" if snaps.alerts
+                      else "alerts: none since the view started", style="bold", no_wrap=True))
+    if alerts:
+        at = Table(box=None, pad_edge=False, show_edge=False, show_header=False, padding=(0, 1, 0, 0),
+                   expand=False)
+        fixed = [8, 8, 21] if wide else [8, 18]  # time, (severity), rule; narrow: the rule's colour says it
+        for w in fixed:
+            at.add_column(no_wrap=True, overflow="ellipsis", width=w)
+        at.add_column(no_wrap=True, overflow="ellipsis", width=max(8, width - sum(fixed) - len(fixed)))
+        for a in alerts:
+            style = SEVERITY_STYLE.get(a["severity"])
+            rule = Text(a["rule"], style=style)
+            cells = [_alert_time(a["window_end"])] + ([Text(a["severity"], style=style)] if wide else [])
+            at.add_row(*cells, rule, a["summary"])
+        parts.append(at)
+    return Group(*parts)
+
+
+class View:
+    """The live view as a renderable that fits whatever terminal draws it (:func:`layout` at the
+    console's current width and height, so a resized terminal gets a new layout)."""
+
+    def __init__(self, snaps: Snapshots, st: Status):
+        self.snaps, self.status = snaps, st
+
+    def __rich_console__(self, console, options):
+        height = options.height or options.size.height or console.height
+        yield layout(self.snaps, self.status, options.max_width, height)
+
+
+def render(snaps: Snapshots, st: Status) -> View:
+    """The whole live view (fits the terminal it is printed on)."""
+    return View(snaps, st)
 
 
 class Console:
@@ -179,7 +288,7 @@ class Console:
         from stream.kafka import make_consumer
 
         # No group and "latest": a view of what happens from now on, committing nothing.
-        self._consumer = make_consumer(self.bootstrap, TOPIC_ATTRIBUTIONS, auto_offset_reset="latest")
+        self._consumer = make_consumer(self.bootstrap, TOPIC_ATTRIBUTIONS, TOPIC_ALERTS, auto_offset_reset="latest")
         await self._consumer.start()
         self._tasks = [asyncio.create_task(self._consume(), name="chorus-console-consume"),
                        asyncio.create_task(self._show(), name="chorus-console-show")]
@@ -190,6 +299,11 @@ class Console:
 
         guard = RecordGuard.from_settings("console", Settings())
         async for msg in self._consumer:
+            if msg.topic == TOPIC_ALERTS:
+                alert = guard.parse(Alert, msg.topic, msg.partition, msg.offset, msg.value, msg.key)
+                if alert is not None:
+                    self.snaps.add_alert(alert.model_dump())
+                continue
             snap = guard.parse(AttributionSnapshot, msg.topic, msg.partition, msg.offset, msg.value, msg.key)
             if snap is not None:  # else rejected, counted and logged
                 self.snaps.add(snap.model_dump())
@@ -216,8 +330,10 @@ class Console:
             while True:
                 await asyncio.sleep(self.plain_every)
                 last = await self._refresh_status(last)
-                lines = [status_line(self.status)] + [snapshot_line(v) for v in self.snaps.fresh]
+                lines = ([status_line(self.status)] + [snapshot_line(v) for v in self.snaps.fresh]
+                         + [alert_line(a) for a in self.snaps.fresh_alerts])
                 self.snaps.fresh.clear()
+                self.snaps.fresh_alerts.clear()
                 print("\n".join(lines), file=self.out, flush=True)
 
     async def stop(self) -> None:
