@@ -396,7 +396,9 @@ def relay(
     port: int = typer.Option(0, help="Listen port (0 = any free port)."),
     rate: Optional[float] = typer.Option(None, help="Pace to this many frames (events) per second."),
     speed: Optional[float] = typer.Option(None, help="Pace by frame time at this multiple of real time."),
-    start_us: Optional[int] = typer.Option(None, help="Synthetic: time of the first frame, us since epoch (default: now)."),
+    start_us: Optional[int] = typer.Option(None, help="Synthetic: time of the first frame, us since epoch (default: "
+                                           "as late as keeps every frame's time at or behind the wall clock "
+                                           "when it is served)."),
     jetstream: bool = typer.Option(False, "--jetstream", help="Speak Jetstream v1 (JSON at /subscribe) "
                                    "instead of subscribeRepos."),
 ) -> None:
@@ -405,7 +407,7 @@ def relay(
     import time
 
     from stream.sim.recording import RecordingError
-    from stream.sim.relay import FrameSource, run_relay
+    from stream.sim.relay import FrameSource, live_start_us, run_relay
 
     repos = None
     if recording is not None and synthetic is not None:
@@ -432,7 +434,9 @@ def relay(
             from stream.sim.repos import SyntheticRepos
 
             population = Population(n=20_000 if synthetic is None else synthetic, seed=seed)
-            start = start_us or time.time_ns() // 1000
+            # default: placed so that no frame's time is ahead of the wall clock when it is served
+            start = start_us if start_us is not None else live_start_us(
+                population.frame_offsets_us(), time.time_ns() // 1000, rate, speed)
             source = FrameSource.from_population(population, 1, start)
             repos = SyntheticRepos(population, 1, start)
             what = f"synthetic population n={population.n} seed={seed}"

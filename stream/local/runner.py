@@ -339,9 +339,11 @@ class BrokerPart:
 class RelayPart:
     """The synthetic relay: a seeded ``synth.Population`` served as subscribeRepos frames.
 
-    Event time runs at ``speed`` x wall-clock speed from ``start_time_us`` (default: now); at
+    Event time runs at ``speed`` x wall-clock speed from ``start_time_us`` (default: placed by
+    :func:`stream.sim.relay.live_start_us` so that no frame is ahead of the wall clock when served:
+    the first activity now at speed 1; faster, in the past, reaching now with the last frame); at
     speed 1 (the default) lag and windows mean what they mean live, faster replays the same
-    events in less wall time (lag is then negative). The activity span is ``events_per_account * n
+    events in less wall time. The activity span is ``events_per_account * n
     / rate`` seconds of event time (about ``rate`` events/s on average), after ``follow_span_s``
     seconds in which the pre-existing follow graph was made: that graph is in the repositories the
     relay serves (listRepos, getRepo, a PLC directory: :mod:`stream.sim.xrpc`), not on the
@@ -372,12 +374,14 @@ class RelayPart:
                           follow_span_s=self.follow_span_s, follow_batch=100)
 
     async def start(self) -> None:
-        from stream.sim.relay import FrameSource, Relay
+        from stream.sim.relay import FrameSource, Relay, live_start_us
         from stream.sim.repos import SyntheticRepos
 
         self.population = await asyncio.to_thread(self.make_population)
-        start = self.start_time_us if self.start_time_us is not None else time.time_ns() // 1000
-        self.start_time_us = start
+        if self.start_time_us is None:  # no frame's time ahead of the wall clock when it is served
+            offsets = await asyncio.to_thread(self.population.frame_offsets_us)
+            self.start_time_us = live_start_us(offsets, time.time_ns() // 1000, speed=self.speed)
+        start = self.start_time_us
         source = FrameSource.from_population(self.population, start_time_us=start)
         repos = SyntheticRepos(self.population, 1, start)
         self.relay = Relay(source, self.host, 0, speed=self.speed, repos=repos, retention=self.retention)

@@ -105,6 +105,28 @@ class FrameSource:
                    start_seq, start_seq + population.expected()["frames"] - 1)
 
 
+def live_start_us(offsets_us, now_us: int, rate: float | None = None, speed: float | None = None) -> int:
+    """The latest time for a synthetic timeline's start such that no frame's time is ahead of the
+    wall clock when the relay serves it: frame i (``offsets_us[i]`` after the start, in order) is
+    appended no earlier than ``now_us`` + its pacing delay d_i = max(i / rate, (offset_i -
+    offset_0) / speed), 0 unpaced (:meth:`Relay._produce_paced`), so the start is
+    ``now_us + min_i(d_i - offset_i)``: unpaced, the timeline ends at ``now_us`` (every frame is
+    already published); at ``speed`` <= 1 it starts at ``now_us`` less the first offset; faster
+    (a high ``rate``, ``speed`` > 1) it starts in the past and catches up with the wall clock no
+    later than its last frame. Integer microseconds; ``now_us`` for an empty timeline."""
+    import numpy as np
+
+    off = np.asarray(offsets_us, dtype=np.float64)
+    if off.size == 0:
+        return int(now_us)
+    delay = np.zeros(off.size)
+    if rate:
+        delay = np.maximum(delay, np.arange(off.size) / rate * 1e6)
+    if speed:
+        delay = np.maximum(delay, (off - off[0]) / speed)
+    return int(now_us) + int(np.floor(np.min(delay - off)))
+
+
 def as_source(source) -> FrameSource:
     if isinstance(source, FrameSource):
         return source

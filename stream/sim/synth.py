@@ -643,6 +643,14 @@ class Population:
         coll = frame_codec.POST if k <= QUOTE else frame_codec.LIKE if k == LIKE else frame_codec.REPOST
         return f"at://{self.did(int(tl.author[i]))}/{coll}/{frame_codec.tid(base_us + int(tl.t[i]), i & 0x3FF)}"
 
+    def frame_offsets_us(self) -> np.ndarray:
+        """Times of the frames :meth:`timed_frames` yields, in its order, minus its ``start_time_us``
+        (int64 microseconds, non-decreasing): where a relay places the timeline
+        (:func:`stream.sim.relay.live_start_us`) without encoding a frame."""
+        span = self.activity_start_us(0)
+        follows = self._follow_commit_times(0) if self.graph_on_firehose else np.zeros(0, np.int64)
+        return np.concatenate([follows, span + self.timeline.t.astype(np.int64)])
+
     def timed_frames(self, start_seq: int = 1, start_time_us: int | None = None) -> Iterator[tuple[int, int, bytes]]:
         """(seq, time_us, frame) for the whole population: follow graph first, then activity."""
         t0 = DEFAULT_START_US if start_time_us is None else int(start_time_us)
