@@ -181,6 +181,11 @@ BACKFILL_REPOS = Counter(
     "chorus_backfill_repos", "Repositories the backfill finished, by status (done, or why skipped).", ["status"]
 )
 BACKFILL_EDGES = Counter("chorus_backfill_edges", "Follow edges the backfill published (acknowledged).")
+BACKFILL_TIME_CLAMPED = Counter(
+    "chorus_backfill_event_time_clamped",
+    "Repositories whose rev (a TID the PDS sets) was later than the time they were fetched; their edges' "
+    "time_us was clamped to the fetch time.",
+)
 BACKFILL_PLC_OPS = Counter(
     "chorus_backfill_plc_ops",
     "PLC directory export operations the backfill read, by status (applied, or why skipped).", ["status"]

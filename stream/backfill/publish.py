@@ -6,7 +6,7 @@ All values of one repository go to one partition, the one the producer's default
 partition a record lands in does not matter to its consumer, which reads every partition and
 orders the ops of an edge by rev (operators/service/state.py). Values: ``{v, op: "add", src:
 followed, dst: follower, time_us, uri, rev}`` where ``rev`` is the repository's checkpoint rev and
-``time_us`` its TID time (stream.schemas.GraphEdge). A repository's handle, when its DID document
+``time_us`` its TID time, no later than the fetch (stream.schemas.GraphEdge). A repository's handle, when its DID document
 gave one, goes to ``chorus.identities`` (key DID, the default partitioner's partition, as
 ``chorus ingest`` sends it, so compaction sees one key in one place).
 
@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
+from stream import metrics
 from stream.protocol import FOLLOW
 from stream.schemas import SCHEMA_VERSION, TOPIC_GRAPH, TOPIC_IDENTITIES, dumps, graph_value, tid_value
 
@@ -75,11 +77,18 @@ class GraphPublisher:
         return default_partition(did.encode(), self.partitions)
 
     async def publish_repo(self, did: str, rev: str, follows: list[tuple[str, str]],
-                           handle: str | None = None) -> int:
+                           handle: str | None = None, fetched_us: int | None = None) -> int:
         """Publish ``(rkey, subject DID)`` follows of repository ``did`` at ``rev`` (and, given
         one, its ``handle`` to chorus.identities); returns how many follows, once acknowledged
-        (raises what the producer raises)."""
+        (raises what the producer raises). ``time_us`` is the rev's TID time, but no later than
+        ``fetched_us`` (when the repository was fetched, unix us; None: now): the PDS sets the rev,
+        and a rev in the future must not date an edge in the future (clamped, counted in
+        ``chorus_backfill_event_time_clamped_total``; the rev itself is published as given)."""
         time_us = tid_value(rev) >> 10
+        limit_us = time.time_ns() // 1000 if fetched_us is None else int(fetched_us)
+        if time_us > limit_us:
+            time_us = limit_us
+            metrics.BACKFILL_TIME_CLAMPED.inc()
         key = did.encode()
         waits = []
         if handle is not None:

@@ -368,12 +368,13 @@ class Backfill:
         if resp.status != 200:
             err = resp.json_error()
             return REPO_ERRORS.get(err or "", "not_found" if resp.status == 404 else "http_error"), 0
+        fetched_us = time.time_ns() // 1000
         try:
             follows = read_follows(resp.body, did)
         except RepoError as exc:
             log.debug("%s: %s", did, exc)
             return exc.reason, 0
-        n = await publisher.publish_repo(did, follows.rev, follows.follows, handle)
+        n = await publisher.publish_repo(did, follows.rev, follows.follows, handle, fetched_us=fetched_us)
         return "done", n
 
     # --- checkpointing -----------------------------------------------------------------------

@@ -119,3 +119,33 @@ def test_a_producer_failure_reaches_the_repository(fresh_broker):
         await pub.aclose()
 
     asyncio.run(main())
+
+
+def test_a_rev_from_the_future_does_not_date_edges_in_the_future(fresh_broker):
+    """The rev is a TID the (untrusted) PDS sets: an edge's time_us is its time, but no later than
+    the fetch; the rev itself is published as given (it orders the edge's ops)."""
+    from stream import metrics
+
+    fetched = 1_800_000_000_000_000
+    future, past = tid(fetched + 10 * 365 * 86_400 * 10**6, 1), tid(fetched - 5 * 10**6, 2)
+    before = metrics.BACKFILL_TIME_CLAMPED._value.get()
+
+    async def main():
+        await ensure_topics(fresh_broker.bootstrap, {t: TOPIC_PARTITIONS[t] for t in (TOPIC_GRAPH, TOPIC_IDENTITIES)})
+        producer = make_producer(fresh_broker.bootstrap, False)
+        await producer.start()
+        try:
+            pub = await GraphPublisher.create(producer)
+            await pub.publish_repo(_did(1), future, [("a", _did(2))], handle="far.example.com", fetched_us=fetched)
+            await pub.publish_repo(_did(3), past, [("b", _did(4))], fetched_us=fetched)
+            await pub.aclose()
+        finally:
+            await producer.stop()
+
+    asyncio.run(main())
+    edges = {json.loads(m.value)["dst"]: json.loads(m.value) for m in _read(fresh_broker.bootstrap, TOPIC_GRAPH, 2)}
+    assert edges[_did(1)]["time_us"] == fetched and edges[_did(1)]["rev"] == future
+    assert edges[_did(3)]["time_us"] == tid_value(past) >> 10 == fetched - 5 * 10**6
+    ident = json.loads(_read(fresh_broker.bootstrap, TOPIC_IDENTITIES, 1)[0].value)
+    assert ident["time_us"] == fetched
+    assert metrics.BACKFILL_TIME_CLAMPED._value.get() == before + 1
