@@ -8,7 +8,7 @@ after it wins (its rev is newer; stream.schemas.GraphEdge). A dump names no foll
 an unfollow on the firehose (a remove naming only its record) cannot find a pair imported this
 way: the pair stays until a backfill of that account replaces it. Rows are validated as they are read;
 the first bad one stops the import with a one-line :class:`GraphFileError` naming its line (CSV,
-counting the header as line 1) or row (Parquet). Re-importing publishes the same adds again
+counting the header as line 1) or row (Parquet); so does a file with no rows. Re-importing publishes the same adds again
 (harmless: the graph is a set); progress is checkpointed by row so a killed import resumes.
 """
 
@@ -81,8 +81,12 @@ def read_pairs(path: Path, skip: int = 0, validate: bool = True) -> Iterator[tup
 
 def check_file(path: Path) -> int:
     """Validate the whole file (columns, every row) before anything is published; returns its row
-    count. Raises GraphFileError naming the first bad line (CSV) or row (Parquet)."""
-    return sum(len(follower) for _, follower, _ in read_pairs(path))
+    count. Raises GraphFileError naming the first bad line (CSV) or row (Parquet), or for a file
+    with no rows (a header only: an empty import is a mistake, as a ``--dids`` file without DIDs)."""
+    rows = sum(len(follower) for _, follower, _ in read_pairs(path))
+    if rows == 0:
+        raise GraphFileError(f"graph file {path} has no follow pairs (columns follower, followed but no rows)")
+    return rows
 
 
 def _check_columns(path: Path, names: list[str]) -> None:

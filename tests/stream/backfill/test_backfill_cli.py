@@ -60,6 +60,15 @@ def test_input_files_are_checked_before_kafka(tmp_path):
     rows = [f"did:plc:f{i:022d},did:plc:s{i:022d}\n" for i in range(bad_line - 2)]
     csv.write_text("follower,followed\n" + "".join(rows) + f"{GOOD},did:web:\n" + rows[0])
     one_line_error(backfill(tmp_path, "--graph-file", str(csv)), f"line {bad_line}", "followed is not a DID")
+    # a header and no pairs: an error, as a --dids file without DIDs (not a silent import of nothing)
+    csv.write_text("follower,followed\n")
+    one_line_error(backfill(tmp_path, "--graph-file", str(csv)), str(csv), "no follow pairs")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    empty = tmp_path / "graph.parquet"
+    pq.write_table(pa.table({"follower": pa.array([], pa.string()), "followed": pa.array([], pa.string())}), empty)
+    one_line_error(backfill(tmp_path, "--graph-file", str(empty), kafka=False), "no follow pairs")
     # --plc-export where no DID is resolved
     one_line_error(backfill(tmp_path, "--pds", "https://pds.example.com", "--plc-export"), "--plc-export", "--pds")
 
