@@ -394,8 +394,8 @@ def relay(
     seed: int = typer.Option(0, help="Seed of the synthetic population."),
     host: str = typer.Option("127.0.0.1", help="Listen address."),
     port: int = typer.Option(0, help="Listen port (0 = any free port)."),
-    rate: Optional[float] = typer.Option(None, help="Pace to this many frames (events) per second."),
-    speed: Optional[float] = typer.Option(None, help="Pace by frame time at this multiple of real time."),
+    rate: Optional[float] = typer.Option(None, help="Pace to this many frames (events) per second (not with --speed)."),
+    speed: Optional[float] = typer.Option(None, help="Pace by frame time at this multiple of real time (not with --rate)."),
     start_us: Optional[int] = typer.Option(None, help="Synthetic: time of the first frame, us since epoch (default: "
                                            "as late as keeps every frame's time at or behind the wall clock "
                                            "when it is served)."),
@@ -417,6 +417,8 @@ def relay(
     for flag, value in (("--rate", rate), ("--speed", speed)):
         if value is not None and not (math.isfinite(value) and value > 0):
             fail(f"{flag} must be a finite number > 0 (got {value})")
+    if rate is not None and speed is not None:
+        fail("give --rate (frames per second) or --speed (a multiple of the frames' own time), not both")
     if not 0 <= port <= 65535:
         fail(f"--port must be 0..65535 (got {port})")
     if start_us is not None and start_us < 0:

@@ -31,6 +31,12 @@ def test_relay_refuses_out_of_range_flags(args, names):
     assert names in line
 
 
+def test_relay_refuses_rate_and_speed_together():
+    """--rate paces by count, --speed by the frames' own times: one pace at a time."""
+    line = one_line_error(invoke(["relay", "--synthetic", "100", "--rate", "10", "--speed", "2"]))
+    assert "--rate" in line and "--speed" in line and "not both" in line
+
+
 @pytest.mark.parametrize("args, says", [
     (["run", "--bogus"], "No such option: --bogus"),
     (["relay", "--synthetic", "abc"], "'--synthetic'"),
