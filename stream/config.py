@@ -24,7 +24,9 @@ class ConfigError(ValueError):
 class Settings(BaseSettings):
     """All chorus settings. Environment variables are ``CHORUS_<FIELD>`` (e.g. ``CHORUS_KAFKA``)."""
 
-    model_config = SettingsConfigDict(env_prefix="CHORUS_", extra="ignore")
+    # A variable set but empty (`CHORUS_STATE_DIR=`) is the same as an unset one: the default (not
+    # Path(""), the current directory).
+    model_config = SettingsConfigDict(env_prefix="CHORUS_", extra="ignore", env_ignore_empty=True)
 
     kafka: str | None = Field(
         default=None,

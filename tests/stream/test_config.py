@@ -54,3 +54,22 @@ def test_operator_settings_have_one_default_and_are_checked(monkeypatch):
             Settings(**bad)
     r = CliRunner().invoke(app, ["analyze", "--synthetic", "100", "--steps", "0", "-o", "x.jsonl"])
     assert r.exit_code == 2
+
+
+def test_an_empty_variable_is_the_same_as_an_unset_one(monkeypatch):
+    """`CHORUS_STATE_DIR=` (set but empty) meant the current directory (a new-user trial found run
+    locks and checkpoints landing wherever chorus was started): empty is unset, the default."""
+    names = ("CHORUS_STATE_DIR", "CHORUS_CHECKPOINT_DIR", "CHORUS_TOPICS_FILE", "CHORUS_ALERTS_FILE",
+             "CHORUS_KAFKA", "CHORUS_KAFKA_IDEMPOTENCE", "CHORUS_INDICATORS", "CHORUS_METRICS_PORT")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    default = Settings()
+    assert default.state_dir.is_absolute() and default.state_dir.parts[-3:] == (".local", "state", "chorus")
+    for name in names:
+        monkeypatch.setenv(name, "")
+    empty = Settings()
+    for field in ("state_dir", "checkpoint_dir", "topics_file", "alerts_file", "kafka", "kafka_idempotence",
+                  "indicators", "metrics_port"):
+        assert getattr(empty, field) == getattr(default, field), field
+    # a flag given as an empty string is not an environment variable: still what was given
+    assert Settings(state_dir="/tmp/x").state_dir.as_posix() == "/tmp/x"
