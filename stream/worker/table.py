@@ -182,6 +182,19 @@ class HashTable:
         self.used = _rebuild(self.a, keep, new)
         self.a = new
 
+    def extend(self, rows: np.ndarray) -> None:
+        """Insert ``rows`` (an ``(n, 1 + width)`` array of key and values; keys != 0, distinct) whose
+        keys are not in the table yet (a key present keeps its entry); rebuilt at the capacity
+        where all the entries fill REBUILD_LOAD."""
+        a = self.a
+        rows = rows[(rows[:, 0] != 0) & ~np.isin(rows[:, 0], a[a[:, 0] != 0, 0])]
+        if not rows.size:
+            return
+        both = np.concatenate([a[a[:, 0] != 0], rows.astype(np.int64, copy=False)])
+        new = np.zeros((_capacity(both.shape[0]), a.shape[1]), np.int64)
+        self.used = _rebuild(both, np.ones(both.shape[0], np.bool_), new)
+        self.a = new
+
     def load(self, a: np.ndarray) -> None:
         """Adopt ``a`` (a table array from :attr:`a` of the same width, e.g. from a checkpoint)."""
         if a.ndim != 2 or a.shape[1] != 1 + self.width or a.shape[0] < 1:

@@ -753,6 +753,109 @@ class WindowStore:
         self._emitted = {i for i in self._emitted if mine[i]}
         self.gc()
 
+    def absorb(self, other: "WindowStore") -> None:
+        """Add the state of ``other`` to this one: a worker taking over the partitions of another
+        merges the checkpoints that hold them. Both stores must hold disjoint state, each cut by
+        :meth:`retain` to its own partitions (author state of disjoint chorus.events partitions,
+        owner state of disjoint DIDs); a record key in both keeps this store's entry. DIDs are
+        re-interned, topic bits and buckets renumbered. The clock becomes the later of the two
+        and the buckets that leave the window with it are expired, as if the earlier state's
+        clock had moved on without input; the hop is closed only if both had closed it (else
+        the next close emits every changed user). ``other`` is not to be used afterwards.
+        Raises ValueError when the window, hop or grace differ."""
+        if (other.window_s, other.hop_s, other.grace) != (self.window_s, self.hop_s, self.grace):
+            raise ValueError(f"cannot merge the state of a {other.window_s} s / {other.hop_s} s window into "
+                             f"a {self.window_s} s / {self.hop_s} s one")
+        for k, v in other.stats.items():
+            self.stats[k] = self.stats.get(k, 0) + v
+        if other._base is None:  # nothing held
+            return
+        if self._base is None:
+            self._base = other._base
+        shift = other._base - self._base
+        n = other._dk.size
+        idmap = np.full(max(n, 1), -1, np.int64)
+        for i in range(n):
+            did = other._dk.did(i)
+            if did is not None:
+                idmap[i] = self._id(did)
+        bits = np.array([self._mask([t]).bit_length() - 1 for t in other._topics], np.int64)
+
+        def ids(v: np.ndarray) -> np.ndarray:  # other's ids -> ours (-1 stays -1)
+            return np.where(v >= 0, idmap[np.maximum(v, 0)], -1)
+
+        def masks(m: np.ndarray) -> np.ndarray:
+            out = np.zeros_like(m)
+            for i, bit in enumerate(bits.tolist()):
+                out |= ((m >> i) & 1) << bit
+            return out
+
+        def rel(r: np.ndarray) -> np.ndarray:
+            return np.clip(r + shift, 0, _B31)
+
+        def live(table: HashTable, a: np.ndarray) -> np.ndarray:
+            return a[(a[:, 0] != 0) & table.live(a)]
+
+        a = live(other.records, other.records.a)
+        meta, aux = a[:, 1], a[:, 2]
+        sid = (meta >> 34) - 1
+        a[:, 1] = (meta & 7) | rel((meta >> 3) & _B31) << 3 | (ids(sid) + 1) << 34
+        a[:, 2] = (aux & ~_M32) | ids(aux & _M32)
+        self.records.extend(a)
+        for table, mine in ((other.posts, self.posts), (other.credits, self.credits), (other.made, self.made)):
+            a = live(table, table.a)
+            a[:, 1] = ids(a[:, 1] & _M32) | rel(a[:, 1] >> 32) << 32
+            hi = a[:, 2] & ~_M32
+            if table is other.credits:  # mask | label << 32 | (actor id + 1) << 34
+                hi = (hi & (3 << 32)) | (ids((a[:, 2] >> 34) - 1) + 1) << 34
+            a[:, 2] = masks(a[:, 2] & _M32) | hi
+            mine.extend(a)
+        a = live(other.pending, other.pending.a)  # subject key, owner | label << 32 | rel << 34, time, actor + 1
+        a[:, 2] = ids(a[:, 2] & _M32) | (a[:, 2] & (3 << 32)) | rel(a[:, 2] >> 34) << 34
+        a[:, 4] = ids(a[:, 4] - 1) + 1
+        self.pending.extend(a)
+        a = live(other._pending_s, other._pending_s.a)
+        a[:, 1] = rel(a[:, 1])
+        self._pending_s.extend(a)
+        for k, (q, qk, qc) in other._quote.items():
+            if k not in self._quote and idmap[q] >= 0:
+                self._quote[k] = (int(idmap[q]), qk, qc)
+
+        rows = other._row_of[:n]
+        has = np.flatnonzero(rows >= 0)
+        has = has[other._tot[rows[has]].any(axis=(1, 2)) & (idmap[has] >= 0)]
+        if has.size:
+            mine_rows = np.array([self._trow(int(u)) for u in idmap[has].tolist()], np.int64)  # may grow _tot
+            self._tot[mine_rows[:, None], bits[None, :]] += other._tot[rows[has]][:, : bits.size]
+        self._agents[:] = 0
+        self._agents[: len(self._topics)] = np.count_nonzero(
+            self._tot[:, :, 0] | self._tot[:, :, 1] | self._tot[:, :, 3], axis=0)
+        last = np.flatnonzero((other._last[:n] != 0) & (idmap[:n] >= 0))
+        self._last[idmap[last]] = np.where(self._last[idmap[last]] != 0, self._last[idmap[last]],
+                                           other._last[last])
+        for b, r in other._rows.items():
+            mine = self._rows.get(b)
+            if mine is None:
+                mine = self._rows[b] = _Rows()
+            mine.uid.frombytes(ids(np.frombuffer(r.uid, np.int32).astype(np.int64)).astype(np.int32).tobytes())
+            mine.mask.frombytes(masks(np.frombuffer(r.mask, np.int32).astype(np.int64)).astype(np.int32).tobytes())
+            mine.code.frombytes(r.code.tobytes())
+        for b, c in other._held.items():
+            self._held[b] = self._held.get(b, 0) + c
+        remap = lambda s: {int(idmap[i]) for i in s if i < n and idmap[i] >= 0}  # noqa: E731
+        self.dirty |= remap(other.dirty)
+        if self.cur is None:
+            self.cur, self.closed, self._emitted = other.cur, other.closed, remap(other._emitted)
+        elif other.cur is not None:
+            cur = max(self.cur, other.cur)
+            if all(s.cur == s.closed == cur for s in (self, other)):
+                self._emitted |= remap(other._emitted)
+            elif self.closed == cur:  # we closed it, the other did not: not closed
+                self.closed = other.closed
+            self.cur = cur
+            self._expire(cur - self.n)
+        self.gc()
+
     def held_events(self) -> int:
         """Registry entries (events and deletions) of the buckets in the window."""
         return sum(self._held.values())

@@ -490,3 +490,91 @@ def test_a_change_after_an_idle_flush_goes_out_at_the_next_flush_once():
     assert s.flush() == []  # A changed too (the like) but already has a record for this hop
     recs, _ = run(s, [tick(70)])
     assert recs == [{"did": A, "window_end": end(1), "topics": {"climate": [1, 1, 0.0, 0]}}]
+
+
+@pytest.mark.parametrize("seed,leaver_first", [(11, False), (12, True), (13, False)])
+def test_checkpoints_of_two_workers_merge_into_the_uninterrupted_run(seed, leaver_first):
+    """A takeover (issue 17): two workers, each with its chorus.events and ops partitions,
+    checkpoint at different points of the stream, run on, and one leaves. The survivor merges
+    its own checkpoint and the leaver's, each cut to the partitions it held (retain + absorb),
+    then replays what follows each partition's checkpoint: the events (ops applied locally) and
+    the ops topic's messages (re-applied: ops are idempotent). Its state equals one store's all
+    along (totals, held events), and the records downstream keeps equal the uninterrupted run's."""
+    events = random_stream(seed, n_users=60, n_events=900)
+    o = store()
+    one, _ = run(o, events)
+    n = 4
+    part_of = lambda did: zlib.adler32(did.encode()) % n  # noqa: E731 - the events partition of an author
+    ops_part = lambda did: zlib.crc32(did.encode()) % n  # noqa: E731
+    workers = [({0, 1}, {0, 3}), ({2, 3}, {1, 2})]  # (events partitions, ops partitions); 1 leaves
+    ev_w = lambda did: 0 if part_of(did) in workers[0][0] else 1  # noqa: E731
+    op_w = lambda did: 0 if ops_part(did) in workers[0][1] else 1  # noqa: E731
+    N = len(events)
+    ckpt_at = [N // 2, N // 3] if leaver_first else [N // 3, N // 2]  # event index of each checkpoint
+    leave_at = 2 * N // 3
+    parts, recs, topic, arrays = [store(), store()], [], [], [None, None]
+    for i, ev in enumerate(events[:leave_at]):
+        for w in (0, 1):
+            if i == ckpt_at[w]:
+                arrays[w] = {k: v.copy() for k, v in parts[w].to_arrays().items()}
+        for p in parts:
+            recs += p.advance(ev["time_us"])
+        ops, _ = parts[ev_w(ev["did"])].ingest(ev, part_of(ev["did"]))
+        while ops:
+            op = ops.pop(0)
+            topic.append((i, op))  # the ops topic: every op goes through it
+            ops += parts[op_w(op[1])].apply(op)
+    for p in parts:  # both took a hop's changes out before the leaver went
+        recs += p.flush()
+    clocks = [WindowStore.from_arrays(a, fake_classify).cur for a in arrays]
+    assert clocks[0] != clocks[1]  # the merged states are of different times
+
+    s = None
+    for w in (0, 1):  # the survivor's restore
+        part = WindowStore.from_arrays(arrays[w], fake_classify, window_s=WIN, hop_s=HOP)
+        part.retain(workers[w][0], lambda did, o=workers[w][1]: ops_part(did) in o)
+        if s is None:
+            s = part
+        else:
+            s.absorb(part)
+    ops_at: dict[int, list] = {}
+    for i, op in topic:
+        if i >= ckpt_at[op_w(op[1])]:
+            ops_at.setdefault(i, []).append(op)
+    for i in range(min(ckpt_at), N):  # merged by event time: events, then the ops messages of the same time
+        ev = events[i]
+        recs += s.advance(ev["time_us"])
+        if i >= ckpt_at[ev_w(ev["did"])]:
+            s.apply_local(s.ingest(ev, part_of(ev["did"]))[0])
+        for op in ops_at.get(i, ()):
+            s.apply(op)  # (its follow-ups are in the topic too)
+    recs += s.flush()
+
+    assert present(last(recs)) == present(last(one))
+    dids = {e["did"] for e in events}
+    assert {d: s.users[d].totals for d in dids if d in s.users} == {d: o.users[d].totals for d in dids if d in o.users}
+    assert s.agents == {t: c for t, c in o.agents.items() if t in s.agents} and s.held_events() == o.held_events()
+
+
+def test_absorb_refuses_another_window():
+    with pytest.raises(ValueError, match="cannot merge the state of a 360 s / 60 s window"):
+        store().absorb(WindowStore(2 * WIN, HOP, fake_classify))
+
+
+@pytest.mark.parametrize("later_first", [False, True])
+def test_absorb_moves_the_clock_to_the_later_state_and_expires_what_left_the_window(later_first):
+    """A state of bucket K merged with one of bucket K+3: the merged clock is K+3, the K post
+    left the window (its totals subtracted, a re-delivery of it is late), the topics of both
+    (first seen in another order) keep their names, and the next close emits the open hop."""
+    A, B = "did:a", "did:b"
+    early, later = store(), store()
+    run(early, [post(A, "1", 5, "climate s=0.5"), post(A, "2", 6, "ai")], flush=False)
+    run(later, [post(B, "3", 3 * HOP + 5, "ai s=-0.3")], flush=False)
+    s, other = (later, early) if later_first else (early, later)
+    s.absorb(other)
+    assert s.cur == K + 3 and s.window_end() == end(3)
+    assert s.users[A].totals == {} and s.users[B].totals == {"ai": [1, 0, -3000, 0]}
+    assert s.agents == {"climate": 0, "ai": 1} and s.held_events() == 1
+    recs, _ = run(s, [post(A, "1", 5, "climate s=0.5")])
+    assert s.stats["late"] == 1
+    assert last(recs) == {B: {"did": B, "topics": {"ai": [1, 0, -0.3, 0]}}}
