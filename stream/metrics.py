@@ -65,6 +65,11 @@ WORKER_RECOVERY = Gauge(
     "chorus_worker_recovering", "1 while the worker restores its state (checkpoint, then replay), else 0.", ["phase"]
 )
 WORKER_RECOVERY_SECONDS = Gauge("chorus_worker_recovery_seconds", "Duration of the last restore.")
+WORKER_REPLAYED_EVENTS = Gauge(
+    "chorus_worker_replayed_events",
+    "chorus.events records the last restore replayed: those after the checkpoints it restored, and every "
+    "retained one of a partition no checkpoint covered.",
+)
 CONSUMER_LAG = Gauge(
     "chorus_consumer_lag",
     "Records not yet processed per input partition (high watermark minus next offset), by stage.",

@@ -12,7 +12,10 @@ the partition assignment, so workers sharing the directory never replace or prun
 files), then the oldest of the same tag beyond ``keep`` are removed, and files of other tags older
 than ``stale_s`` (their offsets are past the input's retention). Reading takes the newest file that is whole: a file cut short (a
 crash while writing, a full disk) or with a flipped bit fails the zip's structure or a member's
-CRC and is skipped with a warning, and the previous checkpoint is used. A checkpoint of another
+CRC and is skipped with a warning, and the previous checkpoint is used. A worker restores each
+partition it holds from whichever file, of any tag, is furthest along it
+(:meth:`CheckpointDir.covering`): after a takeover, the leaver's partitions come from the
+leaver's files, which a write never removes before ``stale_s``. A checkpoint of another
 format, or of another window, is never misread: it is skipped with a one-line error saying why
 (:class:`CheckpointMismatch`), and the worker rebuilds that state by replaying its input.
 """
@@ -25,7 +28,7 @@ import os
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -33,6 +36,9 @@ log = logging.getLogger("chorus.worker.checkpoint")
 
 FORMAT = 1
 META = "chorus_meta"
+
+
+_BROKEN = (OSError, zipfile.BadZipFile, KeyError, ValueError, EOFError)  # a file cut short, a bad CRC, ...
 
 
 class CheckpointMismatch(ValueError):
@@ -127,10 +133,57 @@ class CheckpointDir:
                 return path, meta, arrays
             except CheckpointMismatch as exc:  # a changed setup (cluster, window), not a fault
                 log.warning("not using %s", exc)
-            except (OSError, zipfile.BadZipFile, KeyError, ValueError, EOFError) as exc:
+            except _BROKEN as exc:
                 log.warning("checkpoint %s is broken (%s: %s); trying the previous one", path,
                             type(exc).__name__, exc)
         return None
+
+    def covering(self, wanted: set[tuple[str, int]], accept: Callable[[dict], None] | None = None,
+                 progress: Callable[[dict, tuple[str, int]], int] | None = None,
+                 ) -> list[tuple[Path, dict[str, Any], dict[str, np.ndarray], set[tuple[str, int]]]]:
+        """The checkpoints to restore the partitions ``wanted`` ((topic, partition) pairs: an
+        assignment) from, whichever worker wrote them: for each pair, among the whole checkpoints
+        that ``accept(meta)`` takes (it raises CheckpointMismatch to refuse, with the reason) and
+        that held it (meta ``assigned``), the one furthest along it (``progress(meta, pair)``,
+        e.g. its next offset there; default 0), the newest on a tie. Returns [(path, meta, arrays,
+        the pairs taken from it)], the one giving the most pairs first, [] when none holds any;
+        a pair no checkpoint holds is in none. Broken and refused files are logged (WARNING) and
+        skipped; a file whose arrays prove broken is dropped and the choice made again."""
+        cands: list[tuple[Path, dict[str, Any], set[tuple[str, int]]]] = []
+        for path in self.files():
+            try:
+                meta = self.read_meta(path)
+                if accept is not None:
+                    accept(meta)
+                held = {(str(t), int(p)) for t, p in meta.get("assigned", ())} & wanted
+            except CheckpointMismatch as exc:
+                log.warning("not using %s", exc)
+                continue
+            except _BROKEN + (TypeError,) as exc:
+                log.warning("checkpoint %s is broken (%s: %s)", path, type(exc).__name__, exc)
+                continue
+            if held:
+                cands.append((path, meta, held))
+        while True:
+            pick: dict[int, set[tuple[str, int]]] = {}
+            for tp in wanted:
+                best = max(((progress(meta, tp) if progress else 0, -i) for i, (_, meta, held) in enumerate(cands)
+                            if tp in held), default=None)
+                if best is not None:
+                    pick.setdefault(-best[1], set()).add(tp)
+            out = []
+            for i, tps in sorted(pick.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+                path = cands[i][0]
+                try:
+                    meta, arrays = self.read(path)
+                except _BROKEN as exc:
+                    log.warning("checkpoint %s is broken (%s: %s); choosing without it", path,
+                                type(exc).__name__, exc)
+                    del cands[i]
+                    break
+                out.append((path, meta, arrays, tps))
+            else:
+                return out
 
     def furthest_offsets(self, kind: str = "events", kafka: str | None = None) -> dict[int, int]:
         """{partition: the largest next offset any checkpoint here records} for ``kind``
@@ -144,7 +197,7 @@ class CheckpointDir:
                 if kafka is not None and meta.get("kafka") != kafka:
                     continue
                 offsets = meta["offsets"].get(kind, {})
-            except (CheckpointMismatch, OSError, zipfile.BadZipFile, KeyError, ValueError, EOFError):
+            except (CheckpointMismatch, *_BROKEN):
                 continue
             for p, off in offsets.items():
                 out[int(p)] = max(out.get(int(p), 0), int(off))

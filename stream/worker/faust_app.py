@@ -22,11 +22,13 @@ go to chorus.features when the clock leaves it, or after ``idle_flush_s`` second
 State lives in memory, not in Faust tables (a changelog write per event would cost more than the
 whole pipeline), and in checkpoint files (stream/worker/checkpoint.py). chorus.events offsets are
 never committed: on every partition assignment (start, restart, another worker joining or
-leaving) each worker clears its state and, in a task after the assignment callback, adopts the
-newest checkpoint that covers every partition it now holds (the same assignment, or more
-partitions, e.g. one taken before another worker joined: :meth:`WindowStore.retain` keeps the
-state of the partitions held) and re-reads what follows its offsets, or, without one, its
-chorus.events partitions from the earliest retained offset (:func:`replay`): merged by event
+leaving) each worker clears its state and, in a task after the assignment callback, restores
+each partition it now holds from the checkpoint, of whichever worker sharing the directory, that
+is furthest along it (its own assignment's; one of more partitions, taken before another worker
+joined; or the checkpoints of a worker that left, whose partitions this one took over): each cut
+to the partitions taken from it (:meth:`WindowStore.retain`) and merged
+(:meth:`WindowStore.absorb`). It re-reads what follows their offsets, and a partition none covers
+(no checkpoint at all: every one) from the earliest retained offset (:func:`replay`): merged by event
 time, with the ops for partitions it owns applied at once, so the clock never runs ahead of a partition still replaying
 (a clock racing ahead would drop posts as late and lose the engagement credited to them later).
 One worker thus rebuilds exactly the state of an uninterrupted run; with several, ops for other
@@ -139,7 +141,8 @@ class Pipeline:
         self.generation = 0  # assignments and revocations seen (a restore of an older one is abandoned)
         self.assignments = 0  # partition assignments received
         self.ops_skip: dict[int, int] = {}  # ops partition -> first offset not replayed
-        self.restored_from: str | None = None  # checkpoint file of the last restore, if any
+        self.restored_from: str | None = None  # checkpoint file of the last restore (giving the most partitions)
+        self.restored_files: list[str] = []  # every checkpoint file the last restore merged
         self.replayed = 0  # events replayed by the last restore
         self.recovery_s: float | None = None
         self.checkpoint_time: float | None = None  # unix time of the last checkpoint written
@@ -279,25 +282,58 @@ class Pipeline:
         return (self.ops_topic, crc32(did.encode()) % self.partitions) in self.assigned
 
     def load(self, meta: dict, arrays: dict) -> list:
-        """Adopt a checkpoint (see :meth:`snapshot`) of this assignment or of more partitions than
-        it (then only the state of the partitions held now is kept: :meth:`WindowStore.retain`);
-        returns its unacknowledged messages to re-send first (outputs are idempotent downstream)."""
+        """Adopt one checkpoint (see :meth:`snapshot`) of this assignment or of more partitions
+        than it: :meth:`load_merged` with the partitions held now taken from it."""
+        have = {(str(t), int(p)) for t, p in meta["assigned"]}
+        return self.load_merged([(meta, arrays, have & self.assigned)])
+
+    def load_merged(self, parts: list[tuple[dict, dict, set]]) -> list:
+        """Adopt checkpoints (see :meth:`snapshot`), each for the partitions given with it
+        (``(meta, arrays, {(topic, partition)})``, disjoint, all held now): from each, the
+        offsets, author state (:class:`WindowStore` registry of the chorus.events partitions
+        taken) and owner state (of the DIDs whose ops partition is taken) of those partitions
+        only (:meth:`WindowStore.retain`), merged into one store (:meth:`WindowStore.absorb`):
+        a worker taking over another's partitions restores them from the other's checkpoint.
+        Partitions none covers start empty (offset 0: replayed from the beginning). Returns the
+        unacknowledged messages to re-send first (outputs are idempotent downstream; feature
+        records only of the DIDs whose state came from the same checkpoint). Raises ValueError
+        or KeyError for a store this chorus cannot read."""
         self.reset()
-        self.store = WindowStore.from_arrays(arrays, self.classifier, window_s=self.window[0], hop_s=self.window[1])
-        held = {"events": {p for t, p in self.assigned if t == TOPIC_EVENTS},
-                "ops": {p for t, p in self.assigned if t == self.ops_topic}}
-        split = {tuple(tp) for tp in meta["assigned"]} != self.assigned
-        if split:
-            self.store.retain(held["events"], self.owns)
-        self.offsets = {k: {int(p): o for p, o in v.items() if int(p) in held.get(k, ())}
-                        for k, v in meta["offsets"].items()}
-        self.ticked = meta["ticked"]
-        buf = meta["buffered"]
-        self.out_records = [r for r in buf["records"] if not split or self.owns(r["did"])]
-        self.out_edges = [tuple(e) for e in buf["edges"]]
-        self.out_ops = {int(p): b for p, b in buf["ops"].items()}
+        n = self.partitions
+        ticked = None
+        resend: list = []
+        for k, (meta, arrays, take) in enumerate(parts):
+            events = {p for t, p in take if t == TOPIC_EVENTS}
+            ops = {p for t, p in take if t == self.ops_topic}
+
+            def owns(did: str, ops=ops) -> bool:
+                return crc32(did.encode()) % n in ops
+
+            store = WindowStore.from_arrays(arrays, self.classifier, window_s=self.window[0], hop_s=self.window[1])
+            split = {(str(t), int(p)) for t, p in meta["assigned"]} != take
+            if split:
+                store.retain(events, owns)
+            if k == 0:
+                self.store = store
+            else:
+                self.store.absorb(store)
+            for kind, held in (("events", events), ("ops", ops)):
+                self.offsets[kind].update({int(p): o for p, o in meta["offsets"].get(kind, {}).items()
+                                           if int(p) in held})
+            if meta["ticked"] is not None:
+                ticked = meta["ticked"] if ticked is None else max(ticked, meta["ticked"])
+            buf = meta["buffered"]
+            self.out_records += [r for r in buf["records"] if not split or owns(r["did"])]
+            self.out_edges += [tuple(e) for e in buf["edges"]]
+            for p, b in buf["ops"].items():
+                self.out_ops.setdefault(int(p), []).extend(b)
+            for t, key, v, p in meta["unacked"]:
+                key = _unb64(key)
+                if not (split and t == TOPIC_FEATURES and key is not None and not owns(key.decode(errors="replace"))):
+                    resend.append((t, key, _unb64(v), p, None))
+        self.ticked = ticked
         self.buffered = sum(map(len, self.out_ops.values()))
-        return [(t, _unb64(k), _unb64(v), p, None) for t, k, v, p in meta["unacked"]]
+        return resend
 
     def drain(self) -> tuple[list[dict], list[tuple], dict[int, list]]:
         """Buffered (feature records, graph edges, ops by partition); empties the buffers."""
@@ -548,18 +584,21 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
                 pipe.reset()
 
     async def restore(assigned_tps: set, generation: int) -> None:
-        """Rebuild the state of this assignment: from the newest whole checkpoint of the same
-        window that covers every partition held now (the same assignment, or a larger one, e.g.
-        taken before another worker joined: the state of the partitions held is kept), then
-        replay only what came after it; else by replaying the assigned chorus.events partitions
-        from their beginning."""
+        """Rebuild the state of this assignment from the checkpoints in the (shared) directory,
+        whichever worker wrote them: per partition held, the whole checkpoint of this cluster
+        and window that is furthest along it (:meth:`CheckpointDir.covering`), each cut to the
+        partitions taken from it and merged (:meth:`Pipeline.load_merged`): the same
+        assignment, a larger one (another worker joined), or the checkpoints of several (a
+        worker left and this one took over its partitions). Then replay only what came after
+        each partition's checkpoint, and a partition none covers from its beginning."""
         t0 = time.monotonic()
-        pipe.restored_from = None
+        pipe.restored_from, pipe.restored_files = None, []
         events_tps = sorted(tp.partition for tp in assigned_tps if tp.topic == TOPIC_EVENTS)
         owned = {tp.partition for tp in assigned_tps if tp.topic == ops_name}
 
         bounds = await partition_bounds(bootstrap_servers(settings.kafka), [
             *(TP(TOPIC_EVENTS, p) for p in events_tps), *(TP(ops_name, p) for p in owned)])
+        counts = {"events": pipe.events_partitions, "ops": pipe.partitions}
 
         def accept(meta: dict) -> None:
             if meta.get("kafka") != bootstrap_servers(settings.kafka):
@@ -577,29 +616,29 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
             if list(meta["window"]) != list(settings.window):
                 raise CheckpointMismatch(f"checkpoint for a {meta['window'][0]} s / {meta['window'][1]} s "
                                          f"window; this worker runs {settings.window[0]} s / {settings.window[1]} s")
-            have = {tuple(tp) for tp in meta["assigned"]}
-            if not pipe.assigned <= have:
-                raise CheckpointMismatch("checkpoint of partitions that do not cover this assignment")
-            counts = {"events": pipe.events_partitions, "ops": pipe.partitions}
-            if have != pipe.assigned and meta.get("partitions") != counts:
+            if meta.get("partitions") != counts:
                 raise CheckpointMismatch(f"checkpoint of other partition counts ({meta.get('partitions')}, "
                                          f"now {counts}): its state does not split by today's partitions")
 
-        found = await asyncio.to_thread(ckdir.latest, accept) if settings.checkpoint_interval_s > 0 else None
+        def progress(meta: dict, tp: tuple) -> int:
+            return meta["offsets"].get("events" if tp[0] == TOPIC_EVENTS else "ops", {}).get(str(tp[1]), 0)
+
+        found = (await asyncio.to_thread(ckdir.covering, set(pipe.assigned), accept, progress)
+                 if settings.checkpoint_interval_s > 0 else [])
         resend: list = []
         start, ops = None, None
-        if found is not None:
-            path, meta, arrays = found
+        if found:
             try:
-                resend = pipe.load(meta, arrays)
+                resend = pipe.load_merged([(meta, arrays, take) for _, meta, arrays, take in found])
             except (ValueError, KeyError) as exc:  # e.g. a store format this chorus cannot read
-                log.error("not using checkpoint %s: %s", path, exc)
-                found = None
+                log.error("not using checkpoints %s: %s", ", ".join(f[0].name for f in found), exc)
+                found = []
                 pipe.reset()
-        if found is not None:
+        if found:
             start = {p: pipe.offsets["events"].get(p, 0) for p in events_tps}
-            ops = (ops_name, {p: pipe.offsets["ops"].get(p, 0) for p in owned})
-            pipe.restored_from = str(found[0])
+            ops = (ops_name, {p: pipe.offsets["ops"].get(p, 0) for p in owned})  # (none covers it: from 0)
+            pipe.restored_files = [str(f[0]) for f in found]
+            pipe.restored_from = pipe.restored_files[0]
             if resend:
                 await sender.send(resend)
         metrics.WORKER_RECOVERY.labels(phase="replay").set(1)
@@ -620,11 +659,14 @@ def build_app(settings: Settings, *, app_id: str = APP_ID, idle_flush_s: float |
         pipe.update_metrics()
         metrics.WORKER_RECOVERY.labels(phase="replay").set(0)
         metrics.WORKER_RECOVERY_SECONDS.set(pipe.recovery_s)
+        metrics.WORKER_REPLAYED_EVENTS.set(replayed)
         how = "no checkpoint"
-        if found is not None:
-            how = f"restored {found[0].name}"
-            if len(found[1]["assigned"]) != len(pipe.assigned):
-                how += f" (taken with {len(found[1]['assigned'])} partitions; the state of these kept)"
+        if found:
+            how = "restored " + ", ".join(
+                f"{path.name} ({len(take)} of its {len(meta['assigned'])} partitions)" for path, meta, _, take in found)
+            uncovered = len(pipe.assigned) - sum(len(f[3]) for f in found)
+            if uncovered:
+                how += f"; {uncovered} partitions in no checkpoint, replayed from their beginning"
         log.info("assigned %d partitions; %s; replayed %d events of %s in %.1fs", len(pipe.assigned), how,
                  replayed, TOPIC_EVENTS, pipe.recovery_s)
         state["last_ckpt"] = time.monotonic()

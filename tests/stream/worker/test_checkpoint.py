@@ -122,3 +122,43 @@ def test_an_older_format_or_another_window_is_refused_with_a_clear_error(tmp_pat
     arrays["meta"] = np.frombuffer(json.dumps({**meta, "format": STATE_FORMAT - 1}).encode(), np.uint8)
     with pytest.raises(ValueError, match=f"format {STATE_FORMAT - 1}, this chorus reads {STATE_FORMAT}"):
         WindowStore.from_arrays(arrays, fake_classify)
+
+
+def test_covering_takes_per_partition_the_furthest_whole_checkpoint_of_any_assignment(tmp_path, caplog):
+    """A takeover (issue 17): the partitions of several workers' checkpoints, each partition from the
+    whole, accepted checkpoint that is furthest along it (the newest on a tie); a broken file's
+    partitions come from the next best one, a refused file gives none, an uncovered one is in none."""
+    d = CheckpointDir(tmp_path)
+    arrays = store_after(random_stream(3)[:50]).to_arrays()
+    E, O = "chorus.events", "ops"
+
+    def meta(assigned, events, ops=None, **kw):
+        return {"assigned": [list(tp) for tp in assigned], "offsets": {"events": events, "ops": ops or {}}, **kw}
+
+    old_all = d.write(arrays, meta([(E, 0), (E, 1), (E, 2), (O, 0)], {"0": 5, "1": 5, "2": 5}, {"0": 3}), tag="all")
+    a = d.write(arrays, meta([(E, 0), (E, 1), (O, 0)], {"0": 9, "1": 4}, {"0": 3}), tag="aa")
+    b = d.write(arrays, meta([(E, 2)], {"2": 8}), tag="bb")
+    other = d.write(arrays, meta([(E, 3)], {"3": 99}, window=[1, 1]), tag="cc")
+
+    def accept(m):
+        if m.get("window") == [1, 1]:
+            raise CheckpointMismatch("checkpoint for another window")
+
+    def progress(m, tp):
+        return m["offsets"]["events" if tp[0] == E else "ops"].get(str(tp[1]), 0)
+
+    wanted = {(E, 0), (E, 1), (E, 2), (E, 3), (O, 0)}
+    got = {path: take for path, _m, arr, take in d.covering(wanted, accept, progress)}
+    # (E, 1): 5 in the older file of every partition beats 4; (O, 0): a tie, the newer one
+    assert got == {a: {(E, 0), (O, 0)}, old_all: {(E, 1)}, b: {(E, 2)}}
+    assert [p for p, *_ in d.covering(wanted, accept, progress)][0] == a  # the one giving the most first
+    raw = bytearray(a.read_bytes())
+    at = raw.find(b"records.npy") + 200
+    raw[at + 4096] ^= 0x10  # a bit flipped in its arrays: its meta still reads
+    a.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="chorus.worker.checkpoint"):
+        got = {path: take for path, _m, arr, take in d.covering(wanted, accept, progress)}
+    assert got == {old_all: {(E, 0), (E, 1), (O, 0)}, b: {(E, 2)}}
+    assert any("broken" in r.getMessage() and a.name in r.getMessage() for r in caplog.records)
+    assert any("another window" in r.getMessage() for r in caplog.records) and other.exists()
+    assert d.covering({(E, 7)}, accept, progress) == []

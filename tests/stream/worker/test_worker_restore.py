@@ -11,13 +11,14 @@ import zipfile
 
 import pytest
 
+from stream import metrics
 from stream.config import Settings
 from stream.kafka import make_consumer
 from stream.schemas import TOPIC_EVENTS, TOPIC_GRAPH
 from stream.worker import faust_app
 from stream.worker.checkpoint import CheckpointDir
 from stream.worker.faust_app import APP_ID, Worker, checkpoint_dir
-from tests.stream.worker.test_worker import (EVENTS, EXPECTED, EXPECTED_EDGES, HOP, SESSION_TIMEOUT_S, collect, final,
+from tests.stream.worker.test_worker import (EVENTS, ev, EXPECTED, EXPECTED_EDGES, HOP, SESSION_TIMEOUT_S, collect, final,
                                              matches, produce, stop, wait_assigned)
 
 pytestmark = pytest.mark.timeout(240)
@@ -53,6 +54,20 @@ def quiet(meta):
     (at least once)."""
     buf = meta["buffered"]
     return not (meta["unacked"] or buf["records"] or buf["edges"] or any(buf["ops"].values()))
+
+
+def freezable(monkeypatch) -> dict:
+    """Checkpoint writes fail (OSError) while the returned ``{"on": ...}`` is True: a restore then
+    finds the checkpoints written before."""
+    frozen, real_write = {"on": False}, CheckpointDir.write
+
+    def write(self, *args, **kw):
+        if frozen["on"]:
+            raise OSError("test: no more checkpoints")
+        return real_write(self, *args, **kw)
+
+    monkeypatch.setattr(CheckpointDir, "write", write)
+    return frozen
 
 
 def test_restart_restores_the_checkpoint_skips_a_torn_one_and_republishes_nothing(fresh_broker, tmp_path):
@@ -154,14 +169,7 @@ def test_a_second_worker_joining_restores_from_the_first_ones_checkpoint_as_does
     the input from its beginning); features and edges are exact, nothing re-published."""
     s = settings(fresh_broker, tmp_path)
     ckdir = CheckpointDir(checkpoint_dir(s, APP_ID))
-    frozen, real_write = {"on": False}, CheckpointDir.write
-
-    def write(self, *args, **kw):  # no checkpoint after `frozen`: the join finds the one before
-        if frozen["on"]:
-            raise OSError("test: no more checkpoints")
-        return real_write(self, *args, **kw)
-
-    monkeypatch.setattr(CheckpointDir, "write", write)
+    frozen = freezable(monkeypatch)
 
     def quiet_newest(n):
         try:
@@ -210,4 +218,78 @@ def test_a_second_worker_joining_restores_from_the_first_ones_checkpoint_as_does
     assert sum(held) == 7 and all(held), held  # the registry (9 events, 2 follows not held) split between them
     assert matches(final(feats), EXPECTED), final(feats)
     assert sorted(graph_before) == sorted(EXPECTED_EDGES[:2])  # the follows went out once, before the join
+    assert sorted(edges) == sorted(EXPECTED_EDGES)
+
+
+FILLER = [ev("like", f"did:plc:f{i}", f"x{i}", 0.5 + i / 1000, subject_uri="at://did:plc:nobody/app.bsky.feed.post/x",
+             subject_did="did:plc:nobody") for i in range(300)]  # likes of a post that never comes: no features
+
+
+def test_a_worker_taking_over_a_leavers_partitions_restores_them_from_the_leavers_checkpoint(
+        fresh_broker, tmp_path, monkeypatch):
+    """Two workers share the checkpoint directory and both checkpoint 307 events; 2 more events come
+    after the checkpoints; one worker leaves (stops). The survivor, now holding every partition,
+    restores its own partitions from its checkpoint and the leaver's from the leaver's (merged),
+    and replays only the 2 events after them (not the 309 retained); its features equal those of
+    one uninterrupted worker (EXPECTED, test_worker.test_one_worker_exact_features_and_edges),
+    the follows are not re-published."""
+    s = settings(fresh_broker, tmp_path)
+    ckdir = CheckpointDir(checkpoint_dir(s, APP_ID))
+    frozen = freezable(monkeypatch)
+    first = FILLER + EVENTS[:7]
+
+    def newest_quiet(workers):
+        """The newest checkpoint of each worker's assignment if together they cover `first`, quiet."""
+        out = []
+        for w in workers:
+            mine = [f for f in ckdir.files() if CheckpointDir.tag_of(f) == w.pipeline.assignment_tag()]
+            try:
+                meta = ckdir.read_meta(mine[0])
+            except (IndexError, OSError, zipfile.BadZipFile, KeyError, ValueError):
+                return None
+            if not quiet(meta):
+                return None
+            out.append((mine[0], sum(meta["offsets"]["events"].values())))
+        return [f for f, _ in out] if sum(n for _, n in out) == len(first) else None
+
+    async def main():
+        await faust_app.ensure_worker_topics(s)
+        w1, t1 = start(s)
+        w2, t2 = start(s)
+        await wait_assigned([w1, w2], [t1, t2])
+        await produce(fresh_broker, first)
+        deadline = time.monotonic() + 60
+        while True:
+            if newest_quiet([w1, w2]):
+                frozen["on"] = True
+                ckpts = newest_quiet([w1, w2])  # (none written meanwhile, or retry)
+                if ckpts:
+                    break
+                frozen["on"] = False
+            assert time.monotonic() < deadline, "no quiet checkpoints of the first events"
+            await asyncio.sleep(0.1)
+        held = [sum(ckdir.read_meta(f)["offsets"]["events"].values()) for f in ckpts]
+        await produce(fresh_broker, EVENTS[7:9])  # after the checkpoints
+        while sum(w.pipeline.offsets["events"].get(p, 0) for w in (w1, w2) for p in range(64)) < len(first) + 2:
+            assert time.monotonic() < deadline, "the workers did not read the events after the checkpoints"
+            await asyncio.sleep(0.1)
+        await stop([w2], [t2])  # the leaver (no checkpoint is written at exit)
+        await wait_assigned([w1], [t1], timeout=60)
+        while not w1.pipeline.ready:
+            assert time.monotonic() < deadline + 60, "the survivor's restore did not finish"
+            await asyncio.sleep(0.1)
+        pipe = w1.pipeline
+        took = (sorted(pipe.restored_files), pipe.replayed, metrics.WORKER_REPLAYED_EVENTS._value.get())
+        graph_before = await graph_records(fresh_broker)
+        await produce(fresh_broker, EVENTS[9:])
+        out = await collect(fresh_broker, EXPECTED)
+        await stop([w1], [t1])
+        return out, ckpts, held, took, graph_before
+
+    (feats, _, edges), ckpts, held, (restored, replayed, gauge), graph_before = asyncio.run(main())
+    assert all(held), held  # each worker's checkpoint holds some of the events
+    assert restored == sorted(map(str, ckpts)), (restored, ckpts)  # its own and the leaver's
+    assert replayed == 2 and gauge == 2, (replayed, gauge)  # of the 309 events retained
+    assert matches(final(feats), EXPECTED), final(feats)
+    assert sorted(graph_before) == sorted(EXPECTED_EDGES[:2])  # the follows went out once, before the takeover
     assert sorted(edges) == sorted(EXPECTED_EDGES)
