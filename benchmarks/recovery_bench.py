@@ -8,8 +8,10 @@ checkpoint (``CheckpointDir.read``: every array and its CRC) + ``WindowStore.fro
 the events that came after it (at most one checkpoint interval plus the downtime, never the
 retained history). Measured at two held-state sizes (the state_bench stream, 6 h / 60 s window);
 the replay rate is ``Pipeline.on_event`` (JSON parse, validation, classification, both stages)
-on the same stream. The end-to-end check that a restart replays only what followed the
-checkpoint, whatever the history, is tests/stream/worker/test_worker_restore.py.
+on the same stream. A takeover (another worker left) reads two workers' checkpoints and merges
+them (``WindowStore.absorb``), measured on the same state cut in two. The end-to-end check that a
+restart or takeover replays only what followed the checkpoints, whatever the history, is
+tests/stream/worker/test_worker_restore.py.
 
 Operator: a follow graph of the live network's shape (benchmarks/graphgen.py, 10 edges per
 account) and 4 topics of features loaded into ``OperatorState``; the snapshot is written
@@ -38,14 +40,56 @@ TARGET_S = 120
 EDGES_TARGET = 100_000_000
 
 
+PARTITIONS = 16  # chorus.events and ops partitions of the takeover measurement (the registry default)
+
+
+def _part(did: str) -> int:
+    from zlib import crc32
+
+    return crc32(did.encode()) % PARTITIONS
+
+
 def _worker_state(n: int):
+    """A store after ``n`` firehose events, each registry entry with its chorus.events partition
+    (the author's, as ``_part``), as the worker's ``WindowStore.process`` with partitions."""
     from benchmarks.state_bench import _classify, firehose
     from stream.worker.windows import WindowStore
 
     store = WindowStore(6 * 3600, 60, _classify)
     for ev in firehose(n):
-        store.process(ev)
+        store.advance(ev["time_us"])
+        store.apply_local(store.ingest(ev, _part(ev["did"]))[0])
     return store
+
+
+def _takeover(arrays: dict, tmp: str) -> float:
+    """Seconds a worker taking over from another needs to get the state back: the state cut into
+    two workers' checkpoints (half of the partitions each: ``WindowStore.retain``), both read
+    (every array, CRC-checked), rebuilt and merged (``WindowStore.absorb``), as
+    ``Pipeline.load_merged`` does after ``CheckpointDir.covering``."""
+    from benchmarks.state_bench import _classify
+    from stream.worker.checkpoint import CheckpointDir
+    from stream.worker.windows import WindowStore
+
+    d = CheckpointDir(Path(tmp) / "takeover", keep=1)
+    paths = []
+    for k in range(2):
+        mine = set(range(k * PARTITIONS // 2, (k + 1) * PARTITIONS // 2))
+        half = WindowStore.from_arrays({a: v.copy() for a, v in arrays.items()}, _classify)
+        half.retain(mine, lambda did, mine=mine: _part(did) in mine)
+        paths.append(d.write(half.to_arrays(), {"k": k}, tag=f"w{k}"))
+        del half
+    gc.collect()
+    t0 = time.perf_counter()
+    merged = None
+    for path in paths:
+        _, arrays = d.read(path)
+        part = WindowStore.from_arrays(arrays, _classify)
+        if merged is None:
+            merged = part
+        else:
+            merged.absorb(part)
+    return time.perf_counter() - t0
 
 
 def worker_load(n: int) -> dict:
@@ -67,7 +111,8 @@ def worker_load(n: int) -> dict:
         _, _, arrays = d.latest()
         WindowStore.from_arrays(arrays, _classify)
         load_s = time.perf_counter() - t0
-    return {"events": n, "held": held, "bytes": size, "write_s": write_s, "load_s": load_s}
+        takeover_s = _takeover(arrays, tmp)
+    return {"events": n, "held": held, "bytes": size, "write_s": write_s, "load_s": load_s, "takeover_s": takeover_s}
 
 
 def replay_rate(n: int) -> float:
@@ -160,12 +205,12 @@ def run(quick: bool = False) -> str:
         "",
         "Worker: read the checkpoint (all arrays, CRC-checked) and rebuild the store:",
         "",
-        "| events held | checkpoint file | write | read + rebuild | per held event |",
-        "|---:|---:|---:|---:|---:|",
+        "| events held | checkpoint file | write | read + rebuild | per held event | takeover: two checkpoints merged |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for w in worker:
         lines.append(f"| {w['held']:,} | {w['bytes'] / 2**20:,.0f} MiB | {w['write_s']:.2f} s | {w['load_s']:.2f} s | "
-                     f"{w['load_s'] / w['held'] * 1e6:.2f} us |")
+                     f"{w['load_s'] / w['held'] * 1e6:.2f} us | {w['takeover_s']:.2f} s |")
     lines += [
         "",
         f"Replay after the checkpoint (`Pipeline.on_event`, JSON + validation + classification + both stages, "
@@ -176,6 +221,14 @@ def run(quick: bool = False) -> str:
         f"to load + {backlog:,} events (60 s at 2,000/s) / {rate:,.0f} per s = {backlog / rate:.0f} s of replay: "
         f"**{full_worker:.0f} s** (target {TARGET_S} s: {ok(full_worker)}). Downtime adds its own backlog at "
         f"{2000 / rate:.2f} s of replay per second down.",
+        "",
+        f"Takeover (a worker leaves, another takes over its partitions from its checkpoint, sharing the directory): "
+        f"the state cut into two workers' checkpoints of {PARTITIONS // 2} of {PARTITIONS} partitions each, both read, "
+        f"rebuilt and merged (`WindowStore.absorb`: the second one's DIDs re-interned): "
+        f"{big['takeover_s'] / big['held'] * 1e6:.2f} us per held event, so "
+        f"**{big['takeover_s'] / big['held'] * WINDOW_EVENTS + backlog / rate:.0f} s** with the replay above for a full "
+        f"window (target {TARGET_S} s: {ok(big['takeover_s'] / big['held'] * WINDOW_EVENTS + backlog / rate)}); "
+        f"the group's session timeout (10 s) comes first.",
         "",
         "Operator: snapshot write and read + rebuild (`OperatorState.to_arrays` / `from_arrays`), 4 topics of features:",
         "",
