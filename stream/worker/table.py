@@ -27,8 +27,12 @@ REBUILD_LOAD = 0.55  # how full a rebuilt table is
 
 def key_of(text: str) -> int:
     """A stable 63-bit key of ``text`` (BLAKE2b, 8 bytes, top bit cleared), never 0."""
-    k = int.from_bytes(blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
-    return k or 1
+    return key_of_bytes(text.encode())
+
+
+def key_of_bytes(b: bytes) -> int:
+    """:func:`key_of` of a string given as its UTF-8 bytes."""
+    return int.from_bytes(blake2b(b, digest_size=8).digest(), "little") >> 1 or 1
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -51,6 +55,29 @@ def _find(a, key):
         i += 1
         if i == cap:
             i = 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _find_many(a, keys):
+    """:func:`_find` of every key: its slot, or a negative number when absent."""
+    out = np.empty(keys.shape[0], np.int64)
+    for r in range(keys.shape[0]):
+        out[r] = _find(a, keys[r])
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _same_bytes(arena_a, off_a, len_a, arena_b, off_b, len_b):
+    """Per row r: whether arena_a[off_a[r]:][:len_a[r]] equals arena_b[off_b[r]:][:len_b[r]]."""
+    out = np.empty(off_a.shape[0], np.bool_)
+    for r in range(off_a.shape[0]):
+        same = len_a[r] == len_b[r]
+        k = 0
+        while same and k < len_a[r]:
+            same = arena_a[off_a[r] + k] == arena_b[off_b[r] + k]
+            k += 1
+        out[r] = same
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
@@ -278,6 +305,54 @@ class Interner:
         self._arena += b
         self._tab.put(k, (j,))
         return j
+
+    def intern_from(self, other: "Interner") -> np.ndarray:
+        """Intern every string of ``other`` here; returns its ids here by other's id (int64, -1
+        for a free id of other). The same as ``self.id(other.did(i))`` for each, in bulk (merging
+        two workers' states): keys from other's bytes, looked up and the new strings added at
+        once; a string whose key another string here (or of other) already has takes the
+        one-by-one path, which salts it."""
+        n = other._n
+        idmap = np.full(n, -1, np.int64)
+        live = np.flatnonzero(other._len[:n] >= 0)
+        if not live.size:
+            return idmap
+        src = bytes(other._arena)
+        offs, lens = other._off[live], other._len[live].astype(np.int64)
+        keys = np.fromiter((key_of_bytes(src[o: o + ln]) for o, ln in zip(offs.tolist(), lens.tolist())),
+                           np.int64, live.size)
+        slots = _find_many(self._tab.a, keys)
+        found = slots >= 0
+        j = self._tab.a[slots[found], 1]
+        same = _same_bytes(np.frombuffer(bytes(self._arena), np.uint8), self._off[j], self._len[j].astype(np.int64),
+                           np.frombuffer(src, np.uint8), offs[found], lens[found])
+        idmap[live[found][same]] = j[same]
+        slow = live[found][~same].tolist()  # a key collision: salted one by one
+        new, new_keys = live[~found], keys[~found]
+        _, first = np.unique(new_keys, return_index=True)
+        dup = np.ones(new.size, np.bool_)
+        dup[first] = False
+        slow += new[dup].tolist()  # two strings of other with one key: the first in bulk
+        new, new_keys = new[first], new_keys[first]
+        k = new.size
+        reuse = [self._free.pop() for _ in range(min(k, len(self._free)))]
+        ids = np.concatenate([np.array(reuse, np.int64), np.arange(self._n, self._n + k - len(reuse), dtype=np.int64)])
+        self._n += k - len(reuse)
+        while self._off.size < self._n:
+            off = np.zeros(2 * self._off.size, np.int64)
+            off[: self._off.size] = self._off
+            ln = np.full(2 * self._off.size, -1, np.int32)
+            ln[: self._len.size] = self._len
+            self._off, self._len = off, ln
+        new_lens = other._len[new].astype(np.int64)
+        self._off[ids] = len(self._arena) + np.cumsum(new_lens) - new_lens
+        self._len[ids] = new_lens
+        self._arena += b"".join(src[o: o + ln] for o, ln in zip(other._off[new].tolist(), new_lens.tolist()))
+        self._tab.extend(np.stack([new_keys, ids], axis=1))
+        idmap[new] = ids
+        for i in slow:
+            idmap[i] = self.id(other.did(i))
+        return idmap
 
     def free(self, ids) -> None:
         """Forget the strings of ``ids`` (their ids are reused)."""

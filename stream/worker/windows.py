@@ -774,11 +774,9 @@ class WindowStore:
             self._base = other._base
         shift = other._base - self._base
         n = other._dk.size
-        idmap = np.full(max(n, 1), -1, np.int64)
-        for i in range(n):
-            did = other._dk.did(i)
-            if did is not None:
-                idmap[i] = self._id(did)
+        idmap = np.concatenate([self._dk.intern_from(other._dk), [-1]])  # (never empty)
+        if self._dk.size > self._last.size:
+            self._grow_ids(1 << (self._dk.size - 1).bit_length())
         bits = np.array([self._mask([t]).bit_length() - 1 for t in other._topics], np.int64)
 
         def ids(v: np.ndarray) -> np.ndarray:  # other's ids -> ours (-1 stays -1)

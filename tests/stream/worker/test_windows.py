@@ -578,3 +578,37 @@ def test_absorb_moves_the_clock_to_the_later_state_and_expires_what_left_the_win
     recs, _ = run(s, [post(A, "1", 5, "climate s=0.5")])
     assert s.stats["late"] == 1
     assert last(recs) == {B: {"did": B, "topics": {"ai": [1, 0, -0.3, 0]}}}
+
+
+def test_bulk_interning_equals_one_by_one_with_free_ids_and_key_collisions(monkeypatch):
+    """Interner.intern_from (absorb's re-interning) gives every string of the other interner the
+    id that Interner.id would, reusing free ids, and a string whose key collides (forced here by
+    10-bit keys) is salted one by one: afterwards every string reads back by its id and its id
+    by its string."""
+    import stream.worker.table as table
+
+    def run_case():
+        a, b = table.Interner(), table.Interner()
+        for i in range(300):
+            a.id(f"did:a{i}")
+        a.free([a.get(f"did:a{i}") for i in range(0, 300, 3)])  # free ids to reuse
+        shared = [f"did:a{i}" for i in range(1, 300, 3)]
+        for s in shared + [f"did:b{i}" for i in range(500)]:
+            b.id(s)
+        b.free([b.get("did:b7"), b.get("did:b8")])
+        idmap = a.intern_from(b)
+        for i in range(b.size):
+            s = b.did(i)
+            if s is None:
+                assert idmap[i] == -1
+            else:
+                assert a.did(int(idmap[i])) == s and a.get(s) == idmap[i] and a.id(s) == idmap[i]
+        assert len(set(idmap[idmap >= 0].tolist())) == len(b)  # distinct strings, distinct ids
+        assert all(a.get(f"did:a{i}") is None for i in range(0, 300, 3))  # freed stay freed
+        assert a.did(int(a.id("did:new"))) == "did:new"
+
+    run_case()
+    real = table.key_of_bytes
+    monkeypatch.setattr(table, "key_of_bytes", lambda b: real(b) & 1023 or 1)
+    monkeypatch.setattr(table, "key_of", lambda text: table.key_of_bytes(text.encode()))
+    run_case()
