@@ -214,7 +214,8 @@ class HashTable:
         keys are not in the table yet (a key present keeps its entry); rebuilt at the capacity
         where all the entries fill REBUILD_LOAD."""
         a = self.a
-        rows = rows[(rows[:, 0] != 0) & ~np.isin(rows[:, 0], a[a[:, 0] != 0, 0])]
+        rows = rows[rows[:, 0] != 0]
+        rows = rows[_find_many(a, rows[:, 0]) < 0]
         if not rows.size:
             return
         both = np.concatenate([a[a[:, 0] != 0], rows.astype(np.int64, copy=False)])
