@@ -136,32 +136,51 @@ def bench_density(n: int = N, per_node: float = PER_NODE, steps: int = STEPS, lo
                                   for s in snaps)
     res["subgraph_edges"] = {t: st.subgraph(t).num_edges for t in topics}
 
-    # churn: 1% of edges (half removed, half added), 1% of agents flip activity per topic
-    log("  density: churn 1% of the edges and of each topic's activity")
+    # churn: 1% of edges (half removed, half added), 1% of agents flip activity per topic; twice:
+    # the first hop after it may compile programs for grown table capacities (they double), the
+    # second is the steady state of a long-running operator (shapes settled)
+    from operators.attribution import trace_count
+
+    for hop in (2, 3):
+        log(f"  density: churn 1% of the edges and of each topic's activity, hop {hop}")
+        t_apply = time.perf_counter()
+        _churn(fast, rng, key, dids, followers, topics, n, t_us=10**15 * hop, window_end=60 * hop)
+        res[f"apply{hop}_s"] = time.perf_counter() - t_apply
+        traces = trace_count()
+        res[f"hop{hop}_s"], snaps = _timed(lambda: fast.recompute(window_end=60 * hop))
+        res[f"hop{hop}_compiles"] = trace_count() - traces
+        res[f"hop{hop}_snapshots"] = len(snaps)
+        key = st.edges()
+        key = (key[0].astype(np.int64) << 32) | key[1]
+    res["apply_s"] = res["apply2_s"]
+    res["builds"] = {t: st.subgraph(t).builds for t in topics}
+    res["peak_rss_gb"] = _rss_gb()
+    return res
+
+
+def _churn(svc, rng, key: np.ndarray, dids: list[str], followers, topics: dict, n: int, t_us: int,
+           window_end: int) -> None:
+    """1 % of the edges ``key`` (src << 32 | dst) removed or added (half each) and 1 % of each
+    topic's agents flipping activity, applied record by record as the operator's consumers do."""
+    from stream.schemas import Features, GraphEdge
+
     m = int(CHURN * key.size)
     gone = key[rng.choice(key.size, m // 2, replace=False)]
     new_src, new_dst = rng.integers(0, n, m - m // 2), rng.integers(0, n, m - m // 2)
-    t_us = 10**15
-    t_apply = time.perf_counter()
     for k in gone:
         t_us += 1
-        fast.apply_edge(GraphEdge(op="remove", src=dids[k >> 32], dst=dids[k & 0xFFFFFFFF], time_us=t_us))
+        svc.apply_edge(GraphEdge(op="remove", src=dids[k >> 32], dst=dids[k & 0xFFFFFFFF], time_us=t_us))
     for s, d in zip(new_src, new_dst):
         if s != d:
             t_us += 1
-            fast.apply_edge(GraphEdge(op="add", src=dids[s], dst=dids[d], time_us=t_us))
+            svc.apply_edge(GraphEdge(op="add", src=dids[s], dst=dids[d], time_us=t_us))
     for t, xt in topics.items():
         rows = rng.choice(n, int(CHURN * n), replace=False)
         for r in rows:
             vec = {tt: (topics[tt][r] if tt != t else _flip(rng, xt[r])).tolist() for tt in topics}
             topics[t][r] = vec[t]
-            fast.apply_features(Features(did=dids[r], window_end=120, followers=int(followers[r]), topics=vec))
-    res["apply_s"] = time.perf_counter() - t_apply
-    res["hop2_s"], snaps = _timed(lambda: fast.recompute(window_end=120))
-    res["builds"] = {t: st.subgraph(t).builds for t in topics}
-    res["hop2_snapshots"] = len(snaps)
-    res["peak_rss_gb"] = _rss_gb()
-    return res
+            svc.apply_features(Features(did=dids[r], window_end=window_end, followers=int(followers[r]),
+                                        topics=vec))
 
 
 def _flip(rng, v: np.ndarray) -> np.ndarray:
@@ -175,6 +194,7 @@ def _flip(rng, v: np.ndarray) -> np.ndarray:
 def markdown(r: dict) -> list[str]:
     one = r["one"]
     ratio2 = (r["ref_build_s"] + r["ref_hop_s"]) / r["hop2_s"]
+    ratio3 = (r["ref_build_s"] + r["ref_hop_s"]) / r["hop3_s"]
     md = ["", f"### Density: one hop at {r['n']:,} agents / {r['edges']:,} follow edges",
           "",
           f"Graph generated in {r['gen_s']:.1f} s (benchmarks.graphgen), loaded into OperatorState in "
@@ -184,15 +204,19 @@ def markdown(r: dict) -> list[str]:
           f"(`active_only=False`, {REF_STEPS} Gauss-Legendre nodes: full graph, every row); **chorus** = the "
           f"default (`active_only=True`, {r['steps']} `{r['rule']}` nodes: per-topic active subgraphs kept "
           "incrementally, graph-free indicators on the active rows). Hop 2 comes after 1% of the edges "
-          "changed (half removed, half added) and 1% of each topic's agents changed activity; the reference "
-          "rebuilds the full layout for it, chorus updates the layers.", "",
+          "changed (half removed, half added) and 1% of each topic's agents changed activity, hop 3 after "
+          "another such round; the reference rebuilds the full layout for each, chorus updates the layers. "
+          "Hop 2 also compiles the programs whose table capacities grew (they double, so a long-running "
+          "operator compiles rarely); hop 3 is the steady state.", "",
           "| step | reference (s) | chorus (s) | ratio |", "|---|---:|---:|---:|",
           f"| layout build (full graph / {TOPICS} active subgraphs, in hop 1) | {r['ref_build_s']:.1f} | (in hop 1) | |",
           f"| hop 1 (fresh) | {r['ref_build_s'] + r['ref_hop_s']:.1f} (build {r['ref_build_s']:.1f} + hop "
           f"{r['ref_hop_s']:.1f}) | {r['hop1_s']:.1f} | {(r['ref_build_s'] + r['ref_hop_s']) / r['hop1_s']:.2f}x |",
-          f"| **hop after 1% of edges changed** | {r['ref_build_s'] + r['ref_hop_s']:.1f} (full rebuild + hop) "
-          f"| **{r['hop2_s']:.1f}** | **{ratio2:.2f}x** |",
-          f"| hop compute only (no build) | {r['ref_hop_s']:.1f} | {r['hop2_s']:.1f} | {r['ref_hop_s'] / r['hop2_s']:.2f}x |",
+          f"| hop 2, after 1% of edges changed ({r['hop2_compiles']} programs compiled in it) "
+          f"| {r['ref_build_s'] + r['ref_hop_s']:.1f} (full rebuild + hop) | {r['hop2_s']:.1f} | {ratio2:.2f}x |",
+          f"| **hop 3, after another 1% changed** ({r['hop3_compiles']} compiled: shapes settled) "
+          f"| {r['ref_build_s'] + r['ref_hop_s']:.1f} (full rebuild + hop) | **{r['hop3_s']:.1f}** | **{ratio3:.2f}x** |",
+          f"| hop compute only (no build), hop 3 | {r['ref_hop_s']:.1f} | {r['hop3_s']:.1f} | {r['ref_hop_s'] / r['hop3_s']:.2f}x |",
           "", f"Per-agent accuracy (topic t0, cascade_reach), max_i |phi_i - ref_i| / max_i |ref_i| against "
           f"{ACC_STEPS} graded nodes: chorus ({r['steps']} graded) **{r['acc_chorus']:.1e}**, reference "
           f"({REF_STEPS} Gauss-Legendre) {r['acc_reference']:.1e}. Max relative completeness residual over "
@@ -204,15 +228,17 @@ def markdown(r: dict) -> list[str]:
           f"| chorus kernel, topic's active subgraph | {r['subgraph_edges']['t0']:,} | {one['active']:.1f} "
           f"| {one['naive'] / one['active']:.2f}x |",
           "", f"Active subgraph edges per topic: {', '.join(f'{v:,}' for v in r['subgraph_edges'].values())}; "
-          f"base builds per topic after hop 2: {sorted(set(r['builds'].values()))} (1 = never rebuilt). "
+          f"base builds per topic after hop 3: {sorted(set(r['builds'].values()))} (1 = never rebuilt). "
           f"Full graph index arrays: {r['full_graph_bytes'] / r['edges']:.1f} bytes per edge. "
           f"Applying the churn (records one by one): {r['apply_s']:.1f} s. Peak RSS of the process: "
           f"{r['peak_rss_gb']:.1f} GiB.", "",
           "| target | measured | status |", "|---|---|---|",
-          f"| hop after 1% edge churn <= {TARGET_HOP_S:g} s (this CPU) | {r['hop2_s']:.1f} s "
-          f"| {'**PASS**' if r['hop2_s'] <= TARGET_HOP_S else '**FAIL**'} |",
-          f"| >= {TARGET_RATIO:g}x the reference in the same run | {ratio2:.2f}x "
-          f"| {'**PASS**' if ratio2 >= TARGET_RATIO else '**FAIL**'} |",
+          *(f"| hop after 1% edge churn <= {TARGET_HOP_S:g} s (this CPU), {label} | {r[k]:.1f} s "
+            f"| {'**PASS**' if r[k] <= TARGET_HOP_S else '**FAIL**'} |"
+            for k, label in (("hop2_s", "hop 2 (compiles included)"), ("hop3_s", "hop 3 (shapes settled)"))),
+          *(f"| >= {TARGET_RATIO:g}x the reference in the same run, {label} | {v:.2f}x "
+            f"| {'**PASS**' if v >= TARGET_RATIO else '**FAIL**'} |"
+            for v, label in ((ratio2, "hop 2"), (ratio3, "hop 3"))),
           f"| per-agent error <= {TARGET_ACC:g} of max phi | {r['acc_chorus']:.1e} "
           f"| {'**PASS**' if r['acc_chorus'] <= TARGET_ACC else '**FAIL**'} |"]
     return md

@@ -423,7 +423,9 @@ def panel_comparison(
     phi_panel = _per_agent(phi_panel, bi.size)
 
     spanned = int(np.unique(bi.index[panel]).size)
-    tvd = band_tvd(band_distribution(full, bi), band_distribution(phi_panel, bi)) if spanned >= 2 else float("nan")
+    bands = bi.bands
+    d_full, d_panel = band_distribution(full, bi, bands), band_distribution(phi_panel, bi, bands)  # once each
+    tvd = band_tvd(d_full, d_panel) if spanned >= 2 else float("nan")
     c, resid, rho = rescale_fit(full[panel], phi_panel[panel])
-    return PanelComparison(panel, band_shares(phi_panel, bi), band_shares(full, bi), tvd, rho, c, resid,
-                           full, phi_panel, spanned)
+    return PanelComparison(panel, _named(bands, d_panel[0] - d_panel[1]), _named(bands, d_full[0] - d_full[1]),
+                           tvd, rho, c, resid, full, phi_panel, spanned)

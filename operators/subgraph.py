@@ -7,8 +7,8 @@ adds log1p(0) = 0 to S_j and nothing to any phi. The edges out of the agents act
 at a fraction of its edges (30 % of the agents active -> about 30 % of the edges).
 
 The subgraph is held as an :class:`operators.graph.GraphStack`: a base layout (all present edges
-out of the covered agents when it was built) plus two small edge lists, the edges added to it
-since (+1) and removed from it (-1). At each update, from the global edge set's change log and the
+out of the covered agents when it was built) plus one small signed edge list, the edges added to
+it since (+1) and removed from it (-1). At each update, from the global edge set's change log and the
 topic's current active mask:
 
 - an edge op (add/remove) whose source is covered goes into the added / removed layer (an add and
@@ -21,7 +21,7 @@ The base is rebuilt (covered := active) only when the delta layers exceed ``rebu
 base's edges, the edges out of covered-but-inactive agents exceed ``rebuild_stale`` of them, the
 node capacity changed or the edge set was reloaded. Every base is built with at least the table
 capacities of the bases built before it (``shared``, one per state: all topics' subgraphs and
-rebuilds), and the edge lists are padded to capacities that grow by doubling, so after the first
+rebuilds), and the signed edge list is padded to a capacity that grow by doubling, so after the first
 builds one compiled program serves every topic and hop.
 """
 
@@ -98,9 +98,11 @@ class ActiveSubgraph:
         self.log_pos = log_end
         if self._dirty or self._stack is None or self._n_rows != n_rows:
             prev = self.shared.get("delta_edges", self.base_edges // DELTA_SHARE)
-            plus, minus = (_padded_edges(k, capacity, prev) for k in (self.plus, self.minus))
-            self.shared["delta_edges"] = max(plus[0].size, minus[0].size)
-            self._stack = GraphStack(self._base, (plus, minus), (1.0, -1.0), n_real=max(n_rows, 1))
+            delta = _padded_edges(np.concatenate([self.plus, self.minus]), capacity, prev)
+            sign = np.ones(delta[0].size, np.float32)
+            sign[self.plus.size: self.plus.size + self.minus.size] = -1.0
+            self.shared["delta_edges"] = delta[0].size
+            self._stack = GraphStack(self._base, (delta,), (sign,), n_real=max(n_rows, 1))
             self._dirty, self._n_rows = False, n_rows
         return self._stack
 

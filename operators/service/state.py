@@ -100,6 +100,7 @@ class EdgeSet:
         self._time = np.empty(0, np.int64)
         self._present = np.empty(0, bool)
         self._recent: dict[int, tuple[int, bool]] = {}
+        self._recent_arrays: tuple[np.ndarray, np.ndarray] | None = None  # (keys, present) of _recent
         self.count = 0  # present edges
 
     def _lookup(self, key: int) -> tuple[int, bool] | None:
@@ -116,6 +117,7 @@ class EdgeSet:
         if prev is not None and (order < prev[0] or (order == prev[0] and prev[1] and not present)):
             return False
         self._recent[key] = (order, present)
+        self._recent_arrays = None
         was = prev is not None and prev[1]
         if len(self._recent) >= self.MERGE_AT:
             self.compact()
@@ -137,6 +139,7 @@ class EdgeSet:
             vals = list(self._recent.values())
             self._merge(keys, np.array([t for t, _ in vals], np.int64), np.array([p for _, p in vals], bool))
             self._recent.clear()
+            self._recent_arrays = None
 
     def _merge(self, keys, time, present) -> None:
         """Merge distinct ``keys`` (any order) into the sorted arrays: existing keys are updated
@@ -181,13 +184,33 @@ class EdgeSet:
         return self._keys.nbytes + self._time.nbytes + self._present.nbytes
 
     def out_edges(self, rows) -> np.ndarray:
-        """Present edge keys with source in ``rows`` (row indices), sorted by (src, dst)."""
-        self.compact()
+        """Present edge keys with source in ``rows`` (row indices), sorted by (src, dst).
+
+        Reads the sorted arrays and overlays the recent ops (a recent op on a key overrides the
+        arrays' entry) without compacting: a compaction rewrites every array (O(E): ~1.6 s at 100M
+        edges), which a hop asking for a few agents' edges must not pay for each batch of ops."""
         rows = np.unique(np.asarray(rows, np.int64))
         lo, hi = np.searchsorted(self._keys, rows << 32), np.searchsorted(self._keys, (rows + 1) << 32)
         lens = hi - lo
         idx = np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
-        return self._keys[idx[self._present[idx]]]
+        keys = self._keys[idx[self._present[idx]]]
+        if not self._recent or not rows.size:
+            return keys
+        if self._recent_arrays is None:  # once per batch of ops: a hop asks many times
+            self._recent_arrays = (np.fromiter(self._recent, np.int64, len(self._recent)),
+                                   np.fromiter((p for _, p in self._recent.values()), bool, len(self._recent)))
+        rk, rp = self._recent_arrays
+        src = rk >> 32
+        mine = np.isin(src, rows)
+        if not mine.any():
+            return keys
+        rk, rp = rk[mine], rp[mine]
+        at = np.searchsorted(keys, rk)  # keys is sorted: O(recent log E), not a pass over E
+        hit = at < keys.size
+        hit[hit] = keys[at[hit]] == rk[hit]
+        keys = np.delete(keys, at[hit])  # the recent op decides for these keys
+        add = np.sort(rk[rp])
+        return np.insert(keys, np.searchsorted(keys, add), add)
 
 
 class RecordIndex:

@@ -152,6 +152,32 @@ def test_edge_set_compaction_keeps_semantics(monkeypatch):
     assert es.count == len(expect) + 2 and es.present()[-2:].tolist() == [100, 101]
 
 
+def test_out_edges_overlay_recent_ops_without_compacting(monkeypatch):
+    """out_edges reads the sorted arrays with the recent ops laid over them (adds, removes, re-adds
+    of keys the arrays hold and of new ones) and equals the truth, and it leaves the recent ops
+    uncompacted (a compaction rewrites every array)."""
+    from operators.service.state import EdgeSet
+
+    monkeypatch.setattr(EdgeSet, "MERGE_AT", 10**9)  # never merge by size here
+    rng = np.random.default_rng(5)
+    es, truth = EdgeSet(), {}
+    base = np.unique(rng.integers(0, 30, 400) << 32 | rng.integers(0, 50, 400))
+    es.add_many(base)
+    truth.update({int(k): True for k in base})
+    for t in range(1, 500):  # ops on keys the arrays hold and on new keys
+        key = int(rng.integers(0, 30)) << 32 | int(rng.integers(0, 50))
+        present = bool(rng.random() < 0.5)
+        es.apply(key, t, present)
+        truth[key] = present
+        if t % 100 == 0:
+            for rows in (rng.choice(30, 7, replace=False), np.arange(30), np.array([], np.int64)):
+                got = es.out_edges(rows)
+                expect = sorted(k for k, p in truth.items() if p and (k >> 32) in set(rows.tolist()))
+                assert got.tolist() == expect
+            assert es._recent  # nothing was compacted
+    assert es.present().tolist() == sorted(k for k, p in truth.items() if p)
+
+
 def test_bulk_load_matches_streamed_updates():
     dids = [f"did:{i}" for i in range(30)]
     x = np.arange(120, dtype=np.float32).reshape(30, 4)
