@@ -117,8 +117,9 @@ WIDTHS = tuple(int(w) for w in bucket_widths(CHUNK)[::-1])  # class widths, wide
 _FLOORS = tuple(pow2_at_least(-(-MIN_CELLS // w)) for w in WIDTHS)
 
 
-def _grow(count: int, prev: int, floor: int) -> int:
-    """A table capacity for ``count`` rows: ``prev`` while it fits, else at least double it.
+def _grow(count: int, prev: int, floor: int, tight: bool = False) -> int:
+    """A table capacity for ``count`` rows: ``prev`` while it fits, else at least double it
+    (``tight``: ``count`` rounded, at least ``prev``).
 
     Fresh (prev = 0): ``count`` rounded up to 4 significant bits (at most 12.5% slack), at least
     ``floor``. So capacities only grow, each growth at least doubles (few recompiles), and a
@@ -127,15 +128,16 @@ def _grow(count: int, prev: int, floor: int) -> int:
     if prev and count <= prev:
         return prev
     fine = count if count < 16 else -(-count >> (count.bit_length() - 4)) << (count.bit_length() - 4)
-    return max(2 * prev, fine, floor)
+    return max(prev if tight else 2 * prev, fine, floor)
 
 
-def _plan(deg: np.ndarray, prev=None, grow: bool = False) -> tuple[np.ndarray, tuple]:
+def _plan(deg: np.ndarray, prev=None, grow: bool = False, tight: bool = False) -> tuple[np.ndarray, tuple]:
     """Slots for rows of degree ``deg`` and the capacities ``(chunk_cap, big_cap, class_caps)``.
 
     Slot order: [rows wider than CHUNK (big_cap)] then one block of class_caps[c] slots per class
     (WIDTHS order); within a block, rows by id. Rows of degree 0 get slot -1. Capacities (see
-    :func:`_grow`) are at least the floors, and never below ``prev`` (an earlier graph's).
+    :func:`_grow`) are at least the floors, and never below ``prev`` (an earlier graph's); with
+    ``tight``, the elementwise max of ``prev`` and this graph's rounded counts (no doubling).
     """
     big = deg > CHUNK
     cls = np.searchsorted(np.array(WIDTHS[::-1]), deg)  # ascending-width class index
@@ -144,14 +146,14 @@ def _plan(deg: np.ndarray, prev=None, grow: bool = False) -> tuple[np.ndarray, t
     counts = np.bincount(grp[grp >= 0], minlength=len(WIDTHS) + 1)
     need = np.concatenate([[int((-(-deg[big] // CHUNK)).sum())], counts]).astype(np.int64)
     have = np.array((p_chunks, p_big) + tuple(p_caps), np.int64)
-    if prev is not None and (grow or (need > have).any()):
+    if prev is not None and not tight and (grow or (need > have).any()):
         # a table outgrew its capacity (here, or ``grow``: in the graph's other index), so the
         # program recompiles anyway: every table more than 1 / HEADROOM full grows with it (one
         # recompile, not one per table over later hops)
         need = np.where(need * HEADROOM > have, np.maximum(need, have + 1), need)
-    chunk_cap = _grow(int(need[0]), p_chunks, 1)
-    big_cap = _grow(int(need[1]), p_big, 1)
-    caps = tuple(_grow(int(c), p, f) for p, c, f in zip(p_caps, need[2:], _FLOORS))
+    chunk_cap = _grow(int(need[0]), p_chunks, 1, tight)
+    big_cap = _grow(int(need[1]), p_big, 1, tight)
+    caps = tuple(_grow(int(c), p, f, tight) for p, c, f in zip(p_caps, need[2:], _FLOORS))
     offsets = np.concatenate([[0], np.cumsum((big_cap,) + caps)])
     order = np.argsort(grp, kind="stable")[np.count_nonzero(grp < 0):]  # rows by group, then id
     starts = np.concatenate([[0], np.cumsum(counts)])
@@ -223,12 +225,15 @@ class LeafHolder:
 class FollowGraph(LeafHolder):
     """A directed follow graph, preprocessed (once, on the host) for the cascade kernel.
 
-    ``FollowGraph(src, dst, n, layout="bucketed", capacities=None)``: edges ``src[k] -> dst[k]``
+    ``FollowGraph(src, dst, n, layout="bucketed", capacities=None, tight=False)``: edges ``src[k] -> dst[k]``
     (dst follows src), node ids in [0, n). A pytree: index arrays are leaves; (n, layout,
     num_edges, capacities) are static, so a graph is passed to ``jax.jit`` as an argument. ``n``
     is the length q must have (the node capacity for a padded graph); ``num_edges`` counts stored
     edges (the edge capacity for a padded graph). ``capacities`` (bucketed only): an earlier
     graph's :attr:`capacities`, the minimum table sizes (so the new graph keeps its shapes).
+    ``tight``: a table that outgrows them takes this graph's rounded count, not double (large
+    graphs built rarely, e.g. the topics' active subgraphs: 5 topics of ~30M edges whose classes
+    differ by a few %; doubling gave 4 of them 2x the cells, 5.0 s against 3.0 s per attribution).
 
     Leaves: ``perm`` (table position -> node: q is gathered into table order), ``pos`` (node ->
     table position for the gradient; bucketed: ``len(perm)`` for a node with no out-edge),
@@ -236,7 +241,7 @@ class FollowGraph(LeafHolder):
     (layout-specific index arrays, see the module docstring).
     """
 
-    def __init__(self, src, dst, n: int, layout: str = "bucketed", capacities=None):
+    def __init__(self, src, dst, n: int, layout: str = "bucketed", capacities=None, tight: bool = False):
         src, dst = _as_index("src", src), _as_index("dst", dst)
         n = int(n)
         if n < 1:
@@ -256,9 +261,9 @@ class FollowGraph(LeafHolder):
         else:
             fprev, bprev = capacities if capacities is not None else (None, None)
             out_deg, in_deg = np.bincount(src, minlength=n), np.bincount(dst, minlength=n)
-            bslot, bspec = _plan(out_deg, bprev)  # source table (q order)
-            fslot, fspec = _plan(in_deg, fprev)  # S order
-            if bprev is not None and (bspec != tuple(bprev)) != (fspec != tuple(fprev)):  # one recompile for both
+            bslot, bspec = _plan(out_deg, bprev, tight=tight)  # source table (q order)
+            fslot, fspec = _plan(in_deg, fprev, tight=tight)  # S order
+            if not tight and bprev is not None and (bspec != tuple(bprev)) != (fspec != tuple(fprev)):  # one recompile for both
                 bslot, bspec = _plan(out_deg, bprev, grow=True)
                 fslot, fspec = _plan(in_deg, fprev, grow=True)
             t_b, t_f = _n_slots(bspec), _n_slots(fspec)
@@ -283,7 +288,7 @@ class FollowGraph(LeafHolder):
 
     @classmethod
     def padded(cls, src, dst, n: int, n_capacity: int, e_capacity: int, layout: str = "bucketed",
-               capacities=None) -> "FollowGraph":
+               capacities=None, tight: bool = False) -> "FollowGraph":
         """A graph padded to fixed capacities (live service: no retrace while they hold).
 
         q must then have length ``n_capacity``, with ``n_capacity >= n + 1`` and ``e_capacity >=
@@ -305,7 +310,7 @@ class FollowGraph(LeafHolder):
             pad = np.full(e_capacity - src.size, n_capacity - 1, dtype=np.int64)
             g = cls(np.concatenate([src, pad]), np.concatenate([dst, pad]), n_capacity, layout)
         else:
-            g = cls(src, dst, n_capacity, layout, capacities)
+            g = cls(src, dst, n_capacity, layout, capacities, tight)
             g.num_edges = e_capacity
         g.n_real = jnp.asarray(n, jnp.int32)
         return g

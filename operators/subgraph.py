@@ -21,8 +21,10 @@ The base is rebuilt (covered := active) only when the delta layers exceed ``rebu
 base's edges, the edges out of covered-but-inactive agents exceed ``rebuild_stale`` of them, the
 node capacity changed or the edge set was reloaded. Every base is built with at least the table
 capacities of the bases built before it (``shared``, one per state: all topics' subgraphs and
-rebuilds), and the signed edge list is padded to a capacity that grow by doubling, so after the first
-builds one compiled program serves every topic and hop.
+rebuilds; a table that outgrows them takes the new count, not double: ``FollowGraph(tight=True)``,
+so no topic pays for another's padding), and the signed edge list is padded to a capacity that
+grows by doubling, so after the first builds (one program per distinct set of capacities, at most
+one per topic) one compiled program serves every topic and hop.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ class ActiveSubgraph:
             self.shared["capacity"] = capacity
         caps, e_cap = self.shared.get("caps"), self.shared.get("edges", MIN_EDGES)
         self._base = FollowGraph.padded(keys >> 32, keys & 0xFFFFFFFF, max(n_rows, 1), capacity,
-                                        pow2_at_least(max(keys.size, 1), e_cap), capacities=caps)
+                                        pow2_at_least(max(keys.size, 1), e_cap), capacities=caps, tight=True)
         self.shared["caps"], self.shared["edges"] = self._base.capacities, self._base.num_edges
         self.base_edges = int(keys.size)
         self.plus = self.minus = np.empty(0, np.int64)

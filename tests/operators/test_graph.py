@@ -260,3 +260,51 @@ def test_bucketed_no_retrace_within_capacity_retrace_after_a_class_doubles():
     assert g4.capacities == g3.capacities
     check(g4, src, dst, 280, q)
     assert len(traces) == 2
+
+
+def test_an_outgrown_table_grows_every_table_near_its_capacity_in_one_step():
+    """When one class table outgrows its capacity (a recompile), every table of both indices more
+    than 1 / HEADROOM full grows with it, and tables with room keep their capacity; the layout
+    still computes R exactly (brute force)."""
+    from operators.graph import HEADROOM, _plan
+
+    deg = np.array([1] * 100 + [2] * 60 + [3] * 10)  # classes of width 1, 2, 3
+    _, spec = _plan(deg)
+    caps = list(spec[2])
+    w1, w2, w3 = (WIDTHS.index(w) for w in (1, 2, 3))
+    prev = (spec[0], spec[1], tuple(caps))
+    full2 = int(caps[w2] / HEADROOM) + 1  # width-2 class over 1 / HEADROOM full, still fitting
+    deg2 = np.array([1] * (caps[w1] + 1) + [2] * full2 + [3] * 10)  # width 1 outgrows
+    _, grown = _plan(deg2, prev)
+    assert grown[2][w1] >= 2 * caps[w1]  # the outgrown one doubles
+    assert grown[2][w2] > caps[w2]  # the nearly full one grows with it
+    assert grown[2][w3] == caps[w3]  # one with room keeps its size
+    _, same = _plan(np.array([1] * 100 + [2] * full2 + [3] * 10), prev)  # nothing outgrown: no change
+    assert same == prev
+    # a grown graph (600 new followers of node 0) built on the old capacities is still exact
+    src, dst, n, q = random_graph(3, n=300, e=1200)
+    g1 = FollowGraph(src, dst, n)
+    extra = np.arange(n, n + 600)
+    g2 = FollowGraph(np.concatenate([src, np.zeros(600, np.int64)]), np.concatenate([dst, extra]), n + 600,
+                     capacities=g1.capacities)
+    assert g2.capacities[0] != g1.capacities[0]
+    qq = np.concatenate([q, np.zeros(600, np.float32)])
+    assert float(reach(g2, jnp.asarray(qq))) == pytest.approx(
+        brute_reach(np.concatenate([src, np.zeros(600, np.int64)]), np.concatenate([dst, extra]), n + 600, qq),
+        rel=1e-5)
+
+
+def test_a_tight_graph_takes_the_elementwise_max_of_its_counts_and_the_old_capacities():
+    """tight=True (the topics' active subgraphs): an outgrown table takes this graph's rounded
+    count, not double, and one with room keeps the old capacity; R stays exact."""
+    src, dst, n, q = random_graph(4, n=300, e=1200)
+    g1 = FollowGraph(src, dst, n)
+    src2, dst2 = np.concatenate([src, np.zeros(600, np.int64)]), np.concatenate([dst, np.arange(n, n + 600)])
+    g2 = FollowGraph(src2, dst2, n + 600, capacities=g1.capacities, tight=True)
+    w1 = WIDTHS.index(1)
+    need = int(np.sum(np.bincount(dst2, minlength=n + 600) == 1))
+    old = g1.capacities[0][2][w1]
+    assert need > old and old < g2.capacities[0][2][w1] < 2 * old
+    assert all(b >= a for a, b in zip(g1.capacities[0][2], g2.capacities[0][2]))
+    qq = np.concatenate([q, np.zeros(600, np.float32)])
+    assert float(reach(g2, jnp.asarray(qq))) == pytest.approx(brute_reach(src2, dst2, n + 600, qq), rel=1e-5)
