@@ -119,7 +119,8 @@ _BAND_INDEX_CACHE_SIZE = 8
 def band_index(followers, bands=DEFAULT_BANDS) -> np.ndarray:
     """Index into ``bands`` of each agent's band, int array (N,), read-only.
 
-    O(N log N) (a sort and searches); the last few results are kept, keyed by the followers'
+    O(N log N) (a sort and searches; O(N + max) by counting for integer counts up to 4 N); the
+    last few results are kept, keyed by the followers'
     content (a 128-bit BLAKE2b digest, O(N)), since a hop asks for the same followers' bands once
     per topic, indicator, panel and sample."""
     f = _followers(followers)
@@ -186,9 +187,15 @@ def _index_of(followers, bands) -> np.ndarray:
 
 def _band_index(f: np.ndarray, bands) -> np.ndarray:
     n = f.size
-    asc = np.sort(f)
-    more = n - np.searchsorted(asc, f, side="right")
-    equal = np.searchsorted(asc, f, side="right") - np.searchsorted(asc, f, side="left")
+    if np.issubdtype(f.dtype, np.integer) and f.min() >= 0 and f.max() <= 4 * n:
+        # follower counts: counting, O(N + max), instead of a sort (1.1 s -> ~0.1 s at 1.67M)
+        count = np.bincount(f, minlength=int(f.max()) + 1)
+        more = n - np.cumsum(count)[f]  # agents with strictly more followers
+        equal = count[f]
+    else:
+        asc = np.sort(f)
+        more = n - np.searchsorted(asc, f, side="right")
+        equal = np.searchsorted(asc, f, side="right") - np.searchsorted(asc, f, side="left")
     rank = more + (equal - 1) / 2.0
     upper = np.array([int(np.floor(hi * n + 1e-9)) for _, _, hi in bands])
     upper[-1] = n

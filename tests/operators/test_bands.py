@@ -208,3 +208,16 @@ def test_panel_agents_ties_by_lower_index(n, k, rng):
     count go to the lower index, most followed first; with many ties and with all equal."""
     for f in (rng.integers(0, 5, n), np.floor(rng.pareto(1.0, n) * 3), np.zeros(n, np.int64)):
         np.testing.assert_array_equal(bands.panel_agents(f, k), np.argsort(-f, kind="stable")[: min(k, n)])
+
+
+def test_band_index_by_counting_equals_the_sorted_ranking():
+    """Integer follower counts are ranked by counting (O(N + max)); the bands equal those of the
+    sort-based ranking of the same counts as floats, ties included."""
+    from operators.bands import _band_index
+
+    rng = np.random.default_rng(7)
+    for n in (1, 7, 1000, 5000):
+        f = np.floor(rng.pareto(1.2, n) * 5).astype(np.int64)  # heavy-tailed, many ties at 0
+        got = _band_index(f, bands.DEFAULT_BANDS)
+        want = _band_index(f.astype(np.float64), bands.DEFAULT_BANDS)
+        np.testing.assert_array_equal(got, want)
