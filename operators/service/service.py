@@ -185,7 +185,10 @@ def top_agents(phi: np.ndarray, k: int = TOP_K) -> list[tuple[int, float]]:
 
 
 def check_indicators(names) -> None:
-    """Raise ValueError (one line, the known names) if any of ``names`` is not in :data:`INDICATORS`."""
+    """Raise ValueError (one line, the known names) if ``names`` is empty or any is not in
+    :data:`INDICATORS` (no indicator would publish nothing, hop after hop, with no error)."""
+    if not list(names):
+        raise ValueError(f"no indicator configured (CHORUS_INDICATORS is empty); known: {', '.join(INDICATORS)}")
     unknown = [n for n in names if n not in INDICATORS]
     if unknown:
         raise ValueError(f"unknown indicator(s) {', '.join(unknown)}; known: {', '.join(INDICATORS)}")

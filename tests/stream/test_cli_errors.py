@@ -53,6 +53,7 @@ def test_run_refuses_a_bad_alerts_file_or_indicator_before_starting_anything(tmp
         ({"CHORUS_ALERTS_FILE": str(bad_key)}, "unknown alert rule(s): new_top_culpritt"),
         ({"CHORUS_ALERTS_FILE": str(bad_threshold)}, "must be a finite number >= 0"),
         ({"CHORUS_INDICATORS": '["cascade_reach","nope"]'}, "unknown indicator(s) nope; known: "),
+        ({"CHORUS_INDICATORS": "[]"}, "no indicator configured"),
     ]
     for env, expected in cases:
         r = invoke(["run", "--no-console", "--duration", "5", "--metrics-port", "0"],

@@ -240,6 +240,8 @@ def test_active_only_hops_equal_the_full_graph_reference_across_hops(small_edges
 def test_unknown_indicator_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown indicator.*nope"):
         OperatorService(Settings(indicators=["nope"]))
+    with pytest.raises(ValueError, match="no indicator configured"):
+        OperatorService(Settings(indicators=[]))
 
 
 # --- end to end on a real broker ---------------------------------------------------------------
