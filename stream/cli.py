@@ -202,7 +202,7 @@ def ingest(
         main(settings(relay=relay, kafka=kafka, jetstream=jetstream), relay=relay, cursor=cursor,
              jetstream=jetstream)
     except IngestError as exc:
-        fail(str(exc), 1)
+        fail(str(exc), exc.code)
 
 
 @app.command()

@@ -40,7 +40,17 @@ log = logging.getLogger("chorus.ingest")
 
 
 class IngestError(RuntimeError):
-    """The ingester cannot start (bad settings, Kafka unreachable, unreadable cursor): one line."""
+    """The ingester cannot start (bad settings, Kafka unreachable, unreadable cursor): one line.
+    ``code``: the CLI's exit status (1: the world; :class:`IngestConfigError`: 2, a usage error)."""
+
+    code = 1
+
+
+class IngestConfigError(IngestError):
+    """Bad settings or flags (a relay URL, the cursor, no Kafka configured, a corrupt cursor file):
+    exit 2, as every command's usage errors (README)."""
+
+    code = 2
 
 
 class Ingester:
@@ -54,28 +64,28 @@ class Ingester:
         self.settings = settings or Settings()
         jetstream = jetstream or (None if relay else self.settings.jetstream) or None  # "": unset
         if relay and jetstream:
-            raise IngestError("give a relay or a Jetstream URL, not both")
+            raise IngestConfigError("give a relay or a Jetstream URL, not both")
         self.jetstream = jetstream is not None
         self.relay = jetstream or relay or self.settings.relay
         what = "Jetstream" if self.jetstream else "relay"
         if not self.relay.startswith(("ws://", "wss://")):
-            raise IngestError(f"{what} URL must start with ws:// or wss:// (got {self.relay!r})")
+            raise IngestConfigError(f"{what} URL must start with ws:// or wss:// (got {self.relay!r})")
         if self.jetstream and urllib.parse.urlsplit(self.relay).query:
-            raise IngestError(f"give the Jetstream URL without a query (chorus sets wantedCollections and "
+            raise IngestConfigError(f"give the Jetstream URL without a query (chorus sets wantedCollections and "
                               f"cursor): {self.relay!r}")
         if cursor is not None and cursor < 0:
-            raise IngestError(f"cursor must be >= 0 (got {cursor})")
+            raise IngestConfigError(f"cursor must be >= 0 (got {cursor})")
         if not self.settings.kafka:
-            raise IngestError("no Kafka configured: pass --kafka kafka://host:port or set CHORUS_KAFKA")
+            raise IngestConfigError("no Kafka configured: pass --kafka kafka://host:port or set CHORUS_KAFKA")
         try:
             self.bootstrap = bootstrap_servers(self.settings.kafka)
         except ConfigError as exc:
-            raise IngestError(str(exc)) from None
+            raise IngestConfigError(str(exc)) from None
         self.store = CursorStore(self.settings.state_dir, self.relay) if persist_cursor else None
         try:
             stored = self.store.load() if self.store is not None else None
         except CursorError as exc:
-            raise IngestError(str(exc)) from None
+            raise IngestConfigError(str(exc)) from None
         self.start_cursor = cursor if cursor is not None else stored
         self.tracker = AckTracker(self.start_cursor)
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=queue_size)

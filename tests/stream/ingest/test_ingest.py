@@ -501,7 +501,15 @@ def test_cli_bad_flags_fail_in_one_line(tmp_path, args, message):
     env = {"CHORUS_KAFKA": "kafka://127.0.0.1:1", "CHORUS_STATE_DIR": str(tmp_path)}
     p = invoke(["ingest", *args], env)
     lines = p.stderr.strip().splitlines()
-    assert p.returncode != 0 and len(lines) == 1 and message in lines[0], lines
+    assert p.returncode == 2 and len(lines) == 1 and message in lines[0], (p.returncode, lines)
+
+
+def test_cli_without_kafka_is_a_usage_error(tmp_path, monkeypatch):
+    """No Kafka configured is a setting error: exit 2, as `chorus worker` and `chorus backfill`."""
+    monkeypatch.delenv("CHORUS_KAFKA", raising=False)
+    p = invoke(["ingest", "--relay", "ws://127.0.0.1:1/xrpc"], {"CHORUS_STATE_DIR": str(tmp_path)})
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "no Kafka configured" in lines[0], (p.returncode, lines)
 
 
 def test_ingester_rejects_bad_settings(tmp_path):

@@ -252,7 +252,7 @@ def test_ingester_and_cli_refuse_bad_jetstream_urls(tmp_path):
                           (["--jetstream", "http://b/subscribe"], "ws://")]:
         p = invoke(["ingest", *args], env)  # in-process (tests/helpers/cli.py)
         lines = p.stderr.strip().splitlines()
-        assert p.returncode != 0 and len(lines) == 1 and message in lines[0], lines
+        assert p.returncode == 2 and len(lines) == 1 and message in lines[0], (p.returncode, lines)
 
 
 def test_wanted_collections_are_what_chorus_reads():
