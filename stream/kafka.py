@@ -130,7 +130,8 @@ async def ensure_topics(bootstrap: str, topics: Iterable[TopicSpec] | Mapping[st
     registry's configs for a ``window_s`` window (None: every topic; window: the default profile's)."""
     specs = _specs(topics, window_s)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
+    with quiet_client_logs():  # an unreachable Kafka: the caller's one line says it
+        await admin.start()
     try:
         existing = set(await admin.list_topics())
         new = [NewTopic(s.name, s.partitions, 1, topic_configs=s.configs()) for s in specs if s.name not in existing]

@@ -173,7 +173,7 @@ def test_record_refuses_negative_flags_before_connecting(tmp_path):
     assert not (tmp_path / "f.rec").exists()
 
 
-@pytest.mark.parametrize("command", [["operator", "--metrics-port", "0"], ["alerts"], ["report", "-o", "out"]])
+@pytest.mark.parametrize("command", [["operator", "--metrics-port", "0"], ["alerts"], ["report", "-o", "out"], ["worker"]])
 def test_unreachable_kafka_prints_no_client_log_noise(command, tmp_path):
     """As a process (its real log handlers): the one error line and nothing from aiokafka's failed
     dials or JAX's search for accelerator plugins (a new user saw both before the error)."""
