@@ -113,6 +113,7 @@ def settings(**overrides) -> Settings:
 # --synthetic 10000000` was killed by the kernel's OOM killer at 24 GiB); 200,000 (~1.5 GiB) is ten
 # times the default world.
 RELAY_SYNTHETIC_MAX = 200_000
+RELAY_SYNTHETIC_MIN = 50  # the synthetic population's smallest size (stream.sim.synth)
 
 
 # --- commands: each owner fills in the body of its own command only --------------------------
@@ -121,7 +122,7 @@ RELAY_SYNTHETIC_MAX = 200_000
 def run(
     profile: str = typer.Option(None, help="default (6 h window / 60 s hop) or demo (10 min / 10 s)."),
     kafka: Optional[str] = typer.Option(None, help="kafka://host:port; unset starts the embedded broker."),
-    synthetic: int = typer.Option(5000, min=50, max=RELAY_SYNTHETIC_MAX,
+    synthetic: int = typer.Option(5000, min=RELAY_SYNTHETIC_MIN, max=RELAY_SYNTHETIC_MAX,
                                   help="Accounts in the synthetic population the local relay serves."),
     seed: int = typer.Option(0, help="Seed of the synthetic population."),
     rate: float = typer.Option(50.0, min=0.1, help="Mean synthetic activity, events per second."),
@@ -423,8 +424,8 @@ def relay(
         fail(f"--port must be 0..65535 (got {port})")
     if start_us is not None and start_us < 0:
         fail(f"--start-us must be >= 0 (got {start_us})")
-    if synthetic is not None and not 1 <= synthetic <= RELAY_SYNTHETIC_MAX:
-        fail(f"--synthetic must be 1..{RELAY_SYNTHETIC_MAX:,} (got {synthetic}): the relay holds the whole "
+    if synthetic is not None and not RELAY_SYNTHETIC_MIN <= synthetic <= RELAY_SYNTHETIC_MAX:
+        fail(f"--synthetic must be {RELAY_SYNTHETIC_MIN}..{RELAY_SYNTHETIC_MAX:,} (got {synthetic}): the relay holds the whole "
              "population's repositories and frames in memory")
     try:
         if recording is not None:

@@ -26,7 +26,8 @@ class Settings(BaseSettings):
 
     # A variable set but empty (`CHORUS_STATE_DIR=`) is the same as an unset one: the default (not
     # Path(""), the current directory).
-    model_config = SettingsConfigDict(env_prefix="CHORUS_", extra="ignore", env_ignore_empty=True)
+    model_config = SettingsConfigDict(env_prefix="CHORUS_", extra="ignore", env_ignore_empty=True,
+                                      allow_inf_nan=False)  # nan/inf: "finite number", not a bound
 
     kafka: str | None = Field(
         default=None,

@@ -73,3 +73,20 @@ def test_an_empty_variable_is_the_same_as_an_unset_one(monkeypatch):
         assert getattr(empty, field) == getattr(default, field), field
     # a flag given as an empty string is not an environment variable: still what was given
     assert Settings(state_dir="/tmp/x").state_dir.as_posix() == "/tmp/x"
+
+
+def test_nan_and_inf_settings_are_named_as_not_finite(monkeypatch):
+    """A float setting of nan or inf is "not a finite number", not a misleading bound (before:
+    CHORUS_CASCADE_P=nan said "Input should be less than 1")."""
+    for value in ("nan", "inf", "-inf"):
+        monkeypatch.setenv("CHORUS_CASCADE_P", value)
+        with pytest.raises(ValidationError, match="finite number"):
+            Settings()
+
+
+def test_relay_population_range_names_the_real_minimum():
+    from tests.helpers.cli import invoke
+
+    for n in ("1", "0"):
+        r = invoke(["relay", "--synthetic", n])
+        assert r.returncode == 2 and "--synthetic must be 50..200,000" in r.stderr, r.stderr
