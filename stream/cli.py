@@ -146,6 +146,8 @@ def run(
     unknown = sorted(set(process or ()) - set(PROCESS_PARTS))
     if unknown:
         fail(f"--process {unknown[0]}: choose from {', '.join(PROCESS_PARTS)}")
+    if duration is not None and duration <= 0:
+        fail(f"--duration must be > 0 seconds (got {duration:g}); leave it out to run until Ctrl-C")
     s = settings(profile=profile, kafka=kafka, metrics_port=metrics_port)
     # The operator's settings before anything starts (broker, relay): a typo is one line, exit 2.
     from operators.service.alert_sink import load_rules
@@ -211,7 +213,7 @@ def worker(
     kafka: Optional[str] = typer.Option(None, help="kafka://host:port (default: CHORUS_KAFKA)."),
     profile: Optional[str] = typer.Option(None, help="default (6 h window / 60 s hop) or demo (10 min / 10 s)."),
     topics_file: Optional[Path] = typer.Option(None, help="Topic lexicon JSON (default: the shipped one)."),
-    idle_flush: Optional[float] = typer.Option(None, help="Close the hop after this many idle seconds (default: the hop)."),
+    idle_flush: Optional[float] = typer.Option(None, min=0.0, help="Close the hop after this many idle seconds (default: the hop)."),
 ) -> None:
     """Faust worker: rolling per-user features and the follower graph."""
     s = settings(kafka=kafka, profile=profile, topics_file=topics_file)

@@ -197,3 +197,14 @@ def test_relay_with_a_missing_recording_is_one_line(tmp_path):
     r = invoke(["relay", "--recording", str(tmp_path / "nope.rec")])
     assert r.returncode != 0
     assert one_error_line(r.stderr) == f"chorus: error: cannot read {tmp_path / 'nope.rec'}: No such file or directory"
+
+
+def test_run_duration_and_worker_idle_flush_are_range_checked(tmp_path):
+    """`chorus run --duration 0` used to start every part and stop at once with rc 0; a negative
+    `chorus worker --idle-flush` was accepted (new-user trial). Both: usage error, exit 2."""
+    state = tmp_path / "state"
+    r = invoke(["run", "--no-console", "--duration", "0"], env={"CHORUS_STATE_DIR": str(state)})
+    assert r.returncode == 2 and "--duration must be > 0" in one_error_line(r.stderr), r.stderr
+    assert not state.exists()
+    r = invoke(["worker", "--idle-flush", "-3", "--kafka", "kafka://127.0.0.1:1"])
+    assert r.returncode == 2 and "--idle-flush" in r.stderr, r.stderr
