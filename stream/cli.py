@@ -475,20 +475,24 @@ def record(
     limit: Optional[int] = typer.Option(None, min=1, help="Stop after N frames."),
     duration: Optional[float] = typer.Option(None, min=0.0, help="Stop after S seconds."),
 ) -> None:
-    """Save live frames with their seq to a file."""
+    """Save live frames with their seq to a file (Ctrl-C or SIGTERM: flush, close, summary, exit 0)."""
     import asyncio
 
+    from stream.process import on_stop_signals
     from stream.sim.recording import record as record_frames, subscribe_url
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        on_stop_signals(stop.set)  # like `chorus run`: SIGINT and SIGTERM are a clean stop
+        return await record_frames(url, file, cursor=cursor, limit=limit, duration=duration, stop=stop)
 
     try:
         subscribe_url(url)
-        n = asyncio.run(record_frames(url, file, cursor=cursor, limit=limit, duration=duration))
+        n = asyncio.run(main())
     except ValueError as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot record from {url} to {file}: {exc}")
-    except KeyboardInterrupt:
-        return
     typer.echo(f"chorus record: wrote {n} frames to {file}", err=True)
 
 

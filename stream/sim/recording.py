@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, NamedTuple
 
-from stream.sim.frames import frame_seq
+from stream.sim.frames import split_frame
 
 MAGIC = b"CHORUSR1"
 _REC = struct.Struct("<qqI")
@@ -152,28 +152,55 @@ def subscribe_url(url: str, cursor: int | None = None) -> str:
 
 
 async def record(url: str, path: str | Path, cursor: int | None = None, limit: int | None = None,
-                 duration: float | None = None) -> int:
-    """Save raw frames from a relay to ``path`` until ``limit`` frames, ``duration`` seconds, or the
-    relay closes; only the seq is parsed (libipld). Returns the number of frames written."""
+                 duration: float | None = None, stop: asyncio.Event | None = None) -> int:
+    """Save raw frames from a relay to ``path`` until ``limit`` frames, ``duration`` seconds, the
+    relay closes, or ``stop`` is set (a signal); only the seq is parsed (libipld). Returns the number
+    of frames written; the file is flushed and closed on every way out.
+
+    ``path`` is opened only once the first frame is in hand (or at a clean end with none), so a
+    failed connection or an error frame before any data leaves an existing file untouched and
+    creates none. Raises :class:`RecordingError` on an error frame (``{op: -1}``, e.g.
+    ``FutureCursor``: the relay's own refusal, not data; subscribeRepos lexicon "Error" frames),
+    OSError when the relay cannot be reached."""
     import websockets
 
     full = subscribe_url(url, cursor)
     deadline = None if duration is None else time.monotonic() + duration
-    with RecordingWriter(path, source=full) as w:
+    stopped = asyncio.ensure_future((stop or asyncio.Event()).wait())
+    w: RecordingWriter | None = None
+    try:
         async with websockets.connect(full, max_size=None, compression=None) as ws:
-            while limit is None or w.count < limit:
+            while (limit is None or w is None or w.count < limit) and not stopped.done():
                 timeout = None if deadline is None else deadline - time.monotonic()
                 if timeout is not None and timeout <= 0:
                     break
+                recv = asyncio.ensure_future(ws.recv())
+                await asyncio.wait({recv, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not recv.done():
+                    recv.cancel()
+                    break
                 try:
-                    data = await asyncio.wait_for(ws.recv(), timeout)
-                except (asyncio.TimeoutError, websockets.ConnectionClosed):
+                    data = recv.result()
+                except websockets.ConnectionClosed:
                     break
                 if isinstance(data, str):
                     continue
                 try:
-                    seq = frame_seq(data)
+                    header, body = split_frame(data)
+                    seq = body.get("seq") if isinstance(body.get("seq"), int) else None
                 except ValueError:
-                    seq = None  # kept verbatim: a recording is what came over the wire
+                    header, seq = {}, None  # kept verbatim: a recording is what came over the wire
+                if header.get("op") == -1:
+                    raise RecordingError(f"relay sent an error frame: {body.get('error')}"
+                                         + (f" ({body['message']})" if body.get("message") else "")
+                                         + (f"; {w.count} frames before it are in {path}" if w else ""))
+                if w is None:
+                    w = RecordingWriter(path, source=full)
                 w.write(seq, data)
+        if w is None:
+            w = RecordingWriter(path, source=full)  # a clean end with no frame: an empty recording
         return w.count
+    finally:
+        stopped.cancel()
+        if w is not None:
+            w.close()
