@@ -612,9 +612,10 @@ def analyze(
                          progress=not no_progress)
     except ValueError as exc:  # e.g. an unknown indicator
         fail(str(exc).splitlines()[0])
-    if res.events == 0 and res.invalid:  # nothing in the file could be read: not a usable input
+    if res.events == 0 and input is not None:  # nothing in the file could be read (or it is empty)
         bad = ", ".join(f"{k} {v}" for k, v in sorted(res.invalid.items()))
-        fail(f"no event could be read from {source.name} (skipped: {bad}); "
+        held = f"skipped: {bad}" if bad else f"it holds {source.total or 0} {source.unit}"
+        fail(f"no event could be read from {source.name} ({held}); "
              "expected a `chorus record` file or a Jetstream JSON-lines dump")
     meta = {"source": source.name, "window_s": s.window_s, "hop_s": s.hop_s, "steps": s.steps,
             "panel_k": s.panel_k, "indicators": s.indicators, "events": res.events, "hops": res.hops}

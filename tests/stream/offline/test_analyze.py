@@ -269,3 +269,20 @@ def test_report_refuses_a_snapshot_from_the_future_in_one_line(tmp_path, window_
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("chorus: error: ") and f"window_end {window_end}" in lines[0] and "future" in lines[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_an_empty_input_is_an_error_not_zero_events(tmp_path):
+    """New-user trial: a 0-byte file, or a recording with no frame (a `chorus record` stopped at
+    once), said "0 events" and exit 0; like a garbage file it is one line and exit 2."""
+    from stream.sim.recording import write_recording
+
+    empty, no_frames = tmp_path / "empty.rec", tmp_path / "none.rec"
+    empty.write_bytes(b"")
+    write_recording(no_frames, [])
+    for path, held in ((empty, "0 bytes"), (no_frames, "0 frames")):
+        out = tmp_path / "x.jsonl"
+        r = CliRunner().invoke(app, ["analyze", str(path), "-o", str(out), "--no-progress"])
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1, r.output
+        assert "no event could be read" in lines[0] and held in lines[0], r.output
+        assert not out.exists()
