@@ -587,8 +587,12 @@ def analyze(
     steps: Optional[int] = STEPS_OPTION,
     panel_k: Optional[int] = PANEL_K_OPTION,
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    graph_file: Optional[Path] = typer.Option(None, "--graph-file", help="Follow graph that exists before the "
+                                              "input: CSV or Parquet with columns follower, followed (DIDs), "
+                                              "as `chorus backfill --graph-file` reads."),
 ) -> None:
     """Offline attribution over a recording, a Jetstream dump or the synthetic population."""
+    from stream.backfill.graph_file import GraphFileError, check_file
     from stream.offline import analyze as offline_analyze
     from stream.sim.recording import RecordingError
     from stream.worker.lexicon import Lexicon
@@ -603,13 +607,15 @@ def analyze(
             if path is not None:
                 offline_analyze._kind(path)
         source = offline_analyze.synthetic_source(synthetic, seed) if synthetic is not None else offline_analyze.open_source(input)
-    except (ConfigError, offline_analyze.AnalyzeError, RecordingError) as exc:
+        if graph_file is not None:
+            check_file(graph_file)  # every row, before the analysis starts: one line naming a bad one
+    except (ConfigError, offline_analyze.AnalyzeError, RecordingError, GraphFileError) as exc:
         fail(str(exc))
     except (OSError, ValueError) as exc:
         fail(f"cannot open input: {exc}")
     try:
         res = offline_analyze.analyze(source, s, agents=agents is not None,
-                         progress=not no_progress)
+                         progress=not no_progress, graph_file=graph_file)
     except ValueError as exc:  # e.g. an unknown indicator
         fail(str(exc).splitlines()[0])
     if res.events == 0 and input is not None:  # nothing in the file could be read (or it is empty)

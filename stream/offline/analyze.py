@@ -157,6 +157,20 @@ class Analyzer:
         self.invalid_events = 0
         self.time_ahead = 0  # events dated beyond the live bound (skipped, see feed)
 
+    def load_graph(self, path: Path) -> int:
+        """Add the follow pairs of a graph file (CSV or Parquet with columns follower, followed, as
+        ``chorus backfill --graph-file`` reads: :func:`stream.backfill.graph_file.read_pairs`) as the
+        graph that exists before the input, dated time_us 1 so that every follow or unfollow of the
+        input supersedes them; returns the pairs added. Raises GraphFileError (one line)."""
+        from stream.backfill.graph_file import read_pairs
+
+        n = 0
+        for _, follower, followed in read_pairs(path):
+            for dst, src in zip(follower, followed):
+                self.service.apply_edge(GraphEdge(op="add", src=src, dst=dst, time_us=1))
+            n += len(follower)
+        return n
+
     def feed(self, ev: dict) -> list[AttributionSnapshot]:
         """Process one chorus.events dict. An event dated more than ``Settings.max_clock_skew_s``
         after the current wall clock is skipped and counted in ``time_ahead``, the live guard's
@@ -232,13 +246,17 @@ class AnalyzeResult:
 
 
 def analyze(source: Source, settings: Settings, *, steps: int | None = None, panel_k: int | None = None,
-            agents: bool = False, progress: bool = True) -> AnalyzeResult:
+            agents: bool = False, progress: bool = True, graph_file: Path | None = None) -> AnalyzeResult:
     """Run the pipeline over ``source`` as fast as it goes (a rich progress bar when ``progress``);
-    ``steps``/``panel_k``: the settings' unless given."""
+    ``steps``/``panel_k``: the settings' unless given; ``graph_file``: the follow graph that exists
+    before the input (:meth:`Analyzer.load_graph`; a recording carries only the follows made
+    during it)."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     az = Analyzer(settings, steps=steps, panel_k=panel_k)
+    if graph_file is not None:
+        az.load_graph(graph_file)
     snaps: list[AttributionSnapshot] = []
     n_events = 0
     columns = [TextColumn("[bold]analyze[/] {task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -20,6 +20,7 @@ from stream.ingest.decode import time_us
 from stream.sim.recording import write_recording
 from stream.schemas import AttributionSnapshot, Features, GraphEdge, dumps
 from stream.sim.synth import Population
+from tests.helpers.cli import invoke
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -286,3 +287,43 @@ def test_an_empty_input_is_an_error_not_zero_events(tmp_path):
         assert r.exit_code == 2 and len(lines) == 1, r.output
         assert "no event could be read" in lines[0] and held in lines[0], r.output
         assert not out.exists()
+
+
+def test_graph_file_gives_the_analysis_the_graph_that_existed_before(small_pop, recording, tmp_path):
+    """`chorus analyze --graph-file`: the population's pre-existing follow graph as a CSV; after the
+    recording the operator holds the population's final graph (pre-existing, minus unfollows and
+    deactivations, plus live follows: its ground truth) except the pre-existing follows undone
+    by a record delete -- a delete names only the record, and a graph file has no record keys
+    (at most one per unfollow in the stream) -- where without the file it holds the live follows
+    only."""
+    src, dst = small_pop.follow_edges
+    dids = small_pop.dids
+    path = tmp_path / "graph.csv"
+    path.write_text("follower,followed\n" + "".join(f"{dids[d]},{dids[s]}\n" for s, d in zip(src, dst)))
+    settings = Settings(window_s=WINDOW, hop_s=HOP)
+
+    def held(graph_file):
+        az = offline_analyze.Analyzer(settings, steps=4)
+        if graph_file is not None:
+            assert az.load_graph(graph_file) == src.size
+        for ev in events_of(offline_analyze.open_source(recording)):
+            az.feed(ev)
+        st = az.service.state
+        rows_src, rows_dst = st.edges()
+        return {(st.dids[a], st.dids[b]) for a, b in zip(rows_src.tolist(), rows_dst.tolist())}
+
+    fs, fd = small_pop.final_follow_edges()
+    truth = {(dids[a], dids[b]) for a, b in zip(fs.tolist(), fd.tolist())}
+    from stream.sim.synth import UNFOLLOW
+
+    pre = {(dids[a], dids[b]) for a, b in zip(src.tolist(), dst.tolist())}
+    got = held(path)
+    assert truth <= got and got - truth <= pre
+    assert len(got - truth) <= int((small_pop.timeline.kind == UNFOLLOW).sum())
+    without = held(None)
+    assert without < truth and len(without) < len(truth) // 2
+    # the CLI: a bad row is one line before anything runs
+    bad = tmp_path / "bad.csv"
+    bad.write_text("follower,followed\nnot-a-did,did:plc:x\n")
+    r = invoke(["analyze", str(recording), "-o", str(tmp_path / "s.jsonl"), "--graph-file", str(bad), "--no-progress"])
+    assert r.returncode == 2 and r.stderr.startswith("chorus: error: ") and "line 2" in r.stderr, r.stderr
