@@ -486,12 +486,14 @@ def record(
         on_stop_signals(stop.set)  # like `chorus run`: SIGINT and SIGTERM are a clean stop
         return await record_frames(url, file, cursor=cursor, limit=limit, duration=duration, stop=stop)
 
+    from websockets.exceptions import InvalidHandshake, InvalidURI
+
     try:
         subscribe_url(url)
         n = asyncio.run(main())
     except ValueError as exc:
         fail(str(exc))
-    except OSError as exc:
+    except (OSError, InvalidHandshake, InvalidURI) as exc:  # a wrong path: HTTP 404 to the handshake
         fail(f"cannot record from {url} to {file}: {exc}")
     typer.echo(f"chorus record: wrote {n} frames to {file}", err=True)
 

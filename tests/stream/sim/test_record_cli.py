@@ -77,3 +77,15 @@ def test_a_future_cursor_is_an_error_not_a_frame(relay, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("chorus: error:") and "FutureCursor" in lines[0], r.stderr
     assert not rec.exists()
+
+
+def test_a_wrong_path_on_a_live_relay_is_one_line_not_a_traceback(relay, tmp_path):
+    """The relay answers the handshake with HTTP 404 for a path it does not serve (second trial:
+    a traceback of websockets' InvalidStatus, exit 1)."""
+    url, _ = relay
+    rec = tmp_path / "wrong.rec"
+    r = invoke(["record", url + "x", str(rec), "--duration", "2"])
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chorus: error: cannot record from") and "404" in lines[0], r.stderr
+    assert not rec.exists()
