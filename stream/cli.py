@@ -594,7 +594,7 @@ def analyze(
                                               "as `chorus backfill --graph-file` reads."),
 ) -> None:
     """Offline attribution over a recording, a Jetstream dump or the synthetic population."""
-    from stream.backfill.graph_file import GraphFileError, check_file
+    from stream.backfill.graph_file import GraphFileError
     from stream.offline import analyze as offline_analyze
     from stream.sim.recording import RecordingError
     from stream.worker.lexicon import Lexicon
@@ -609,15 +609,15 @@ def analyze(
             if path is not None:
                 offline_analyze._kind(path)
         source = offline_analyze.synthetic_source(synthetic, seed) if synthetic is not None else offline_analyze.open_source(input)
-        if graph_file is not None:
-            check_file(graph_file)  # every row, before the analysis starts: one line naming a bad one
-    except (ConfigError, offline_analyze.AnalyzeError, RecordingError, GraphFileError) as exc:
+    except (ConfigError, offline_analyze.AnalyzeError, RecordingError) as exc:
         fail(str(exc))
     except (OSError, ValueError) as exc:
         fail(f"cannot open input: {exc}")
     try:
         res = offline_analyze.analyze(source, s, agents=agents is not None,
                          progress=not no_progress, graph_file=graph_file)
+    except GraphFileError as exc:  # read (and every row checked) before the first event
+        fail(str(exc))
     except ValueError as exc:  # e.g. an unknown indicator
         fail(str(exc).splitlines()[0])
     if res.events == 0 and input is not None:  # nothing in the file could be read (or it is empty)

@@ -100,7 +100,7 @@ class EdgeSet:
         self._time = np.empty(0, np.int64)
         self._present = np.empty(0, bool)
         self._recent: dict[int, tuple[int, bool]] = {}
-        self._recent_arrays: tuple[np.ndarray, np.ndarray] | None = None  # (keys, present) of _recent
+        self._recent_arrays: tuple[np.ndarray, ...] | None = None  # _recent as (keys, time, present)
         self.count = 0  # present edges
 
     def _lookup(self, key: int) -> tuple[int, bool] | None:
@@ -133,11 +133,18 @@ class EdgeSet:
         self._merge(keys, np.full(keys.size, time_us, np.int64), np.ones(keys.size, bool))
         self.count = int(self._present.sum())
 
+    def _recent_view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The recent ops as arrays (keys, time, present), built once per batch of ops."""
+        if self._recent_arrays is None:
+            n, vals = len(self._recent), self._recent.values()
+            self._recent_arrays = (np.fromiter(self._recent, np.int64, n),
+                                   np.fromiter((t for t, _ in vals), np.int64, n),
+                                   np.fromiter((p for _, p in vals), bool, n))
+        return self._recent_arrays
+
     def compact(self) -> None:
         if self._recent:
-            keys = np.fromiter(self._recent, np.int64, len(self._recent))
-            vals = list(self._recent.values())
-            self._merge(keys, np.array([t for t, _ in vals], np.int64), np.array([p for _, p in vals], bool))
+            self._merge(*self._recent_view())
             self._recent.clear()
             self._recent_arrays = None
 
@@ -196,10 +203,7 @@ class EdgeSet:
         keys = self._keys[idx[self._present[idx]]]
         if not self._recent or not rows.size:
             return keys
-        if self._recent_arrays is None:  # once per batch of ops: a hop asks many times
-            self._recent_arrays = (np.fromiter(self._recent, np.int64, len(self._recent)),
-                                   np.fromiter((p for _, p in self._recent.values()), bool, len(self._recent)))
-        rk, rp = self._recent_arrays
+        rk, _, rp = self._recent_view()  # once per batch of ops: a hop asks many times
         src = rk >> 32
         mine = np.isin(src, rows)
         if not mine.any():

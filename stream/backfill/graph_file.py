@@ -85,8 +85,13 @@ def check_file(path: Path) -> int:
     with no rows (a header only: an empty import is a mistake, as a ``--dids`` file without DIDs)."""
     rows = sum(len(follower) for _, follower, _ in read_pairs(path))
     if rows == 0:
-        raise GraphFileError(f"graph file {path} has no follow pairs (columns follower, followed but no rows)")
+        raise no_pairs(path)
     return rows
+
+
+def no_pairs(path: Path) -> GraphFileError:
+    """The error for a graph file with columns but no rows."""
+    return GraphFileError(f"graph file {path} has no follow pairs (columns follower, followed but no rows)")
 
 
 def _check_columns(path: Path, names: list[str]) -> None:

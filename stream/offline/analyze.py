@@ -161,14 +161,17 @@ class Analyzer:
         """Add the follow pairs of a graph file (CSV or Parquet with columns follower, followed, as
         ``chorus backfill --graph-file`` reads: :func:`stream.backfill.graph_file.read_pairs`) as the
         graph that exists before the input, dated time_us 1 so that every follow or unfollow of the
-        input supersedes them; returns the pairs added. Raises GraphFileError (one line)."""
-        from stream.backfill.graph_file import read_pairs
+        input supersedes them; returns the pairs added. Raises GraphFileError (one line: missing
+        columns, the first bad row, no rows); call it before feeding events."""
+        from stream.backfill.graph_file import no_pairs, read_pairs
 
         n = 0
-        for _, follower, followed in read_pairs(path):
+        for _, follower, followed in read_pairs(path):  # every row validated as it is read
             for dst, src in zip(follower, followed):
                 self.service.apply_edge(GraphEdge(op="add", src=src, dst=dst, time_us=1))
             n += len(follower)
+        if n == 0:
+            raise no_pairs(path)
         return n
 
     def feed(self, ev: dict) -> list[AttributionSnapshot]:

@@ -285,6 +285,15 @@ class Interner:
         i, _ = self._slot(s, s.encode())
         return None if i < 0 else int(self._tab.a[i, 1])
 
+    def _reserve(self, n: int) -> None:
+        """Room for ids < ``n``: the offset and length arrays doubled until they fit."""
+        while self._off.size < n:
+            off = np.zeros(2 * self._off.size, np.int64)
+            off[: self._off.size] = self._off
+            ln = np.full(2 * self._off.size, -1, np.int32)
+            ln[: self._len.size] = self._len
+            self._off, self._len = off, ln
+
     def id(self, s: str) -> int:
         """The id of ``s``, assigned if new."""
         b = s.encode()
@@ -296,12 +305,7 @@ class Interner:
         else:
             j = self._n
             self._n += 1
-            if j >= self._off.size:
-                off = np.zeros(2 * self._off.size, np.int64)
-                off[: self._off.size] = self._off
-                ln = np.full(2 * self._off.size, -1, np.int32)
-                ln[: self._len.size] = self._len
-                self._off, self._len = off, ln
+            self._reserve(self._n)
         self._off[j], self._len[j] = len(self._arena), len(b)
         self._arena += b
         self._tab.put(k, (j,))
@@ -339,12 +343,7 @@ class Interner:
         reuse = [self._free.pop() for _ in range(min(k, len(self._free)))]
         ids = np.concatenate([np.array(reuse, np.int64), np.arange(self._n, self._n + k - len(reuse), dtype=np.int64)])
         self._n += k - len(reuse)
-        while self._off.size < self._n:
-            off = np.zeros(2 * self._off.size, np.int64)
-            off[: self._off.size] = self._off
-            ln = np.full(2 * self._off.size, -1, np.int32)
-            ln[: self._len.size] = self._len
-            self._off, self._len = off, ln
+        self._reserve(self._n)
         new_lens = other._len[new].astype(np.int64)
         self._off[ids] = len(self._arena) + np.cumsum(new_lens) - new_lens
         self._len[ids] = new_lens

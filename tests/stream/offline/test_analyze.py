@@ -327,3 +327,7 @@ def test_graph_file_gives_the_analysis_the_graph_that_existed_before(small_pop, 
     bad.write_text("follower,followed\nnot-a-did,did:plc:x\n")
     r = invoke(["analyze", str(recording), "-o", str(tmp_path / "s.jsonl"), "--graph-file", str(bad), "--no-progress"])
     assert r.returncode == 2 and r.stderr.startswith("chorus: error: ") and "line 2" in r.stderr, r.stderr
+    empty = tmp_path / "empty.csv"
+    empty.write_text("follower,followed\n")
+    r = invoke(["analyze", str(recording), "-o", str(tmp_path / "s.jsonl"), "--graph-file", str(empty), "--no-progress"])
+    assert r.returncode == 2 and "has no follow pairs" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
