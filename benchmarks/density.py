@@ -34,7 +34,8 @@ import numpy as np
 from benchmarks.graphgen import follow_graph
 
 N, PER_NODE, TOPICS, ACTIVE, CHURN = 1_670_000, 60.0, 5, 0.30, 0.01
-LIVE_CHURN = 0.0005  # hop 3: ~50k follow ops, about 2 minutes of the live firehose's follows
+LIVE_CHURN = 0.0005  # hops 3-5: ~50k follow ops each, about 2 minutes of the live firehose's follows
+STEADY_HOPS = (3, 4, 5)  # the steady state: the median of these hops (this shared 2-core VM varies ~20 %)
 STEPS, RULE = 20, "gauss-legendre-graded"  # a = t^3: 7e-4 per-agent error at 1.67M (operators.quadrature)
 REF_STEPS, REF_RULE = 32, "gauss-legendre"  # the service's settings before this change
 ACC_STEPS = 64
@@ -126,7 +127,8 @@ def bench_density(n: int = N, per_node: float = PER_NODE, steps: int = STEPS, lo
         phi = np.asarray(attribute(F, x, steps=s, rule=r).phi, np.float64)
         res[f"acc_{name}"] = float(np.abs(phi - ref_phi).max() / scale)
     del full, g_full, fns, ref_phi
-    st._graph = None  # the reference's full graph is not needed any more
+    st._graph = None  # the reference's full graph is not needed any more, nor its panel graphs: their
+    st._panel_graphs, st._panel_shapes = {}, {}  # table sizes (every member's edges) would pad chorus's
     gc.collect()
 
     log(f"  density: chorus first hop (5 active subgraphs built, {steps} graded nodes)")
@@ -139,10 +141,10 @@ def bench_density(n: int = N, per_node: float = PER_NODE, steps: int = STEPS, lo
 
     # churn: 1% of edges (half removed, half added), 1% of agents flip activity per topic (hop 2,
     # the issue's case; it may compile programs for grown capacities, which double), then a live
-    # hop's worth (hop 3: 0.05%, ~2 min of the firehose's follows): the steady state
+    # hop's worth three times (hops 3-5: 0.05% each, ~2 min of the firehose's follows): the steady state
     from operators.attribution import trace_count
 
-    for hop, churn in ((2, CHURN), (3, LIVE_CHURN)):
+    for hop, churn in ((2, CHURN),) + tuple((h, LIVE_CHURN) for h in STEADY_HOPS):
         log(f"  density: churn {churn:.2%} of the edges and of each topic's activity, hop {hop}")
         t_apply = time.perf_counter()
         _churn(fast, rng, key, dids, followers, topics, n, t_us=10**15 * hop, window_end=60 * hop, churn=churn)
@@ -154,6 +156,8 @@ def bench_density(n: int = N, per_node: float = PER_NODE, steps: int = STEPS, lo
         key = st.edges()
         key = (key[0].astype(np.int64) << 32) | key[1]
     res["apply_s"] = res["apply2_s"]
+    res["steady_s"] = statistics.median(res[f"hop{h}_s"] for h in STEADY_HOPS)
+    res["steady_compiles"] = sum(res[f"hop{h}_compiles"] for h in STEADY_HOPS)
     res["builds"] = {t: st.subgraph(t).builds for t in topics}
     res["peak_rss_gb"] = _rss_gb()
     return res
@@ -195,7 +199,8 @@ def _flip(rng, v: np.ndarray) -> np.ndarray:
 def markdown(r: dict) -> list[str]:
     one = r["one"]
     ratio2 = (r["ref_build_s"] + r["ref_hop_s"]) / r["hop2_s"]
-    ratio3 = (r["ref_build_s"] + r["ref_hop_s"]) / r["hop3_s"]
+    ratio3 = (r["ref_build_s"] + r["ref_hop_s"]) / r["steady_s"]
+    runs = " / ".join(f"{r[f'hop{h}_s']:.1f}" for h in STEADY_HOPS)
     md = ["", f"### Density: one hop at {r['n']:,} agents / {r['edges']:,} follow edges",
           "",
           f"Graph generated in {r['gen_s']:.1f} s (benchmarks.graphgen), loaded into OperatorState in "
@@ -207,8 +212,9 @@ def markdown(r: dict) -> list[str]:
           "incrementally, graph-free indicators on the active rows). Hop 2 comes after 1% of the edges "
           "changed (half removed, half added) and 1% of each topic's agents changed activity (the issue's case; "
           "it also compiles the programs whose capacities grew, which double, so a running operator compiles "
-          f"rarely), hop 3 after {LIVE_CHURN:.2%} more (~2 minutes of the live firehose's follows: the steady "
-          "state of a running operator); the reference rebuilds the full layout for each, chorus updates "
+          f"rarely), hops 3, 4 and 5 each after {LIVE_CHURN:.2%} more (~2 minutes of the live firehose's follows: "
+          "the steady state of a running operator, reported as their median: the same hop varies by ~20 % "
+          "between runs on this shared 2-core machine); the reference rebuilds the full layout for each, chorus updates "
           "the layers.", "",
           "| step | reference (s) | chorus (s) | ratio |", "|---|---:|---:|---:|",
           f"| layout build (full graph / {TOPICS} active subgraphs, in hop 1) | {r['ref_build_s']:.1f} | (in hop 1) | |",
@@ -216,9 +222,9 @@ def markdown(r: dict) -> list[str]:
           f"{r['ref_hop_s']:.1f}) | {r['hop1_s']:.1f} | {(r['ref_build_s'] + r['ref_hop_s']) / r['hop1_s']:.2f}x |",
           f"| hop 2, after 1% of edges changed ({r['hop2_compiles']} programs compiled in it) "
           f"| {r['ref_build_s'] + r['ref_hop_s']:.1f} (full rebuild + hop) | {r['hop2_s']:.1f} | {ratio2:.2f}x |",
-          f"| **hop 3, after {LIVE_CHURN:.2%} more changed** ({r['hop3_compiles']} compiled) "
-          f"| {r['ref_build_s'] + r['ref_hop_s']:.1f} (full rebuild + hop) | **{r['hop3_s']:.1f}** | **{ratio3:.2f}x** |",
-          f"| hop compute only (no build), hop 3 | {r['ref_hop_s']:.1f} | {r['hop3_s']:.1f} | {r['ref_hop_s'] / r['hop3_s']:.2f}x |",
+          f"| **hops 3-5, each after {LIVE_CHURN:.2%} more changed** (median of {runs}; {r['steady_compiles']} compiled) "
+          f"| {r['ref_build_s'] + r['ref_hop_s']:.1f} (full rebuild + hop) | **{r['steady_s']:.1f}** | **{ratio3:.2f}x** |",
+          f"| hop compute only (no build), hops 3-5 | {r['ref_hop_s']:.1f} | {r['steady_s']:.1f} | {r['ref_hop_s'] / r['steady_s']:.2f}x |",
           "", f"Per-agent accuracy (topic t0, cascade_reach), max_i |phi_i - ref_i| / max_i |ref_i| against "
           f"{ACC_STEPS} graded nodes: chorus ({r['steps']} graded) **{r['acc_chorus']:.1e}**, reference "
           f"({REF_STEPS} Gauss-Legendre) {r['acc_reference']:.1e}. Max relative completeness residual over "
@@ -230,17 +236,17 @@ def markdown(r: dict) -> list[str]:
           f"| chorus kernel, topic's active subgraph | {r['subgraph_edges']['t0']:,} | {one['active']:.1f} "
           f"| {one['naive'] / one['active']:.2f}x |",
           "", f"Active subgraph edges per topic: {', '.join(f'{v:,}' for v in r['subgraph_edges'].values())}; "
-          f"base builds per topic after hop 3: {sorted(set(r['builds'].values()))} (1 = never rebuilt). "
+          f"base builds per topic after hop {STEADY_HOPS[-1]}: {sorted(set(r['builds'].values()))} (1 = never rebuilt). "
           f"Full graph index arrays: {r['full_graph_bytes'] / r['edges']:.1f} bytes per edge. "
           f"Applying the churn (records one by one): {r['apply_s']:.1f} s. Peak RSS of the process: "
           f"{r['peak_rss_gb']:.1f} GiB.", "",
           "| target | measured | status |", "|---|---|---|",
           *(f"| hop after 1% edge churn <= {TARGET_HOP_S:g} s (this CPU), {label} | {r[k]:.1f} s "
             f"| {'**PASS**' if r[k] <= TARGET_HOP_S else '**FAIL**'} |"
-            for k, label in (("hop2_s", "hop 2 (1% churn, compiles included)"), ("hop3_s", "hop 3 (live-rate churn)"))),
+            for k, label in (("hop2_s", "hop 2 (1% churn, compiles included)"), ("steady_s", "hops 3-5 (live-rate churn, median)"))),
           *(f"| >= {TARGET_RATIO:g}x the reference in the same run, {label} | {v:.2f}x "
             f"| {'**PASS**' if v >= TARGET_RATIO else '**FAIL**'} |"
-            for v, label in ((ratio2, "hop 2"), (ratio3, "hop 3"))),
+            for v, label in ((ratio2, "hop 2"), (ratio3, "hops 3-5"))),
           f"| per-agent error <= {TARGET_ACC:g} of max phi | {r['acc_chorus']:.1e} "
           f"| {'**PASS**' if r['acc_chorus'] <= TARGET_ACC else '**FAIL**'} |"]
     return md

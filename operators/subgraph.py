@@ -23,8 +23,9 @@ node capacity changed or the edge set was reloaded. Every base is built with at 
 capacities of the bases built before it (``shared``, one per state: all topics' subgraphs and
 rebuilds; a table that outgrows them takes the new count, not double: ``FollowGraph(tight=True)``,
 so no topic pays for another's padding), and the signed edge list is padded to a capacity that
-grows by doubling, so after the first builds (one program per distinct set of capacities, at most
-one per topic) one compiled program serves every topic and hop.
+grows by doubling, from base edges / DELTA_SHARE (the kernel loops over its real entries only, so
+a generous capacity costs memory, not time), so after the first builds (one program per distinct
+set of capacities, at most one per topic) one compiled program serves every topic and hop.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from operators.graph import FollowGraph, GraphStack, pow2_at_least
 __all__ = ["ActiveSubgraph", "MIN_EDGES", "DELTA_SHARE"]
 
 MIN_EDGES = 1024  # smallest edge capacity of a layer
-DELTA_SHARE = 32  # the delta lists start at a capacity of base edges / DELTA_SHARE (fewer recompiles)
+DELTA_SHARE = 8  # the delta list starts at a capacity of base edges / DELTA_SHARE (its padding costs nothing)
 
 
 def _padded_edges(keys: np.ndarray, n: int, prev: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +62,8 @@ class ActiveSubgraph:
         self.shared = {} if shared is None else shared  # capacities shared by every base built
         self.rebuild_delta, self.rebuild_stale = rebuild_delta, rebuild_stale
         self.covered = np.zeros(0, bool)
-        self.plus = self.minus = np.empty(0, np.int64)
+        self.delta = np.empty(0, np.int64)   # edge keys added to / removed from the base, sorted
+        self.sign = np.empty(0, np.int64)    # +1 added, -1 removed, per entry of ``delta``
         self.base_edges = 0
         self.log_pos = 0        # absolute position in the owner's edge-change log
         self.epoch = None       # the owner's (edge-set epoch, node capacity) at the last base build
@@ -83,26 +85,26 @@ class ActiveSubgraph:
             new = np.flatnonzero(active & ~self.covered)
             if cov.any() or new.size:
                 self.covered[new] = True
-                keys = np.concatenate([self.plus, self.minus, log_keys[cov], self.out_edges(new)])
-                sign = np.concatenate([np.ones(self.plus.size, np.int64), -np.ones(self.minus.size, np.int64),
-                                       np.where(log_add[cov], 1, -1), np.ones(keys.size - self.plus.size
-                                                                             - self.minus.size - cov.sum(), np.int64)])
+                fresh = self.out_edges(new)
+                keys = np.concatenate([self.delta, log_keys[cov], fresh])
+                sign = np.concatenate([self.sign, np.where(log_add[cov], 1, -1), np.ones(fresh.size, np.int64)])
                 uniq, inv = np.unique(keys, return_inverse=True)
-                net = np.bincount(inv, sign, minlength=uniq.size)
-                self.plus, self.minus = uniq[net > 0], uniq[net < 0]
+                net = np.bincount(inv, sign, minlength=uniq.size).astype(np.int64)
+                keep = net != 0
+                self.delta, self.sign = uniq[keep], net[keep]
                 self._dirty = True
             stale = self.covered & ~active
             big = self.rebuild_delta * max(self.base_edges, MIN_EDGES)
-            if (self.plus.size + self.minus.size > big
+            if (self.delta.size > big
                     or (stale.any() and self.out_edges(np.flatnonzero(stale)).size
                         > self.rebuild_stale * max(self.base_edges, MIN_EDGES))):
                 self._rebuild(active, n_rows, capacity, epoch)
         self.log_pos = log_end
         if self._dirty or self._stack is None or self._n_rows != n_rows:
             prev = self.shared.get("delta_edges", self.base_edges // DELTA_SHARE)
-            delta = _padded_edges(np.concatenate([self.plus, self.minus]), capacity, prev)
+            delta = _padded_edges(self.delta, capacity, prev)  # sorted by source: so is the padding
             sign = np.ones(delta[0].size, np.float32)
-            sign[self.plus.size: self.plus.size + self.minus.size] = -1.0
+            sign[: self.sign.size] = self.sign
             self.shared["delta_edges"] = delta[0].size
             self._stack = GraphStack(self._base, (delta,), (sign,), n_real=max(n_rows, 1))
             self._dirty, self._n_rows = False, n_rows
@@ -119,10 +121,10 @@ class ActiveSubgraph:
                                         pow2_at_least(max(keys.size, 1), e_cap), capacities=caps, tight=True)
         self.shared["caps"], self.shared["edges"] = self._base.capacities, self._base.num_edges
         self.base_edges = int(keys.size)
-        self.plus = self.minus = np.empty(0, np.int64)
+        self.delta, self.sign = np.empty(0, np.int64), np.empty(0, np.int64)
         self.epoch, self.builds, self._dirty = (epoch, capacity), self.builds + 1, True
 
     @property
     def num_edges(self) -> int:
         """Edges in the layers: base + added + removed (the work per kernel pass)."""
-        return self.base_edges + int(self.plus.size + self.minus.size)
+        return self.base_edges + int(self.delta.size)

@@ -67,6 +67,15 @@ def _pow2_at_least(n: int, floor: int = MIN_CAPACITY) -> int:
 
 
 @jax.jit
+def _any_row(h: np.ndarray) -> np.ndarray:
+    """h.any(axis=1) for a narrow (C, D) array, column by column (numpy's row reduction of 4
+    columns costs ~60 ms at 2M rows, this ~6 ms)."""
+    out = h[:, 0] != 0
+    for j in range(1, h.shape[1]):
+        out |= h[:, j] != 0
+    return out
+
+
 def _scatter_rows(x: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
     """x with x[rows] = values; rows >= len(x) (batch padding) are dropped."""
     return x.at[rows].set(values, mode="drop")
@@ -690,7 +699,7 @@ class OperatorState:
             vals[: rows.size] = h[rows]
             x = _scatter_rows(x, jnp.asarray(idx), jnp.asarray(vals))
         self._device[topic] = x
-        return TopicView(topic, x, h.any(axis=1), self.n_rows)
+        return TopicView(topic, x, _any_row(h), self.n_rows)
 
     def host_features(self, topic: str) -> np.ndarray:
         """The host copy (C, 4) of a topic's features (read-only use)."""

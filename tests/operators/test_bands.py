@@ -221,3 +221,25 @@ def test_band_index_by_counting_equals_the_sorted_ranking():
         got = _band_index(f, bands.DEFAULT_BANDS)
         want = _band_index(f.astype(np.float64), bands.DEFAULT_BANDS)
         np.testing.assert_array_equal(got, want)
+
+
+def test_band_summary_is_shares_mass_and_distribution_from_one_pass(rng):
+    """band_summary == (band_shares, band_mass, band_distribution) computed separately, and a
+    panel comparison given that distribution equals one that computes it (mixed signs, ties)."""
+    n = 3000
+    f = rng.integers(0, 50, n) ** 2
+    phi = np.where(rng.random(n) < 0.3, rng.standard_normal(n), 0.0)
+    shares, mass, dist = bands.band_summary(phi, f)
+    assert shares == bands.band_shares(phi, f)
+    assert mass == bands.band_mass(phi, f)
+    np.testing.assert_array_equal(dist, bands.band_distribution(phi, f))
+    x = jnp.asarray(rng.random((n, 1)), jnp.float32)
+    F = lambda z: jnp.sum(z ** 2)  # noqa: E731
+    members = np.sort(rng.choice(n, 200, replace=False))
+    panel_phi = np.where(np.isin(np.arange(n), members), phi, 0.0)
+    args = dict(members=members, phi_full=phi, phi_panel=panel_phi)
+    a = bands.panel_comparison(F, x, f, **args)
+    b = bands.panel_comparison(F, x, f, full_distribution=dist, **args)
+    assert (a.bands, a.full_bands, a.tvd, a.rescale) == (b.bands, b.full_bands, b.tvd, b.rescale)
+    with pytest.raises(ValueError, match="full_distribution"):
+        bands.panel_comparison(F, x, f, full_distribution=dist[:1], **args)
