@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FollowGraph", "GraphStack", "reach", "reach_naive", "LAYOUTS", "CHUNK", "MIN_CELLS", "bucket_widths", "pow2_at_least"]
+__all__ = ["FollowGraph", "GraphStack", "reach", "reach_by_source", "reach_naive", "LAYOUTS", "CHUNK", "MIN_CELLS", "bucket_widths", "pow2_at_least"]
 
 LAYOUTS = ("bucketed", "sorted")
 CHUNK = 256  # bucketed layout: rows wider than this are split into chunks of CHUNK
@@ -252,6 +252,7 @@ class FollowGraph(LeafHolder):
         if layout not in LAYOUTS:
             raise ValueError(f"FollowGraph: layout must be one of {LAYOUTS}, got {layout!r}")
         _check_ids(src, dst, n, "FollowGraph")
+        t_nodes = None
         if layout == "sorted":
             perm, pos_t = _degree_order(np.bincount(src, minlength=n))
             s_nodes, pos_in = _degree_order(np.bincount(dst, minlength=n))
@@ -280,10 +281,13 @@ class FollowGraph(LeafHolder):
             perm[bslot[has]] = np.flatnonzero(has)
             pos_t = np.where(has, bslot, t_b)
             caps = (fspec, bspec)
+            t_nodes = np.full(t_b, -1, np.int64)  # source-table slot -> node, -1 unused
+            t_nodes[bslot[has]] = np.flatnonzero(has)
         del src, dst
         leaves = jax.tree_util.tree_map(jnp.asarray, (_i32(perm), _i32(pos_t), np.int32(n), fwd, bwd))
         self._set(leaves, (n, layout, int(t_src.size), caps))
         self.s_nodes = s_nodes  # host only (not a leaf): S slot -> node, -1 for an unused slot
+        self.t_nodes = t_nodes  # host only (bucketed; None for "sorted"): source-table slot -> node, -1 unused
 
     def _set(self, leaves, aux):
         self.perm, self.pos, self.n_real, self.fwd, self.bwd = leaves
@@ -304,6 +308,8 @@ class FollowGraph(LeafHolder):
         """
         src, dst = _as_index("src", src), _as_index("dst", dst)
         n, n_capacity, e_capacity = int(n), int(n_capacity), int(e_capacity)
+        if n < 1:
+            raise ValueError(f"FollowGraph.padded: n (the real nodes) must be >= 1, got {n}")
         if n_capacity < n + 1:
             raise ValueError(f"FollowGraph.padded: n_capacity ({n_capacity}) must be >= n + 1 ({n + 1})")
         if e_capacity < src.size:
@@ -366,6 +372,26 @@ def _reach_kernel(log_survival, out_sum):
 
 
 _reach = _reach_kernel(_log_survival, _out_sum)
+_reach_by_source = _reach_kernel(
+    lambda g, q: _bucket_sum(jnp.concatenate([jnp.log1p(-q), jnp.zeros(1, q.dtype)]), g.fwd, g.capacities[0][1]),
+    lambda g, es: _bucket_sum(jnp.concatenate([es, jnp.zeros(1, es.dtype)]), g.bwd, g.capacities[1][1]))
+
+
+def reach_by_source(g: FollowGraph, q: jax.Array) -> jax.Array:
+    """The same R as :func:`reach` with every node that is not a source of g at q = 0, for q
+    given per *source-table slot* of a bucketed graph (shape ``(len(g.perm),)``; slot -> node:
+    ``g.t_nodes``; an unused slot's q must be 0), differentiable in that order. The work is
+    O(edges + slots), none of it O(n): a panel's attribution (~100 sources at a 2M-row capacity)
+    runs on its members' rows, not on every agent's. Raises ValueError for another layout or shape.
+    """
+    if not isinstance(g, FollowGraph) or g.layout != "bucketed":
+        raise ValueError("reach_by_source: g must be a bucketed FollowGraph")
+    q = jnp.asarray(q)
+    if q.shape != g.perm.shape:
+        raise ValueError(f"reach_by_source: q must have shape {g.perm.shape} (one per source slot), got {q.shape}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        q = q.astype(jnp.result_type(float))
+    return _reach_by_source(g, q)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -380,7 +406,8 @@ class GraphStack(LeafHolder):
     +1.0 or -1.0 for the whole list, or an array of +1/-1 per edge (else ValueError); nodes >=
     ``n_real`` (default: the base's) are padding, as in ``FollowGraph.padded``.
     The edge multiset is base + sum of the signed delta edges (a removed edge must be in the base
-    or added). Exact, since the log-survival is additive over edges:
+    or added: not checked, the base keeps no edge list on the host; ActiveSubgraph's deltas hold
+    it by construction). Exact, since the log-survival is additive over edges:
 
         S_j = sum_{edges e: i -> j} sign_e log1p(-q_i),   R = sum_j -expm1(S_j),
         dR/dq_i = 1 / (1 - q_i) sum_{edges e: i -> j} sign_e exp(S_j)
@@ -420,7 +447,7 @@ class GraphStack(LeafHolder):
         real = np.flatnonzero(~pad)
         rs, rd, rw = _i32(src[real]), _i32(dst[real]), w[real]
         chunk = min(DELTA_CHUNK, pow2_at_least(max(src.size, 1)))
-        size = src.size + (-src.size % chunk)  # whole chunks: the reductions loop over ceil(real / chunk)
+        size = max(src.size, 1) + (-max(src.size, 1) % chunk)  # whole chunks (at least one, even with no delta)
 
         def laid_out(order) -> tuple:  # the real entries in ``order``, then the padding n -> n (weight 0)
             out = (np.full(size, n, np.int32), np.full(size, n, np.int32), np.zeros(size, np.float32))
@@ -439,6 +466,8 @@ class GraphStack(LeafHolder):
             s_pos[base.s_nodes[slots]] = slots
             snode = _i32(np.where(base.s_nodes >= 0, base.s_nodes, n))  # S slot -> node; unused -> dummy n
             maps = base._stack_maps = (jnp.asarray(_i32(s_pos)), jnp.asarray(snode))
+        if n_real is not None and not 1 <= int(n_real) <= n:
+            raise ValueError(f"GraphStack: n_real must lie in [1, {n}], got {n_real}")
         n_real = base.n_real if n_real is None else jnp.asarray(int(n_real), jnp.int32)
         num_edges = base.num_edges + size
         trips = jnp.asarray(-(-real.size // chunk), jnp.int32)

@@ -34,7 +34,7 @@ from typing import Callable, ClassVar
 import jax
 import jax.numpy as jnp
 
-from operators.graph import FollowGraph, reach
+from operators.graph import FollowGraph, reach, reach_by_source
 
 __all__ = [
     "FollowGraph",
@@ -157,7 +157,7 @@ class Concentration:
         return _column(x, self.column, self.name) > 0
 
 
-@_indicator("p", "column")
+@_indicator("p", "column", "by_source")
 class CascadeReach:
     """Expected independent-cascade reach over the follow graph g (edge i -> j: j follows i):
 
@@ -167,17 +167,22 @@ class CascadeReach:
     (R(0) = 0). Efficiency up to quadrature error; symmetry, linearity exact; null player exact:
     an agent nobody follows (no out-edge) or with x_i = b_i gets exactly 0. Agents sharing
     followers interact, so R is not additive and AS differs from exact Shapley.
+
+    ``by_source``: x has one row per source-table slot of the (bucketed) g instead of one per
+    node (row k is node ``g.t_nodes[k]``'s; every other node at 0; :func:`operators.graph.
+    reach_by_source`): the same R for a panel, at O(its edges) instead of O(all agents).
     """
 
     g: FollowGraph
     p: float = 0.05
     column: int = 0
+    by_source: bool = False
     name: ClassVar[str] = "cascade_reach"
     scale_invariant: ClassVar[bool] = False
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = _column(x, self.column, self.name)
-        return reach(self.g, -self.p * jnp.expm1(-y))
+        return (reach_by_source if self.by_source else reach)(self.g, -self.p * jnp.expm1(-y))
 
 
 def volume(column: int = 0) -> Volume:
@@ -195,8 +200,9 @@ def concentration(column: int = 1) -> Concentration:
     return Concentration(int(column))
 
 
-def cascade_reach(g: FollowGraph, p: float = 0.05, column: int = 0) -> CascadeReach:
-    """Expected cascade reach on follow graph g (see :class:`CascadeReach`).
+def cascade_reach(g: FollowGraph, p: float = 0.05, column: int = 0, by_source: bool = False) -> CascadeReach:
+    """Expected cascade reach on follow graph g (see :class:`CascadeReach`; ``by_source``: x per
+    source-table slot of a bucketed g, else ValueError).
 
     The graph's arrays are copied to the default device once, here, so repeated attributions
     do not re-transfer them."""
@@ -208,9 +214,11 @@ def cascade_reach(g: FollowGraph, p: float = 0.05, column: int = 0) -> CascadeRe
     p = float(p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"cascade_reach: p must lie in [0, 1), got {p}")
+    if by_source and not (isinstance(g, FollowGraph) and g.layout == "bucketed"):
+        raise ValueError("cascade_reach: by_source needs a bucketed FollowGraph")
     if not isinstance(g, ShardedGraph):  # (a sharded graph is already placed on its devices)
         g = jax.device_put(g)
-    return CascadeReach(g, p, int(column))  # graph stays device-resident
+    return CascadeReach(g, p, int(column), bool(by_source))  # graph stays device-resident
 
 
 def default_baseline(F: Callable, x, mask=None) -> jax.Array:

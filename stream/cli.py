@@ -601,6 +601,8 @@ def analyze(
 
     if (input is None) == (synthetic is None):
         fail("give an input file or --synthetic N (one of them)")
+    if agents is not None and agents.resolve() == out.resolve():
+        fail(f"--agents and --out name the same file ({out}): the per-agent rows would overwrite the snapshots")
     s = settings(profile=profile, window_s=window, hop_s=hop, indicators=indicator or None, topics_file=topics_file,
                  steps=steps, panel_k=panel_k)
     try:

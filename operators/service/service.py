@@ -154,6 +154,18 @@ class IndicatorSpec:
     panel: Callable[[OperatorState, np.ndarray, Settings, str], Callable] | None = None
     # the quadrature ladder, cheapest first: (rule, steps)
     ladder: tuple[tuple[str, int], ...] = tuple(("gauss-kronrod", k) for k in KRONROD_STEPS)
+    # ``panel_by_source(state, rows, settings, cache slot) -> (F', nodes) | None``: the same as ``panel``
+    # with x given for ``nodes`` only (F'(x[nodes]), nodes[k] = -1: an unused row at the baseline), so
+    # the panel attribution costs O(its edges), not O(all agents); None: not available (use ``panel``)
+    panel_by_source: Callable[[OperatorState, np.ndarray, Settings, str], tuple | None] | None = None
+
+
+def _cascade_by_source(g, s: Settings):
+    """Cascade reach on a panel graph with x per source slot (bucketed graphs; an edge-list graph
+    of a small state has no source table: None)."""
+    if getattr(g, "t_nodes", None) is None:
+        return None
+    return indicators.cascade_reach(g, p=s.cascade_p, by_source=True), g.t_nodes
 
 
 INDICATORS: dict[str, IndicatorSpec] = {
@@ -162,7 +174,8 @@ INDICATORS: dict[str, IndicatorSpec] = {
                                    "posts + reposts",
                                    lambda st, rows, s, slot="": indicators.cascade_reach(st.panel_graph(rows, slot),
                                                                                          p=s.cascade_p),
-                                   tuple(("gauss-kronrod-graded", k) for k in KRONROD_STEPS)),
+                                   tuple(("gauss-kronrod-graded", k) for k in KRONROD_STEPS),
+                                   lambda st, rows, s, slot="": _cascade_by_source(st.panel_graph(rows, slot), s)),
     "polarization": IndicatorSpec("polarization", _posts_stance,
                                   lambda st, s: indicators.polarization(weight_col=0, stance_col=1),
                                   "weight = posts, stance = stance_sum"),
@@ -519,7 +532,19 @@ class OperatorService:
             return phi
         if spec.panel is not None:
             rows = members[np.asarray(active)[members]] if self.active_only else members
-            F = spec.panel(st, rows, self.settings, slot if self.active_only else "")
+            slot = slot if self.active_only else ""
+            by_source = spec.panel_by_source and spec.panel_by_source(st, rows, self.settings, slot)
+            if by_source:  # the members' rows only: O(panel edges), not O(capacity) per node
+                F_s, nodes = by_source
+                used = nodes >= 0
+                idx = jnp.asarray(np.where(used, nodes, st.capacity - 1))  # unused: a padding row (zeros)
+                u = jnp.asarray(used).reshape((-1,) + (1,) * (x.ndim - 1))
+                b_s = b[idx]
+                res = attribute(F_s, jnp.where(u, x[idx], b_s), b_s, steps=steps, rule=rule)
+                phi = np.zeros(st.capacity)
+                phi[nodes[used]] = _per_agent(res.phi)[used]
+                return phi
+            F = spec.panel(st, rows, self.settings, slot)
         mask = jnp.asarray(in_set).reshape((-1,) + (1,) * (x.ndim - 1))
         return _per_agent(attribute(F, jnp.where(mask, x, b), b, steps=steps, rule=rule).phi)
 

@@ -176,3 +176,73 @@ def test_edge_set_out_edges_and_incremental_merge(rng):
     assert np.all(np.diff(st._edges._keys) > 0)
     s, d = st.edges()
     assert set(zip(s.tolist(), d.tolist())) == truth
+
+
+def test_reach_by_source_equals_reach_with_the_other_nodes_at_zero(rng):
+    """R and its gradient with q given per source slot == reach() with q = 0 off the sources."""
+    from operators.graph import reach_by_source
+
+    n, cap = 500, 1024
+    src, dst = random_graph(rng, n, 4000)
+    keep = np.isin(src, rng.choice(n, 25, replace=False))  # a panel: 25 sources, their followers
+    g = FollowGraph.padded(src[keep], dst[keep], n, cap, 1 << 12)
+    used = g.t_nodes >= 0
+    assert set(g.t_nodes[used].tolist()) == set(src[keep].tolist())
+    q = np.zeros(cap, np.float32)
+    q[g.t_nodes[used]] = 0.5 * rng.random(used.sum())
+    q_t = np.where(used, q[np.maximum(g.t_nodes, 0)], 0.0).astype(np.float32)
+    v0, g0 = jax.value_and_grad(reach, argnums=1)(g, jnp.asarray(q))
+    v1, g1 = jax.value_and_grad(reach_by_source, argnums=1)(g, jnp.asarray(q_t))
+    assert float(v1) == pytest.approx(float(v0), rel=1e-6)
+    _close(np.asarray(g1)[used], np.asarray(g0)[g.t_nodes[used]])
+    with pytest.raises(ValueError, match="one per source slot"):
+        reach_by_source(g, jnp.asarray(q))
+    with pytest.raises(ValueError, match="bucketed"):
+        indicators.cascade_reach(FollowGraph(src, dst, n, layout="sorted"), by_source=True)
+
+
+def test_service_panel_attribution_by_source_equals_the_full_rows(rng):
+    """The service's panel and sample attributions of cascade reach on the members' rows only
+    equal the same attributions over every row (the path used for small graphs)."""
+    import dataclasses
+
+    from operators.service.service import INDICATORS, OperatorService
+    from stream.config import Settings
+
+    n = 400
+    src, dst = random_graph(rng, n, 5000)
+    st = OperatorState(small_edges=0)
+    dids = [f"did:plc:{i:04d}" for i in range(n)]
+    active = rng.random(n) < 0.4
+    x = np.zeros((n, 4), np.float32)
+    x[:, 0] = np.where(active, 1.0 + np.floor(rng.pareto(1.5, n)), 0.0)
+    st.load(dids, np.bincount(src, minlength=n).astype(float), {"t": x}, 60, src, dst)
+    svc = OperatorService(Settings(indicators=["cascade_reach"]), steps=12, rule="gauss-legendre-graded",
+                          panel_k=30, state=st)
+    spec = INDICATORS["cascade_reach"]
+    x_in, act = spec.inputs(st.features("t").x)
+    F = indicators.cascade_reach(st.active_graph("t", np.asarray(act)))
+    b = jnp.zeros_like(x_in)
+    error = {"rule": "gauss-legendre-graded", "steps": 12}
+    members = np.sort(rng.choice(n, 40, replace=False))
+    fast = svc._members_phi(spec, F, x_in, b, members, act, None, error, "t/panel")
+    full = svc._members_phi(dataclasses.replace(spec, panel_by_source=None), F, x_in, b, members, act, None,
+                            error, "t/panel")
+    assert np.count_nonzero(fast) > 5
+    _close(fast, full)
+
+
+def test_graph_stack_without_deltas_is_its_base_and_n_real_is_checked(rng):
+    n, cap = 200, 256
+    src, dst = random_graph(rng, n, 1500)
+    base = FollowGraph.padded(src, dst, n, cap, 2048)
+    q = jnp.asarray(np.where(np.arange(cap) < n, 0.4 * rng.random(cap), 0.0).astype(np.float32))
+    vg = jax.value_and_grad(reach, argnums=1)
+    (v1, g1), (v0, g0) = vg(GraphStack(base), q), vg(base, q)
+    assert float(v1) == pytest.approx(float(v0), rel=1e-6)
+    _close(g1, g0)
+    for bad in (0, -3, cap + 1):
+        with pytest.raises(ValueError, match="n_real"):
+            GraphStack(base, n_real=bad)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        FollowGraph.padded(src[:0], dst[:0], 0, cap, 16)

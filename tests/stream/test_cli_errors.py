@@ -208,3 +208,13 @@ def test_run_duration_and_worker_idle_flush_are_range_checked(tmp_path):
     assert not state.exists()
     r = invoke(["worker", "--idle-flush", "-3", "--kafka", "kafka://127.0.0.1:1"])
     assert r.returncode == 2 and "--idle-flush" in r.stderr, r.stderr
+
+
+def test_analyze_refuses_the_same_file_for_snapshots_and_agents(tmp_path):
+    """`-o X --agents X` would overwrite the snapshots with the per-agent rows (rc 0 before)."""
+    out = tmp_path / "r.parquet"
+    r = invoke(["analyze", "--synthetic", "50", "-o", str(out), "--agents", str(tmp_path / "." / "r.parquet"),
+                "--no-progress"], env={"CHORUS_STATE_DIR": str(tmp_path / "state")})
+    assert r.returncode == 2, r.stderr
+    assert "same file" in one_error_line(r.stderr)
+    assert not out.exists()
