@@ -28,6 +28,14 @@ def _close(a, b, rtol=RTOL):
     assert np.abs(a - b).max() <= rtol * scale, np.abs(a - b).max() / scale
 
 
+def _same_reach(g, truth, q, rel: float = 1e-5) -> None:
+    """R and dR/dq of graph ``g`` equal those of ``truth`` at q (float32 rounding)."""
+    vg = jax.jit(jax.value_and_grad(reach, argnums=1))
+    (v1, g1), (v0, g0) = vg(g, jnp.asarray(q)), vg(truth, jnp.asarray(q))
+    assert float(v1) == pytest.approx(float(v0), rel=rel)
+    _close(g1, g0)
+
+
 def _fresh(st: OperatorState) -> FollowGraph:
     src, dst = st.edges()
     return FollowGraph.padded(src, dst, st.n_rows, st.capacity, 1 << 14)
@@ -45,10 +53,7 @@ def test_graph_stack_equals_a_fresh_build_of_the_net_edge_set(rng):
     full = layer(net)
     q = np.zeros(cap, np.float32)
     q[:n] = 0.4 * rng.random(n)
-    vg = jax.jit(jax.value_and_grad(reach, argnums=1))
-    (v1, g1), (v0, g0) = vg(st, jnp.asarray(q)), vg(full, jnp.asarray(q))
-    assert float(v1) == pytest.approx(float(v0), rel=1e-5)
-    _close(g1, g0)
+    _same_reach(st, full, q)
     with pytest.raises(ValueError, match="one sign"):
         GraphStack(layer(net), (pad(added),), (2.0,))
 
@@ -78,10 +83,7 @@ def test_graph_stack_loops_over_the_real_chunks_of_a_long_padded_delta_list(rng)
     full = layer(np.concatenate([base[5000:], added]))
     q = np.zeros(cap, np.float32)
     q[:n] = 0.3 * rng.random(n)
-    vg = jax.jit(jax.value_and_grad(reach, argnums=1))
-    (v1, g1), (v0, g0) = vg(st, jnp.asarray(q)), vg(full, jnp.asarray(q))
-    assert float(v1) == pytest.approx(float(v0), rel=1e-5)
-    _close(g1, g0)
+    _same_reach(st, full, q)
     with pytest.raises(ValueError, match="padding node"):
         GraphStack(layer(base), ((np.array([cap, 3]), np.array([5, cap])),), (1.0,))
 
@@ -236,11 +238,8 @@ def test_graph_stack_without_deltas_is_its_base_and_n_real_is_checked(rng):
     n, cap = 200, 256
     src, dst = random_graph(rng, n, 1500)
     base = FollowGraph.padded(src, dst, n, cap, 2048)
-    q = jnp.asarray(np.where(np.arange(cap) < n, 0.4 * rng.random(cap), 0.0).astype(np.float32))
-    vg = jax.value_and_grad(reach, argnums=1)
-    (v1, g1), (v0, g0) = vg(GraphStack(base), q), vg(base, q)
-    assert float(v1) == pytest.approx(float(v0), rel=1e-6)
-    _close(g1, g0)
+    _same_reach(GraphStack(base), base, np.where(np.arange(cap) < n, 0.4 * rng.random(cap), 0.0).astype(np.float32),
+                rel=1e-6)
     for bad in (0, -3, cap + 1):
         with pytest.raises(ValueError, match="n_real"):
             GraphStack(base, n_real=bad)
